@@ -1,0 +1,172 @@
+//! [`FalcoEvent`]: one Falco alert as it crosses every boundary of falco-nats.
+//!
+//! The payload is the alert's JSON line exactly as NATS will carry it; the
+//! other fields are the few that subjects, headers and filters need, read
+//! once when the alert enters the bridge.
+
+use std::borrow::Cow;
+use std::time::Instant;
+
+use bytes::Bytes;
+use serde::Deserialize;
+
+use crate::priority::{Priority, PriorityError};
+
+/// One Falco alert.
+#[derive(Debug, Clone)]
+pub struct FalcoEvent {
+    /// Falco's JSON line, without a trailing newline: the NATS payload.
+    pub payload: Bytes,
+    pub priority: Priority,
+    pub rule: String,
+    pub hostname: String,
+    pub source: String,
+    /// When the bridge received the alert (for the publish latency metric).
+    pub received_at: Instant,
+}
+
+/// Why an alert was rejected. Each variant has a short `reason` for metrics.
+#[derive(Debug, thiserror::Error)]
+pub enum AlertError {
+    #[error("line is not JSON ({0}): Falco must run with `json_output: true`")]
+    NotJson(String),
+    #[error("JSON is not a Falco alert: {0}")]
+    NotAnAlert(String),
+    #[error("alert has no {0:?} field")]
+    MissingField(&'static str),
+    #[error(transparent)]
+    Priority(#[from] PriorityError),
+    #[error("alert of {size} bytes is above the limit of {limit} bytes")]
+    TooLarge { size: usize, limit: usize },
+    #[error("alert is not valid UTF-8")]
+    NotUtf8,
+}
+
+impl AlertError {
+    /// A bounded label for the `rejected` metric.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            AlertError::NotJson(_) => "not_json",
+            AlertError::NotAnAlert(_) | AlertError::MissingField(_) => "not_an_alert",
+            AlertError::Priority(_) => "unknown_priority",
+            AlertError::TooLarge { .. } => "oversized",
+            AlertError::NotUtf8 => "not_utf8",
+        }
+    }
+}
+
+/// The fields of a Falco JSON alert that the bridge reads; everything else
+/// is validated as JSON and skipped.
+#[derive(Deserialize)]
+struct AlertHead<'a> {
+    #[serde(borrow, default)]
+    priority: Option<Cow<'a, str>>,
+    #[serde(borrow, default)]
+    rule: Option<Cow<'a, str>>,
+    #[serde(borrow, default)]
+    hostname: Option<Cow<'a, str>>,
+    #[serde(borrow, default)]
+    source: Option<Cow<'a, str>>,
+}
+
+/// Tells text that is not JSON at all (Falco without `json_output`) from JSON
+/// that is not an alert.
+fn classify(text: &str, err: serde_json::Error) -> AlertError {
+    let is_json = match err.classify() {
+        serde_json::error::Category::Data => {
+            serde_json::from_str::<serde::de::IgnoredAny>(text).is_ok()
+        }
+        _ => false,
+    };
+    if is_json {
+        AlertError::NotAnAlert(err.to_string())
+    } else {
+        AlertError::NotJson(err.to_string())
+    }
+}
+
+impl FalcoEvent {
+    /// Reads one Falco JSON alert (a FIFO or stdin line, an HTTP body).
+    /// The payload is kept byte for byte, less surrounding whitespace.
+    pub fn from_json(raw: Bytes) -> Result<Self, AlertError> {
+        let start = raw
+            .iter()
+            .position(|b| !b.is_ascii_whitespace())
+            .unwrap_or(raw.len());
+        let end = raw
+            .iter()
+            .rposition(|b| !b.is_ascii_whitespace())
+            .map_or(start, |i| i + 1);
+        let payload = raw.slice(start..end);
+        let text = std::str::from_utf8(&payload).map_err(|_| AlertError::NotUtf8)?;
+        let head: AlertHead<'_> = serde_json::from_str(text).map_err(|e| classify(text, e))?;
+        let priority = head
+            .priority
+            .ok_or(AlertError::MissingField("priority"))?
+            .parse::<Priority>()?;
+        let rule = head.rule.ok_or(AlertError::MissingField("rule"))?.into_owned();
+        Ok(FalcoEvent {
+            payload: payload.clone(),
+            priority,
+            rule,
+            hostname: head.hostname.map(Cow::into_owned).unwrap_or_default(),
+            source: head
+                .source
+                .map(Cow::into_owned)
+                .unwrap_or_else(|| "syscall".to_owned()),
+            received_at: Instant::now(),
+        })
+    }
+
+    /// A stable digest of the payload, used as `Nats-Msg-Id` so JetStream
+    /// drops a duplicate when the bridge publishes the same alert again.
+    pub fn msg_id(&self) -> String {
+        format!("{:032x}", xxhash_rust::xxh3::xxh3_128(&self.payload))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const LINE: &str = r#"{"hostname":"falco-xczjd","output":"13:44:05.478445995: Critical A shell was spawned","output_fields":{"container.id":"ee97d9c4186f","evt.time":1685022245478445995},"priority":"Critical","rule":"Terminal shell in container","source":"syscall","tags":["container","shell"],"time":"2023-05-25T13:44:05.478445995Z"}"#;
+
+    #[test]
+    fn reads_a_falco_line_verbatim() {
+        let ev = FalcoEvent::from_json(Bytes::from(format!("{LINE}\r\n"))).unwrap();
+        assert_eq!(ev.payload, LINE.as_bytes());
+        assert_eq!(ev.priority, Priority::Critical);
+        assert_eq!(ev.rule, "Terminal shell in container");
+        assert_eq!(ev.hostname, "falco-xczjd");
+        assert_eq!(ev.source, "syscall");
+        assert_eq!(ev.msg_id().len(), 32);
+        assert_eq!(ev.msg_id(), FalcoEvent::from_json(Bytes::from(LINE)).unwrap().msg_id());
+    }
+
+    #[test]
+    fn rejects_bad_lines_with_reasons() {
+        let cases = [
+            ("13:44:05: Critical A shell was spawned", "not_json"),
+            ("[1,2]", "not_an_alert"),
+            (r#"{"rule":"x"}"#, "not_an_alert"),
+            (r#"{"priority":"Critical"}"#, "not_an_alert"),
+            (r#"{"priority":"Severe","rule":"x"}"#, "unknown_priority"),
+            (r#"{"priority":"Critical","rule":"x""#, "not_json"),
+        ];
+        for (line, reason) in cases {
+            let err = FalcoEvent::from_json(Bytes::from(line)).unwrap_err();
+            assert_eq!(err.reason(), reason, "{line}: {err}");
+        }
+        let err = FalcoEvent::from_json(Bytes::from_static(b"\xff{}")).unwrap_err();
+        assert_eq!(err.reason(), "not_utf8");
+        let msg = FalcoEvent::from_json(Bytes::from("plain text")).unwrap_err().to_string();
+        assert!(msg.contains("json_output: true"), "{msg}");
+    }
+
+    #[test]
+    fn defaults_missing_hostname_and_source() {
+        let ev = FalcoEvent::from_json(Bytes::from(r#"{"priority":"Notice","rule":"r"}"#)).unwrap();
+        assert_eq!(ev.hostname, "");
+        assert_eq!(ev.source, "syscall");
+    }
+}

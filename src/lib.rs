@@ -1,0 +1,11 @@
+//! falco-nats: carries Falco's runtime-security alerts onto NATS, and acts on them.
+//!
+//! The library holds every component; `main.rs` only parses the command line
+//! and calls into it, so tests start the real thing in-process.
+
+#![forbid(unsafe_code)]
+
+pub mod convert;
+pub mod event;
+pub mod priority;
+pub mod proto;
