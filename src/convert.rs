@@ -304,15 +304,19 @@ mod tests {
         let mut r = response();
         r.output = "{not json} Notice something".into();
         let out = json(r);
-        assert!(out.starts_with(r#"{"hostname":"falco-xczjd","output":"{not json} Notice something""#));
+        assert!(
+            out.starts_with(r#"{"hostname":"falco-xczjd","output":"{not json} Notice something""#)
+        );
     }
 
     #[test]
     fn keeps_existing_evt_time_and_types_booleans() {
         let mut r = response();
         r.output_fields.insert("evt.time".into(), "42".into());
-        r.output_fields.insert("container.privileged".into(), "true".into());
-        r.output_fields.insert("proc.pid".into(), "not-a-number".into());
+        r.output_fields
+            .insert("container.privileged".into(), "true".into());
+        r.output_fields
+            .insert("proc.pid".into(), "not-a-number".into());
         r.output_fields.insert("fd.name".into(), "(a,b)".into());
         let v: Value = serde_json::from_str(&json(r)).unwrap();
         let f = &v["output_fields"];
@@ -348,9 +352,18 @@ mod tests {
     #[test]
     fn formats_time() {
         assert_eq!(format_rfc3339_nanos(0, 0), "1970-01-01T00:00:00.000000000Z");
-        assert_eq!(format_rfc3339_nanos(951_782_400, 5), "2000-02-29T00:00:00.000000005Z");
-        assert_eq!(format_rfc3339_nanos(-1, 999_999_999), "1969-12-31T23:59:59.999999999Z");
-        assert_eq!(format_rfc3339_nanos(4_102_444_799, 0), "2099-12-31T23:59:59.000000000Z");
+        assert_eq!(
+            format_rfc3339_nanos(951_782_400, 5),
+            "2000-02-29T00:00:00.000000005Z"
+        );
+        assert_eq!(
+            format_rfc3339_nanos(-1, 999_999_999),
+            "1969-12-31T23:59:59.999999999Z"
+        );
+        assert_eq!(
+            format_rfc3339_nanos(4_102_444_799, 0),
+            "2099-12-31T23:59:59.000000000Z"
+        );
         assert_eq!(normalise(10, -1), (9, 999_999_999));
         assert_eq!(normalise(10, 1_500_000_000), (11, 500_000_000));
     }

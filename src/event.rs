@@ -104,7 +104,10 @@ impl FalcoEvent {
             .priority
             .ok_or(AlertError::MissingField("priority"))?
             .parse::<Priority>()?;
-        let rule = head.rule.ok_or(AlertError::MissingField("rule"))?.into_owned();
+        let rule = head
+            .rule
+            .ok_or(AlertError::MissingField("rule"))?
+            .into_owned();
         Ok(FalcoEvent {
             payload: payload.clone(),
             priority,
@@ -140,7 +143,10 @@ mod tests {
         assert_eq!(ev.hostname, "falco-xczjd");
         assert_eq!(ev.source, "syscall");
         assert_eq!(ev.msg_id().len(), 32);
-        assert_eq!(ev.msg_id(), FalcoEvent::from_json(Bytes::from(LINE)).unwrap().msg_id());
+        assert_eq!(
+            ev.msg_id(),
+            FalcoEvent::from_json(Bytes::from(LINE)).unwrap().msg_id()
+        );
     }
 
     #[test]
@@ -159,7 +165,9 @@ mod tests {
         }
         let err = FalcoEvent::from_json(Bytes::from_static(b"\xff{}")).unwrap_err();
         assert_eq!(err.reason(), "not_utf8");
-        let msg = FalcoEvent::from_json(Bytes::from("plain text")).unwrap_err().to_string();
+        let msg = FalcoEvent::from_json(Bytes::from("plain text"))
+            .unwrap_err()
+            .to_string();
         assert!(msg.contains("json_output: true"), "{msg}");
     }
 

@@ -5,7 +5,14 @@
 
 #![forbid(unsafe_code)]
 
+pub mod backoff;
+pub mod bridge;
+pub mod cli;
 pub mod convert;
 pub mod event;
+pub mod input;
+pub mod output;
 pub mod priority;
 pub mod proto;
+pub mod simulate;
+pub mod telemetry;

@@ -145,7 +145,10 @@ mod tests {
     #[test]
     fn parses_names_and_numbers() {
         assert_eq!("Critical".parse::<Priority>(), Ok(Priority::Critical));
-        assert_eq!("informational".parse::<Priority>(), Ok(Priority::Informational));
+        assert_eq!(
+            "informational".parse::<Priority>(),
+            Ok(Priority::Informational)
+        );
         assert_eq!("INFO".parse::<Priority>(), Ok(Priority::Informational));
         assert!("Severe".parse::<Priority>().is_err());
         for (i, p) in Priority::ALL.iter().enumerate() {
@@ -153,7 +156,13 @@ mod tests {
             assert_eq!(p.number(), i as i32);
             assert_eq!(p.as_str().to_ascii_lowercase(), p.as_lower_str());
         }
-        assert_eq!(Priority::from_number(8), Err(PriorityError::UnknownNumber(8)));
-        assert_eq!(Priority::from_number(-1), Err(PriorityError::UnknownNumber(-1)));
+        assert_eq!(
+            Priority::from_number(8),
+            Err(PriorityError::UnknownNumber(8))
+        );
+        assert_eq!(
+            Priority::from_number(-1),
+            Err(PriorityError::UnknownNumber(-1))
+        );
     }
 }

@@ -1,0 +1,127 @@
+//! `falco-nats bridge`: one input, a bounded queue, one publisher.
+//!
+//! [`run`] wires them together and serves the probes; on shutdown it stops
+//! the input, publishes (and with JetStream, has acknowledged) everything
+//! already read, flushes, and returns.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use prometheus_client::registry::Registry;
+use tokio::net::TcpListener;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use crate::input::fifo::{FifoInput, FifoOptions};
+use crate::input::grpc::{GrpcInput, GrpcOptions};
+use crate::input::{AlertSink, InputError};
+use crate::output::{connect, ConnectionWatch, NatsError, NatsOptions, PublishOptions, Publisher};
+use crate::priority::Priority;
+use crate::telemetry::health::{self, Readiness};
+use crate::telemetry::metrics::BridgeMetrics;
+
+/// Which input the bridge reads.
+#[derive(Debug, Clone)]
+pub enum InputOptions {
+    Grpc(GrpcOptions),
+    Fifo(FifoOptions),
+}
+
+impl InputOptions {
+    fn name(&self) -> &'static str {
+        match self {
+            InputOptions::Grpc(_) => "grpc",
+            InputOptions::Fifo(_) => "fifo",
+        }
+    }
+}
+
+/// Everything the bridge needs.
+#[derive(Debug, Clone)]
+pub struct BridgeOptions {
+    pub input: InputOptions,
+    pub nats: NatsOptions,
+    pub publish: PublishOptions,
+    /// Alerts below this priority are dropped (and counted).
+    pub min_priority: Priority,
+    /// Alerts held between the input and NATS at most.
+    pub queue_size: usize,
+    /// Longest time to publish what was read, once shutdown starts.
+    pub drain_timeout: Duration,
+}
+
+/// Why the bridge stopped with an error.
+#[derive(Debug, thiserror::Error)]
+pub enum BridgeError {
+    #[error(transparent)]
+    Input(#[from] InputError),
+    #[error(transparent)]
+    Nats(#[from] NatsError),
+    #[error(
+        "{pending} alerts were still unpublished when the drain timeout of {timeout:?} ran out"
+    )]
+    DrainTimeout { pending: i64, timeout: Duration },
+}
+
+/// Runs the bridge until `shutdown` is cancelled (or the input fails),
+/// serving `/healthz`, `/readyz` and `/metrics` on `listener` if given.
+pub async fn run(
+    options: BridgeOptions,
+    listener: Option<TcpListener>,
+    shutdown: CancellationToken,
+) -> Result<(), BridgeError> {
+    let mut registry = Registry::default();
+    let metrics = BridgeMetrics::new(&mut registry);
+    let readiness = Readiness::default();
+    let input_ready = readiness.check("input");
+    let watch = ConnectionWatch {
+        ready: readiness.check("nats"),
+        connected: metrics.nats_connected.clone(),
+        reconnects: metrics.nats_reconnects.clone(),
+    };
+    let client = connect(&options.nats, watch).await?;
+
+    let http_stop = CancellationToken::new();
+    let http = listener.map(|listener| {
+        let router = health::router(readiness, Arc::new(registry));
+        tokio::spawn(health::serve(listener, router, http_stop.clone()))
+    });
+
+    let (tx, rx) = mpsc::channel(options.queue_size.max(1));
+    let publisher = Publisher::new(client, options.publish.clone(), metrics.clone());
+    let mut output = tokio::spawn(publisher.run(rx));
+
+    let input_name = options.input.name();
+    let sink = AlertSink::new(
+        tx,
+        input_name,
+        options.min_priority,
+        metrics.clone(),
+        input_ready,
+    );
+    let input_stop = shutdown.child_token();
+    let input_result = match options.input {
+        InputOptions::Grpc(o) => GrpcInput::new(o, sink).run(input_stop).await,
+        InputOptions::Fifo(o) => FifoInput::new(o, sink).run(input_stop).await,
+    };
+    if let Err(e) = &input_result {
+        tracing::error!(input = input_name, error = %e, "input failed");
+    }
+    tracing::info!("input stopped; publishing what was read");
+
+    let drained = tokio::time::timeout(options.drain_timeout, &mut output).await;
+    http_stop.cancel();
+    if let Some(http) = http {
+        let _ = http.await;
+    }
+    if drained.is_err() {
+        output.abort();
+        let pending = metrics.queue_depth.get();
+        return Err(BridgeError::DrainTimeout {
+            pending,
+            timeout: options.drain_timeout,
+        });
+    }
+    tracing::info!("bridge stopped");
+    input_result.map_err(Into::into)
+}

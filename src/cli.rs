@@ -1,0 +1,304 @@
+//! The command line: subcommands, flags and their environment variables.
+//!
+//! NATS flags are the `nats` CLI's (`-s/--server` with `NATS_URL`, ...);
+//! every other flag reads `FALCO_NATS_<FLAG>` too. The 2018 proof of
+//! concept's `-s` (server) and `-f` (pipe) work as they did.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+use crate::bridge::{BridgeOptions, InputOptions};
+use crate::input::fifo::{FifoOptions, DEFAULT_FIFO, DEFAULT_MAX_LINE};
+use crate::input::grpc::{socket_path, GrpcMethod, GrpcOptions, DEFAULT_SOCKET};
+use crate::input::InputError;
+use crate::output::subject::DEFAULT_SUBJECT;
+use crate::output::{JetStreamOptions, NatsOptions, PublishOptions, SubjectTemplate};
+use crate::priority::Priority;
+use crate::simulate::{SimulateOptions, SimulateOutput};
+use crate::telemetry::health::DEFAULT_LISTEN;
+use crate::telemetry::logging::LogFormat;
+
+/// Carries Falco's alerts onto NATS, and acts on them.
+#[derive(Debug, Parser)]
+#[command(name = "falco-nats", version, about, propagate_version = true)]
+pub struct Cli {
+    /// Log line format (levels come from RUST_LOG, default info)
+    #[arg(
+        long,
+        env = "FALCO_NATS_LOG_FORMAT",
+        value_enum,
+        default_value_t,
+        global = true
+    )]
+    pub log_format: LogFormat,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Read Falco's alerts and publish them to NATS
+    Bridge(Box<BridgeArgs>),
+    /// Act as a Falco that fires realistic alerts (for demos, tests and benchmarks)
+    Simulate(SimulateArgs),
+}
+
+/// Where the bridge reads alerts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum InputKind {
+    /// Falco's gRPC outputs service (Falco <= 0.43)
+    Grpc,
+    /// A named pipe that Falco's file_output writes JSON lines into
+    Fifo,
+}
+
+fn parse_duration(s: &str) -> Result<Duration, String> {
+    humantime::parse_duration(s).map_err(|e| e.to_string())
+}
+
+fn parse_priority(s: &str) -> Result<Priority, String> {
+    s.parse()
+        .map_err(|e: crate::priority::PriorityError| e.to_string())
+}
+
+fn parse_subject(s: &str) -> Result<SubjectTemplate, String> {
+    s.parse()
+        .map_err(|e: crate::output::subject::SubjectError| e.to_string())
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct BridgeArgs {
+    /// Where alerts come from
+    #[arg(long, env = "FALCO_NATS_INPUT", value_enum, default_value = "grpc")]
+    pub input: InputKind,
+
+    /// Falco's gRPC socket (Falco's grpc.bind_address)
+    #[arg(long, env = "FALCO_NATS_GRPC_SOCKET", default_value = DEFAULT_SOCKET)]
+    pub grpc_socket: String,
+    /// gRPC method: the polled `sub` stream, or repeated `get` calls
+    #[arg(
+        long,
+        env = "FALCO_NATS_GRPC_METHOD",
+        value_enum,
+        default_value = "sub"
+    )]
+    pub grpc_method: GrpcMethod,
+    /// How often to poll Falco while it is quiet (fast while alerts flow)
+    #[arg(long, env = "FALCO_NATS_GRPC_POLL_INTERVAL", value_parser = parse_duration, default_value = "100ms")]
+    pub grpc_poll_interval: Duration,
+    /// Longest wait between reconnects to Falco
+    #[arg(long, env = "FALCO_NATS_RECONNECT_MAX", value_parser = parse_duration, default_value = "10s")]
+    pub reconnect_max: Duration,
+
+    /// The FIFO Falco's file_output writes to
+    #[arg(short = 'f', long, env = "FALCO_NATS_FIFO", default_value = DEFAULT_FIFO)]
+    pub fifo: PathBuf,
+    /// Create the FIFO if it does not exist
+    #[arg(long, env = "FALCO_NATS_CREATE_FIFO")]
+    pub create_fifo: bool,
+    /// Longest accepted alert line in bytes; longer ones are rejected and logged
+    #[arg(long, env = "FALCO_NATS_MAX_LINE", default_value_t = DEFAULT_MAX_LINE)]
+    pub max_line: usize,
+
+    #[command(flatten)]
+    pub nats: NatsOptions,
+
+    /// Subject template: {priority}, {rule}, {hostname}, {source}; FALCO for the 2018 flat subject
+    #[arg(long, env = "FALCO_NATS_SUBJECT", value_parser = parse_subject, default_value = DEFAULT_SUBJECT)]
+    pub subject: SubjectTemplate,
+    /// Drop alerts below this priority (Falco's `priority` setting)
+    #[arg(long, env = "FALCO_NATS_MIN_PRIORITY", value_parser = parse_priority, default_value = "debug")]
+    pub min_priority: Priority,
+
+    /// Publish to JetStream, acknowledged and retried until stored
+    #[arg(long, env = "FALCO_NATS_JETSTREAM")]
+    pub jetstream: bool,
+    /// JetStream stream, created over the subject template's subjects if missing
+    #[arg(long, env = "FALCO_NATS_STREAM", default_value = "FALCO")]
+    pub stream: String,
+    /// JetStream duplicate window (drops re-published alerts within it)
+    #[arg(long, env = "FALCO_NATS_DUPLICATE_WINDOW", value_parser = parse_duration, default_value = "2m")]
+    pub duplicate_window: Duration,
+    /// Age limit of a stream the bridge creates (0s: unlimited)
+    #[arg(long, env = "FALCO_NATS_STREAM_MAX_AGE", value_parser = parse_duration, default_value = "7days")]
+    pub stream_max_age: Duration,
+    /// JetStream publishes awaiting acknowledgement at most
+    #[arg(long, env = "FALCO_NATS_MAX_INFLIGHT", default_value_t = 256)]
+    pub max_inflight: usize,
+
+    /// Alerts held between input and NATS at most (then the input waits)
+    #[arg(long, env = "FALCO_NATS_QUEUE_SIZE", default_value_t = 1024)]
+    pub queue_size: usize,
+    /// On SIGTERM, longest time to publish what was already read
+    #[arg(long, env = "FALCO_NATS_DRAIN_TIMEOUT", value_parser = parse_duration, default_value = "20s")]
+    pub drain_timeout: Duration,
+    /// Address of /healthz, /readyz and /metrics ("off" to disable)
+    #[arg(long, env = "FALCO_NATS_LISTEN", default_value = DEFAULT_LISTEN)]
+    pub listen: String,
+}
+
+impl BridgeArgs {
+    /// The listen address, or `None` when disabled.
+    pub fn listen_address(&self) -> Option<&str> {
+        match self.listen.trim() {
+            "" | "off" | "none" => None,
+            addr => Some(addr),
+        }
+    }
+
+    pub fn into_options(self) -> Result<BridgeOptions, InputError> {
+        let input = match self.input {
+            InputKind::Grpc => InputOptions::Grpc(GrpcOptions {
+                socket: socket_path(&self.grpc_socket)?,
+                method: self.grpc_method,
+                poll_interval: self.grpc_poll_interval,
+                reconnect_max: self.reconnect_max,
+            }),
+            InputKind::Fifo => InputOptions::Fifo(FifoOptions {
+                path: self.fifo,
+                create: self.create_fifo,
+                max_line: self.max_line,
+            }),
+        };
+        Ok(BridgeOptions {
+            input,
+            nats: self.nats,
+            publish: PublishOptions {
+                subject: self.subject,
+                jetstream: self.jetstream.then_some(JetStreamOptions {
+                    stream: self.stream,
+                    duplicate_window: self.duplicate_window,
+                    max_age: self.stream_max_age,
+                    max_inflight: self.max_inflight,
+                }),
+            },
+            min_priority: self.min_priority,
+            queue_size: self.queue_size,
+            drain_timeout: self.drain_timeout,
+        })
+    }
+}
+
+/// Where the simulated Falco sends alerts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum SimulateKind {
+    /// Serve Falco's gRPC outputs API on a Unix socket
+    Grpc,
+    /// Write JSON lines into a FIFO, like Falco's file_output
+    Fifo,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct SimulateArgs {
+    /// How the simulated Falco delivers alerts
+    #[arg(
+        long,
+        env = "FALCO_NATS_SIMULATE_OUTPUT",
+        value_enum,
+        default_value = "grpc"
+    )]
+    pub output: SimulateKind,
+    /// Unix socket to serve the gRPC API on
+    #[arg(long, env = "FALCO_NATS_GRPC_SOCKET", default_value = DEFAULT_SOCKET)]
+    pub grpc_socket: String,
+    /// FIFO to write to (created if missing)
+    #[arg(short = 'f', long, env = "FALCO_NATS_FIFO", default_value = DEFAULT_FIFO)]
+    pub fifo: PathBuf,
+    /// Alerts per second (0: as fast as possible)
+    #[arg(long, env = "FALCO_NATS_SIMULATE_RATE", default_value_t = 10.0)]
+    pub rate: f64,
+    /// Alerts in all (0: no end)
+    #[arg(long, env = "FALCO_NATS_SIMULATE_COUNT", default_value_t = 0)]
+    pub count: u64,
+    /// Falco's json_output: gRPC `output` carries the JSON line
+    #[arg(long, env = "FALCO_NATS_SIMULATE_JSON_OUTPUT", action = clap::ArgAction::Set, default_value_t = false)]
+    pub json_output: bool,
+    /// Hostname in the alerts
+    #[arg(
+        long,
+        env = "FALCO_NATS_SIMULATE_HOSTNAME",
+        default_value = "falco-simulated"
+    )]
+    pub hostname: String,
+}
+
+impl SimulateArgs {
+    pub fn into_options(self) -> Result<SimulateOptions, InputError> {
+        let output = match self.output {
+            SimulateKind::Grpc => SimulateOutput::Grpc {
+                socket: socket_path(&self.grpc_socket)?,
+            },
+            SimulateKind::Fifo => SimulateOutput::Fifo { path: self.fifo },
+        };
+        Ok(SimulateOptions {
+            output,
+            rate: self.rate.max(0.0),
+            count: self.count,
+            json_output: self.json_output,
+            hostname: self.hostname,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn cli_is_well_formed() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn proof_of_concept_flags_work() {
+        let cli = Cli::try_parse_from([
+            "falco-nats",
+            "bridge",
+            "--input",
+            "fifo",
+            "-s",
+            "nats://nats:4222",
+            "-f",
+            "/tmp/nats-pipe",
+        ])
+        .unwrap();
+        let Command::Bridge(args) = cli.command else {
+            panic!("not bridge")
+        };
+        let args = *args;
+        assert_eq!(args.nats.server, "nats://nats:4222");
+        let opts = args.into_options().unwrap();
+        match opts.input {
+            InputOptions::Fifo(f) => assert_eq!(f.path, PathBuf::from("/tmp/nats-pipe")),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn defaults_are_documented_ones() {
+        let cli = Cli::try_parse_from(["falco-nats", "bridge"]).unwrap();
+        let Command::Bridge(args) = cli.command else {
+            panic!("not bridge")
+        };
+        let args = *args;
+        assert_eq!(args.input, InputKind::Grpc);
+        assert_eq!(args.listen_address(), Some("0.0.0.0:2810"));
+        assert_eq!(args.subject.to_string(), "falco.{priority}.{rule}");
+        let opts = args.into_options().unwrap();
+        assert!(opts.publish.jetstream.is_none());
+        assert_eq!(opts.min_priority, Priority::Debug);
+    }
+
+    #[test]
+    fn bad_values_are_clear_errors() {
+        let err =
+            Cli::try_parse_from(["falco-nats", "bridge", "--min-priority", "severe"]).unwrap_err();
+        assert!(err.to_string().contains("unknown Falco priority"), "{err}");
+        let err =
+            Cli::try_parse_from(["falco-nats", "bridge", "--subject", "falco.{nope}"]).unwrap_err();
+        assert!(err.to_string().contains("unknown placeholder"), "{err}");
+    }
+}

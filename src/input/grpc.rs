@@ -1,0 +1,326 @@
+//! [`GrpcInput`]: Falco's gRPC outputs service over a Unix socket (Falco <= 0.43).
+//!
+//! `sub` is polled: Falco sends what is queued after each request it reads,
+//! then waits for the next one. The input sends a request when the stream
+//! opens, after alerts arrive, and on a timer that runs fast while alerts
+//! flow and slows to `poll_interval` when Falco is quiet. When the stream
+//! ends (a rules or config reload restarts Falco's gRPC server) or the socket
+//! is missing, it reconnects with capped exponential backoff, forever.
+//!
+//! On shutdown it closes its side of the stream and reads on until Falco
+//! ends the call, so an alert Falco already sent is not lost.
+
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use clap::ValueEnum;
+use hyper_util::rt::TokioIo;
+use tokio::net::UnixStream;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_util::sync::CancellationToken;
+use tonic::transport::{Channel, Endpoint, Uri};
+
+use super::{AlertSink, InputError};
+use crate::backoff::Backoff;
+use crate::convert::event_from_response;
+use crate::proto::outputs::service_client::ServiceClient as OutputsClient;
+use crate::proto::outputs::{Request, Response};
+use crate::proto::version::service_client::ServiceClient as VersionClient;
+
+/// Falco's default gRPC socket.
+pub const DEFAULT_SOCKET: &str = "unix:///run/falco/falco.sock";
+
+/// Poll interval while alerts flow.
+const ACTIVE_POLL: Duration = Duration::from_millis(1);
+/// How long after the last alert the input keeps polling fast.
+const ACTIVE_FOR: Duration = Duration::from_secs(1);
+/// Longest wait for Falco to end the call on shutdown.
+const DRAIN_WAIT: Duration = Duration::from_secs(5);
+
+/// Which RPC reads the alerts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Default)]
+pub enum GrpcMethod {
+    /// The polled bidirectional stream (Falco's recommended way).
+    #[default]
+    Sub,
+    /// Repeated calls that each drain Falco's queue.
+    Get,
+}
+
+/// gRPC input settings.
+#[derive(Debug, Clone)]
+pub struct GrpcOptions {
+    /// Path of Falco's Unix socket.
+    pub socket: PathBuf,
+    pub method: GrpcMethod,
+    /// Poll interval while Falco is quiet.
+    pub poll_interval: Duration,
+    /// Longest wait between reconnect attempts.
+    pub reconnect_max: Duration,
+}
+
+/// Parses `unix:///path`, `unix:/path` or a plain path into the socket path.
+pub fn socket_path(address: &str) -> Result<PathBuf, InputError> {
+    let path = if let Some(rest) = address.strip_prefix("unix://") {
+        rest
+    } else if let Some(rest) = address.strip_prefix("unix:") {
+        rest
+    } else if address.contains("://") {
+        return Err(InputError::NotUnixSocket(address.to_owned()));
+    } else {
+        address
+    };
+    if path.is_empty() {
+        return Err(InputError::NotUnixSocket(address.to_owned()));
+    }
+    Ok(PathBuf::from(path))
+}
+
+/// How one connection to Falco ended.
+enum SessionEnd {
+    /// We are shutting down.
+    Shutdown,
+    /// Falco ended the stream (a reload) or the queue closed.
+    StreamEnded { delivered: u64 },
+}
+
+/// Why one connection to Falco failed.
+#[derive(Debug, thiserror::Error)]
+enum SessionError {
+    #[error("cannot connect to Falco's socket: {0}")]
+    Connect(#[from] tonic::transport::Error),
+    #[error("Falco's gRPC call failed: {0}")]
+    Call(#[from] tonic::Status),
+}
+
+/// Reads alerts from Falco's gRPC outputs service until shut down.
+pub struct GrpcInput {
+    options: GrpcOptions,
+    sink: AlertSink,
+}
+
+impl GrpcInput {
+    pub fn new(options: GrpcOptions, sink: AlertSink) -> Self {
+        GrpcInput { options, sink }
+    }
+
+    /// Runs until `shutdown`; never gives up on Falco by itself.
+    pub async fn run(self, shutdown: CancellationToken) -> Result<(), InputError> {
+        let mut backoff = Backoff::new(Duration::from_millis(100), self.options.reconnect_max);
+        let socket = self.options.socket.display().to_string();
+        tracing::info!(%socket, method = ?self.options.method, "reading Falco alerts over gRPC");
+        let mut attempts = 0u64;
+        loop {
+            if shutdown.is_cancelled() {
+                return Ok(());
+            }
+            let outcome = self.session(&shutdown).await;
+            self.sink.set_connected(false);
+            match outcome {
+                Ok(SessionEnd::Shutdown) => return Ok(()),
+                Ok(SessionEnd::StreamEnded { delivered }) => {
+                    if shutdown.is_cancelled() {
+                        return Ok(());
+                    }
+                    tracing::warn!(%socket, delivered, "Falco ended the gRPC stream (a rules or config reload?); reconnecting");
+                    backoff.reset();
+                }
+                Err(e) => {
+                    attempts += 1;
+                    // Log the first failures loudly, then once in a while.
+                    if attempts <= 3 || attempts.is_multiple_of(20) {
+                        tracing::warn!(%socket, error = %e, attempts, "Falco gRPC unavailable; retrying");
+                    } else {
+                        tracing::debug!(%socket, error = %e, attempts, "Falco gRPC unavailable; retrying");
+                    }
+                }
+            }
+            self.sink.reconnected();
+            tokio::select! {
+                _ = tokio::time::sleep(backoff.next_delay()) => {}
+                _ = shutdown.cancelled() => return Ok(()),
+            }
+        }
+    }
+
+    async fn connect(&self) -> Result<Channel, tonic::transport::Error> {
+        let path = self.options.socket.clone();
+        // The URI is required by tonic but unused: the connector dials the socket.
+        Endpoint::from_static("http://falco.sock")
+            .connect_with_connector(tower::service_fn(move |_: Uri| {
+                let path = path.clone();
+                async move { UnixStream::connect(path).await.map(TokioIo::new) }
+            }))
+            .await
+    }
+
+    async fn session(&self, shutdown: &CancellationToken) -> Result<SessionEnd, SessionError> {
+        let channel = self.connect().await?;
+        log_version(channel.clone()).await;
+        let client = OutputsClient::new(channel).max_decoding_message_size(64 * 1024 * 1024);
+        match self.options.method {
+            GrpcMethod::Sub => self.sub(client, shutdown).await,
+            GrpcMethod::Get => self.get(client, shutdown).await,
+        }
+    }
+
+    /// Handles one alert; `false` when the bridge is stopping.
+    async fn deliver(&self, response: Response) -> bool {
+        match event_from_response(response) {
+            Ok(event) => self.sink.send(event).await.is_ok(),
+            Err(err) => {
+                self.sink.reject(&err);
+                true
+            }
+        }
+    }
+
+    async fn sub(
+        &self,
+        mut client: OutputsClient<Channel>,
+        shutdown: &CancellationToken,
+    ) -> Result<SessionEnd, SessionError> {
+        let (requests, rx) = mpsc::channel::<Request>(4);
+        let _ = requests.try_send(Request {});
+        let mut requests = Some(requests);
+        let mut stream = client.sub(ReceiverStream::new(rx)).await?.into_inner();
+        self.sink.set_connected(true);
+        tracing::info!("subscribed to Falco's alerts");
+
+        let mut delivered = 0u64;
+        let mut last_alert: Option<Instant> = None;
+        let mut last_request = Instant::now();
+        let poll = tokio::time::sleep(ACTIVE_POLL);
+        tokio::pin!(poll);
+        let drain_deadline = tokio::time::sleep(Duration::MAX);
+        tokio::pin!(drain_deadline);
+
+        loop {
+            tokio::select! {
+                message = stream.message() => match message {
+                    Err(status) if requests.is_none() => {
+                        tracing::debug!(error = %status, "stream ended with an error after we closed it");
+                        return Ok(SessionEnd::Shutdown);
+                    }
+                    Err(status) => return Err(status.into()),
+                    Ok(message) => match message {
+                    Some(response) => {
+                        delivered += 1;
+                        let now = Instant::now();
+                        last_alert = Some(now);
+                        if !self.deliver(response).await {
+                            return Ok(SessionEnd::Shutdown);
+                        }
+                        // Keep one request ahead while alerts flow.
+                        if let Some(tx) = &requests {
+                            if last_request.elapsed() >= Duration::from_micros(200) {
+                                let _ = tx.try_send(Request {});
+                                last_request = Instant::now();
+                            }
+                        }
+                    }
+                    None => {
+                        return Ok(if requests.is_none() {
+                            SessionEnd::Shutdown
+                        } else {
+                            SessionEnd::StreamEnded { delivered }
+                        });
+                    }
+                    },
+                },
+                _ = &mut poll, if requests.is_some() => {
+                    if let Some(tx) = &requests {
+                        let _ = tx.try_send(Request {});
+                        last_request = Instant::now();
+                    }
+                    let active = last_alert.is_some_and(|t| t.elapsed() < ACTIVE_FOR);
+                    let next = if active { ACTIVE_POLL } else { self.options.poll_interval };
+                    poll.as_mut().reset(tokio::time::Instant::now() + next);
+                }
+                _ = shutdown.cancelled(), if requests.is_some() => {
+                    // Close our side: Falco finishes the call after what it sent.
+                    requests = None;
+                    drain_deadline.as_mut().reset(tokio::time::Instant::now() + DRAIN_WAIT);
+                }
+                _ = &mut drain_deadline => {
+                    tracing::warn!("Falco did not end the stream after we closed it; leaving");
+                    return Ok(SessionEnd::Shutdown);
+                }
+            }
+        }
+    }
+
+    async fn get(
+        &self,
+        mut client: OutputsClient<Channel>,
+        shutdown: &CancellationToken,
+    ) -> Result<SessionEnd, SessionError> {
+        loop {
+            let mut stream = client.get(Request {}).await?.into_inner();
+            self.sink.set_connected(true);
+            let mut batch = 0u64;
+            while let Some(response) = stream.message().await? {
+                batch += 1;
+                if !self.deliver(response).await {
+                    return Ok(SessionEnd::Shutdown);
+                }
+            }
+            if shutdown.is_cancelled() {
+                return Ok(SessionEnd::Shutdown);
+            }
+            if batch == 0 {
+                tokio::select! {
+                    _ = tokio::time::sleep(self.options.poll_interval) => {}
+                    _ = shutdown.cancelled() => return Ok(SessionEnd::Shutdown),
+                }
+            }
+        }
+    }
+}
+
+/// Asks Falco for its version and logs it, warning about the gRPC removal.
+async fn log_version(channel: Channel) {
+    let mut client = VersionClient::new(channel);
+    let call = client.version(crate::proto::version::Request {});
+    match tokio::time::timeout(Duration::from_secs(5), call).await {
+        Ok(Ok(response)) => {
+            let v = response.into_inner();
+            tracing::info!(version = %v.version, engine = %v.engine_version, "connected to Falco");
+            if (v.major, v.minor) >= (0, 43) {
+                tracing::warn!(version = %v.version, "Falco 0.43 deprecated the gRPC output and 0.44 removed it: plan a move to --input http or fifo");
+            }
+        }
+        Ok(Err(status)) => {
+            tracing::warn!(error = %status, "connected to Falco, but its version service did not answer")
+        }
+        Err(_) => tracing::warn!("connected to Falco, but its version service timed out"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_socket_addresses() {
+        assert_eq!(
+            socket_path(DEFAULT_SOCKET).unwrap(),
+            PathBuf::from("/run/falco/falco.sock")
+        );
+        assert_eq!(
+            socket_path("unix:/tmp/f.sock").unwrap(),
+            PathBuf::from("/tmp/f.sock")
+        );
+        assert_eq!(
+            socket_path("/tmp/f.sock").unwrap(),
+            PathBuf::from("/tmp/f.sock")
+        );
+        assert!(
+            socket_path("localhost:5060").is_ok(),
+            "a relative path is a path"
+        );
+        assert!(socket_path("tcp://localhost:5060").is_err());
+        assert!(socket_path("unix://").is_err());
+    }
+}

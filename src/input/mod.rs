@@ -1,0 +1,128 @@
+//! The inputs that read Falco's alerts: [`grpc::GrpcInput`] (Falco <= 0.43)
+//! and [`fifo::FifoInput`] (Falco's `file_output` into a named pipe).
+//! Each hands its alerts to an [`AlertSink`], the bounded queue in front of NATS.
+
+pub mod fifo;
+pub mod grpc;
+pub mod lines;
+
+use bytes::Bytes;
+use prometheus_client::metrics::counter::Counter;
+use tokio::sync::mpsc;
+
+use crate::event::{AlertError, FalcoEvent};
+use crate::priority::Priority;
+use crate::telemetry::health::ReadyFlag;
+use crate::telemetry::metrics::BridgeMetrics;
+
+/// An input that cannot run at all (as opposed to one waiting for Falco).
+#[derive(Debug, thiserror::Error)]
+pub enum InputError {
+    #[error("--grpc-socket {0:?} is not a Unix socket address (use unix:///path/to/falco.sock)")]
+    NotUnixSocket(String),
+    #[error("{path:?} exists and is not a FIFO")]
+    NotAFifo { path: std::path::PathBuf },
+    #[error("FIFO {path:?} does not exist (create it, or pass --create-fifo)")]
+    FifoMissing { path: std::path::PathBuf },
+    #[error("cannot create FIFO {path:?}: {source}")]
+    CreateFifo {
+        path: std::path::PathBuf,
+        source: nix::Error,
+    },
+    #[error("cannot read {what}: {source}")]
+    Io {
+        what: String,
+        source: std::io::Error,
+    },
+}
+
+/// The queue was closed: the bridge is stopping.
+#[derive(Debug, Clone, Copy, thiserror::Error)]
+#[error("the alert queue is closed")]
+pub struct QueueClosed;
+
+/// Where an input puts its alerts: counts them, applies `--min-priority`,
+/// and waits while the queue to NATS is full (Falco keeps its own queue).
+#[derive(Clone)]
+pub struct AlertSink {
+    tx: mpsc::Sender<FalcoEvent>,
+    input: &'static str,
+    min_priority: Priority,
+    received: Counter,
+    metrics: BridgeMetrics,
+    /// Set while the input is connected to Falco.
+    pub connected: ReadyFlag,
+}
+
+impl AlertSink {
+    pub fn new(
+        tx: mpsc::Sender<FalcoEvent>,
+        input: &'static str,
+        min_priority: Priority,
+        metrics: BridgeMetrics,
+        connected: ReadyFlag,
+    ) -> Self {
+        let received = metrics.received.get_or_create(&[("input", input)]).clone();
+        AlertSink {
+            tx,
+            input,
+            min_priority,
+            received,
+            metrics,
+            connected,
+        }
+    }
+
+    /// The input's name, for logs and metrics.
+    pub fn input(&self) -> &'static str {
+        self.input
+    }
+
+    /// Queues one alert, waiting for room.
+    pub async fn send(&self, event: FalcoEvent) -> Result<(), QueueClosed> {
+        self.received.inc();
+        if event.priority < self.min_priority {
+            self.metrics.filtered.inc();
+            return Ok(());
+        }
+        self.metrics.queue_depth.inc();
+        self.tx.send(event).await.map_err(|_| {
+            self.metrics.queue_depth.dec();
+            QueueClosed
+        })
+    }
+
+    /// Reads one JSON alert and queues it, or counts and logs why not.
+    pub async fn send_json(&self, raw: Bytes) -> Result<(), QueueClosed> {
+        if raw.iter().all(u8::is_ascii_whitespace) {
+            return Ok(());
+        }
+        match FalcoEvent::from_json(raw) {
+            Ok(event) => self.send(event).await,
+            Err(err) => {
+                self.reject(&err);
+                Ok(())
+            }
+        }
+    }
+
+    /// Counts and logs an alert that cannot be forwarded.
+    pub fn reject(&self, err: &AlertError) {
+        self.received.inc();
+        self.metrics.reject(self.input, err);
+    }
+
+    /// Counts a reconnect to Falco.
+    pub fn reconnected(&self) {
+        self.metrics
+            .input_reconnects
+            .get_or_create(&[("input", self.input)])
+            .inc();
+    }
+
+    /// Marks the input connected or not (readiness and the gauge).
+    pub fn set_connected(&self, connected: bool) {
+        self.connected.set(connected);
+        self.metrics.input_connected.set(i64::from(connected));
+    }
+}

@@ -1,0 +1,209 @@
+//! Connecting to NATS with the `nats` CLI's flags and environment variables.
+
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use async_nats::{Client, ConnectOptions, Event, ServerAddr};
+use clap::Args;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::gauge::Gauge;
+
+use crate::telemetry::health::ReadyFlag;
+
+/// Where and how to connect, named as the `nats` CLI names them.
+#[derive(Debug, Clone, Args)]
+pub struct NatsOptions {
+    /// NATS server URLs, comma separated
+    #[arg(
+        short = 's',
+        long = "server",
+        env = "NATS_URL",
+        default_value = "nats://127.0.0.1:4222"
+    )]
+    pub server: String,
+    /// User credentials file (JWT and NKey seed)
+    #[arg(long, env = "NATS_CREDS")]
+    pub creds: Option<PathBuf>,
+    /// User NKey seed file
+    #[arg(long, env = "NATS_NKEY")]
+    pub nkey: Option<PathBuf>,
+    /// Username
+    #[arg(long, env = "NATS_USER")]
+    pub user: Option<String>,
+    /// Password
+    #[arg(long, env = "NATS_PASSWORD", hide_env_values = true)]
+    pub password: Option<String>,
+    /// Authentication token
+    #[arg(long, env = "NATS_TOKEN", hide_env_values = true)]
+    pub token: Option<String>,
+    /// TLS client certificate file
+    #[arg(long, env = "NATS_CERT")]
+    pub tlscert: Option<PathBuf>,
+    /// TLS client private key file
+    #[arg(long, env = "NATS_KEY")]
+    pub tlskey: Option<PathBuf>,
+    /// TLS certificate authority chain file
+    #[arg(long, env = "NATS_CA")]
+    pub tlsca: Option<PathBuf>,
+    /// Name of the connection, as the server's monitoring shows it
+    #[arg(
+        long = "connection-name",
+        env = "NATS_CONNECTION_NAME",
+        default_value = "falco-nats"
+    )]
+    pub connection_name: String,
+}
+
+/// A NATS set-up error: bad flags or unreadable credentials.
+#[derive(Debug, thiserror::Error)]
+pub enum NatsError {
+    #[error("invalid NATS server URL {url:?}: {source}")]
+    BadUrl {
+        url: String,
+        source: async_nats::Error,
+    },
+    #[error("cannot read {what} file {path:?}: {source}")]
+    ReadFile {
+        what: &'static str,
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("--tlscert and --tlskey go together")]
+    HalfClientCert,
+    #[error("--user needs --password")]
+    UserWithoutPassword,
+    #[error("cannot connect to NATS: {0}")]
+    Connect(#[from] async_nats::ConnectError),
+}
+
+/// What a connection reports to: a readiness check and two metrics.
+#[derive(Clone, Default)]
+pub struct ConnectionWatch {
+    pub ready: ReadyFlag,
+    pub connected: Gauge,
+    pub reconnects: Counter,
+}
+
+impl NatsOptions {
+    /// The options for `server`, with defaults everywhere else (for tests and tools).
+    pub fn for_server(server: impl Into<String>) -> Self {
+        NatsOptions {
+            server: server.into(),
+            creds: None,
+            nkey: None,
+            user: None,
+            password: None,
+            token: None,
+            tlscert: None,
+            tlskey: None,
+            tlsca: None,
+            connection_name: "falco-nats".into(),
+        }
+    }
+
+    fn servers(&self) -> Result<Vec<ServerAddr>, NatsError> {
+        self.server
+            .split(',')
+            .map(str::trim)
+            .filter(|s| !s.is_empty())
+            .map(|url| {
+                url.parse::<ServerAddr>().map_err(|e| NatsError::BadUrl {
+                    url: url.to_owned(),
+                    source: e.into(),
+                })
+            })
+            .collect()
+    }
+
+    async fn connect_options(&self) -> Result<ConnectOptions, NatsError> {
+        let mut opts = ConnectOptions::new();
+        if let Some(path) = &self.creds {
+            opts = opts
+                .credentials_file(path)
+                .await
+                .map_err(|source| NatsError::ReadFile {
+                    what: "credentials",
+                    path: path.clone(),
+                    source,
+                })?;
+        }
+        if let Some(path) = &self.nkey {
+            let seed =
+                tokio::fs::read_to_string(path)
+                    .await
+                    .map_err(|source| NatsError::ReadFile {
+                        what: "NKey seed",
+                        path: path.clone(),
+                        source,
+                    })?;
+            opts = opts.nkey(seed.trim().to_owned());
+        }
+        match (&self.user, &self.password) {
+            (Some(user), Some(password)) => {
+                opts = opts.user_and_password(user.clone(), password.clone())
+            }
+            (Some(_), None) => return Err(NatsError::UserWithoutPassword),
+            _ => {}
+        }
+        if let Some(token) = &self.token {
+            opts = opts.token(token.clone());
+        }
+        match (&self.tlscert, &self.tlskey) {
+            (Some(cert), Some(key)) => {
+                opts = opts
+                    .add_client_certificate(cert.clone(), key.clone())
+                    .require_tls(true)
+            }
+            (None, None) => {}
+            _ => return Err(NatsError::HalfClientCert),
+        }
+        if let Some(ca) = &self.tlsca {
+            opts = opts.add_root_certificates(ca.clone()).require_tls(true);
+        }
+        Ok(opts.name(&self.connection_name))
+    }
+}
+
+/// Opens the one long-lived connection. It returns at once and connects in
+/// the background, retrying the first connection and every reconnection
+/// forever; `watch` follows the state.
+pub async fn connect(options: &NatsOptions, watch: ConnectionWatch) -> Result<Client, NatsError> {
+    let servers = options.servers()?;
+    let connected_before = Arc::new(AtomicBool::new(false));
+    let client = options
+        .connect_options()
+        .await?
+        .retry_on_initial_connect()
+        .max_reconnects(None)
+        .event_callback(move |event| {
+            let watch = watch.clone();
+            let connected_before = connected_before.clone();
+            async move {
+                match event {
+                    Event::Connected => {
+                        watch.ready.set(true);
+                        watch.connected.set(1);
+                        tracing::info!("connected to NATS");
+                        if connected_before.swap(true, Ordering::Relaxed) {
+                            watch.reconnects.inc();
+                        }
+                    }
+                    Event::Disconnected => {
+                        watch.ready.set(false);
+                        watch.connected.set(0);
+                        tracing::warn!("disconnected from NATS; reconnecting");
+                    }
+                    Event::Closed => {
+                        watch.ready.set(false);
+                        watch.connected.set(0);
+                        tracing::info!("NATS connection closed");
+                    }
+                    other => tracing::warn!(event = %other, "NATS connection event"),
+                }
+            }
+        })
+        .connect(servers)
+        .await?;
+    Ok(client)
+}

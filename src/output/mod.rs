@@ -1,0 +1,11 @@
+//! The NATS side: connection flags in the style of the `nats` CLI, one
+//! long-lived connection that reconnects forever, and the [`Publisher`] that
+//! turns alerts into messages (core NATS or JetStream).
+
+mod connection;
+mod publisher;
+pub mod subject;
+
+pub use connection::{connect, ConnectionWatch, NatsError, NatsOptions};
+pub use publisher::{alert_headers, JetStreamOptions, PublishOptions, Publisher};
+pub use subject::SubjectTemplate;

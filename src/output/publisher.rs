@@ -1,0 +1,319 @@
+//! [`Publisher`]: publishes alerts on core NATS (fire and forget, no flush
+//! per alert) or JetStream (acknowledged, retried with the same
+//! `Nats-Msg-Id` until stored, a bounded number in flight).
+
+use std::time::Duration;
+
+use async_nats::jetstream::{self, stream};
+use async_nats::{Client, HeaderMap};
+use bytes::Bytes;
+use futures_util::stream::{FuturesUnordered, StreamExt};
+use tokio::sync::mpsc;
+
+use crate::backoff::Backoff;
+use crate::event::FalcoEvent;
+use crate::output::subject::SubjectTemplate;
+use crate::telemetry::metrics::BridgeMetrics;
+
+/// Header names carried by every alert message.
+pub mod header {
+    pub const PRIORITY: &str = "Falco-Priority";
+    pub const RULE: &str = "Falco-Rule";
+    pub const HOSTNAME: &str = "Falco-Hostname";
+    pub const SOURCE: &str = "Falco-Source";
+    pub const MSG_ID: &str = "Nats-Msg-Id";
+}
+
+/// How alerts are published.
+#[derive(Debug, Clone)]
+pub struct PublishOptions {
+    pub subject: SubjectTemplate,
+    /// `None` for core NATS.
+    pub jetstream: Option<JetStreamOptions>,
+}
+
+/// JetStream publishing.
+#[derive(Debug, Clone)]
+pub struct JetStreamOptions {
+    /// The stream, created if missing over the template's subjects.
+    pub stream: String,
+    /// JetStream drops a message whose `Nats-Msg-Id` it saw within this window.
+    pub duplicate_window: Duration,
+    /// Age limit of a stream created by the bridge (zero: unlimited).
+    pub max_age: Duration,
+    /// Publishes awaiting their acknowledgement at most.
+    pub max_inflight: usize,
+}
+
+/// Publishes the alerts it receives until its queue closes.
+// Built once per process: the size difference of the variants does not matter.
+#[allow(clippy::large_enum_variant)]
+pub enum Publisher {
+    Core(CorePublisher),
+    JetStream(JetStreamPublisher),
+}
+
+/// Core NATS: `publish` hands the message to the connection task, which
+/// batches writes; nothing waits for the server.
+pub struct CorePublisher {
+    client: Client,
+    subject: SubjectTemplate,
+    metrics: BridgeMetrics,
+}
+
+/// JetStream: every alert is acknowledged by the stream, or retried.
+pub struct JetStreamPublisher {
+    client: Client,
+    context: jetstream::Context,
+    subject: SubjectTemplate,
+    options: JetStreamOptions,
+    metrics: BridgeMetrics,
+}
+
+impl Publisher {
+    pub fn new(client: Client, options: PublishOptions, metrics: BridgeMetrics) -> Self {
+        match options.jetstream {
+            None => Publisher::Core(CorePublisher {
+                client,
+                subject: options.subject,
+                metrics,
+            }),
+            Some(js) => Publisher::JetStream(JetStreamPublisher {
+                context: jetstream::ContextBuilder::new()
+                    .max_ack_inflight(js.max_inflight.max(1))
+                    .build(client.clone()),
+                client,
+                subject: options.subject,
+                options: js,
+                metrics,
+            }),
+        }
+    }
+
+    /// Publishes until `alerts` is closed and empty, then waits for every
+    /// acknowledgement (JetStream) and flushes the connection.
+    pub async fn run(self, alerts: mpsc::Receiver<FalcoEvent>) {
+        let client = match self {
+            Publisher::Core(p) => p.run(alerts).await,
+            Publisher::JetStream(p) => p.run(alerts).await,
+        };
+        if let Err(e) = client.flush().await {
+            tracing::warn!(error = %e, "final flush to NATS failed");
+        }
+    }
+}
+
+/// The headers of an alert message: what a consumer filters on without
+/// parsing the JSON, and the digest JetStream deduplicates on.
+pub fn alert_headers(event: &FalcoEvent) -> HeaderMap {
+    let mut headers = HeaderMap::new();
+    headers.insert(header::PRIORITY, event.priority.as_str());
+    headers.insert(header::RULE, header_value(&event.rule));
+    headers.insert(header::HOSTNAME, header_value(&event.hostname));
+    headers.insert(header::SOURCE, header_value(&event.source));
+    headers.insert(header::MSG_ID, event.msg_id());
+    headers
+}
+
+/// Header values may not hold control characters (a CR or LF would end the
+/// header): they become spaces.
+fn header_value(value: &str) -> String {
+    value
+        .chars()
+        .map(|c| if c.is_control() { ' ' } else { c })
+        .collect()
+}
+
+impl CorePublisher {
+    async fn run(self, mut alerts: mpsc::Receiver<FalcoEvent>) -> Client {
+        while let Some(event) = alerts.recv().await {
+            self.metrics.queue_depth.dec();
+            let subject = self.subject.render(&event);
+            let headers = alert_headers(&event);
+            let received_at = event.received_at;
+            match self
+                .client
+                .publish_with_headers(subject, headers, event.payload)
+                .await
+            {
+                Ok(()) => {
+                    self.metrics.published.inc();
+                    self.metrics
+                        .publish_latency
+                        .observe(received_at.elapsed().as_secs_f64());
+                }
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        async_nats::client::PublishErrorKind::MaxPayloadExceeded
+                    ) =>
+                {
+                    self.metrics
+                        .rejected
+                        .get_or_create(&[("reason", "too_large_for_nats")])
+                        .inc();
+                    tracing::error!(rule = %event.rule, error = %e, "alert is larger than the NATS server's max_payload; dropped");
+                }
+                Err(e) => {
+                    self.metrics.publish_failures.inc();
+                    tracing::error!(rule = %event.rule, error = %e, "publish failed; alert lost");
+                }
+            }
+        }
+        self.client
+    }
+}
+
+impl JetStreamPublisher {
+    fn stream_config(&self) -> stream::Config {
+        stream::Config {
+            name: self.options.stream.clone(),
+            subjects: self.subject.stream_subjects(),
+            duplicate_window: self.options.duplicate_window,
+            max_age: self.options.max_age,
+            storage: stream::StorageType::File,
+            ..Default::default()
+        }
+    }
+
+    async fn run(self, mut alerts: mpsc::Receiver<FalcoEvent>) -> Client {
+        let config = self.stream_config();
+        ensure_stream(&self.context, &config).await;
+        let max = self.options.max_inflight.max(1);
+        let mut inflight = FuturesUnordered::new();
+        loop {
+            tokio::select! {
+                biased;
+                Some(()) = inflight.next(), if !inflight.is_empty() => {}
+                next = alerts.recv(), if inflight.len() < max => match next {
+                    Some(event) => {
+                        self.metrics.queue_depth.dec();
+                        inflight.push(publish_until_acked(
+                            self.context.clone(),
+                            config.clone(),
+                            self.subject.render(&event),
+                            event,
+                            self.metrics.clone(),
+                        ));
+                    }
+                    None => break,
+                }
+            }
+        }
+        while inflight.next().await.is_some() {}
+        self.client
+    }
+}
+
+/// Creates the stream if it is missing, retrying until NATS answers.
+async fn ensure_stream(context: &jetstream::Context, config: &stream::Config) {
+    let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(5));
+    loop {
+        match context.get_or_create_stream(config.clone()).await {
+            Ok(mut stream) => {
+                let subjects = match stream.info().await {
+                    Ok(info) => info.config.subjects.join(","),
+                    Err(_) => config.subjects.join(","),
+                };
+                tracing::info!(stream = %config.name, %subjects, "JetStream stream ready");
+                return;
+            }
+            Err(e) => {
+                let delay = backoff.next_delay();
+                tracing::warn!(stream = %config.name, error = %e, ?delay, "cannot create or find the JetStream stream; retrying");
+                tokio::time::sleep(delay).await;
+            }
+        }
+    }
+}
+
+/// Publishes one alert to JetStream until the stream acknowledges it, with
+/// the same `Nats-Msg-Id` each time so the stream keeps exactly one copy.
+async fn publish_until_acked(
+    context: jetstream::Context,
+    config: stream::Config,
+    subject: String,
+    event: FalcoEvent,
+    metrics: BridgeMetrics,
+) {
+    use async_nats::jetstream::context::PublishErrorKind;
+    let headers = alert_headers(&event);
+    let payload: Bytes = event.payload;
+    let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(5));
+    let mut attempt = 0u32;
+    loop {
+        attempt += 1;
+        let result = match context
+            .publish_with_headers(subject.clone(), headers.clone(), payload.clone())
+            .await
+        {
+            Ok(ack) => ack.await,
+            Err(e) => Err(e),
+        };
+        match result {
+            Ok(ack) => {
+                if ack.duplicate {
+                    metrics.duplicates.inc();
+                }
+                metrics.published.inc();
+                metrics
+                    .publish_latency
+                    .observe(event.received_at.elapsed().as_secs_f64());
+                return;
+            }
+            Err(e) if e.kind() == PublishErrorKind::MaxPayloadExceeded => {
+                metrics
+                    .rejected
+                    .get_or_create(&[("reason", "too_large_for_nats")])
+                    .inc();
+                tracing::error!(rule = %event.rule, error = %e, "alert is larger than the NATS server's max_payload; dropped");
+                return;
+            }
+            Err(e) => {
+                metrics.publish_failures.inc();
+                if e.kind() == PublishErrorKind::StreamNotFound {
+                    // The server lost the stream (a fresh store): make it again.
+                    let _ = context.get_or_create_stream(config.clone()).await;
+                }
+                let delay = backoff.next_delay();
+                if attempt == 1 || attempt.is_multiple_of(10) {
+                    tracing::warn!(rule = %event.rule, attempt, error = %e, ?delay, "JetStream publish not acknowledged; retrying");
+                }
+                tokio::time::sleep(delay).await;
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::priority::Priority;
+
+    #[test]
+    fn headers_carry_the_filter_fields_and_a_stable_id() {
+        let event = FalcoEvent {
+            payload: Bytes::from_static(br#"{"rule":"x"}"#),
+            priority: Priority::Critical,
+            rule: "Evil\r\nPUB x 0\r\n".into(),
+            hostname: "node-1".into(),
+            source: "syscall".into(),
+            received_at: std::time::Instant::now(),
+        };
+        let h = alert_headers(&event);
+        assert_eq!(
+            h.get(header::PRIORITY).map(|v| v.as_str()),
+            Some("Critical")
+        );
+        assert_eq!(
+            h.get(header::RULE).map(|v| v.as_str()),
+            Some("Evil  PUB x 0  ")
+        );
+        assert_eq!(h.get(header::HOSTNAME).map(|v| v.as_str()), Some("node-1"));
+        assert_eq!(h.get(header::SOURCE).map(|v| v.as_str()), Some("syscall"));
+        assert_eq!(
+            h.get(header::MSG_ID).map(|v| v.to_string()),
+            Some(event.msg_id())
+        );
+    }
+}

@@ -1,0 +1,266 @@
+//! [`SubjectTemplate`]: the NATS subject an alert is published on.
+//!
+//! The default `falco.{priority}.{rule}` is falcosidekick's subject, so
+//! existing `falco.critical.>` subscribers keep working; `FALCO` is the flat
+//! subject of the 2018 proof of concept. Every placeholder value is made a
+//! safe subject token: lower-cased, each run of characters outside `[a-z0-9]`
+//! replaced by one `_`, leading and trailing `_` trimmed, `unknown` if empty.
+
+use std::fmt;
+use std::str::FromStr;
+
+use crate::event::FalcoEvent;
+use crate::priority::Priority;
+
+/// The default subject template.
+pub const DEFAULT_SUBJECT: &str = "falco.{priority}.{rule}";
+
+/// A parsed subject template.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SubjectTemplate {
+    source: String,
+    parts: Vec<Part>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Part {
+    Literal(String),
+    Priority,
+    Rule,
+    Hostname,
+    Source,
+}
+
+/// A subject template that cannot produce valid NATS subjects.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SubjectError {
+    #[error("subject template is empty")]
+    Empty,
+    #[error("unknown placeholder {{{0}}} in subject template (use {{priority}}, {{rule}}, {{hostname}} or {{source}})")]
+    UnknownPlaceholder(String),
+    #[error("unclosed '{{' in subject template {0:?}")]
+    Unclosed(String),
+    #[error("subject template {0:?} has an empty token, whitespace or a wildcard")]
+    InvalidToken(String),
+}
+
+impl FromStr for SubjectTemplate {
+    type Err = SubjectError;
+
+    fn from_str(template: &str) -> Result<Self, Self::Err> {
+        if template.is_empty() {
+            return Err(SubjectError::Empty);
+        }
+        let bad_token = template
+            .split('.')
+            .any(|t| t.is_empty() || t == "*" || t == ">" || t.chars().any(|c| c.is_whitespace()));
+        if bad_token {
+            return Err(SubjectError::InvalidToken(template.to_owned()));
+        }
+        let mut parts = Vec::new();
+        let mut rest = template;
+        while let Some(open) = rest.find('{') {
+            if open > 0 {
+                parts.push(Part::Literal(rest[..open].to_owned()));
+            }
+            let after = &rest[open + 1..];
+            let close = after
+                .find('}')
+                .ok_or_else(|| SubjectError::Unclosed(template.to_owned()))?;
+            parts.push(match &after[..close] {
+                "priority" => Part::Priority,
+                "rule" => Part::Rule,
+                "hostname" => Part::Hostname,
+                "source" => Part::Source,
+                other => return Err(SubjectError::UnknownPlaceholder(other.to_owned())),
+            });
+            rest = &after[close + 1..];
+        }
+        if !rest.is_empty() {
+            parts.push(Part::Literal(rest.to_owned()));
+        }
+        Ok(SubjectTemplate {
+            source: template.to_owned(),
+            parts,
+        })
+    }
+}
+
+impl fmt::Display for SubjectTemplate {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.source)
+    }
+}
+
+impl Default for SubjectTemplate {
+    fn default() -> Self {
+        DEFAULT_SUBJECT.parse().unwrap_or_else(|_| SubjectTemplate {
+            source: "FALCO".into(),
+            parts: vec![Part::Literal("FALCO".into())],
+        })
+    }
+}
+
+impl SubjectTemplate {
+    /// The subject for one alert.
+    pub fn render(&self, event: &FalcoEvent) -> String {
+        let mut out = String::with_capacity(self.source.len() + event.rule.len());
+        for part in &self.parts {
+            match part {
+                Part::Literal(s) => out.push_str(s),
+                Part::Priority => out.push_str(event.priority.as_lower_str()),
+                Part::Rule => push_token(&mut out, &event.rule),
+                Part::Hostname => push_token(&mut out, &event.hostname),
+                Part::Source => push_token(&mut out, &event.source),
+            }
+        }
+        out
+    }
+
+    /// Subjects that cover everything this template can produce, for a
+    /// JetStream stream: one per priority when the template has a
+    /// `{priority}` token, `*` for the tokens of the other placeholders.
+    pub fn stream_subjects(&self) -> Vec<String> {
+        let tokens: Vec<&str> = self.source.split('.').collect();
+        let has_priority_token = tokens.contains(&"{priority}");
+        let render = |priority: Option<Priority>| -> String {
+            tokens
+                .iter()
+                .map(|t| match (priority, *t) {
+                    (Some(p), "{priority}") => p.as_lower_str(),
+                    (_, t) if t.contains('{') => "*",
+                    (_, t) => t,
+                })
+                .collect::<Vec<_>>()
+                .join(".")
+        };
+        if has_priority_token {
+            Priority::ALL.iter().map(|p| render(Some(*p))).collect()
+        } else {
+            vec![render(None)]
+        }
+    }
+}
+
+/// Appends `value` as one subject token (see the module docs).
+fn push_token(out: &mut String, value: &str) {
+    let start = out.len();
+    let mut pending_sep = false;
+    for c in value.chars() {
+        let c = c.to_ascii_lowercase();
+        if c.is_ascii_lowercase() || c.is_ascii_digit() {
+            if pending_sep && out.len() > start {
+                out.push('_');
+            }
+            pending_sep = false;
+            out.push(c);
+        } else {
+            pending_sep = true;
+        }
+    }
+    if out.len() == start {
+        out.push_str("unknown");
+    }
+}
+
+/// `value` as one subject token (see the module docs).
+pub fn slug(value: &str) -> String {
+    let mut out = String::with_capacity(value.len());
+    push_token(&mut out, value);
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use bytes::Bytes;
+
+    fn event(priority: Priority, rule: &str, hostname: &str, source: &str) -> FalcoEvent {
+        FalcoEvent {
+            payload: Bytes::new(),
+            priority,
+            rule: rule.into(),
+            hostname: hostname.into(),
+            source: source.into(),
+            received_at: std::time::Instant::now(),
+        }
+    }
+
+    #[test]
+    fn slugs_like_falcosidekick() {
+        assert_eq!(
+            slug("Terminal shell in container"),
+            "terminal_shell_in_container"
+        );
+        assert_eq!(slug("  Write below /etc!! "), "write_below_etc");
+        assert_eq!(slug("Règle n°1"), "r_gle_n_1");
+        assert_eq!(slug("k8s_audit"), "k8s_audit");
+        assert_eq!(slug("node-1.example.com"), "node_1_example_com");
+        assert_eq!(slug("***"), "unknown");
+        assert_eq!(slug(""), "unknown");
+    }
+
+    #[test]
+    fn renders_the_default_template() {
+        let t = SubjectTemplate::default();
+        let ev = event(
+            Priority::Notice,
+            "Terminal shell in container",
+            "h",
+            "syscall",
+        );
+        assert_eq!(t.render(&ev), "falco.notice.terminal_shell_in_container");
+    }
+
+    #[test]
+    fn renders_every_placeholder_and_the_flat_subject() {
+        let t: SubjectTemplate = "alerts.{hostname}.{source}.{priority}.{rule}"
+            .parse()
+            .unwrap();
+        let ev = event(
+            Priority::Critical,
+            "Read sensitive file",
+            "Node-1.local",
+            "k8s_audit",
+        );
+        assert_eq!(
+            t.render(&ev),
+            "alerts.node_1_local.k8s_audit.critical.read_sensitive_file"
+        );
+        let flat: SubjectTemplate = "FALCO".parse().unwrap();
+        assert_eq!(flat.render(&ev), "FALCO");
+        assert_eq!(flat.stream_subjects(), vec!["FALCO".to_owned()]);
+    }
+
+    #[test]
+    fn rejects_bad_templates() {
+        assert_eq!("".parse::<SubjectTemplate>(), Err(SubjectError::Empty));
+        assert!(
+            matches!("falco.{prio}".parse::<SubjectTemplate>(), Err(SubjectError::UnknownPlaceholder(p)) if p == "prio")
+        );
+        assert!(matches!(
+            "falco.{rule".parse::<SubjectTemplate>(),
+            Err(SubjectError::Unclosed(_))
+        ));
+        for bad in ["falco..x", "falco.>", "falco.*", "fal co", ".falco"] {
+            assert!(
+                matches!(
+                    bad.parse::<SubjectTemplate>(),
+                    Err(SubjectError::InvalidToken(_))
+                ),
+                "{bad}"
+            );
+        }
+    }
+
+    #[test]
+    fn stream_subjects_cover_the_template_and_not_response_subjects() {
+        let t = SubjectTemplate::default();
+        let subjects = t.stream_subjects();
+        assert_eq!(subjects.len(), 8);
+        assert!(subjects.contains(&"falco.critical.*".to_owned()));
+        assert!(!subjects.iter().any(|s| s.starts_with("falco.response")));
+        let t: SubjectTemplate = "falco.{hostname}.{rule}".parse().unwrap();
+        assert_eq!(t.stream_subjects(), vec!["falco.*.*".to_owned()]);
+    }
+}

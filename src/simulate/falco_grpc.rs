@@ -1,0 +1,240 @@
+//! [`MockFalco`]: Falco's gRPC outputs and version services on a Unix
+//! socket, with Falco's behaviour: one global queue (each alert goes to
+//! exactly one client, and waits while none is connected), `sub` polled by
+//! the client's requests, `get` draining the queue, and streams that end
+//! when Falco reloads (`end_streams`) or stops (`stop`).
+
+use std::collections::VecDeque;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+
+use tokio::net::UnixListener;
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
+use tokio_stream::wrappers::{ReceiverStream, UnixListenerStream};
+use tokio_util::sync::CancellationToken;
+use tonic::{Request as GrpcRequest, Response as GrpcResponse, Status, Streaming};
+
+use crate::proto::outputs::service_server::{
+    Service as OutputsApi, ServiceServer as OutputsServer,
+};
+use crate::proto::outputs::{Request, Response};
+use crate::proto::version::service_server::{
+    Service as VersionApi, ServiceServer as VersionServer,
+};
+use crate::proto::version::{Request as VersionRequest, Response as VersionResponse};
+
+/// The version the mock reports: the last Falco with the gRPC output.
+pub const MOCK_VERSION: (u32, u32, u32) = (0, 43, 0);
+
+/// Falco's one queue of alerts, shared by every client.
+#[derive(Default)]
+struct AlertQueue {
+    items: Mutex<VecDeque<Response>>,
+}
+
+impl AlertQueue {
+    fn pop(&self) -> Option<Response> {
+        self.items.lock().ok()?.pop_front()
+    }
+
+    fn push(&self, response: Response) {
+        if let Ok(mut items) = self.items.lock() {
+            items.push_back(response);
+        }
+    }
+
+    fn len(&self) -> usize {
+        self.items.lock().map(|q| q.len()).unwrap_or(0)
+    }
+}
+
+#[derive(Clone)]
+struct Outputs {
+    queue: Arc<AlertQueue>,
+    /// Cancelled to end the open streams (a reload); replaced afterwards.
+    streams: Arc<Mutex<CancellationToken>>,
+}
+
+impl Outputs {
+    fn stream_token(&self) -> CancellationToken {
+        self.streams
+            .lock()
+            .map(|t| t.clone())
+            .unwrap_or_else(|_| CancellationToken::new())
+    }
+
+    /// Sends queued alerts until the queue is empty. Each alert is popped only
+    /// once there is room to send it, so ending a stream loses nothing.
+    /// Returns `false` when the stream must end.
+    async fn drain(
+        &self,
+        tx: &mpsc::Sender<Result<Response, Status>>,
+        end: &CancellationToken,
+    ) -> bool {
+        loop {
+            let permit = tokio::select! {
+                permit = tx.reserve() => match permit {
+                    Ok(p) => p,
+                    Err(_) => return false,
+                },
+                _ = end.cancelled() => return false,
+            };
+            match self.queue.pop() {
+                Some(alert) => permit.send(Ok(alert)),
+                None => return true,
+            }
+        }
+    }
+}
+
+#[tonic::async_trait]
+impl OutputsApi for Outputs {
+    type subStream = ReceiverStream<Result<Response, Status>>;
+    type getStream = ReceiverStream<Result<Response, Status>>;
+
+    async fn sub(
+        &self,
+        request: GrpcRequest<Streaming<Request>>,
+    ) -> Result<GrpcResponse<Self::subStream>, Status> {
+        let mut requests = request.into_inner();
+        let (tx, rx) = mpsc::channel(1);
+        let this = self.clone();
+        let end = self.stream_token();
+        tokio::spawn(async move {
+            loop {
+                let next = tokio::select! {
+                    next = requests.message() => next,
+                    _ = end.cancelled() => break,
+                };
+                match next {
+                    Ok(Some(_)) => {
+                        if !this.drain(&tx, &end).await {
+                            break;
+                        }
+                    }
+                    // The client closed its side, or went away.
+                    Ok(None) | Err(_) => break,
+                }
+            }
+        });
+        Ok(GrpcResponse::new(ReceiverStream::new(rx)))
+    }
+
+    async fn get(
+        &self,
+        _request: GrpcRequest<Request>,
+    ) -> Result<GrpcResponse<Self::getStream>, Status> {
+        let (tx, rx) = mpsc::channel(1);
+        let this = self.clone();
+        let end = self.stream_token();
+        tokio::spawn(async move {
+            this.drain(&tx, &end).await;
+        });
+        Ok(GrpcResponse::new(ReceiverStream::new(rx)))
+    }
+}
+
+struct Version;
+
+#[tonic::async_trait]
+impl VersionApi for Version {
+    async fn version(
+        &self,
+        _request: GrpcRequest<VersionRequest>,
+    ) -> Result<GrpcResponse<VersionResponse>, Status> {
+        let (major, minor, patch) = MOCK_VERSION;
+        Ok(GrpcResponse::new(VersionResponse {
+            version: format!("{major}.{minor}.{patch}"),
+            major,
+            minor,
+            patch,
+            engine_version: "0.52.0".into(),
+            engine_major: 0,
+            engine_minor: 52,
+            engine_patch: 0,
+            ..Default::default()
+        }))
+    }
+}
+
+/// A running gRPC server.
+struct Running {
+    stop: CancellationToken,
+    task: JoinHandle<Result<(), tonic::transport::Error>>,
+}
+
+/// A stand-in for Falco's gRPC server on a Unix socket.
+pub struct MockFalco {
+    socket: PathBuf,
+    outputs: Outputs,
+    running: Option<Running>,
+}
+
+impl MockFalco {
+    /// A mock that will serve on `socket` once started.
+    pub fn new(socket: impl Into<PathBuf>) -> Self {
+        MockFalco {
+            socket: socket.into(),
+            outputs: Outputs {
+                queue: Arc::default(),
+                streams: Arc::new(Mutex::new(CancellationToken::new())),
+            },
+            running: None,
+        }
+    }
+
+    /// Binds the socket (replacing a stale one) and serves.
+    pub async fn start(&mut self) -> std::io::Result<()> {
+        if self.running.is_some() {
+            return Ok(());
+        }
+        let _ = std::fs::remove_file(&self.socket);
+        let listener = UnixListener::bind(&self.socket)?;
+        let stop = CancellationToken::new();
+        let router = tonic::transport::Server::builder()
+            .add_service(OutputsServer::new(self.outputs.clone()))
+            .add_service(VersionServer::new(Version));
+        let task = tokio::spawn(router.serve_with_incoming_shutdown(
+            UnixListenerStream::new(listener),
+            stop.clone().cancelled_owned(),
+        ));
+        self.running = Some(Running { stop, task });
+        Ok(())
+    }
+
+    /// Ends every open stream and stops serving, like a Falco restart; the
+    /// queue is kept. Alerts already handed to a stream are delivered first.
+    pub async fn stop(&mut self) {
+        self.end_streams();
+        if let Some(running) = self.running.take() {
+            running.stop.cancel();
+            let _ = running.task.await;
+        }
+        let _ = std::fs::remove_file(&self.socket);
+    }
+
+    /// Ends the open streams but keeps serving (Falco's gRPC server restarting
+    /// within one process, as on a hot reload).
+    pub fn end_streams(&self) {
+        if let Ok(mut token) = self.outputs.streams.lock() {
+            token.cancel();
+            *token = CancellationToken::new();
+        }
+    }
+
+    /// Queues an alert, as Falco does when a rule fires.
+    pub fn push(&self, alert: Response) {
+        self.outputs.queue.push(alert);
+    }
+
+    /// Alerts queued and not yet sent to any client.
+    pub fn queued(&self) -> usize {
+        self.outputs.queue.len()
+    }
+
+    /// The socket path.
+    pub fn socket(&self) -> &std::path::Path {
+        &self.socket
+    }
+}

@@ -1,0 +1,169 @@
+//! `falco-nats simulate`: a Falco stand-in for the demo, the benchmarks and
+//! the tests. It serves Falco's gRPC outputs API on a Unix socket
+//! ([`falco_grpc::MockFalco`]) or writes JSON lines into a FIFO, with
+//! realistic alerts from [`alerts::AlertFactory`].
+
+pub mod alerts;
+pub mod falco_grpc;
+
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use tokio::io::AsyncWriteExt;
+use tokio::net::unix::pipe;
+use tokio_util::sync::CancellationToken;
+
+use alerts::AlertFactory;
+use falco_grpc::MockFalco;
+
+/// Where the simulated Falco sends its alerts.
+#[derive(Debug, Clone)]
+pub enum SimulateOutput {
+    /// Serve the gRPC outputs API on this Unix socket.
+    Grpc { socket: PathBuf },
+    /// Write JSON lines into this FIFO (created if missing).
+    Fifo { path: PathBuf },
+}
+
+/// Simulation settings.
+#[derive(Debug, Clone)]
+pub struct SimulateOptions {
+    pub output: SimulateOutput,
+    /// Alerts per second; 0 sends as fast as possible.
+    pub rate: f64,
+    /// Alerts in all; 0 for no end.
+    pub count: u64,
+    /// Falco's `json_output`: gRPC `output` holds the JSON line.
+    pub json_output: bool,
+    pub hostname: String,
+}
+
+/// A simulation that could not run.
+#[derive(Debug, thiserror::Error)]
+pub enum SimulateError {
+    #[error("cannot serve on {path:?}: {source}")]
+    Serve {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("cannot write to FIFO {path:?}: {source}")]
+    Fifo {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    CreateFifo(#[from] crate::input::InputError),
+}
+
+/// Paces alerts: `count` of them (0: no end) at `rate` per second (0: as
+/// fast as possible), in bursts per millisecond at high rates.
+struct Pacer {
+    start: Instant,
+    rate: f64,
+    count: u64,
+    sent: u64,
+}
+
+impl Pacer {
+    fn new(rate: f64, count: u64) -> Self {
+        Pacer {
+            start: Instant::now(),
+            rate,
+            count,
+            sent: 0,
+        }
+    }
+
+    /// Waits until the next alert is due; `false` when all were sent or on shutdown.
+    async fn next(&mut self, shutdown: &CancellationToken) -> bool {
+        loop {
+            if shutdown.is_cancelled() || (self.count != 0 && self.sent >= self.count) {
+                return false;
+            }
+            let due = if self.rate > 0.0 {
+                (self.start.elapsed().as_secs_f64() * self.rate) as u64 + 1
+            } else {
+                u64::MAX
+            };
+            if self.sent < due {
+                self.sent += 1;
+                if self.rate <= 0.0 && self.sent.is_multiple_of(1024) {
+                    tokio::task::yield_now().await;
+                }
+                return true;
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(Duration::from_millis(1)) => {}
+                _ = shutdown.cancelled() => return false,
+            }
+        }
+    }
+}
+
+/// Runs the simulated Falco until `shutdown`.
+pub async fn run(
+    options: SimulateOptions,
+    shutdown: CancellationToken,
+) -> Result<(), SimulateError> {
+    let mut factory = AlertFactory::new(options.hostname.clone(), options.json_output);
+    match &options.output {
+        SimulateOutput::Grpc { socket } => {
+            let mut falco = MockFalco::new(socket.clone());
+            falco.start().await.map_err(|source| SimulateError::Serve {
+                path: socket.clone(),
+                source,
+            })?;
+            tracing::info!(socket = %socket.display(), rate = options.rate, count = options.count, "simulated Falco serving gRPC outputs");
+            let mut pacer = Pacer::new(options.rate, options.count);
+            while pacer.next(&shutdown).await {
+                falco.push(factory.next_response());
+            }
+            let sent = factory.made();
+            tracing::info!(sent, "simulated alerts queued; serving until stopped");
+            shutdown.cancelled().await;
+            falco.stop().await;
+        }
+        SimulateOutput::Fifo { path } => {
+            crate::input::fifo::create_fifo(path)?;
+            let mut writer = open_fifo_writer(path, &shutdown).await;
+            tracing::info!(path = %path.display(), rate = options.rate, count = options.count, "simulated Falco writing to FIFO");
+            let mut pacer = Pacer::new(options.rate, options.count);
+            while let Some(w) = writer.as_mut() {
+                if !pacer.next(&shutdown).await {
+                    break;
+                }
+                let mut line = factory.next_json();
+                line.push('\n');
+                if let Err(source) = w.write_all(line.as_bytes()).await {
+                    return Err(SimulateError::Fifo {
+                        path: path.clone(),
+                        source,
+                    });
+                }
+            }
+            let sent = factory.made();
+            tracing::info!(sent, "simulated alerts written");
+            shutdown.cancelled().await;
+        }
+    }
+    Ok(())
+}
+
+/// Opens the FIFO for writing, waiting for a reader like Falco does.
+async fn open_fifo_writer(
+    path: &std::path::Path,
+    shutdown: &CancellationToken,
+) -> Option<pipe::Sender> {
+    loop {
+        match pipe::OpenOptions::new().open_sender(path) {
+            Ok(sender) => return Some(sender),
+            Err(e) => {
+                tracing::debug!(error = %e, "FIFO has no reader yet");
+                tokio::select! {
+                    _ = tokio::time::sleep(Duration::from_millis(100)) => {}
+                    _ = shutdown.cancelled() => return None,
+                }
+            }
+        }
+    }
+}

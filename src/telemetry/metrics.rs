@@ -1,0 +1,138 @@
+//! Prometheus metrics of the bridge, in the OpenMetrics text format.
+
+use prometheus_client::encoding::text::encode;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::registry::Registry;
+
+/// One label, with a value from a small fixed set (never a pod or rule name).
+pub type Label = [(&'static str, &'static str); 1];
+
+/// The bridge's metrics. Cheap to clone: every metric is shared.
+#[derive(Clone)]
+pub struct BridgeMetrics {
+    /// Alerts read from an input, by input.
+    pub received: Family<Label, Counter>,
+    /// Alerts published (core) or stored and acknowledged (JetStream).
+    pub published: Counter,
+    /// Alerts JetStream had already stored (a re-publish after a reconnect).
+    pub duplicates: Counter,
+    /// Publish attempts that failed (each JetStream retry counts).
+    pub publish_failures: Counter,
+    /// Alerts rejected, by reason.
+    pub rejected: Family<Label, Counter>,
+    /// Alerts below `--min-priority`.
+    pub filtered: Counter,
+    /// Input reconnects, by input.
+    pub input_reconnects: Family<Label, Counter>,
+    /// NATS reconnects.
+    pub nats_reconnects: Counter,
+    /// 1 while the input is connected.
+    pub input_connected: Gauge,
+    /// 1 while NATS is connected.
+    pub nats_connected: Gauge,
+    /// Alerts between the input and NATS.
+    pub queue_depth: Gauge,
+    /// Time from receiving an alert to publishing it (JetStream: to its ack).
+    pub publish_latency: Histogram,
+}
+
+impl BridgeMetrics {
+    /// Creates the metrics and registers them under `falco_nats_`.
+    pub fn new(registry: &mut Registry) -> Self {
+        let m = BridgeMetrics {
+            received: Family::default(),
+            published: Counter::default(),
+            duplicates: Counter::default(),
+            publish_failures: Counter::default(),
+            rejected: Family::default(),
+            filtered: Counter::default(),
+            input_reconnects: Family::default(),
+            nats_reconnects: Counter::default(),
+            input_connected: Gauge::default(),
+            nats_connected: Gauge::default(),
+            queue_depth: Gauge::default(),
+            publish_latency: Histogram::new(exponential_buckets(0.000_05, 2.0, 18)),
+        };
+        let r = registry.sub_registry_with_prefix("falco_nats");
+        r.register(
+            "alerts_received",
+            "Alerts read from the input",
+            m.received.clone(),
+        );
+        r.register(
+            "alerts_published",
+            "Alerts published to NATS (JetStream: acknowledged)",
+            m.published.clone(),
+        );
+        r.register(
+            "alerts_duplicate",
+            "Alerts JetStream had already stored",
+            m.duplicates.clone(),
+        );
+        r.register(
+            "publish_failures",
+            "Failed publish attempts",
+            m.publish_failures.clone(),
+        );
+        r.register(
+            "alerts_rejected",
+            "Alerts rejected, by reason",
+            m.rejected.clone(),
+        );
+        r.register(
+            "alerts_filtered",
+            "Alerts below the minimum priority",
+            m.filtered.clone(),
+        );
+        r.register(
+            "input_reconnects",
+            "Reconnects of the input",
+            m.input_reconnects.clone(),
+        );
+        r.register(
+            "nats_reconnects",
+            "Reconnects to NATS",
+            m.nats_reconnects.clone(),
+        );
+        r.register(
+            "input_connected",
+            "1 while the input is connected",
+            m.input_connected.clone(),
+        );
+        r.register(
+            "nats_connected",
+            "1 while NATS is connected",
+            m.nats_connected.clone(),
+        );
+        r.register(
+            "queue_depth",
+            "Alerts waiting between input and NATS",
+            m.queue_depth.clone(),
+        );
+        r.register(
+            "publish_latency_seconds",
+            "Time from receiving an alert to publishing it",
+            m.publish_latency.clone(),
+        );
+        m
+    }
+
+    /// Counts and logs a rejected alert.
+    pub fn reject(&self, input: &'static str, err: &crate::event::AlertError) {
+        self.rejected
+            .get_or_create(&[("reason", err.reason())])
+            .inc();
+        tracing::error!(input, reason = err.reason(), error = %err, "alert rejected");
+    }
+}
+
+/// Renders a registry in the text exposition format.
+pub fn render(registry: &Registry) -> String {
+    let mut out = String::new();
+    // Writing into a String cannot fail.
+    let _ = encode(&mut out, registry);
+    out
+}
