@@ -1,0 +1,182 @@
+//! gRPC input end to end: the mocked Falco on a real Unix socket, the bridge,
+//! and a real nats-server.
+
+mod support;
+
+use std::collections::BTreeSet;
+use std::time::Duration;
+
+use falco_nats::convert::event_from_response;
+use falco_nats::input::grpc::GrpcMethod;
+use falco_nats::output::subject::slug;
+use falco_nats::proto::outputs::Response;
+use falco_nats::simulate::alerts::AlertFactory;
+use falco_nats::simulate::falco_grpc::MockFalco;
+use falco_nats::bridge::InputOptions;
+use support::*;
+
+const WAIT: Duration = Duration::from_secs(10);
+
+fn header<'a>(m: &'a async_nats::Message, name: &str) -> &'a str {
+    m.headers
+        .as_ref()
+        .and_then(|h| h.get(name))
+        .map(|v| v.as_str())
+        .unwrap_or_default()
+}
+
+async fn exact_json_and_headers(json_output: bool) {
+    let nats = NatsServer::start();
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("falco.sock");
+    let mut falco = MockFalco::new(&socket);
+    falco.start().await.unwrap();
+    let client = nats.client().await;
+    let mut sub = client.subscribe("falco.>").await.unwrap();
+    client.flush().await.unwrap();
+
+    let mut factory = AlertFactory::new("node-a", json_output);
+    let alerts: Vec<Response> = (0..14).map(|_| factory.next_response()).collect();
+    for a in &alerts {
+        falco.push(a.clone());
+    }
+    let bridge = RunningBridge::start(grpc_options(&socket, &nats.url())).await;
+    let got = receive(&mut sub, alerts.len(), WAIT).await;
+
+    for (alert, msg) in alerts.iter().zip(&got) {
+        let expected = event_from_response(alert.clone()).unwrap();
+        if json_output {
+            assert_eq!(msg.payload, alert.output.as_bytes(), "json_output is forwarded verbatim");
+        }
+        assert_eq!(msg.payload, expected.payload);
+        let priority = expected.priority;
+        assert_eq!(
+            msg.subject.as_str(),
+            format!("falco.{}.{}", priority.as_lower_str(), slug(&alert.rule))
+        );
+        assert_eq!(header(msg, "Falco-Priority"), priority.as_str());
+        assert_eq!(header(msg, "Falco-Rule"), alert.rule);
+        assert_eq!(header(msg, "Falco-Hostname"), "node-a");
+        assert_eq!(header(msg, "Falco-Source"), alert.source);
+        assert_eq!(header(msg, "Nats-Msg-Id"), expected.msg_id());
+    }
+    assert!(got.iter().any(|m| m.subject.as_str() == "falco.notice.terminal_shell_in_container"));
+    assert!(got.iter().any(|m| m.subject.as_str() == "falco.critical.falco_internal_syscall_event_drop"));
+    assert_quiet(&mut sub, Duration::from_millis(200)).await;
+
+    let (status, body) = bridge.get("/readyz").await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(bridge.metric("falco_nats_alerts_published_total").await, 14.0);
+    assert_eq!(bridge.metric("falco_nats_alerts_received_total{input=\"grpc\"}").await, 14.0);
+    bridge.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn grpc_text_output_becomes_falco_json() {
+    exact_json_and_headers(false).await;
+}
+
+#[tokio::test]
+async fn grpc_json_output_is_forwarded_verbatim() {
+    exact_json_and_headers(true).await;
+}
+
+#[tokio::test]
+async fn flat_subject_of_the_proof_of_concept() {
+    let nats = NatsServer::start();
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("falco.sock");
+    let mut falco = MockFalco::new(&socket);
+    falco.start().await.unwrap();
+    let client = nats.client().await;
+    let mut sub = client.subscribe(">").await.unwrap();
+    client.flush().await.unwrap();
+    let mut factory = AlertFactory::new("node-a", false);
+    for _ in 0..7 {
+        falco.push(factory.next_response());
+    }
+    let mut options = grpc_options(&socket, &nats.url());
+    options.publish.subject = "FALCO".parse().unwrap();
+    let bridge = RunningBridge::start(options).await;
+    let got = receive(&mut sub, 7, WAIT).await;
+    assert!(got.iter().all(|m| m.subject.as_str() == "FALCO"));
+    bridge.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn get_method_and_min_priority_and_unknown_priority() {
+    let nats = NatsServer::start();
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("falco.sock");
+    let mut falco = MockFalco::new(&socket);
+    falco.start().await.unwrap();
+    let client = nats.client().await;
+    let mut sub = client.subscribe("falco.>").await.unwrap();
+    client.flush().await.unwrap();
+
+    let mut factory = AlertFactory::new("node-a", false);
+    let mut bad = factory.next_response();
+    bad.priority = 12;
+    falco.push(bad);
+    // 7 scenarios: Notice, Critical, Warning, Error, Notice, Notice, Critical.
+    for _ in 0..7 {
+        falco.push(factory.next_response());
+    }
+    let mut options = grpc_options(&socket, &nats.url());
+    if let InputOptions::Grpc(g) = &mut options.input {
+        g.method = GrpcMethod::Get;
+    }
+    options.min_priority = "error".parse().unwrap();
+    let bridge = RunningBridge::start(options).await;
+    let got = receive(&mut sub, 3, WAIT).await;
+    let priorities: BTreeSet<String> = got.iter().map(|m| header(m, "Falco-Priority").to_owned()).collect();
+    assert_eq!(priorities, BTreeSet::from(["Critical".to_owned(), "Error".to_owned()]));
+    assert_quiet(&mut sub, Duration::from_millis(300)).await;
+    assert_eq!(bridge.metric("falco_nats_alerts_rejected_total{reason=\"unknown_priority\"}").await, 1.0);
+    assert_eq!(bridge.metric("falco_nats_alerts_filtered_total").await, 4.0);
+    bridge.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn falco_restart_and_reload_lose_and_duplicate_nothing() {
+    let nats = NatsServer::start();
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("falco.sock");
+    let mut falco = MockFalco::new(&socket);
+    let client = nats.client().await;
+    let mut sub = client.subscribe("falco.>").await.unwrap();
+    client.flush().await.unwrap();
+    let mut factory = AlertFactory::new("node-a", false);
+
+    // The bridge starts before Falco: it waits and retries.
+    let bridge = RunningBridge::start(grpc_options(&socket, &nats.url())).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let (status, _) = bridge.get("/readyz").await;
+    assert_eq!(status, 503, "not ready without Falco");
+    falco.start().await.unwrap();
+
+    let mut seen = Vec::new();
+    for round in 0..3 {
+        for _ in 0..100 {
+            falco.push(factory.next_response());
+        }
+        seen.extend(receive(&mut sub, 50, WAIT).await);
+        // Falco goes away mid-stream; alerts fire while it restarts.
+        falco.stop().await;
+        for _ in 0..100 {
+            falco.push(factory.next_response());
+        }
+        falco.start().await.unwrap();
+        // A hot reload ends the streams of the running server.
+        if round == 1 {
+            falco.end_streams();
+        }
+        seen.extend(receive(&mut sub, 150, WAIT).await);
+    }
+    assert_quiet(&mut sub, Duration::from_millis(300)).await;
+    let nums: BTreeSet<u64> = seen.iter().map(|m| evt_num(&m.payload)).collect();
+    assert_eq!(seen.len(), 600);
+    assert_eq!(nums, (1..=600).collect(), "every alert exactly once");
+    assert!(bridge.metric("falco_nats_input_reconnects_total{input=\"grpc\"}").await >= 3.0);
+    bridge.stop().await.unwrap();
+}

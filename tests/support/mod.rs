@@ -1,0 +1,233 @@
+//! Test harness: a real `nats-server` per test, the bridge in-process, and
+//! small helpers to subscribe and scrape. Shared by the integration tests.
+
+#![allow(dead_code)]
+
+use std::net::TcpListener as StdListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use async_nats::Subscriber;
+use futures_util::StreamExt;
+use tempfile::TempDir;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpListener;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+use falco_nats::bridge::{self, BridgeError, BridgeOptions, InputOptions};
+use falco_nats::input::grpc::{GrpcMethod, GrpcOptions};
+use falco_nats::output::{NatsOptions, PublishOptions, SubjectTemplate};
+use falco_nats::priority::Priority;
+
+/// A free TCP port on loopback.
+pub fn free_port() -> u16 {
+    StdListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("no free port")
+}
+
+/// Finds the nats-server binary: `NATS_SERVER_BIN`, the PATH, or Debian's place.
+pub fn nats_server_bin() -> PathBuf {
+    if let Ok(p) = std::env::var("NATS_SERVER_BIN") {
+        return PathBuf::from(p);
+    }
+    let path = std::env::var("PATH").unwrap_or_default();
+    std::env::split_paths(&path)
+        .chain([PathBuf::from("/usr/sbin"), PathBuf::from("/usr/local/sbin")])
+        .map(|d| d.join("nats-server"))
+        .find(|p| p.is_file())
+        .expect("nats-server not found: run scripts/test, or apt-get install nats-server")
+}
+
+/// A real nats-server with JetStream, on its own port and store, killed on drop.
+pub struct NatsServer {
+    pub port: u16,
+    store: TempDir,
+    child: Option<Child>,
+    extra_args: Vec<String>,
+}
+
+impl NatsServer {
+    pub fn start() -> Self {
+        Self::start_with(&[])
+    }
+
+    /// Starts with extra arguments (e.g. `-c config`).
+    pub fn start_with(extra: &[&str]) -> Self {
+        let mut server = NatsServer {
+            port: free_port(),
+            store: tempfile::tempdir().expect("temp dir"),
+            child: None,
+            extra_args: extra.iter().map(|s| s.to_string()).collect(),
+        };
+        server.spawn();
+        server
+    }
+
+    fn spawn(&mut self) {
+        let child = Command::new(nats_server_bin())
+            .args(["-a", "127.0.0.1", "-p", &self.port.to_string(), "-js", "-sd"])
+            .arg(self.store.path())
+            .args(&self.extra_args)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("cannot start nats-server");
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_err() {
+            assert!(Instant::now() < deadline, "nats-server did not start");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    pub fn url(&self) -> String {
+        format!("nats://127.0.0.1:{}", self.port)
+    }
+
+    /// Kills the server (SIGKILL: nothing is flushed to clients).
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Starts the server again on the same port and store.
+    pub fn restart(&mut self) {
+        self.kill();
+        self.spawn();
+    }
+
+    pub async fn client(&self) -> async_nats::Client {
+        async_nats::connect(self.url()).await.expect("connect to test nats-server")
+    }
+}
+
+impl Drop for NatsServer {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// A bridge running in-process.
+pub struct RunningBridge {
+    pub shutdown: CancellationToken,
+    pub task: JoinHandle<Result<(), BridgeError>>,
+    pub http: std::net::SocketAddr,
+}
+
+impl RunningBridge {
+    pub async fn start(options: BridgeOptions) -> Self {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let http = listener.local_addr().expect("addr");
+        let shutdown = CancellationToken::new();
+        let task = tokio::spawn(bridge::run(options, Some(listener), shutdown.clone()));
+        RunningBridge { shutdown, task, http }
+    }
+
+    /// Stops the bridge and returns how it ended.
+    pub async fn stop(self) -> Result<(), BridgeError> {
+        self.shutdown.cancel();
+        tokio::time::timeout(Duration::from_secs(30), self.task)
+            .await
+            .expect("bridge did not stop")
+            .expect("bridge task panicked")
+    }
+
+    pub async fn get(&self, path: &str) -> (u16, String) {
+        http_get(self.http, path).await
+    }
+
+    /// The value of one metric line (`name{labels}`), 0 if absent.
+    pub async fn metric(&self, series: &str) -> f64 {
+        let (_, body) = self.get("/metrics").await;
+        metric_value(&body, series)
+    }
+}
+
+/// The value of one series in a metrics text, 0 if absent.
+pub fn metric_value(body: &str, series: &str) -> f64 {
+    body.lines()
+        .find_map(|l| l.strip_prefix(series).and_then(|v| v.strip_prefix(' ')))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0.0)
+}
+
+/// A plain HTTP/1.0 GET: status and body.
+pub async fn http_get(addr: std::net::SocketAddr, path: &str) -> (u16, String) {
+    let mut stream = tokio::net::TcpStream::connect(addr).await.expect("connect http");
+    let req = format!("GET {path} HTTP/1.0\r\nHost: test\r\n\r\n");
+    stream.write_all(req.as_bytes()).await.expect("write");
+    let mut buf = String::new();
+    stream.read_to_string(&mut buf).await.expect("read");
+    let status = buf
+        .split(' ')
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    let body = buf.split_once("\r\n\r\n").map(|(_, b)| b.to_owned()).unwrap_or_default();
+    (status, body)
+}
+
+/// Bridge options for the gRPC input on `socket` and core NATS at `url`.
+pub fn grpc_options(socket: &Path, url: &str) -> BridgeOptions {
+    BridgeOptions {
+        input: InputOptions::Grpc(GrpcOptions {
+            socket: socket.to_owned(),
+            method: GrpcMethod::Sub,
+            poll_interval: Duration::from_millis(50),
+            reconnect_max: Duration::from_millis(500),
+        }),
+        nats: NatsOptions::for_server(url),
+        publish: PublishOptions {
+            subject: SubjectTemplate::default(),
+            jetstream: None,
+        },
+        min_priority: Priority::Debug,
+        queue_size: 1024,
+        drain_timeout: Duration::from_secs(20),
+    }
+}
+
+/// Receives `n` messages, failing after `timeout` without one.
+pub async fn receive(sub: &mut Subscriber, n: usize, timeout: Duration) -> Vec<async_nats::Message> {
+    let mut out = Vec::with_capacity(n);
+    while out.len() < n {
+        match tokio::time::timeout(timeout, sub.next()).await {
+            Ok(Some(m)) => out.push(m),
+            Ok(None) => panic!("subscription closed after {} messages", out.len()),
+            Err(_) => panic!("timed out after {} of {n} messages", out.len()),
+        }
+    }
+    out
+}
+
+/// Asserts that nothing more arrives within `wait`.
+pub async fn assert_quiet(sub: &mut Subscriber, wait: Duration) {
+    if let Ok(Some(m)) = tokio::time::timeout(wait, sub.next()).await {
+        panic!("unexpected extra message on {}: {:?}", m.subject, m.payload);
+    }
+}
+
+/// The `evt.num` of an alert payload (the simulator's sequence number).
+pub fn evt_num(payload: &[u8]) -> u64 {
+    let v: serde_json::Value = serde_json::from_slice(payload).expect("JSON payload");
+    v["output_fields"]["evt.num"].as_u64().expect("evt.num")
+}
+
+/// Waits until `check` holds, polling; panics with `what` after `timeout`.
+pub async fn wait_for<F, Fut>(what: &str, timeout: Duration, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = Instant::now() + timeout;
+    while !check().await {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
