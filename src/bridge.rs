@@ -99,29 +99,51 @@ pub async fn run(
         metrics.clone(),
         input_ready,
     );
+    // Once shutdown starts, the input and the output share one deadline.
+    let deadline = CancellationToken::new();
+    tokio::spawn({
+        let (shutdown, deadline, timeout) = (shutdown.clone(), deadline.clone(), options.drain_timeout);
+        async move {
+            shutdown.cancelled().await;
+            tokio::time::sleep(timeout).await;
+            deadline.cancel();
+        }
+    });
     let input_stop = shutdown.child_token();
-    let input_result = match options.input {
-        InputOptions::Grpc(o) => GrpcInput::new(o, sink).run(input_stop).await,
-        InputOptions::Fifo(o) => FifoInput::new(o, sink).run(input_stop).await,
+    let input = async {
+        match options.input {
+            InputOptions::Grpc(o) => GrpcInput::new(o, sink).run(input_stop).await,
+            InputOptions::Fifo(o) => FifoInput::new(o, sink).run(input_stop).await,
+        }
     };
-    if let Err(e) = &input_result {
+    let input_result = tokio::select! {
+        result = input => Some(result),
+        _ = deadline.cancelled() => None,
+    };
+    if let Some(Err(e)) = &input_result {
         tracing::error!(input = input_name, error = %e, "input failed");
     }
+    // An input that stopped by itself starts the shutdown too.
+    shutdown.cancel();
     tracing::info!("input stopped; publishing what was read");
 
-    let drained = tokio::time::timeout(options.drain_timeout, &mut output).await;
+    let drained = tokio::select! {
+        _ = &mut output => input_result.is_some(),
+        _ = deadline.cancelled() => false,
+    };
     http_stop.cancel();
     if let Some(http) = http {
         let _ = http.await;
     }
-    if drained.is_err() {
+    deadline.cancel();
+    let Some(input_result) = input_result.filter(|_| drained) else {
         output.abort();
         let pending = metrics.queue_depth.get();
         return Err(BridgeError::DrainTimeout {
             pending,
             timeout: options.drain_timeout,
         });
-    }
+    };
     tracing::info!("bridge stopped");
     input_result.map_err(Into::into)
 }

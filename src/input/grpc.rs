@@ -8,7 +8,9 @@
 //! is missing, it reconnects with capped exponential backoff, forever.
 //!
 //! On shutdown it closes its side of the stream and reads on until Falco
-//! ends the call, so an alert Falco already sent is not lost.
+//! ends the call, so an alert Falco already took off its queue is not lost
+//! (Falco's queue is global: an alert it sent to a client that went away is
+//! gone). `--drain-timeout` bounds the wait.
 
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
@@ -35,8 +37,6 @@ pub const DEFAULT_SOCKET: &str = "unix:///run/falco/falco.sock";
 const ACTIVE_POLL: Duration = Duration::from_millis(1);
 /// How long after the last alert the input keeps polling fast.
 const ACTIVE_FOR: Duration = Duration::from_secs(1);
-/// Longest wait for Falco to end the call on shutdown.
-const DRAIN_WAIT: Duration = Duration::from_secs(5);
 
 /// Which RPC reads the alerts.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Default)]
@@ -193,8 +193,6 @@ impl GrpcInput {
         let mut last_request = Instant::now();
         let poll = tokio::time::sleep(ACTIVE_POLL);
         tokio::pin!(poll);
-        let drain_deadline = tokio::time::sleep(Duration::MAX);
-        tokio::pin!(drain_deadline);
 
         loop {
             tokio::select! {
@@ -239,13 +237,11 @@ impl GrpcInput {
                     poll.as_mut().reset(tokio::time::Instant::now() + next);
                 }
                 _ = shutdown.cancelled(), if requests.is_some() => {
-                    // Close our side: Falco finishes the call after what it sent.
+                    // Close our side: Falco sends what it already took off its
+                    // queue, then ends the call (the bridge's drain timeout
+                    // bounds the wait).
+                    tracing::info!("closing the gRPC stream; reading what Falco still sends");
                     requests = None;
-                    drain_deadline.as_mut().reset(tokio::time::Instant::now() + DRAIN_WAIT);
-                }
-                _ = &mut drain_deadline => {
-                    tracing::warn!("Falco did not end the stream after we closed it; leaving");
-                    return Ok(SessionEnd::Shutdown);
                 }
             }
         }

@@ -93,10 +93,15 @@ impl Publisher {
     /// Publishes until `alerts` is closed and empty, then waits for every
     /// acknowledgement (JetStream) and flushes the connection.
     pub async fn run(self, alerts: mpsc::Receiver<FalcoEvent>) {
-        let client = match self {
+        let (client, published) = match self {
             Publisher::Core(p) => p.run(alerts).await,
             Publisher::JetStream(p) => p.run(alerts).await,
         };
+        // Nothing to flush when nothing was published (and NATS may never
+        // have been reachable: a flush would wait for it).
+        if published == 0 {
+            return;
+        }
         if let Err(e) = client.flush().await {
             tracing::warn!(error = %e, "final flush to NATS failed");
         }
@@ -125,8 +130,10 @@ fn header_value(value: &str) -> String {
 }
 
 impl CorePublisher {
-    async fn run(self, mut alerts: mpsc::Receiver<FalcoEvent>) -> Client {
+    async fn run(self, mut alerts: mpsc::Receiver<FalcoEvent>) -> (Client, u64) {
+        let mut count = 0u64;
         while let Some(event) = alerts.recv().await {
+            count += 1;
             self.metrics.queue_depth.dec();
             let subject = self.subject.render(&event);
             let headers = alert_headers(&event);
@@ -160,7 +167,7 @@ impl CorePublisher {
                 }
             }
         }
-        self.client
+        (self.client, count)
     }
 }
 
@@ -176,9 +183,14 @@ impl JetStreamPublisher {
         }
     }
 
-    async fn run(self, mut alerts: mpsc::Receiver<FalcoEvent>) -> Client {
+    async fn run(self, mut alerts: mpsc::Receiver<FalcoEvent>) -> (Client, u64) {
+        let mut count = 0u64;
         let config = self.stream_config();
-        ensure_stream(&self.context, &config).await;
+        // Wait for the stream, unless the input stops with nothing to publish.
+        tokio::select! {
+            _ = ensure_stream(&self.context, &config) => {}
+            _ = closed_and_empty(&alerts) => return (self.client, 0),
+        }
         let max = self.options.max_inflight.max(1);
         let mut inflight = FuturesUnordered::new();
         loop {
@@ -187,6 +199,7 @@ impl JetStreamPublisher {
                 Some(()) = inflight.next(), if !inflight.is_empty() => {}
                 next = alerts.recv(), if inflight.len() < max => match next {
                     Some(event) => {
+                        count += 1;
                         self.metrics.queue_depth.dec();
                         inflight.push(publish_until_acked(
                             self.context.clone(),
@@ -201,7 +214,14 @@ impl JetStreamPublisher {
             }
         }
         while inflight.next().await.is_some() {}
-        self.client
+        (self.client, count)
+    }
+}
+
+/// Resolves once the queue is closed and holds nothing.
+async fn closed_and_empty(alerts: &mpsc::Receiver<FalcoEvent>) {
+    while !(alerts.is_closed() && alerts.is_empty()) {
+        tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
 
