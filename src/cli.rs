@@ -43,6 +43,8 @@ pub enum Command {
     Bridge(Box<BridgeArgs>),
     /// Act as a Falco that fires realistic alerts (for demos, tests and benchmarks)
     Simulate(SimulateArgs),
+    /// Print alerts from NATS, one readable line each
+    Tail(crate::tail::TailArgs),
 }
 
 /// Where the bridge reads alerts.

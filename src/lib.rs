@@ -15,4 +15,5 @@ pub mod output;
 pub mod priority;
 pub mod proto;
 pub mod simulate;
+pub mod tail;
 pub mod telemetry;

@@ -35,6 +35,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             let options = (*args).into_options()?;
             falco_nats::bridge::run(options, listener, shutdown).await?;
         }
+        Command::Tail(args) => {
+            falco_nats::tail::run(args, std::io::stdout().lock(), shutdown).await?;
+        }
         Command::Simulate(args) => {
             falco_nats::simulate::run(args.into_options()?, shutdown).await?;
         }

@@ -199,6 +199,9 @@ pub async fn connect(options: &NatsOptions, watch: ConnectionWatch) -> Result<Cl
                         watch.connected.set(0);
                         tracing::info!("NATS connection closed");
                     }
+                    // Failed reconnect attempts: the disconnect was logged already.
+                    Event::ClientError(e) => tracing::debug!(error = %e, "NATS client error"),
+                    Event::ServerError(e) => tracing::error!(error = %e, "NATS server error"),
                     other => tracing::warn!(event = %other, "NATS connection event"),
                 }
             }
