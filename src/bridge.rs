@@ -102,7 +102,8 @@ pub async fn run(
     // Once shutdown starts, the input and the output share one deadline.
     let deadline = CancellationToken::new();
     tokio::spawn({
-        let (shutdown, deadline, timeout) = (shutdown.clone(), deadline.clone(), options.drain_timeout);
+        let (shutdown, deadline, timeout) =
+            (shutdown.clone(), deadline.clone(), options.drain_timeout);
         async move {
             shutdown.cancelled().await;
             tokio::time::sleep(timeout).await;

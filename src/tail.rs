@@ -45,7 +45,8 @@ pub struct TailArgs {
 }
 
 fn parse_priority(s: &str) -> Result<Priority, String> {
-    s.parse().map_err(|e: crate::priority::PriorityError| e.to_string())
+    s.parse()
+        .map_err(|e: crate::priority::PriorityError| e.to_string())
 }
 
 /// Why `tail` stopped.
@@ -63,7 +64,11 @@ pub enum TailError {
 }
 
 /// Subscribes and prints until `shutdown` (or `--count` alerts).
-pub async fn run<W: Write>(args: TailArgs, mut out: W, shutdown: CancellationToken) -> Result<(), TailError> {
+pub async fn run<W: Write>(
+    args: TailArgs,
+    mut out: W,
+    shutdown: CancellationToken,
+) -> Result<(), TailError> {
     let color = match args.color {
         ColorChoice::Always => true,
         ColorChoice::Never => false,
@@ -132,7 +137,11 @@ pub fn format_alert(payload: &[u8], min_priority: Priority, color: bool) -> Opti
     let field = |k: &str| fields.and_then(|f| f.get(k)).and_then(Value::as_str);
     let place = match (field("k8s.ns.name"), field("k8s.pod.name")) {
         (Some(ns), Some(pod)) => format!("{ns}/{pod}"),
-        _ => v.get("hostname").and_then(Value::as_str).unwrap_or("-").to_owned(),
+        _ => v
+            .get("hostname")
+            .and_then(Value::as_str)
+            .unwrap_or("-")
+            .to_owned(),
     };
     // Falco's output starts with "<time>: <Priority> "; the line shows both already.
     let output = v.get("output").and_then(Value::as_str).unwrap_or("");
@@ -141,7 +150,11 @@ pub fn format_alert(payload: &[u8], min_priority: Priority, color: bool) -> Opti
         .and_then(|(_, rest)| rest.strip_prefix(priority.as_str()))
         .map(str::trim_start)
         .unwrap_or(output);
-    let (on, off) = if color { (paint(priority), "\x1b[0m") } else { ("", "") };
+    let (on, off) = if color {
+        (paint(priority), "\x1b[0m")
+    } else {
+        ("", "")
+    };
     Some(format!(
         "{time} {on}{:<13}{off} {rule} [{place}] {text}",
         priority.as_str()
@@ -171,6 +184,9 @@ mod tests {
         assert!(format_alert(br#"{"action":"delete-pod"}"#, Priority::Debug, false).is_none());
         let internal = r#"{"hostname":"node-1","output":"Falco internal: syscall event drop","output_fields":{},"priority":"Debug","rule":"Falco internal: syscall event drop","time":"t"}"#;
         let line = format_alert(internal.as_bytes(), Priority::Debug, false).unwrap();
-        assert!(line.contains("[node-1] Falco internal: syscall event drop"), "{line}");
+        assert!(
+            line.contains("[node-1] Falco internal: syscall event drop"),
+            "{line}"
+        );
     }
 }

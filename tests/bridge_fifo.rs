@@ -17,7 +17,10 @@ const WAIT: Duration = Duration::from_secs(10);
 /// Opens the FIFO for writing, writes `chunks` (with a pause between them),
 /// and closes it, like Falco with `keep_alive: false`.
 fn write_session(path: &Path, chunks: &[&[u8]]) {
-    let mut f = std::fs::OpenOptions::new().write(true).open(path).expect("open FIFO for writing");
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .open(path)
+        .expect("open FIFO for writing");
     for chunk in chunks {
         f.write_all(chunk).expect("write FIFO");
         f.flush().unwrap();
@@ -41,7 +44,10 @@ async fn fifo_survives_writer_reopen_oversized_and_non_json_lines() {
         max_line: 4096,
     });
     let bridge = RunningBridge::start(options).await;
-    wait_for("the bridge to be ready", WAIT, || async { bridge.get("/readyz").await.0 == 200 }).await;
+    wait_for("the bridge to be ready", WAIT, || async {
+        bridge.get("/readyz").await.0 == 200
+    })
+    .await;
 
     let mut factory = AlertFactory::new("node-f", false);
     let lines: Vec<String> = (0..6).map(|_| factory.next_json() + "\n").collect();
@@ -55,7 +61,13 @@ async fn fifo_survives_writer_reopen_oversized_and_non_json_lines() {
         // Second session: an oversized line, a text line, then good alerts.
         write_session(
             &writer_fifo,
-            &[lines[2].as_bytes(), oversized.as_bytes(), lines[3].as_bytes(), text_line, lines[4].as_bytes()],
+            &[
+                lines[2].as_bytes(),
+                oversized.as_bytes(),
+                lines[3].as_bytes(),
+                text_line,
+                lines[4].as_bytes(),
+            ],
         );
         // Third session: one alert split across two writes.
         write_session(&writer_fifo, &[half_a.as_bytes(), half_b.as_bytes()]);
@@ -66,9 +78,22 @@ async fn fifo_survives_writer_reopen_oversized_and_non_json_lines() {
     assert_eq!(nums, vec![1, 2, 3, 4, 5, 6], "every good alert, in order");
     assert_quiet(&mut sub, Duration::from_millis(300)).await;
 
-    assert_eq!(bridge.metric("falco_nats_alerts_rejected_total{reason=\"oversized\"}").await, 1.0);
-    assert_eq!(bridge.metric("falco_nats_alerts_rejected_total{reason=\"not_json\"}").await, 1.0);
-    assert_eq!(bridge.metric("falco_nats_alerts_published_total").await, 6.0);
+    assert_eq!(
+        bridge
+            .metric("falco_nats_alerts_rejected_total{reason=\"oversized\"}")
+            .await,
+        1.0
+    );
+    assert_eq!(
+        bridge
+            .metric("falco_nats_alerts_rejected_total{reason=\"not_json\"}")
+            .await,
+        1.0
+    );
+    assert_eq!(
+        bridge.metric("falco_nats_alerts_published_total").await,
+        6.0
+    );
     bridge.stop().await.unwrap();
 }
 
@@ -82,9 +107,17 @@ async fn fifo_input_refuses_a_regular_file_and_a_missing_fifo() {
         (dir.path().join("missing"), false, "--create-fifo"),
     ] {
         let mut options = grpc_options(&path, "nats://127.0.0.1:1");
-        options.input = InputOptions::Fifo(FifoOptions { path, create, max_line: 1024 });
+        options.input = InputOptions::Fifo(FifoOptions {
+            path,
+            create,
+            max_line: 1024,
+        });
         let bridge = RunningBridge::start(options).await;
-        let err = tokio::time::timeout(WAIT, bridge.task).await.unwrap().unwrap().unwrap_err();
+        let err = tokio::time::timeout(WAIT, bridge.task)
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap_err();
         assert!(err.to_string().contains(expected), "{err}");
     }
 }

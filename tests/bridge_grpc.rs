@@ -6,13 +6,13 @@ mod support;
 use std::collections::BTreeSet;
 use std::time::Duration;
 
+use falco_nats::bridge::InputOptions;
 use falco_nats::convert::event_from_response;
 use falco_nats::input::grpc::GrpcMethod;
 use falco_nats::output::subject::slug;
 use falco_nats::proto::outputs::Response;
 use falco_nats::simulate::alerts::AlertFactory;
 use falco_nats::simulate::falco_grpc::MockFalco;
-use falco_nats::bridge::InputOptions;
 use support::*;
 
 const WAIT: Duration = Duration::from_secs(10);
@@ -46,7 +46,11 @@ async fn exact_json_and_headers(json_output: bool) {
     for (alert, msg) in alerts.iter().zip(&got) {
         let expected = event_from_response(alert.clone()).unwrap();
         if json_output {
-            assert_eq!(msg.payload, alert.output.as_bytes(), "json_output is forwarded verbatim");
+            assert_eq!(
+                msg.payload,
+                alert.output.as_bytes(),
+                "json_output is forwarded verbatim"
+            );
         }
         assert_eq!(msg.payload, expected.payload);
         let priority = expected.priority;
@@ -60,14 +64,26 @@ async fn exact_json_and_headers(json_output: bool) {
         assert_eq!(header(msg, "Falco-Source"), alert.source);
         assert_eq!(header(msg, "Nats-Msg-Id"), expected.msg_id());
     }
-    assert!(got.iter().any(|m| m.subject.as_str() == "falco.notice.terminal_shell_in_container"));
-    assert!(got.iter().any(|m| m.subject.as_str() == "falco.critical.falco_internal_syscall_event_drop"));
+    assert!(got
+        .iter()
+        .any(|m| m.subject.as_str() == "falco.notice.terminal_shell_in_container"));
+    assert!(got
+        .iter()
+        .any(|m| m.subject.as_str() == "falco.critical.falco_internal_syscall_event_drop"));
     assert_quiet(&mut sub, Duration::from_millis(200)).await;
 
     let (status, body) = bridge.get("/readyz").await;
     assert_eq!(status, 200, "{body}");
-    assert_eq!(bridge.metric("falco_nats_alerts_published_total").await, 14.0);
-    assert_eq!(bridge.metric("falco_nats_alerts_received_total{input=\"grpc\"}").await, 14.0);
+    assert_eq!(
+        bridge.metric("falco_nats_alerts_published_total").await,
+        14.0
+    );
+    assert_eq!(
+        bridge
+            .metric("falco_nats_alerts_received_total{input=\"grpc\"}")
+            .await,
+        14.0
+    );
     bridge.stop().await.unwrap();
 }
 
@@ -129,10 +145,21 @@ async fn get_method_and_min_priority_and_unknown_priority() {
     options.min_priority = "error".parse().unwrap();
     let bridge = RunningBridge::start(options).await;
     let got = receive(&mut sub, 3, WAIT).await;
-    let priorities: BTreeSet<String> = got.iter().map(|m| header(m, "Falco-Priority").to_owned()).collect();
-    assert_eq!(priorities, BTreeSet::from(["Critical".to_owned(), "Error".to_owned()]));
+    let priorities: BTreeSet<String> = got
+        .iter()
+        .map(|m| header(m, "Falco-Priority").to_owned())
+        .collect();
+    assert_eq!(
+        priorities,
+        BTreeSet::from(["Critical".to_owned(), "Error".to_owned()])
+    );
     assert_quiet(&mut sub, Duration::from_millis(300)).await;
-    assert_eq!(bridge.metric("falco_nats_alerts_rejected_total{reason=\"unknown_priority\"}").await, 1.0);
+    assert_eq!(
+        bridge
+            .metric("falco_nats_alerts_rejected_total{reason=\"unknown_priority\"}")
+            .await,
+        1.0
+    );
     assert_eq!(bridge.metric("falco_nats_alerts_filtered_total").await, 4.0);
     bridge.stop().await.unwrap();
 }
@@ -154,6 +181,11 @@ async fn falco_restart_and_reload_lose_and_duplicate_nothing() {
     let (status, _) = bridge.get("/readyz").await;
     assert_eq!(status, 503, "not ready without Falco");
     falco.start().await.unwrap();
+    // Ready once connected, though a quiet Falco sends no headers yet.
+    wait_for("ready with a quiet Falco", WAIT, || async {
+        bridge.get("/readyz").await.0 == 200
+    })
+    .await;
 
     let mut seen = Vec::new();
     for round in 0..3 {
@@ -177,6 +209,11 @@ async fn falco_restart_and_reload_lose_and_duplicate_nothing() {
     let nums: BTreeSet<u64> = seen.iter().map(|m| evt_num(&m.payload)).collect();
     assert_eq!(seen.len(), 600);
     assert_eq!(nums, (1..=600).collect(), "every alert exactly once");
-    assert!(bridge.metric("falco_nats_input_reconnects_total{input=\"grpc\"}").await >= 3.0);
+    assert!(
+        bridge
+            .metric("falco_nats_input_reconnects_total{input=\"grpc\"}")
+            .await
+            >= 3.0
+    );
     bridge.stop().await.unwrap();
 }

@@ -9,10 +9,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_nats::jetstream;
-use futures_util::StreamExt;
 use falco_nats::output::JetStreamOptions;
 use falco_nats::simulate::alerts::AlertFactory;
 use falco_nats::simulate::falco_grpc::MockFalco;
+use futures_util::StreamExt;
 use support::*;
 
 const WAIT: Duration = Duration::from_secs(20);
@@ -39,14 +39,20 @@ async fn stored_nums(url: &str) -> Vec<u64> {
     let mut messages = consumer.messages().await.unwrap();
     let mut nums = Vec::new();
     while (nums.len() as u64) < count {
-        let msg = tokio::time::timeout(WAIT, messages.next()).await.unwrap().unwrap().unwrap();
+        let msg = tokio::time::timeout(WAIT, messages.next())
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
         nums.push(evt_num(&msg.payload));
     }
     nums
 }
 
 async fn stream_count(url: &str) -> u64 {
-    let Ok(client) = async_nats::connect(url).await else { return 0 };
+    let Ok(client) = async_nats::connect(url).await else {
+        return 0;
+    };
     let js = jetstream::new(client);
     match js.get_stream("FALCO").await {
         Ok(mut s) => s.info().await.map(|i| i.state.messages).unwrap_or(0),
@@ -123,7 +129,16 @@ async fn sigterm_publishes_everything_read_then_exits_zero() {
     let mut sub = client.subscribe("falco.>").await.unwrap();
     client.flush().await.unwrap();
     let mut child = Command::new(env!("CARGO_BIN_EXE_falco-nats"))
-        .args(["bridge", "--input", "grpc", "--listen", "off", "--jetstream", "--max-inflight", "512"])
+        .args([
+            "bridge",
+            "--input",
+            "grpc",
+            "--listen",
+            "off",
+            "--jetstream",
+            "--max-inflight",
+            "512",
+        ])
         .arg("--grpc-socket")
         .arg(format!("unix://{}", socket.display()))
         .args(["-s", &nats.url()])
@@ -135,7 +150,10 @@ async fn sigterm_publishes_everything_read_then_exits_zero() {
     receive(&mut sub, 1, WAIT).await;
     let pid = nix::unistd::Pid::from_raw(child.id() as i32);
     nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).unwrap();
-    let status = tokio::task::spawn_blocking(move || child.wait()).await.unwrap().unwrap();
+    let status = tokio::task::spawn_blocking(move || child.wait())
+        .await
+        .unwrap()
+        .unwrap();
     assert!(status.success(), "exit status {status:?}");
 
     let left_in_falco = falco.queued() as u64;
@@ -143,7 +161,11 @@ async fn sigterm_publishes_everything_read_then_exits_zero() {
     let nums = stored_nums(&nats.url()).await;
     let unique: BTreeSet<u64> = nums.iter().copied().collect();
     assert!(read > 0);
-    assert_eq!(nums.len() as u64, read, "every alert read from Falco is in the stream, once");
+    assert_eq!(
+        nums.len() as u64,
+        read,
+        "every alert read from Falco is in the stream, once"
+    );
     assert_eq!(unique, (1..=read).collect());
     eprintln!("read {read} of {TOTAL} before SIGTERM; {left_in_falco} stay queued in Falco");
 }

@@ -13,12 +13,13 @@
 //! gone). `--drain-timeout` bounds the wait.
 
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use clap::ValueEnum;
 use hyper_util::rt::TokioIo;
 use tokio::net::UnixStream;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, Notify};
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
 use tonic::transport::{Channel, Endpoint, Uri};
@@ -158,6 +159,9 @@ impl GrpcInput {
     async fn session(&self, shutdown: &CancellationToken) -> Result<SessionEnd, SessionError> {
         let channel = self.connect().await?;
         log_version(channel.clone()).await;
+        // Connected. Falco may send no response headers before its first
+        // alert, so the call below can wait that long: no timeout on it.
+        self.sink.set_connected(true);
         let client = OutputsClient::new(channel).max_decoding_message_size(64 * 1024 * 1024);
         match self.options.method {
             GrpcMethod::Sub => self.sub(client, shutdown).await,
@@ -182,66 +186,45 @@ impl GrpcInput {
         shutdown: &CancellationToken,
     ) -> Result<SessionEnd, SessionError> {
         let (requests, rx) = mpsc::channel::<Request>(4);
-        let _ = requests.try_send(Request {});
-        let mut requests = Some(requests);
-        let mut stream = client.sub(ReceiverStream::new(rx)).await?.into_inner();
-        self.sink.set_connected(true);
-        tracing::info!("subscribed to Falco's alerts");
+        let poller = Poller::new(self.options.poll_interval);
+        // Polling starts before the call is answered: Falco may hold back
+        // the response headers until it has an alert to send.
+        tokio::spawn(poller.clone().run(requests));
+        let _stop_polling = poller.state.stop.clone().drop_guard();
+        tracing::info!("subscribing to Falco's alerts");
+        let call = client.sub(ReceiverStream::new(rx));
+        let mut stream = tokio::select! {
+            answered = call => answered?.into_inner(),
+            _ = shutdown.cancelled() => return Ok(SessionEnd::Shutdown),
+        };
 
         let mut delivered = 0u64;
-        let mut last_alert: Option<Instant> = None;
-        let mut last_request = Instant::now();
-        let poll = tokio::time::sleep(ACTIVE_POLL);
-        tokio::pin!(poll);
-
+        let mut closing = false;
         loop {
             tokio::select! {
                 message = stream.message() => match message {
-                    Err(status) if requests.is_none() => {
+                    Ok(Some(response)) => {
+                        delivered += 1;
+                        poller.alert_arrived();
+                        if !self.deliver(response).await {
+                            return Ok(SessionEnd::Shutdown);
+                        }
+                    }
+                    Ok(None) if closing => return Ok(SessionEnd::Shutdown),
+                    Ok(None) => return Ok(SessionEnd::StreamEnded { delivered }),
+                    Err(status) if closing => {
                         tracing::debug!(error = %status, "stream ended with an error after we closed it");
                         return Ok(SessionEnd::Shutdown);
                     }
                     Err(status) => return Err(status.into()),
-                    Ok(message) => match message {
-                    Some(response) => {
-                        delivered += 1;
-                        let now = Instant::now();
-                        last_alert = Some(now);
-                        if !self.deliver(response).await {
-                            return Ok(SessionEnd::Shutdown);
-                        }
-                        // Keep one request ahead while alerts flow.
-                        if let Some(tx) = &requests {
-                            if last_request.elapsed() >= Duration::from_micros(200) {
-                                let _ = tx.try_send(Request {});
-                                last_request = Instant::now();
-                            }
-                        }
-                    }
-                    None => {
-                        return Ok(if requests.is_none() {
-                            SessionEnd::Shutdown
-                        } else {
-                            SessionEnd::StreamEnded { delivered }
-                        });
-                    }
-                    },
                 },
-                _ = &mut poll, if requests.is_some() => {
-                    if let Some(tx) = &requests {
-                        let _ = tx.try_send(Request {});
-                        last_request = Instant::now();
-                    }
-                    let active = last_alert.is_some_and(|t| t.elapsed() < ACTIVE_FOR);
-                    let next = if active { ACTIVE_POLL } else { self.options.poll_interval };
-                    poll.as_mut().reset(tokio::time::Instant::now() + next);
-                }
-                _ = shutdown.cancelled(), if requests.is_some() => {
+                _ = shutdown.cancelled(), if !closing => {
                     // Close our side: Falco sends what it already took off its
                     // queue, then ends the call (the bridge's drain timeout
                     // bounds the wait).
                     tracing::info!("closing the gRPC stream; reading what Falco still sends");
-                    requests = None;
+                    poller.stop();
+                    closing = true;
                 }
             }
         }
@@ -254,7 +237,6 @@ impl GrpcInput {
     ) -> Result<SessionEnd, SessionError> {
         loop {
             let mut stream = client.get(Request {}).await?.into_inner();
-            self.sink.set_connected(true);
             let mut batch = 0u64;
             while let Some(response) = stream.message().await? {
                 batch += 1;
@@ -271,6 +253,76 @@ impl GrpcInput {
                     _ = shutdown.cancelled() => return Ok(SessionEnd::Shutdown),
                 }
             }
+        }
+    }
+}
+
+/// Sends `sub`'s poll requests: one at once, one soon after alerts arrive,
+/// every millisecond while alerts flow, and every `idle` while Falco is quiet.
+#[derive(Clone)]
+struct Poller {
+    idle: Duration,
+    state: Arc<PollerState>,
+}
+
+#[derive(Default)]
+struct PollerState {
+    alert: Notify,
+    stop: CancellationToken,
+    last_alert: std::sync::Mutex<Option<Instant>>,
+}
+
+impl Poller {
+    fn new(idle: Duration) -> Self {
+        Poller {
+            idle,
+            state: Arc::default(),
+        }
+    }
+
+    fn alert_arrived(&self) {
+        if let Ok(mut last) = self.state.last_alert.lock() {
+            *last = Some(Instant::now());
+        }
+        self.state.alert.notify_one();
+    }
+
+    /// Stops polling and closes the request stream.
+    fn stop(&self) {
+        self.state.stop.cancel();
+    }
+
+    fn active(&self) -> bool {
+        self.state
+            .last_alert
+            .lock()
+            .ok()
+            .and_then(|last| *last)
+            .is_some_and(|t| t.elapsed() < ACTIVE_FOR)
+    }
+
+    async fn run(self, requests: mpsc::Sender<Request>) {
+        let mut last_request = Instant::now();
+        let _ = requests.try_send(Request {});
+        loop {
+            let wait = if self.active() {
+                ACTIVE_POLL
+            } else {
+                self.idle
+            };
+            tokio::select! {
+                _ = tokio::time::sleep(wait) => {}
+                _ = self.state.alert.notified() => {
+                    // Alerts flow: keep one request ahead, at most every 200 µs.
+                    if last_request.elapsed() < Duration::from_micros(200) {
+                        continue;
+                    }
+                }
+                _ = self.state.stop.cancelled() => return,
+            }
+            // A full request buffer means Falco has requests enough.
+            let _ = requests.try_send(Request {});
+            last_request = Instant::now();
         }
     }
 }

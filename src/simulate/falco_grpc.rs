@@ -6,12 +6,14 @@
 
 use std::collections::VecDeque;
 use std::path::PathBuf;
+use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 
 use tokio::net::UnixListener;
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tokio_stream::wrappers::{ReceiverStream, UnixListenerStream};
+use tokio_stream::{Stream, StreamExt};
 use tokio_util::sync::CancellationToken;
 use tonic::{Request as GrpcRequest, Response as GrpcResponse, Status, Streaming};
 
@@ -88,10 +90,23 @@ impl Outputs {
     }
 }
 
+/// The response stream of `sub` and `get`.
+pub type AlertStream = Pin<Box<dyn Stream<Item = Result<Response, Status>> + Send>>;
+
+/// Like Falco's C++ server, which sends the response headers with the first
+/// message: the call is answered only once the first alert (or the end of
+/// the stream) is there.
+async fn first_then_rest(mut rx: mpsc::Receiver<Result<Response, Status>>) -> AlertStream {
+    match rx.recv().await {
+        Some(first) => Box::pin(tokio_stream::once(first).chain(ReceiverStream::new(rx))),
+        None => Box::pin(tokio_stream::empty()),
+    }
+}
+
 #[tonic::async_trait]
 impl OutputsApi for Outputs {
-    type subStream = ReceiverStream<Result<Response, Status>>;
-    type getStream = ReceiverStream<Result<Response, Status>>;
+    type subStream = AlertStream;
+    type getStream = AlertStream;
 
     async fn sub(
         &self,
@@ -102,6 +117,8 @@ impl OutputsApi for Outputs {
         let this = self.clone();
         let end = self.stream_token();
         tokio::spawn(async move {
+            // Falco's server answers a request with its queue, so a fresh
+            // `sub` call gets its first response only after a request.
             loop {
                 let next = tokio::select! {
                     next = requests.message() => next,
@@ -118,7 +135,7 @@ impl OutputsApi for Outputs {
                 }
             }
         });
-        Ok(GrpcResponse::new(ReceiverStream::new(rx)))
+        Ok(GrpcResponse::new(first_then_rest(rx).await))
     }
 
     async fn get(
@@ -131,7 +148,7 @@ impl OutputsApi for Outputs {
         tokio::spawn(async move {
             this.drain(&tx, &end).await;
         });
-        Ok(GrpcResponse::new(ReceiverStream::new(rx)))
+        Ok(GrpcResponse::new(first_then_rest(rx).await))
     }
 }
 

@@ -69,7 +69,14 @@ impl NatsServer {
 
     fn spawn(&mut self) {
         let child = Command::new(nats_server_bin())
-            .args(["-a", "127.0.0.1", "-p", &self.port.to_string(), "-js", "-sd"])
+            .args([
+                "-a",
+                "127.0.0.1",
+                "-p",
+                &self.port.to_string(),
+                "-js",
+                "-sd",
+            ])
             .arg(self.store.path())
             .args(&self.extra_args)
             .stdout(Stdio::null())
@@ -103,7 +110,9 @@ impl NatsServer {
     }
 
     pub async fn client(&self) -> async_nats::Client {
-        async_nats::connect(self.url()).await.expect("connect to test nats-server")
+        async_nats::connect(self.url())
+            .await
+            .expect("connect to test nats-server")
     }
 }
 
@@ -126,7 +135,11 @@ impl RunningBridge {
         let http = listener.local_addr().expect("addr");
         let shutdown = CancellationToken::new();
         let task = tokio::spawn(bridge::run(options, Some(listener), shutdown.clone()));
-        RunningBridge { shutdown, task, http }
+        RunningBridge {
+            shutdown,
+            task,
+            http,
+        }
     }
 
     /// Stops the bridge and returns how it ended.
@@ -159,7 +172,9 @@ pub fn metric_value(body: &str, series: &str) -> f64 {
 
 /// A plain HTTP/1.0 GET: status and body.
 pub async fn http_get(addr: std::net::SocketAddr, path: &str) -> (u16, String) {
-    let mut stream = tokio::net::TcpStream::connect(addr).await.expect("connect http");
+    let mut stream = tokio::net::TcpStream::connect(addr)
+        .await
+        .expect("connect http");
     let req = format!("GET {path} HTTP/1.0\r\nHost: test\r\n\r\n");
     stream.write_all(req.as_bytes()).await.expect("write");
     let mut buf = String::new();
@@ -169,7 +184,10 @@ pub async fn http_get(addr: std::net::SocketAddr, path: &str) -> (u16, String) {
         .nth(1)
         .and_then(|s| s.parse().ok())
         .unwrap_or(0);
-    let body = buf.split_once("\r\n\r\n").map(|(_, b)| b.to_owned()).unwrap_or_default();
+    let body = buf
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_owned())
+        .unwrap_or_default();
     (status, body)
 }
 
@@ -194,7 +212,11 @@ pub fn grpc_options(socket: &Path, url: &str) -> BridgeOptions {
 }
 
 /// Receives `n` messages, failing after `timeout` without one.
-pub async fn receive(sub: &mut Subscriber, n: usize, timeout: Duration) -> Vec<async_nats::Message> {
+pub async fn receive(
+    sub: &mut Subscriber,
+    n: usize,
+    timeout: Duration,
+) -> Vec<async_nats::Message> {
     let mut out = Vec::with_capacity(n);
     while out.len() < n {
         match tokio::time::timeout(timeout, sub.next()).await {
