@@ -217,3 +217,71 @@ async fn falco_restart_and_reload_lose_and_duplicate_nothing() {
     );
     bridge.stop().await.unwrap();
 }
+
+/// The mock itself behaves like Falco: `sub` answers only after a request,
+/// one queue feeds all clients, `get` drains and ends.
+#[tokio::test]
+async fn mock_falco_polls_and_shares_one_queue() {
+    use falco_nats::proto::outputs::service_client::ServiceClient;
+    use falco_nats::proto::outputs::Request;
+    use hyper_util::rt::TokioIo;
+    use tokio_stream::wrappers::ReceiverStream;
+
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("falco.sock");
+    let mut falco = MockFalco::new(&socket);
+    falco.start().await.unwrap();
+    let path = socket.clone();
+    let channel = tonic::transport::Endpoint::from_static("http://falco")
+        .connect_with_connector(tower::service_fn(move |_| {
+            let path = path.clone();
+            async move {
+                tokio::net::UnixStream::connect(path)
+                    .await
+                    .map(TokioIo::new)
+            }
+        }))
+        .await
+        .unwrap();
+    let mut factory = AlertFactory::new("node-m", false);
+    for _ in 0..3 {
+        falco.push(factory.next_response());
+    }
+
+    // A sub call without a request gets nothing, not even an answer.
+    let (tx, rx) = tokio::sync::mpsc::channel(4);
+    let mut client = ServiceClient::new(channel.clone());
+    let call = tokio::spawn(async move { client.sub(ReceiverStream::new(rx)).await });
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(!call.is_finished(), "answered without a request");
+    assert_eq!(falco.queued(), 3);
+    // One request: everything queued comes, then the server waits.
+    tx.send(Request {}).await.unwrap();
+    let mut stream = call.await.unwrap().unwrap().into_inner();
+    for n in 1..=3 {
+        let r = stream.message().await.unwrap().unwrap();
+        assert_eq!(r.output_fields["evt.num"], n.to_string());
+    }
+    falco.push(factory.next_response());
+    let waiting = tokio::time::timeout(Duration::from_millis(200), stream.message()).await;
+    assert!(waiting.is_err(), "sent without a request");
+
+    // A second client takes it from the one queue: the first never sees it.
+    let mut other = ServiceClient::new(channel);
+    let mut drained = other.get(Request {}).await.unwrap().into_inner();
+    assert_eq!(
+        drained.message().await.unwrap().unwrap().output_fields["evt.num"],
+        "4"
+    );
+    assert!(
+        drained.message().await.unwrap().is_none(),
+        "get ends after draining"
+    );
+    tx.send(Request {}).await.unwrap();
+    let nothing = tokio::time::timeout(Duration::from_millis(200), stream.message()).await;
+    assert!(nothing.is_err(), "alert delivered twice");
+
+    // Closing the request side ends the call.
+    drop(tx);
+    assert!(stream.message().await.unwrap().is_none());
+}
