@@ -16,6 +16,9 @@ use crate::input::InputError;
 use crate::output::subject::DEFAULT_SUBJECT;
 use crate::output::{JetStreamOptions, NatsOptions, PublishOptions, SubjectTemplate};
 use crate::priority::Priority;
+use crate::respond::policy::{Policy, PolicyError};
+use crate::respond::rails::{RailsConfig, DEFAULT_PROTECTED};
+use crate::respond::{RespondOptions, Subscription};
 use crate::simulate::{SimulateOptions, SimulateOutput};
 use crate::telemetry::health::DEFAULT_LISTEN;
 use crate::telemetry::logging::LogFormat;
@@ -43,6 +46,8 @@ pub enum Command {
     Bridge(Box<BridgeArgs>),
     /// Act as a Falco that fires realistic alerts (for demos, tests and benchmarks)
     Simulate(SimulateArgs),
+    /// Act on alerts from NATS: delete, label or isolate the offending pod under a policy
+    Respond(Box<RespondArgs>),
     /// Print alerts from NATS, one readable line each
     Tail(crate::tail::TailArgs),
 }
@@ -179,6 +184,122 @@ impl BridgeArgs {
             min_priority: self.min_priority,
             queue_size: self.queue_size,
             drain_timeout: self.drain_timeout,
+        })
+    }
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct RespondArgs {
+    /// Validate this policy file, report errors with line numbers, and exit
+    #[arg(long, value_name = "POLICY")]
+    pub check: Option<PathBuf>,
+
+    #[command(flatten)]
+    pub nats: NatsOptions,
+    /// Subject to take alerts from (FALCO for the 2018 flat subject)
+    #[arg(long, env = "FALCO_NATS_SUBJECT", default_value = "falco.>")]
+    pub subject: String,
+    /// Queue group shared by the responder's replicas (core NATS)
+    #[arg(long, env = "FALCO_NATS_QUEUE", default_value = "falco-nats-respond")]
+    pub queue: String,
+    /// Consume a JetStream stream with a durable consumer, acknowledging after acting
+    #[arg(long, env = "FALCO_NATS_JETSTREAM")]
+    pub jetstream: bool,
+    /// JetStream stream to consume
+    #[arg(long, env = "FALCO_NATS_STREAM", default_value = "FALCO")]
+    pub stream: String,
+    /// Durable consumer name, shared by the replicas
+    #[arg(long, env = "FALCO_NATS_DURABLE", default_value = "falco-nats-respond")]
+    pub durable: String,
+    /// How long JetStream waits for an acknowledgement before redelivering
+    #[arg(long, env = "FALCO_NATS_ACK_WAIT", value_parser = parse_duration, default_value = "60s")]
+    pub ack_wait: Duration,
+
+    /// Policy file (YAML); without one: delete the pod on priority >= Critical
+    #[arg(long, env = "FALCO_NATS_POLICY")]
+    pub policy: Option<PathBuf>,
+    /// Decide and report only; write nothing to Kubernetes
+    #[arg(long, env = "FALCO_NATS_DRY_RUN")]
+    pub dry_run: bool,
+    /// Namespaces never acted in, on top of kube-system, kube-public, falco and the responder's own
+    #[arg(long = "protect-namespace", env = "FALCO_NATS_PROTECT_NAMESPACE", value_delimiter = ',')]
+    pub protect_namespace: Vec<String>,
+    /// Act only in these namespaces (default: all but the protected ones)
+    #[arg(long = "only-namespace", env = "FALCO_NATS_ONLY_NAMESPACE", value_delimiter = ',')]
+    pub only_namespace: Vec<String>,
+    /// The responder's own namespace, protected (the downward API's POD_NAMESPACE)
+    #[arg(long, env = "POD_NAMESPACE")]
+    pub own_namespace: Option<String>,
+    /// Act on pods owned by a DaemonSet too
+    #[arg(long, env = "FALCO_NATS_ALLOW_DAEMONSET_PODS")]
+    pub allow_daemonset_pods: bool,
+    /// Act on static (mirror) pods too
+    #[arg(long, env = "FALCO_NATS_ALLOW_STATIC_PODS")]
+    pub allow_static_pods: bool,
+    /// One action per pod, rule and action within this window
+    #[arg(long, env = "FALCO_NATS_DEDUP_WINDOW", value_parser = parse_duration, default_value = "10m")]
+    pub dedup_window: Duration,
+    /// Destructive actions (delete, isolate) per minute at most, cluster-wide for this replica
+    #[arg(long, env = "FALCO_NATS_MAX_ACTIONS_PER_MINUTE", default_value_t = 10)]
+    pub max_actions_per_minute: u32,
+    /// Subject prefix of the result messages (<prefix>.<action>)
+    #[arg(long, env = "FALCO_NATS_RESULT_SUBJECT", default_value = "falco.response")]
+    pub result_subject: String,
+    /// Kubeconfig file (default: KUBECONFIG, ~/.kube/config, then in-cluster)
+    #[arg(long, env = "KUBECONFIG")]
+    pub kubeconfig: Option<PathBuf>,
+    /// Address of /healthz, /readyz and /metrics ("off" to disable)
+    #[arg(long, env = "FALCO_NATS_LISTEN", default_value = "0.0.0.0:2811")]
+    pub listen: String,
+}
+
+impl RespondArgs {
+    pub fn listen_address(&self) -> Option<&str> {
+        match self.listen.trim() {
+            "" | "off" | "none" => None,
+            addr => Some(addr),
+        }
+    }
+
+    /// The options, reading the policy file (a bad one is an error with its line).
+    pub fn into_options(self) -> Result<RespondOptions, PolicyError> {
+        let policy = match &self.policy {
+            Some(path) => Policy::load(path)?,
+            None => Policy::proof_of_concept(),
+        };
+        let mut protected: std::collections::BTreeSet<String> =
+            DEFAULT_PROTECTED.iter().map(|s| s.to_string()).collect();
+        protected.extend(self.protect_namespace.iter().filter(|s| !s.is_empty()).cloned());
+        protected.extend(self.own_namespace.iter().filter(|s| !s.is_empty()).cloned());
+        let only: std::collections::BTreeSet<String> =
+            self.only_namespace.iter().filter(|s| !s.is_empty()).cloned().collect();
+        Ok(RespondOptions {
+            nats: self.nats,
+            subscription: if self.jetstream {
+                Subscription::JetStream {
+                    stream: self.stream,
+                    durable: self.durable,
+                    subject: self.subject,
+                    ack_wait: self.ack_wait,
+                }
+            } else {
+                Subscription::Core {
+                    subject: self.subject,
+                    queue: self.queue,
+                }
+            },
+            policy,
+            rails: RailsConfig {
+                protected_namespaces: protected,
+                only_namespaces: (!only.is_empty()).then_some(only),
+                allow_daemonset_pods: self.allow_daemonset_pods,
+                allow_static_pods: self.allow_static_pods,
+                dedup_window: self.dedup_window,
+                max_actions_per_minute: self.max_actions_per_minute,
+            },
+            dry_run: self.dry_run,
+            result_prefix: self.result_subject,
+            kubeconfig: self.kubeconfig,
         })
     }
 }

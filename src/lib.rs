@@ -14,6 +14,7 @@ pub mod input;
 pub mod output;
 pub mod priority;
 pub mod proto;
+pub mod respond;
 pub mod simulate;
 pub mod tail;
 pub mod telemetry;

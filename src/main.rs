@@ -24,16 +24,17 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     tokio::spawn(stop_on_signal(shutdown.clone()));
     match cli.command {
         Command::Bridge(args) => {
-            let listener = match args.listen_address() {
-                Some(addr) => Some(
-                    TcpListener::bind(addr)
-                        .await
-                        .with_context(|| format!("cannot listen on {addr}"))?,
-                ),
-                None => None,
-            };
+            let listener = bind(args.listen_address()).await?;
             let options = (*args).into_options()?;
             falco_nats::bridge::run(options, listener, shutdown).await?;
+        }
+        Command::Respond(args) => {
+            if let Some(path) = &args.check {
+                return check_policy(path);
+            }
+            let listener = bind(args.listen_address()).await?;
+            let options = (*args).into_options()?;
+            falco_nats::respond::run(options, listener, shutdown).await?;
         }
         Command::Tail(args) => {
             falco_nats::tail::run(args, std::io::stdout().lock(), shutdown).await?;
@@ -41,6 +42,27 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Simulate(args) => {
             falco_nats::simulate::run(args.into_options()?, shutdown).await?;
         }
+    }
+    Ok(())
+}
+
+/// Binds the probe listener, unless disabled.
+async fn bind(address: Option<&str>) -> anyhow::Result<Option<TcpListener>> {
+    let Some(addr) = address else { return Ok(None) };
+    let listener = TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("cannot listen on {addr}"))?;
+    Ok(Some(listener))
+}
+
+/// `respond --check`: validates a policy file and says what it holds.
+fn check_policy(path: &std::path::Path) -> anyhow::Result<()> {
+    let policy = falco_nats::respond::policy::Policy::load(path)?;
+    println!("{}: OK, {} rules", path.display(), policy.rules.len());
+    for rule in &policy.rules {
+        let actions: Vec<&str> = rule.actions.iter().map(|a| a.name()).collect();
+        let dry = if rule.dry_run { " (dry run)" } else { "" };
+        println!("  {}: {}{dry}", rule.name, actions.join(", "));
     }
     Ok(())
 }

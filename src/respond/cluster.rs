@@ -1,0 +1,228 @@
+//! [`Cluster`]: the Kubernetes calls the responder makes, through `kube`.
+//!
+//! Least privilege: pods get/delete/patch, events create, networkpolicies
+//! create (and get), in the namespaces it acts in.
+
+use std::collections::{BTreeMap, HashSet};
+use std::path::Path;
+use std::sync::Mutex;
+
+use k8s_openapi::api::core::v1::{Event, EventSource, ObjectReference, Pod};
+use k8s_openapi::api::networking::v1::{NetworkPolicy, NetworkPolicySpec};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta, Time};
+use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams, Preconditions};
+use kube::config::{KubeConfigOptions, Kubeconfig};
+use kube::{Client, Config};
+use serde_json::json;
+
+use super::alert::PodRef;
+
+/// What happened to a pod action.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Applied {
+    /// The API accepted it.
+    Done,
+    /// The pod no longer exists (404): nothing left to do.
+    Gone,
+    /// The pod's UID differs (409): it was replaced and is not touched.
+    Replaced,
+}
+
+/// Why the Kubernetes client could not be set up.
+#[derive(Debug, thiserror::Error)]
+pub enum ClusterError {
+    #[error("cannot read kubeconfig {path:?}: {source}")]
+    Kubeconfig {
+        path: String,
+        source: kube::config::KubeconfigError,
+    },
+    #[error("cannot configure the Kubernetes client: {0}")]
+    Config(String),
+    #[error("cannot create the Kubernetes client: {0}")]
+    Client(#[from] kube::Error),
+}
+
+/// The responder's view of the cluster.
+pub struct Cluster {
+    client: Client,
+    /// Namespaces where the isolation NetworkPolicy is known to exist.
+    isolated: Mutex<HashSet<(String, String)>>,
+    instance: String,
+}
+
+/// Name of the deny-all NetworkPolicy `isolate-pod` creates per namespace.
+pub const ISOLATION_POLICY: &str = "falco-nats-isolate";
+
+impl Cluster {
+    /// A client from `kubeconfig`, or else the usual discovery (the
+    /// `KUBECONFIG` variable, `~/.kube/config`, then in-cluster).
+    pub async fn connect(kubeconfig: Option<&Path>) -> Result<Self, ClusterError> {
+        let client = match kubeconfig {
+            Some(path) => {
+                let kc = Kubeconfig::read_from(path).map_err(|source| ClusterError::Kubeconfig {
+                    path: path.display().to_string(),
+                    source,
+                })?;
+                let config = Config::from_custom_kubeconfig(kc, &KubeConfigOptions::default())
+                    .await
+                    .map_err(|e| ClusterError::Config(e.to_string()))?;
+                Client::try_from(config)?
+            }
+            None => Client::try_default().await?,
+        };
+        Ok(Self::new(client))
+    }
+
+    pub fn new(client: Client) -> Self {
+        Cluster {
+            client,
+            isolated: Mutex::default(),
+            instance: std::env::var("HOSTNAME").unwrap_or_else(|_| "falco-nats".into()),
+        }
+    }
+
+    fn pods(&self, namespace: &str) -> Api<Pod> {
+        Api::namespaced(self.client.clone(), namespace)
+    }
+
+    /// The pod, or `None` when it does not exist.
+    pub async fn get_pod(&self, pod: &PodRef) -> Result<Option<Pod>, kube::Error> {
+        self.pods(&pod.namespace).get_opt(&pod.name).await
+    }
+
+    /// Deletes the pod, with its UID as a precondition when known.
+    pub async fn delete_pod(&self, pod: &PodRef, grace_period_seconds: u32) -> Result<Applied, kube::Error> {
+        let params = DeleteParams {
+            grace_period_seconds: Some(grace_period_seconds),
+            preconditions: pod.uid.as_ref().map(|uid| Preconditions {
+                uid: Some(uid.clone()),
+                resource_version: None,
+            }),
+            ..DeleteParams::default()
+        };
+        applied(self.pods(&pod.namespace).delete(&pod.name, &params).await)
+    }
+
+    /// Adds labels with a merge patch; the UID in the patch makes the API
+    /// refuse (409) a pod that was replaced.
+    pub async fn label_pod(&self, pod: &PodRef, labels: &BTreeMap<String, String>) -> Result<Applied, kube::Error> {
+        let mut metadata = json!({ "labels": labels });
+        if let Some(uid) = &pod.uid {
+            metadata["uid"] = json!(uid);
+        }
+        let patch = json!({ "metadata": metadata });
+        applied(
+            self.pods(&pod.namespace)
+                .patch(&pod.name, &PatchParams::default(), &Patch::Merge(&patch))
+                .await,
+        )
+    }
+
+    /// Makes sure the namespace has a deny-all NetworkPolicy selecting
+    /// `labels`, then labels the pod.
+    pub async fn isolate_pod(&self, pod: &PodRef, labels: &BTreeMap<String, String>) -> Result<Applied, kube::Error> {
+        self.ensure_isolation_policy(&pod.namespace, labels).await?;
+        self.label_pod(pod, labels).await
+    }
+
+    async fn ensure_isolation_policy(&self, namespace: &str, labels: &BTreeMap<String, String>) -> Result<(), kube::Error> {
+        let name = isolation_policy_name(labels);
+        let key = (namespace.to_owned(), name.clone());
+        if self.isolated.lock().map(|s| s.contains(&key)).unwrap_or(false) {
+            return Ok(());
+        }
+        let policy = NetworkPolicy {
+            metadata: ObjectMeta {
+                name: Some(name),
+                namespace: Some(namespace.to_owned()),
+                labels: Some(BTreeMap::from([(
+                    "app.kubernetes.io/managed-by".to_owned(),
+                    "falco-nats".to_owned(),
+                )])),
+                ..ObjectMeta::default()
+            },
+            spec: Some(NetworkPolicySpec {
+                pod_selector: Some(LabelSelector {
+                    match_labels: Some(labels.clone()),
+                    match_expressions: None,
+                }),
+                policy_types: Some(vec!["Ingress".into(), "Egress".into()]),
+                ingress: None,
+                egress: None,
+            }),
+        };
+        let api: Api<NetworkPolicy> = Api::namespaced(self.client.clone(), namespace);
+        match api.create(&PostParams::default(), &policy).await {
+            Ok(_) => tracing::info!(namespace, "created the deny-all isolation NetworkPolicy"),
+            Err(kube::Error::Api(status)) if status.is_already_exists() => {}
+            Err(e) => return Err(e),
+        }
+        if let Ok(mut set) = self.isolated.lock() {
+            set.insert(key);
+        }
+        Ok(())
+    }
+
+    /// Records a Kubernetes Event on the pod.
+    pub async fn record_event(
+        &self,
+        pod: &PodRef,
+        warning: bool,
+        reason: &str,
+        action: &str,
+        message: &str,
+    ) -> Result<(), kube::Error> {
+        let now = Time(k8s_openapi::jiff::Timestamp::now());
+        let event = Event {
+            metadata: ObjectMeta {
+                generate_name: Some(format!("{}.falco-nats.", pod.name)),
+                namespace: Some(pod.namespace.clone()),
+                ..ObjectMeta::default()
+            },
+            involved_object: ObjectReference {
+                api_version: Some("v1".into()),
+                kind: Some("Pod".into()),
+                name: Some(pod.name.clone()),
+                namespace: Some(pod.namespace.clone()),
+                uid: pod.uid.clone(),
+                ..ObjectReference::default()
+            },
+            reason: Some(reason.to_owned()),
+            message: Some(message.chars().take(1024).collect()),
+            type_: Some(if warning { "Warning" } else { "Normal" }.into()),
+            action: Some(action.to_owned()),
+            source: Some(EventSource {
+                component: Some("falco-nats".into()),
+                host: None,
+            }),
+            reporting_component: Some("falco-nats".into()),
+            reporting_instance: Some(self.instance.clone()),
+            first_timestamp: Some(now.clone()),
+            last_timestamp: Some(now),
+            count: Some(1),
+            ..Event::default()
+        };
+        let api: Api<Event> = Api::namespaced(self.client.clone(), &pod.namespace);
+        api.create(&PostParams::default(), &event).await.map(|_| ())
+    }
+}
+
+/// The isolation policy's name: fixed for the default label, suffixed with
+/// a digest for others, so each label set has its own policy.
+pub fn isolation_policy_name(labels: &BTreeMap<String, String>) -> String {
+    if *labels == super::policy::quarantine_labels() {
+        return ISOLATION_POLICY.to_owned();
+    }
+    let text: Vec<String> = labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
+    let digest = xxhash_rust::xxh3::xxh3_64(text.join(",").as_bytes());
+    format!("{ISOLATION_POLICY}-{:08x}", digest as u32)
+}
+
+fn applied<T>(result: Result<T, kube::Error>) -> Result<Applied, kube::Error> {
+    match result {
+        Ok(_) => Ok(Applied::Done),
+        Err(kube::Error::Api(status)) if status.is_not_found() => Ok(Applied::Gone),
+        Err(kube::Error::Api(status)) if status.is_conflict() => Ok(Applied::Replaced),
+        Err(e) => Err(e),
+    }
+}
