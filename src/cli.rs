@@ -222,10 +222,18 @@ pub struct RespondArgs {
     #[arg(long, env = "FALCO_NATS_DRY_RUN")]
     pub dry_run: bool,
     /// Namespaces never acted in, on top of kube-system, kube-public, falco and the responder's own
-    #[arg(long = "protect-namespace", env = "FALCO_NATS_PROTECT_NAMESPACE", value_delimiter = ',')]
+    #[arg(
+        long = "protect-namespace",
+        env = "FALCO_NATS_PROTECT_NAMESPACE",
+        value_delimiter = ','
+    )]
     pub protect_namespace: Vec<String>,
     /// Act only in these namespaces (default: all but the protected ones)
-    #[arg(long = "only-namespace", env = "FALCO_NATS_ONLY_NAMESPACE", value_delimiter = ',')]
+    #[arg(
+        long = "only-namespace",
+        env = "FALCO_NATS_ONLY_NAMESPACE",
+        value_delimiter = ','
+    )]
     pub only_namespace: Vec<String>,
     /// The responder's own namespace, protected (the downward API's POD_NAMESPACE)
     #[arg(long, env = "POD_NAMESPACE")]
@@ -243,7 +251,11 @@ pub struct RespondArgs {
     #[arg(long, env = "FALCO_NATS_MAX_ACTIONS_PER_MINUTE", default_value_t = 10)]
     pub max_actions_per_minute: u32,
     /// Subject prefix of the result messages (<prefix>.<action>)
-    #[arg(long, env = "FALCO_NATS_RESULT_SUBJECT", default_value = "falco.response")]
+    #[arg(
+        long,
+        env = "FALCO_NATS_RESULT_SUBJECT",
+        default_value = "falco.response"
+    )]
     pub result_subject: String,
     /// Kubeconfig file (default: KUBECONFIG, ~/.kube/config, then in-cluster)
     #[arg(long, env = "KUBECONFIG")]
@@ -269,10 +281,19 @@ impl RespondArgs {
         };
         let mut protected: std::collections::BTreeSet<String> =
             DEFAULT_PROTECTED.iter().map(|s| s.to_string()).collect();
-        protected.extend(self.protect_namespace.iter().filter(|s| !s.is_empty()).cloned());
+        protected.extend(
+            self.protect_namespace
+                .iter()
+                .filter(|s| !s.is_empty())
+                .cloned(),
+        );
         protected.extend(self.own_namespace.iter().filter(|s| !s.is_empty()).cloned());
-        let only: std::collections::BTreeSet<String> =
-            self.only_namespace.iter().filter(|s| !s.is_empty()).cloned().collect();
+        let only: std::collections::BTreeSet<String> = self
+            .only_namespace
+            .iter()
+            .filter(|s| !s.is_empty())
+            .cloned()
+            .collect();
         Ok(RespondOptions {
             nats: self.nats,
             subscription: if self.jetstream {

@@ -98,7 +98,14 @@ mod tests {
             br#"{"rule":"r","priority":"Critical","output_fields":{"k8s.ns.name":"shop","k8s.pod.name":"web","k8s.pod.uid":null,"proc.pid":42,"x":"<NA>"}}"#,
         )
         .unwrap();
-        assert_eq!(a.pod(), Some(PodRef { namespace: "shop".into(), name: "web".into(), uid: None }));
+        assert_eq!(
+            a.pod(),
+            Some(PodRef {
+                namespace: "shop".into(),
+                name: "web".into(),
+                uid: None
+            })
+        );
         assert_eq!(a.field("proc.pid").as_deref(), Some("42"));
         assert_eq!(a.field("x"), None);
         assert_eq!(a.source, "syscall");

@@ -93,10 +93,26 @@ impl RespondMetrics {
             event_failures: Counter::default(),
         };
         let r = registry.sub_registry_with_prefix("falco_nats_respond");
-        r.register("alerts", "Alerts received by the responder", m.alerts.clone());
-        r.register("decisions", "Decisions, by action and outcome", m.decisions.clone());
-        r.register("decision_latency_seconds", "Time from receiving an alert to a decision", m.latency.clone());
-        r.register("event_failures", "Kubernetes Events that could not be recorded", m.event_failures.clone());
+        r.register(
+            "alerts",
+            "Alerts received by the responder",
+            m.alerts.clone(),
+        );
+        r.register(
+            "decisions",
+            "Decisions, by action and outcome",
+            m.decisions.clone(),
+        );
+        r.register(
+            "decision_latency_seconds",
+            "Time from receiving an alert to a decision",
+            m.latency.clone(),
+        );
+        r.register(
+            "event_failures",
+            "Kubernetes Events that could not be recorded",
+            m.event_failures.clone(),
+        );
         m
     }
 }
@@ -116,16 +132,25 @@ impl Audit {
     pub async fn record(&self, decision: &Decision, pod: Option<&PodRef>, event: bool) {
         self.metrics
             .decisions
-            .get_or_create(&[("action", decision.action), ("outcome", decision.outcome.as_str())])
+            .get_or_create(&[
+                ("action", decision.action),
+                ("outcome", decision.outcome.as_str()),
+            ])
             .inc();
         self.metrics.latency.observe(decision.latency_ms / 1000.0);
         let ns = decision.namespace.as_deref().unwrap_or("-");
         let pod_name = decision.pod.as_deref().unwrap_or("-");
         let rule = decision.rule.as_deref().unwrap_or("-");
         match decision.outcome {
-            Outcome::Failed => tracing::error!(action = decision.action, outcome = decision.outcome.as_str(), namespace = ns, pod = pod_name, rule, reason = %decision.reason, "response"),
-            Outcome::Done | Outcome::DryRun => tracing::info!(action = decision.action, outcome = decision.outcome.as_str(), namespace = ns, pod = pod_name, rule, reason = %decision.reason, "response"),
-            _ => tracing::debug!(action = decision.action, outcome = decision.outcome.as_str(), namespace = ns, pod = pod_name, rule, reason = %decision.reason, "response"),
+            Outcome::Failed => {
+                tracing::error!(action = decision.action, outcome = decision.outcome.as_str(), namespace = ns, pod = pod_name, rule, reason = %decision.reason, "response")
+            }
+            Outcome::Done | Outcome::DryRun => {
+                tracing::info!(action = decision.action, outcome = decision.outcome.as_str(), namespace = ns, pod = pod_name, rule, reason = %decision.reason, "response")
+            }
+            _ => {
+                tracing::debug!(action = decision.action, outcome = decision.outcome.as_str(), namespace = ns, pod = pod_name, rule, reason = %decision.reason, "response")
+            }
         }
         let subject = format!("{}.{}", self.prefix, slug(decision.action));
         match serde_json::to_vec(decision) {
@@ -152,7 +177,11 @@ impl Audit {
                 decision.priority.as_deref().unwrap_or("-"),
                 decision.policy_rule.as_deref().unwrap_or("-"),
             );
-            if let Err(e) = self.cluster.record_event(pod, warning, reason, decision.action, &message).await {
+            if let Err(e) = self
+                .cluster
+                .record_event(pod, warning, reason, decision.action, &message)
+                .await
+            {
                 self.metrics.event_failures.inc();
                 tracing::warn!(error = %e, namespace = ns, pod = pod_name, "cannot record a Kubernetes Event");
             }

@@ -59,10 +59,11 @@ impl Cluster {
     pub async fn connect(kubeconfig: Option<&Path>) -> Result<Self, ClusterError> {
         let client = match kubeconfig {
             Some(path) => {
-                let kc = Kubeconfig::read_from(path).map_err(|source| ClusterError::Kubeconfig {
-                    path: path.display().to_string(),
-                    source,
-                })?;
+                let kc =
+                    Kubeconfig::read_from(path).map_err(|source| ClusterError::Kubeconfig {
+                        path: path.display().to_string(),
+                        source,
+                    })?;
                 let config = Config::from_custom_kubeconfig(kc, &KubeConfigOptions::default())
                     .await
                     .map_err(|e| ClusterError::Config(e.to_string()))?;
@@ -91,7 +92,11 @@ impl Cluster {
     }
 
     /// Deletes the pod, with its UID as a precondition when known.
-    pub async fn delete_pod(&self, pod: &PodRef, grace_period_seconds: u32) -> Result<Applied, kube::Error> {
+    pub async fn delete_pod(
+        &self,
+        pod: &PodRef,
+        grace_period_seconds: u32,
+    ) -> Result<Applied, kube::Error> {
         let params = DeleteParams {
             grace_period_seconds: Some(grace_period_seconds),
             preconditions: pod.uid.as_ref().map(|uid| Preconditions {
@@ -105,7 +110,11 @@ impl Cluster {
 
     /// Adds labels with a merge patch; the UID in the patch makes the API
     /// refuse (409) a pod that was replaced.
-    pub async fn label_pod(&self, pod: &PodRef, labels: &BTreeMap<String, String>) -> Result<Applied, kube::Error> {
+    pub async fn label_pod(
+        &self,
+        pod: &PodRef,
+        labels: &BTreeMap<String, String>,
+    ) -> Result<Applied, kube::Error> {
         let mut metadata = json!({ "labels": labels });
         if let Some(uid) = &pod.uid {
             metadata["uid"] = json!(uid);
@@ -120,15 +129,28 @@ impl Cluster {
 
     /// Makes sure the namespace has a deny-all NetworkPolicy selecting
     /// `labels`, then labels the pod.
-    pub async fn isolate_pod(&self, pod: &PodRef, labels: &BTreeMap<String, String>) -> Result<Applied, kube::Error> {
+    pub async fn isolate_pod(
+        &self,
+        pod: &PodRef,
+        labels: &BTreeMap<String, String>,
+    ) -> Result<Applied, kube::Error> {
         self.ensure_isolation_policy(&pod.namespace, labels).await?;
         self.label_pod(pod, labels).await
     }
 
-    async fn ensure_isolation_policy(&self, namespace: &str, labels: &BTreeMap<String, String>) -> Result<(), kube::Error> {
+    async fn ensure_isolation_policy(
+        &self,
+        namespace: &str,
+        labels: &BTreeMap<String, String>,
+    ) -> Result<(), kube::Error> {
         let name = isolation_policy_name(labels);
         let key = (namespace.to_owned(), name.clone());
-        if self.isolated.lock().map(|s| s.contains(&key)).unwrap_or(false) {
+        if self
+            .isolated
+            .lock()
+            .map(|s| s.contains(&key))
+            .unwrap_or(false)
+        {
             return Ok(());
         }
         let policy = NetworkPolicy {

@@ -131,7 +131,13 @@ impl Responder {
         decisions
     }
 
-    fn decision_for(&self, alert: &Alert, rule: Option<&PolicyRule>, subject: &str, received: Instant) -> Decision {
+    fn decision_for(
+        &self,
+        alert: &Alert,
+        rule: Option<&PolicyRule>,
+        subject: &str,
+        received: Instant,
+    ) -> Decision {
         let pod = alert.pod();
         Decision {
             policy_rule: rule.map(|r| r.name.clone()),
@@ -166,7 +172,11 @@ impl Responder {
             d
         };
         if !action.needs_pod() {
-            d.outcome = if dry_run { Outcome::DryRun } else { Outcome::Done };
+            d.outcome = if dry_run {
+                Outcome::DryRun
+            } else {
+                Outcome::Done
+            };
             d.reason = "logged".into();
             return (d, None, false);
         }
@@ -176,7 +186,12 @@ impl Responder {
         if let Err(reason) = self.rails.check_namespace(&pod.namespace) {
             return (skip(d, reason), Some(pod), false);
         }
-        let key = (pod.namespace.clone(), pod.name.clone(), alert.rule.clone(), action.name());
+        let key = (
+            pod.namespace.clone(),
+            pod.name.clone(),
+            alert.rule.clone(),
+            action.name(),
+        );
         if self.rails.is_duplicate(&key) {
             return (skip(d, SkipReason::Duplicate), Some(pod), !dry_run);
         }
@@ -215,7 +230,9 @@ impl Responder {
             return (d, Some(pod), false);
         }
         let result = match action {
-            ActionSpec::DeletePod { grace_period_seconds } => {
+            ActionSpec::DeletePod {
+                grace_period_seconds,
+            } => {
                 let grace = u32::try_from(*grace_period_seconds).unwrap_or(0);
                 self.cluster.delete_pod(&pod, grace).await
             }
@@ -253,15 +270,23 @@ impl Responder {
 
 fn describe(action: &ActionSpec) -> String {
     let labels = |l: &std::collections::BTreeMap<String, String>| {
-        l.iter().map(|(k, v)| format!("{k}={v}")).collect::<Vec<_>>().join(",")
+        l.iter()
+            .map(|(k, v)| format!("{k}={v}"))
+            .collect::<Vec<_>>()
+            .join(",")
     };
     match action {
-        ActionSpec::DeletePod { grace_period_seconds } => {
+        ActionSpec::DeletePod {
+            grace_period_seconds,
+        } => {
             format!("delete the pod (grace period {grace_period_seconds}s)")
         }
         ActionSpec::LabelPod { labels: l } => format!("label the pod {}", labels(l)),
         ActionSpec::IsolatePod { labels: l } => {
-            format!("isolate the pod: label {} under a deny-all NetworkPolicy", labels(l))
+            format!(
+                "isolate the pod: label {} under a deny-all NetworkPolicy",
+                labels(l)
+            )
         }
         ActionSpec::Log => "log".into(),
     }
@@ -290,7 +315,11 @@ pub async fn run(
             http_stop.clone(),
         ))
     });
-    tracing::info!(rules = options.policy.rules.len(), dry_run = options.dry_run, "responder starting");
+    tracing::info!(
+        rules = options.policy.rules.len(),
+        dry_run = options.dry_run,
+        "responder starting"
+    );
     let responder = Responder {
         policy: options.policy,
         rails: Rails::new(options.rails),
@@ -314,7 +343,8 @@ pub async fn run(
             subject,
             ack_wait,
         } => {
-            let consumer = durable_consumer(&client, &stream, &durable, &subject, ack_wait, &shutdown).await?;
+            let consumer =
+                durable_consumer(&client, &stream, &durable, &subject, ack_wait, &shutdown).await?;
             match consumer {
                 Some(c) => consume_jetstream(c, &responder, &ignore, &shutdown).await,
                 None => Ok(()),
@@ -351,7 +381,9 @@ async fn consume_core(
         if message.subject.as_str().starts_with(ignore) {
             continue;
         }
-        responder.handle(message.subject.as_str(), &message.payload).await;
+        responder
+            .handle(message.subject.as_str(), &message.payload)
+            .await;
     }
     Ok(())
 }
@@ -388,7 +420,11 @@ async fn durable_consumer(
         };
         match attempt.await {
             Ok(c) => {
-                tracing::info!(stream, durable, "responding to alerts (JetStream durable consumer)");
+                tracing::info!(
+                    stream,
+                    durable,
+                    "responding to alerts (JetStream durable consumer)"
+                );
                 return Ok(Some(c));
             }
             Err(e) => {
@@ -421,7 +457,9 @@ async fn consume_jetstream(
         match next {
             Some(Ok(message)) => {
                 if !message.subject.as_str().starts_with(ignore) {
-                    responder.handle(message.subject.as_str(), &message.payload).await;
+                    responder
+                        .handle(message.subject.as_str(), &message.payload)
+                        .await;
                 }
                 // Acknowledged only now that the actions are done.
                 if let Err(e) = message.ack().await {

@@ -116,7 +116,10 @@ impl ActionSpec {
 
     /// Whether the action removes or cuts off a workload (rate limited).
     pub fn is_destructive(&self) -> bool {
-        matches!(self, ActionSpec::DeletePod { .. } | ActionSpec::IsolatePod { .. })
+        matches!(
+            self,
+            ActionSpec::DeletePod { .. } | ActionSpec::IsolatePod { .. }
+        )
     }
 
     /// Whether the action needs the alert to name a pod.
@@ -256,8 +259,7 @@ impl TryFrom<String> for Condition {
         }
         let word = |w: &str| -> Option<&str> {
             let r = rest.strip_prefix(w)?;
-            (r.is_empty() || r.starts_with(char::is_whitespace) || r.starts_with('('))
-                .then_some(r)
+            (r.is_empty() || r.starts_with(char::is_whitespace) || r.starts_with('(')).then_some(r)
         };
         let test = if rest == "exists" {
             FieldTest::Exists
@@ -307,7 +309,7 @@ impl Condition {
 
 impl Match {
     pub fn matches(&self, alert: &Alert) -> bool {
-        (self.rules.is_empty() || self.rules.iter().any(|r| *r == alert.rule))
+        (self.rules.is_empty() || self.rules.contains(&alert.rule))
             && self.priority.is_none_or(|p| p.matches(alert.priority))
             && self.tags.iter().all(|t| alert.tags.contains(t))
             && (self.source.is_empty() || self.source.contains(&alert.source))
@@ -408,22 +410,45 @@ impl Policy {
                 return Err(error(&rule.name, "a rule has an empty name".into()));
             }
             if !seen.insert(rule.name.as_str()) {
-                return Err(error(&rule.name, format!("rule {:?} is defined twice", rule.name)));
+                return Err(error(
+                    &rule.name,
+                    format!("rule {:?} is defined twice", rule.name),
+                ));
             }
             if rule.actions.is_empty() {
-                return Err(error(&rule.name, format!("rule {:?} has no actions", rule.name)));
+                return Err(error(
+                    &rule.name,
+                    format!("rule {:?} has no actions", rule.name),
+                ));
             }
             for action in &rule.actions {
                 match action {
-                    ActionSpec::DeletePod { grace_period_seconds } if *grace_period_seconds < 0 => {
-                        return Err(error(&rule.name, format!("rule {:?}: grace_period_seconds must not be negative", rule.name)));
+                    ActionSpec::DeletePod {
+                        grace_period_seconds,
+                    } if *grace_period_seconds < 0 => {
+                        return Err(error(
+                            &rule.name,
+                            format!(
+                                "rule {:?}: grace_period_seconds must not be negative",
+                                rule.name
+                            ),
+                        ));
                     }
                     ActionSpec::LabelPod { labels } | ActionSpec::IsolatePod { labels } => {
                         if labels.is_empty() {
-                            return Err(error(&rule.name, format!("rule {:?}: {} needs at least one label", rule.name, action.name())));
+                            return Err(error(
+                                &rule.name,
+                                format!(
+                                    "rule {:?}: {} needs at least one label",
+                                    rule.name,
+                                    action.name()
+                                ),
+                            ));
                         }
                         for (k, v) in labels {
-                            check_label(k, v).map_err(|m| error(&rule.name, format!("rule {:?}: {m}", rule.name)))?;
+                            check_label(k, v).map_err(|m| {
+                                error(&rule.name, format!("rule {:?}: {m}", rule.name))
+                            })?;
                         }
                     }
                     _ => {}
@@ -472,7 +497,10 @@ fn line_of(text: &str, name: &str) -> Option<usize> {
 /// Kubernetes label rules: an optional DNS prefix and `/`, a name of at most
 /// 63 characters; values of at most 63 characters; alphanumerics, `-_.`.
 fn check_label(key: &str, value: &str) -> Result<(), String> {
-    let ok_chars = |s: &str| s.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c));
+    let ok_chars = |s: &str| {
+        s.chars()
+            .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+    };
     let ok_ends = |s: &str| {
         s.chars().next().is_some_and(|c| c.is_ascii_alphanumeric())
             && s.chars().last().is_some_and(|c| c.is_ascii_alphanumeric())
@@ -537,16 +565,30 @@ rules:
     fn parses_and_evaluates_in_order() {
         let p = Policy::parse("p.yaml", POLICY).unwrap();
         assert_eq!(p.rules.len(), 3);
-        assert_eq!(p.rules[2].actions, vec![ActionSpec::DeletePod { grace_period_seconds: 5 }]);
-        let shell = alert(r#"{"rule":"Terminal shell in container","priority":"Critical","tags":["container","shell","T1059"],"source":"syscall","output_fields":{"k8s.ns.name":"shop","k8s.pod.name":"web","container.image.repository":"docker.io/library/nginx"}}"#);
+        assert_eq!(
+            p.rules[2].actions,
+            vec![ActionSpec::DeletePod {
+                grace_period_seconds: 5
+            }]
+        );
+        let shell = alert(
+            r#"{"rule":"Terminal shell in container","priority":"Critical","tags":["container","shell","T1059"],"source":"syscall","output_fields":{"k8s.ns.name":"shop","k8s.pod.name":"web","container.image.repository":"docker.io/library/nginx"}}"#,
+        );
         let names: Vec<&str> = p.evaluate(&shell).iter().map(|r| r.name.as_str()).collect();
         assert_eq!(names, ["quarantine", "delete criticals"]);
 
-        let falco = alert(r#"{"rule":"Terminal shell in container","priority":"Critical","output_fields":{"k8s.ns.name":"falco","k8s.pod.name":"f"}}"#);
+        let falco = alert(
+            r#"{"rule":"Terminal shell in container","priority":"Critical","output_fields":{"k8s.ns.name":"falco","k8s.pod.name":"f"}}"#,
+        );
         let names: Vec<&str> = p.evaluate(&falco).iter().map(|r| r.name.as_str()).collect();
-        assert_eq!(names, ["ignore falco itself"], "a matching rule without continue stops");
+        assert_eq!(
+            names,
+            ["ignore falco itself"],
+            "a matching rule without continue stops"
+        );
 
-        let notice = alert(r#"{"rule":"Other","priority":"Notice","output_fields":{"k8s.ns.name":"shop"}}"#);
+        let notice =
+            alert(r#"{"rule":"Other","priority":"Notice","output_fields":{"k8s.ns.name":"shop"}}"#);
         assert!(p.evaluate(&notice).is_empty());
     }
 
@@ -568,7 +610,9 @@ rules:
     #[test]
     fn conditions() {
         let c = |s: &str| Condition::try_from(s.to_owned()).unwrap();
-        let a = alert(r#"{"rule":"r","priority":"Debug","output_fields":{"k8s.ns.name":"shop","proc.pid":42,"gone":null}}"#);
+        let a = alert(
+            r#"{"rule":"r","priority":"Debug","output_fields":{"k8s.ns.name":"shop","proc.pid":42,"gone":null}}"#,
+        );
         assert!(c("k8s.ns.name != falco").holds(&a));
         assert!(c("k8s.ns.name=shop").holds(&a));
         assert!(c("k8s.ns.name == 'shop'").holds(&a));
@@ -580,7 +624,13 @@ rules:
         assert!(c("missing != x").holds(&a));
         assert!(!c("missing = x").holds(&a));
         assert!(c("k8s.ns.name contains ho").holds(&a));
-        for bad in ["", "k8s.ns.name", "k8s.ns.name ~ x", "k8s.ns.name in a, b", "k8s.ns.name in ()"] {
+        for bad in [
+            "",
+            "k8s.ns.name",
+            "k8s.ns.name ~ x",
+            "k8s.ns.name in a, b",
+            "k8s.ns.name in ()",
+        ] {
             assert!(Condition::try_from(bad.to_owned()).is_err(), "{bad:?}");
         }
     }
@@ -601,7 +651,10 @@ rules:
             let err = Policy::parse("p.yaml", text).unwrap_err();
             assert_eq!(err.line, Some(line), "{text}\n{err}");
             assert!(err.to_string().contains(needle), "{err}");
-            assert!(err.to_string().starts_with(&format!("p.yaml:{line}")), "{err}");
+            assert!(
+                err.to_string().starts_with(&format!("p.yaml:{line}")),
+                "{err}"
+            );
         }
     }
 
@@ -609,6 +662,11 @@ rules:
     fn default_labels_and_single_source() {
         let p = Policy::parse("p", "rules:\n  - name: a\n    match: {source: k8s_audit}\n    actions: [{action: isolate-pod}]\n").unwrap();
         assert_eq!(p.rules[0].matcher.source, vec!["k8s_audit".to_owned()]);
-        assert_eq!(p.rules[0].actions, vec![ActionSpec::IsolatePod { labels: quarantine_labels() }]);
+        assert_eq!(
+            p.rules[0].actions,
+            vec![ActionSpec::IsolatePod {
+                labels: quarantine_labels()
+            }]
+        );
     }
 }

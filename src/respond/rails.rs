@@ -174,15 +174,24 @@ mod tests {
     #[test]
     fn namespaces() {
         let r = rails(1);
-        assert_eq!(r.check_namespace("kube-system"), Err(SkipReason::ProtectedNamespace));
-        assert_eq!(r.check_namespace("other"), Err(SkipReason::NamespaceNotAllowed));
+        assert_eq!(
+            r.check_namespace("kube-system"),
+            Err(SkipReason::ProtectedNamespace)
+        );
+        assert_eq!(
+            r.check_namespace("other"),
+            Err(SkipReason::NamespaceNotAllowed)
+        );
         assert_eq!(r.check_namespace("shop"), Ok(()));
     }
 
     #[test]
     fn owners() {
         let r = rails(1);
-        assert_eq!(r.check_owner(&owned_by("DaemonSet")), Err(SkipReason::DaemonSetPod));
+        assert_eq!(
+            r.check_owner(&owned_by("DaemonSet")),
+            Err(SkipReason::DaemonSetPod)
+        );
         assert_eq!(r.check_owner(&owned_by("Node")), Err(SkipReason::StaticPod));
         assert_eq!(r.check_owner(&owned_by("ReplicaSet")), Ok(()));
         assert_eq!(r.check_owner(&Pod::default()), Ok(()));

@@ -191,17 +191,18 @@ const SCENARIOS: &[Scenario] = &[
 ];
 
 /// A workload the simulated alerts come from.
-struct Pod {
-    namespace: &'static str,
-    name: &'static str,
-    uid: &'static str,
-    image: &'static str,
-    tag: &'static str,
-    container: &'static str,
-    container_id: &'static str,
+pub struct Pod {
+    pub namespace: &'static str,
+    pub name: &'static str,
+    pub uid: &'static str,
+    pub image: &'static str,
+    pub tag: &'static str,
+    pub container: &'static str,
+    pub container_id: &'static str,
 }
 
-const PODS: &[Pod] = &[
+/// The pods the simulated alerts name, in the order alerts cycle through them.
+pub const PODS: &[Pod] = &[
     Pod {
         namespace: "shop",
         name: "web-7d9f8c6b5-x2k4p",

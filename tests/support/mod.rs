@@ -3,6 +3,8 @@
 
 #![allow(dead_code)]
 
+pub mod fake_kube;
+
 use std::net::TcpListener as StdListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};

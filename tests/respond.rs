@@ -1,0 +1,565 @@
+//! The responder against a real nats-server and a real `kube::Client`
+//! talking to the fake API server.
+
+mod support;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::Duration;
+
+use async_nats::jetstream;
+use falco_nats::output::NatsOptions;
+use falco_nats::respond::policy::Policy;
+use falco_nats::respond::rails::{RailsConfig, DEFAULT_PROTECTED};
+use falco_nats::respond::{self, RespondOptions, Subscription};
+use serde_json::{json, Value};
+use support::fake_kube::FakeKube;
+use support::*;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+const WAIT: Duration = Duration::from_secs(15);
+
+fn options(nats: &NatsServer, kube: &FakeKube) -> RespondOptions {
+    RespondOptions {
+        nats: NatsOptions::for_server(nats.url()),
+        subscription: Subscription::Core {
+            subject: "falco.>".into(),
+            queue: "falco-nats-respond".into(),
+        },
+        policy: Policy::proof_of_concept(),
+        rails: RailsConfig {
+            protected_namespaces: DEFAULT_PROTECTED.iter().map(|s| s.to_string()).collect(),
+            only_namespaces: None,
+            allow_daemonset_pods: false,
+            allow_static_pods: false,
+            dedup_window: Duration::from_secs(600),
+            max_actions_per_minute: 1000,
+        },
+        dry_run: false,
+        result_prefix: "falco.response".into(),
+        kubeconfig: Some(kube.kubeconfig()),
+    }
+}
+
+struct Responder {
+    shutdown: CancellationToken,
+    task: JoinHandle<Result<(), respond::RespondError>>,
+}
+
+impl Responder {
+    async fn start(options: RespondOptions) -> Self {
+        let shutdown = CancellationToken::new();
+        let task = tokio::spawn(respond::run(options, None, shutdown.clone()));
+        // Let the subscription reach the server before alerts are published.
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        Responder { shutdown, task }
+    }
+
+    async fn stop(self) {
+        self.shutdown.cancel();
+        tokio::time::timeout(WAIT, self.task)
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
+    }
+}
+
+fn alert(priority: &str, rule: &str, fields: Value) -> Vec<u8> {
+    json!({
+        "hostname": "node-1",
+        "output": format!("12:00:00.000000000: {priority} {rule}"),
+        "output_fields": fields,
+        "priority": priority,
+        "rule": rule,
+        "source": "syscall",
+        "tags": ["container"],
+        "time": "2026-11-24T12:00:00.000000000Z",
+    })
+    .to_string()
+    .into_bytes()
+}
+
+fn pod_alert(priority: &str, ns: &str, pod: &str, uid: Option<&str>) -> Vec<u8> {
+    let mut fields = json!({"k8s.ns.name": ns, "k8s.pod.name": pod, "proc.pid": 42});
+    if let Some(uid) = uid {
+        fields["k8s.pod.uid"] = json!(uid);
+    }
+    alert(priority, "Drop and execute new binary in container", fields)
+}
+
+async fn publish(client: &async_nats::Client, payload: Vec<u8>) {
+    client
+        .publish(
+            "falco.critical.drop_and_execute_new_binary_in_container",
+            payload.into(),
+        )
+        .await
+        .unwrap();
+}
+
+async fn results(sub: &mut async_nats::Subscriber, n: usize) -> Vec<Value> {
+    receive(sub, n, WAIT)
+        .await
+        .iter()
+        .map(|m| serde_json::from_slice(&m.payload).unwrap())
+        .collect()
+}
+
+#[tokio::test]
+async fn critical_alert_deletes_exactly_that_pod_in_exactly_its_namespace() {
+    let nats = NatsServer::start();
+    let kube = FakeKube::start().await;
+    kube.add_pod("shop", "web", "uid-shop-web", Some("ReplicaSet"));
+    kube.add_pod("other", "web", "uid-other-web", Some("ReplicaSet"));
+    let client = nats.client().await;
+    let mut out = client.subscribe("falco.response.>").await.unwrap();
+    let responder = Responder::start(options(&nats, &kube)).await;
+
+    publish(
+        &client,
+        pod_alert("Critical", "shop", "web", Some("uid-shop-web")),
+    )
+    .await;
+    let r = results(&mut out, 1).await;
+    assert_eq!(r[0]["action"], "delete-pod");
+    assert_eq!(r[0]["outcome"], "done", "{}", r[0]);
+    assert_eq!(r[0]["namespace"], "shop");
+    assert_eq!(r[0]["pod"], "web");
+    assert_eq!(r[0]["rule"], "Drop and execute new binary in container");
+    assert!(r[0]["latency_ms"].as_f64().unwrap() > 0.0);
+
+    let deletes = kube.deletes();
+    assert_eq!(deletes.len(), 1);
+    assert_eq!(deletes[0].namespace, "shop");
+    assert_eq!(deletes[0].name, "web");
+    assert_eq!(deletes[0].grace_period_seconds, Some(0));
+    assert_eq!(deletes[0].uid_precondition.as_deref(), Some("uid-shop-web"));
+    assert!(!kube.has_pod("shop", "web"));
+    assert!(
+        kube.has_pod("other", "web"),
+        "the same name elsewhere is untouched"
+    );
+
+    let events = kube.events();
+    assert_eq!(events.len(), 1);
+    assert_eq!(events[0]["metadata"]["namespace"], "shop");
+    assert_eq!(events[0]["involvedObject"]["name"], "web");
+    assert_eq!(events[0]["involvedObject"]["uid"], "uid-shop-web");
+    assert_eq!(events[0]["reason"], "FalcoNatsActed");
+    responder.stop().await;
+}
+
+#[tokio::test]
+async fn safety_rails_skip_and_say_why() {
+    let nats = NatsServer::start();
+    let kube = FakeKube::start().await;
+    kube.add_pod("kube-system", "coredns", "u1", Some("ReplicaSet"));
+    kube.add_pod("elsewhere", "api", "u2", Some("ReplicaSet"));
+    kube.add_pod("shop", "node-agent", "u3", Some("DaemonSet"));
+    kube.add_pod("shop", "web", "u4", Some("ReplicaSet"));
+    kube.add_pod("responders", "me", "u5", Some("ReplicaSet"));
+    let client = nats.client().await;
+    let mut out = client.subscribe("falco.response.>").await.unwrap();
+    let mut opts = options(&nats, &kube);
+    opts.rails.only_namespaces = Some(
+        [
+            "shop".to_owned(),
+            "kube-system".to_owned(),
+            "responders".to_owned(),
+        ]
+        .into(),
+    );
+    opts.rails.protected_namespaces.insert("responders".into());
+    let responder = Responder::start(opts).await;
+
+    let cases: Vec<(Vec<u8>, &str)> = vec![
+        (
+            pod_alert("Critical", "kube-system", "coredns", None),
+            "protected_namespace",
+        ),
+        (
+            pod_alert("Critical", "responders", "me", None),
+            "protected_namespace",
+        ),
+        (
+            pod_alert("Critical", "elsewhere", "api", None),
+            "namespace_not_allowed",
+        ),
+        (
+            pod_alert("Critical", "shop", "node-agent", None),
+            "daemonset_pod",
+        ),
+        (
+            alert("Critical", "Falco internal: syscall event drop", json!({})),
+            "no_pod_in_alert",
+        ),
+        (
+            alert(
+                "Critical",
+                "r",
+                json!({"k8s.ns.name": "shop", "k8s.pod.name": null}),
+            ),
+            "no_pod_in_alert",
+        ),
+        (b"{not json".to_vec(), "malformed_alert"),
+        (
+            br#"{"rule":"r","priority":"Severe"}"#.to_vec(),
+            "malformed_alert",
+        ),
+        (pod_alert("Error", "shop", "web", None), "no_policy_match"),
+        (pod_alert("Warning", "shop", "web", None), "no_policy_match"),
+    ];
+    for (payload, _) in &cases {
+        publish(&client, payload.clone()).await;
+    }
+    let got = results(&mut out, cases.len()).await;
+    for ((_, reason), r) in cases.iter().zip(&got) {
+        assert_eq!(r["outcome"], "skipped", "{r}");
+        assert!(
+            r["reason"].as_str().unwrap().starts_with(reason),
+            "expected {reason}: {r}"
+        );
+    }
+    assert!(kube.deletes().is_empty(), "nothing is deleted");
+    // Still alive and acting after all that.
+    publish(&client, pod_alert("Critical", "shop", "web", None)).await;
+    assert_eq!(results(&mut out, 1).await[0]["outcome"], "done");
+    // A repeat for the same pod and rule is deduplicated.
+    kube.add_pod("shop", "web", "u6", Some("ReplicaSet"));
+    publish(&client, pod_alert("Critical", "shop", "web", None)).await;
+    let r = results(&mut out, 1).await;
+    assert_eq!(r[0]["reason"], "duplicate", "{}", r[0]);
+    assert_eq!(kube.deletes().len(), 1);
+    responder.stop().await;
+}
+
+#[tokio::test]
+async fn an_alert_storm_cannot_exceed_the_rate_limit() {
+    const PODS: usize = 1000;
+    let nats = NatsServer::start();
+    let kube = FakeKube::start().await;
+    for i in 0..PODS {
+        kube.add_pod(
+            "shop",
+            &format!("web-{i}"),
+            &format!("uid-{i}"),
+            Some("ReplicaSet"),
+        );
+    }
+    let client = nats.client().await;
+    let mut out = client.subscribe("falco.response.>").await.unwrap();
+    let mut opts = options(&nats, &kube);
+    opts.rails.max_actions_per_minute = 10;
+    let responder = Responder::start(opts).await;
+    for i in 0..PODS {
+        publish(
+            &client,
+            pod_alert("Critical", "shop", &format!("web-{i}"), None),
+        )
+        .await;
+    }
+    let got = results(&mut out, PODS).await;
+    let mut outcomes: BTreeMap<String, usize> = BTreeMap::new();
+    for r in &got {
+        *outcomes
+            .entry(format!(
+                "{}/{}",
+                r["outcome"].as_str().unwrap(),
+                r["reason"].as_str().unwrap_or("")
+            ))
+            .or_default() += 1;
+    }
+    let done = got.iter().filter(|r| r["outcome"] == "done").count();
+    let limited = got.iter().filter(|r| r["reason"] == "rate_limited").count();
+    assert_eq!(done, 10, "{outcomes:?}");
+    assert_eq!(limited, PODS - 10, "{outcomes:?}");
+    assert_eq!(kube.deletes().len(), 10);
+    responder.stop().await;
+}
+
+#[tokio::test]
+async fn dry_run_writes_nothing_and_says_what_it_would_do() {
+    let nats = NatsServer::start();
+    let kube = FakeKube::start().await;
+    kube.add_pod("shop", "web", "u1", Some("ReplicaSet"));
+    let client = nats.client().await;
+    let mut out = client.subscribe("falco.response.>").await.unwrap();
+    let mut opts = options(&nats, &kube);
+    opts.policy = Policy::parse(
+        "policy.yaml",
+        "rules:\n  - name: all\n    match: {priority: '>=Notice'}\n    actions:\n      - action: delete-pod\n        grace_period_seconds: 3\n      - action: isolate-pod\n      - action: label-pod\n        labels: {quarantine: 'true'}\n",
+    )
+    .unwrap();
+    opts.dry_run = true;
+    let responder = Responder::start(opts).await;
+    publish(&client, pod_alert("Critical", "shop", "web", Some("u1"))).await;
+    let got = results(&mut out, 3).await;
+    let reasons: Vec<&str> = got.iter().map(|r| r["reason"].as_str().unwrap()).collect();
+    assert!(
+        got.iter()
+            .all(|r| r["outcome"] == "dry_run" && r["dry_run"] == true),
+        "{got:?}"
+    );
+    assert_eq!(reasons[0], "would delete the pod (grace period 3s)");
+    assert!(
+        reasons[1].starts_with("would isolate the pod"),
+        "{reasons:?}"
+    );
+    assert_eq!(reasons[2], "would label the pod quarantine=true");
+    assert!(
+        kube.writes().is_empty(),
+        "no write reached the API: {:?}",
+        kube.writes()
+    );
+    assert!(kube.has_pod("shop", "web"));
+    responder.stop().await;
+}
+
+#[tokio::test]
+async fn label_isolate_gone_and_replaced() {
+    let nats = NatsServer::start();
+    let kube = FakeKube::start().await;
+    for name in ["a", "b", "c"] {
+        kube.add_pod("shop", name, &format!("uid-{name}"), Some("ReplicaSet"));
+    }
+    let client = nats.client().await;
+    let mut out = client.subscribe("falco.response.>").await.unwrap();
+    let mut opts = options(&nats, &kube);
+    opts.policy = Policy::parse(
+        "policy.yaml",
+        "rules:\n  - name: contain\n    match: {priority: '>=Critical'}\n    actions:\n      - action: isolate-pod\n      - action: label-pod\n        labels: {falco: seen}\n",
+    )
+    .unwrap();
+    let responder = Responder::start(opts).await;
+    publish(&client, pod_alert("Critical", "shop", "a", Some("uid-a"))).await;
+    publish(&client, pod_alert("Critical", "shop", "b", None)).await;
+    publish(
+        &client,
+        pod_alert("Critical", "shop", "c", Some("uid-old-c")),
+    )
+    .await;
+    publish(&client, pod_alert("Critical", "shop", "gone", None)).await;
+    let got = results(&mut out, 7).await;
+    let outcomes: Vec<String> = got
+        .iter()
+        .map(|r| {
+            format!(
+                "{} {} {}",
+                r["pod"].as_str().unwrap(),
+                r["action"].as_str().unwrap(),
+                r["outcome"].as_str().unwrap()
+            )
+        })
+        .collect();
+    assert_eq!(
+        outcomes,
+        [
+            "a isolate-pod done",
+            "a label-pod done",
+            "b isolate-pod done",
+            "b label-pod done",
+            "c isolate-pod replaced",
+            "c label-pod replaced",
+            "gone isolate-pod gone",
+        ],
+        "{got:?}"
+    );
+    let a = kube.pod("shop", "a").unwrap();
+    assert_eq!(a["metadata"]["labels"]["falco-nats/quarantine"], "true");
+    assert_eq!(a["metadata"]["labels"]["falco"], "seen");
+    assert_eq!(
+        a["metadata"]["labels"]["app"], "a",
+        "a merge patch keeps other labels"
+    );
+    let c = kube.pod("shop", "c").unwrap();
+    assert!(
+        c["metadata"]["labels"].get("falco").is_none(),
+        "a replaced pod is not touched"
+    );
+    let policies = kube.network_policies();
+    assert_eq!(policies.len(), 1, "one isolation policy per namespace");
+    assert_eq!(
+        policies[0]["spec"]["podSelector"]["matchLabels"]["falco-nats/quarantine"],
+        "true"
+    );
+    assert_eq!(
+        policies[0]["spec"]["policyTypes"],
+        json!(["Ingress", "Egress"])
+    );
+    assert!(
+        policies[0]["spec"].get("ingress").is_none() && policies[0]["spec"].get("egress").is_none()
+    );
+    responder.stop().await;
+}
+
+#[tokio::test]
+async fn two_replicas_in_a_queue_group_handle_each_alert_once() {
+    const PODS: usize = 100;
+    let nats = NatsServer::start();
+    let kube = FakeKube::start().await;
+    for i in 0..PODS {
+        kube.add_pod(
+            "shop",
+            &format!("web-{i}"),
+            &format!("uid-{i}"),
+            Some("ReplicaSet"),
+        );
+    }
+    let client = nats.client().await;
+    let mut out = client.subscribe("falco.response.>").await.unwrap();
+    let one = Responder::start(options(&nats, &kube)).await;
+    let two = Responder::start(options(&nats, &kube)).await;
+    for i in 0..PODS {
+        publish(
+            &client,
+            pod_alert("Critical", "shop", &format!("web-{i}"), None),
+        )
+        .await;
+    }
+    let got = results(&mut out, PODS).await;
+    assert_quiet(&mut out, Duration::from_millis(500)).await;
+    assert!(got.iter().all(|r| r["outcome"] == "done"), "{got:?}");
+    let deleted: BTreeSet<String> = kube.deletes().iter().map(|d| d.name.clone()).collect();
+    assert_eq!(deleted.len(), PODS);
+    assert_eq!(
+        kube.deletes().len(),
+        PODS,
+        "each alert handled by one replica"
+    );
+    one.stop().await;
+    two.stop().await;
+}
+
+#[tokio::test]
+async fn jetstream_durable_consumer_survives_a_crash() {
+    const PODS: usize = 60;
+    let nats = NatsServer::start();
+    let kube = FakeKube::start().await;
+    for i in 0..PODS {
+        kube.add_pod(
+            "shop",
+            &format!("web-{i}"),
+            &format!("uid-{i}"),
+            Some("ReplicaSet"),
+        );
+    }
+    let client = nats.client().await;
+    let js = jetstream::new(client.clone());
+    js.create_stream(jetstream::stream::Config {
+        name: "FALCO".into(),
+        subjects: vec!["falco.*.*".into()],
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let mut out = client.subscribe("falco.response.>").await.unwrap();
+    let mut opts = options(&nats, &kube);
+    opts.subscription = Subscription::JetStream {
+        stream: "FALCO".into(),
+        durable: "responders".into(),
+        subject: "falco.>".into(),
+        ack_wait: Duration::from_secs(1),
+    };
+    // Each API call takes 10 ms, so the crash finds alerts still to do.
+    kube.set_latency(Duration::from_millis(10));
+    let first = Responder::start(opts).await;
+    for i in 0..PODS {
+        js.publish(
+            "falco.critical.drop_and_execute_new_binary_in_container",
+            pod_alert("Critical", "shop", &format!("web-{i}"), None).into(),
+        )
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+    }
+    // Crash mid-stream: no shutdown, no acknowledgement of what is in hand.
+    receive(&mut out, 20, WAIT).await;
+    first.task.abort();
+    let _ = first.task.await;
+    let left = (0..PODS)
+        .filter(|i| kube.has_pod("shop", &format!("web-{i}")))
+        .count();
+    assert!(left > 0, "the crash came after everything was done");
+    let mut opts = options(&nats, &kube);
+    opts.subscription = Subscription::JetStream {
+        stream: "FALCO".into(),
+        durable: "responders".into(),
+        subject: "falco.>".into(),
+        ack_wait: Duration::from_secs(1),
+    };
+    let second = Responder::start(opts).await;
+    wait_for("every pod deleted", Duration::from_secs(30), || async {
+        (0..PODS).all(|i| !kube.has_pod("shop", &format!("web-{i}")))
+    })
+    .await;
+    let accepted: Vec<String> = kube
+        .deletes()
+        .iter()
+        .filter(|d| d.status == 200)
+        .map(|d| d.name.clone())
+        .collect();
+    let unique: BTreeSet<&String> = accepted.iter().collect();
+    assert_eq!(
+        accepted.len(),
+        PODS,
+        "every alert acted on once: {accepted:?}"
+    );
+    assert_eq!(unique.len(), PODS);
+    second.stop().await;
+}
+
+#[tokio::test]
+async fn end_to_end_from_falco_through_the_bridge_to_a_deleted_pod() {
+    use falco_nats::simulate::alerts::{AlertFactory, PODS};
+    use falco_nats::simulate::falco_grpc::MockFalco;
+
+    let nats = NatsServer::start();
+    let kube = FakeKube::start().await;
+    for p in PODS {
+        kube.add_pod(p.namespace, p.name, p.uid, Some("ReplicaSet"));
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("falco.sock");
+    let mut falco = MockFalco::new(&socket);
+    falco.start().await.unwrap();
+    let client = nats.client().await;
+    let mut out = client.subscribe("falco.response.>").await.unwrap();
+    let responder = Responder::start(options(&nats, &kube)).await;
+    let bridge = RunningBridge::start(grpc_options(&socket, &nats.url())).await;
+
+    // The first seven simulated alerts: one Critical on a pod, one Critical
+    // internal alert without a pod, five below Critical.
+    let mut factory = AlertFactory::new("node-e2e", false);
+    for _ in 0..7 {
+        falco.push(factory.next_response());
+    }
+    let got = results(&mut out, 7).await;
+    let done: Vec<&Value> = got.iter().filter(|r| r["outcome"] == "done").collect();
+    assert_eq!(done.len(), 1, "{got:?}");
+    assert_eq!(done[0]["rule"], "Drop and execute new binary in container");
+    assert_eq!(done[0]["hostname"], "node-e2e");
+    assert_eq!(
+        got.iter()
+            .filter(|r| r["reason"] == "no_pod_in_alert")
+            .count(),
+        1
+    );
+    assert_eq!(
+        got.iter()
+            .filter(|r| r["reason"] == "no_policy_match")
+            .count(),
+        5
+    );
+    let deletes = kube.deletes();
+    assert_eq!(deletes.len(), 1);
+    assert_eq!(
+        (deletes[0].namespace.as_str(), deletes[0].name.as_str()),
+        (PODS[0].namespace, PODS[0].name)
+    );
+    assert_eq!(deletes[0].uid_precondition.as_deref(), Some(PODS[0].uid));
+    assert!(!kube.has_pod(PODS[0].namespace, PODS[0].name));
+    bridge.stop().await.unwrap();
+    responder.stop().await;
+}

@@ -1,0 +1,328 @@
+//! A small fake Kubernetes API server for the responder's tests, reached by
+//! a real `kube::Client` through a kubeconfig. It answers like the real API
+//! for what the responder uses: bearer-token auth, `Status` bodies, 404 for a
+//! missing pod, 409 for a failed UID precondition (from `DeleteOptions` in the
+//! body, or `metadata.uid` in a merge patch), label merge patches, Events,
+//! and NetworkPolicies (409 AlreadyExists on a second create).
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use axum::body::Bytes;
+use axum::extract::State;
+use axum::http::{HeaderMap, Method, StatusCode, Uri};
+use axum::response::{IntoResponse, Response};
+use axum::Router;
+use serde_json::{json, Value};
+
+pub const TOKEN: &str = "test-token";
+
+/// One DELETE the fake API accepted or refused.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DeleteCall {
+    pub namespace: String,
+    pub name: String,
+    pub grace_period_seconds: Option<i64>,
+    pub uid_precondition: Option<String>,
+    /// The HTTP status answered.
+    pub status: u16,
+}
+
+#[derive(Default)]
+pub struct FakeState {
+    pub pods: BTreeMap<(String, String), Value>,
+    pub deletes: Vec<DeleteCall>,
+    pub events: Vec<Value>,
+    pub network_policies: BTreeMap<(String, String), Value>,
+    /// Every request: method and path.
+    pub requests: Vec<(String, String)>,
+    /// Added before every answer, to make calls take time.
+    pub latency: std::time::Duration,
+    next: u64,
+}
+
+/// The fake API server, serving until dropped.
+pub struct FakeKube {
+    pub state: Arc<Mutex<FakeState>>,
+    pub url: String,
+    dir: tempfile::TempDir,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for FakeKube {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+fn status(code: u16, reason: &str, message: String) -> Response {
+    let body = json!({
+        "kind": "Status", "apiVersion": "v1", "metadata": {},
+        "status": "Failure", "message": message, "reason": reason, "code": code,
+    });
+    let code = StatusCode::from_u16(code).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+    (
+        code,
+        [("content-type", "application/json")],
+        body.to_string(),
+    )
+        .into_response()
+}
+
+fn ok(code: StatusCode, body: &Value) -> Response {
+    (
+        code,
+        [("content-type", "application/json")],
+        body.to_string(),
+    )
+        .into_response()
+}
+
+fn not_found(kind: &str, name: &str) -> Response {
+    status(404, "NotFound", format!("{kind} \"{name}\" not found"))
+}
+
+impl FakeKube {
+    pub async fn start() -> Self {
+        let state = Arc::new(Mutex::new(FakeState::default()));
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        let app = Router::new().fallback(handle).with_state(state.clone());
+        let task = tokio::spawn(async move {
+            let _ = axum::serve(listener, app).await;
+        });
+        FakeKube {
+            state,
+            url,
+            dir: tempfile::tempdir().unwrap(),
+            task,
+        }
+    }
+
+    /// A kubeconfig pointing at this server with the test token.
+    pub fn kubeconfig(&self) -> PathBuf {
+        let path = self.dir.path().join("kubeconfig");
+        let text = format!(
+            "apiVersion: v1\nkind: Config\nclusters:\n- name: fake\n  cluster:\n    server: {}\nusers:\n- name: tester\n  user:\n    token: {TOKEN}\ncontexts:\n- name: fake\n  context:\n    cluster: fake\n    user: tester\n    namespace: default\ncurrent-context: fake\n",
+            self.url
+        );
+        std::fs::write(&path, text).unwrap();
+        path
+    }
+
+    /// Adds a pod, optionally owned by a controller of `owner_kind`.
+    pub fn add_pod(&self, namespace: &str, name: &str, uid: &str, owner_kind: Option<&str>) {
+        let mut pod = json!({
+            "apiVersion": "v1", "kind": "Pod",
+            "metadata": {"name": name, "namespace": namespace, "uid": uid, "resourceVersion": "1", "labels": {"app": name}},
+            "spec": {"containers": [{"name": "main", "image": "nginx"}]},
+            "status": {"phase": "Running"},
+        });
+        if let Some(kind) = owner_kind {
+            pod["metadata"]["ownerReferences"] = json!([{
+                "apiVersion": "apps/v1", "kind": kind, "name": format!("{name}-owner"),
+                "uid": format!("{uid}-owner"), "controller": true,
+            }]);
+        }
+        self.state
+            .lock()
+            .unwrap()
+            .pods
+            .insert((namespace.into(), name.into()), pod);
+    }
+
+    pub fn set_latency(&self, latency: std::time::Duration) {
+        self.state.lock().unwrap().latency = latency;
+    }
+
+    pub fn has_pod(&self, namespace: &str, name: &str) -> bool {
+        self.state
+            .lock()
+            .unwrap()
+            .pods
+            .contains_key(&(namespace.into(), name.into()))
+    }
+
+    pub fn pod(&self, namespace: &str, name: &str) -> Option<Value> {
+        self.state
+            .lock()
+            .unwrap()
+            .pods
+            .get(&(namespace.into(), name.into()))
+            .cloned()
+    }
+
+    pub fn deletes(&self) -> Vec<DeleteCall> {
+        self.state.lock().unwrap().deletes.clone()
+    }
+
+    pub fn events(&self) -> Vec<Value> {
+        self.state.lock().unwrap().events.clone()
+    }
+
+    pub fn network_policies(&self) -> Vec<Value> {
+        self.state
+            .lock()
+            .unwrap()
+            .network_policies
+            .values()
+            .cloned()
+            .collect()
+    }
+
+    /// Requests other than GET.
+    pub fn writes(&self) -> Vec<(String, String)> {
+        self.state
+            .lock()
+            .unwrap()
+            .requests
+            .iter()
+            .filter(|(m, _)| m != "GET")
+            .cloned()
+            .collect()
+    }
+
+    pub fn path(&self) -> &Path {
+        self.dir.path()
+    }
+}
+
+async fn handle(
+    State(state): State<Arc<Mutex<FakeState>>>,
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    let path = uri.path().to_owned();
+    let latency = state.lock().unwrap().latency;
+    if !latency.is_zero() {
+        tokio::time::sleep(latency).await;
+    }
+    let mut st = state.lock().unwrap();
+    st.requests.push((method.to_string(), path.clone()));
+    let auth = headers.get("authorization").and_then(|v| v.to_str().ok());
+    if auth != Some(&format!("Bearer {TOKEN}")) {
+        return status(401, "Unauthorized", "Unauthorized".into());
+    }
+    let parts: Vec<&str> = path.trim_matches('/').split('/').collect();
+    match (method.as_str(), parts.as_slice()) {
+        ("GET", ["api", "v1", "namespaces", ns, "pods", name]) => {
+            match st.pods.get(&((*ns).into(), (*name).into())) {
+                Some(pod) => ok(StatusCode::OK, pod),
+                None => not_found("pods", name),
+            }
+        }
+        ("DELETE", ["api", "v1", "namespaces", ns, "pods", name]) => {
+            let options: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
+            let grace = options["gracePeriodSeconds"].as_i64();
+            let uid_pre = options["preconditions"]["uid"].as_str().map(str::to_owned);
+            let key = ((*ns).to_owned(), (*name).to_owned());
+            let mut call = DeleteCall {
+                namespace: key.0.clone(),
+                name: key.1.clone(),
+                grace_period_seconds: grace,
+                uid_precondition: uid_pre.clone(),
+                status: 200,
+            };
+            let response = match st.pods.get(&key) {
+                None => {
+                    call.status = 404;
+                    not_found("pods", name)
+                }
+                Some(pod) => {
+                    let uid = pod["metadata"]["uid"]
+                        .as_str()
+                        .unwrap_or_default()
+                        .to_owned();
+                    match uid_pre {
+                        Some(pre) if pre != uid => {
+                            call.status = 409;
+                            status(409, "Conflict", format!("Operation cannot be fulfilled on Pod \"{name}\": Precondition failed: UID in precondition: {pre}, UID in object meta: {uid}"))
+                        }
+                        _ => {
+                            let pod = st.pods.remove(&key).unwrap_or_default();
+                            ok(StatusCode::OK, &pod)
+                        }
+                    }
+                }
+            };
+            st.deletes.push(call);
+            response
+        }
+        ("PATCH", ["api", "v1", "namespaces", ns, "pods", name]) => {
+            let content_type = headers
+                .get("content-type")
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or("");
+            if content_type != "application/merge-patch+json" {
+                return status(
+                    415,
+                    "UnsupportedMediaType",
+                    format!("unsupported patch type {content_type}"),
+                );
+            }
+            let Ok(patch) = serde_json::from_slice::<Value>(&body) else {
+                return status(400, "BadRequest", "invalid patch".into());
+            };
+            let Some(pod) = st.pods.get_mut(&((*ns).into(), (*name).into())) else {
+                return not_found("pods", name);
+            };
+            if let Some(uid) = patch["metadata"]["uid"].as_str() {
+                let actual = pod["metadata"]["uid"].as_str().unwrap_or_default();
+                if uid != actual {
+                    return status(409, "Conflict", format!("Precondition failed: UID in precondition: {uid}, UID in object meta: {actual}"));
+                }
+            }
+            if let Some(labels) = patch["metadata"]["labels"].as_object() {
+                for (k, v) in labels {
+                    pod["metadata"]["labels"][k] = v.clone();
+                }
+            }
+            let pod = pod.clone();
+            ok(StatusCode::OK, &pod)
+        }
+        ("POST", ["api", "v1", "namespaces", ns, "events"]) => {
+            let Ok(mut event) = serde_json::from_slice::<Value>(&body) else {
+                return status(400, "BadRequest", "invalid event".into());
+            };
+            st.next += 1;
+            let generated = format!(
+                "{}{:05}",
+                event["metadata"]["generateName"]
+                    .as_str()
+                    .unwrap_or("event."),
+                st.next
+            );
+            event["metadata"]["name"] = json!(generated);
+            event["metadata"]["namespace"] = json!(ns);
+            st.events.push(event.clone());
+            ok(StatusCode::CREATED, &event)
+        }
+        ("POST", ["apis", "networking.k8s.io", "v1", "namespaces", ns, "networkpolicies"]) => {
+            let Ok(policy) = serde_json::from_slice::<Value>(&body) else {
+                return status(400, "BadRequest", "invalid network policy".into());
+            };
+            let name = policy["metadata"]["name"]
+                .as_str()
+                .unwrap_or_default()
+                .to_owned();
+            let key = ((*ns).to_owned(), name.clone());
+            if st.network_policies.contains_key(&key) {
+                return status(
+                    409,
+                    "AlreadyExists",
+                    format!("networkpolicies.networking.k8s.io \"{name}\" already exists"),
+                );
+            }
+            st.network_policies.insert(key, policy.clone());
+            ok(StatusCode::CREATED, &policy)
+        }
+        _ => status(
+            404,
+            "NotFound",
+            format!("the server could not find the requested resource ({method} {path})"),
+        ),
+    }
+}
