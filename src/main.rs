@@ -2,6 +2,8 @@
 
 #![forbid(unsafe_code)]
 
+use std::process::ExitCode;
+
 use anyhow::Context;
 use clap::Parser;
 use falco_nats::cli::{Cli, Command};
@@ -9,14 +11,23 @@ use falco_nats::telemetry::logging;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
-fn main() -> anyhow::Result<()> {
+fn main() -> ExitCode {
     let cli = Cli::parse();
     logging::init(cli.log_format);
-    let runtime = tokio::runtime::Builder::new_multi_thread()
+    let result = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
-        .context("cannot start the async runtime")?;
-    runtime.block_on(run(cli))
+        .context("cannot start the async runtime")
+        .and_then(|runtime| runtime.block_on(run(cli)));
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            // The whole chain of causes, without a backtrace: these are
+            // errors of input and environment, not of the program.
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
 }
 
 async fn run(cli: Cli) -> anyhow::Result<()> {
