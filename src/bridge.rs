@@ -14,10 +14,12 @@ use tokio_util::sync::CancellationToken;
 
 use crate::input::fifo::{FifoInput, FifoOptions};
 use crate::input::grpc::{GrpcInput, GrpcOptions};
+use crate::input::http::{http_routes, HttpOptions};
+use crate::input::stdin::StdinInput;
 use crate::input::{AlertSink, InputError};
 use crate::output::{connect, ConnectionWatch, NatsError, NatsOptions, PublishOptions, Publisher};
 use crate::priority::Priority;
-use crate::telemetry::health::{self, Readiness};
+use crate::telemetry::health::{self, Readiness, TlsError};
 use crate::telemetry::metrics::BridgeMetrics;
 
 /// Which input the bridge reads.
@@ -25,6 +27,12 @@ use crate::telemetry::metrics::BridgeMetrics;
 pub enum InputOptions {
     Grpc(GrpcOptions),
     Fifo(FifoOptions),
+    /// `POST /` on the `--listen` address.
+    Http(HttpOptions),
+    /// Lines on standard input, up to this many bytes each.
+    Stdin {
+        max_line: usize,
+    },
 }
 
 impl InputOptions {
@@ -32,8 +40,17 @@ impl InputOptions {
         match self {
             InputOptions::Grpc(_) => "grpc",
             InputOptions::Fifo(_) => "fifo",
+            InputOptions::Http(_) => "http",
+            InputOptions::Stdin { .. } => "stdin",
         }
     }
+}
+
+/// A certificate chain and key (PEM) for HTTPS on the `--listen` address.
+#[derive(Debug, Clone)]
+pub struct TlsFiles {
+    pub cert: std::path::PathBuf,
+    pub key: std::path::PathBuf,
 }
 
 /// Everything the bridge needs.
@@ -48,6 +65,8 @@ pub struct BridgeOptions {
     pub queue_size: usize,
     /// Longest time to publish what was read, once shutdown starts.
     pub drain_timeout: Duration,
+    /// Serve `--listen` over HTTPS.
+    pub tls: Option<TlsFiles>,
 }
 
 /// Why the bridge stopped with an error.
@@ -61,6 +80,10 @@ pub enum BridgeError {
         "{pending} alerts were still unpublished when the drain timeout of {timeout:?} ran out"
     )]
     DrainTimeout { pending: i64, timeout: Duration },
+    #[error(transparent)]
+    Tls(#[from] TlsError),
+    #[error("--input http needs the --listen address")]
+    HttpWithoutListener,
 }
 
 /// Runs the bridge until `shutdown` is cancelled (or the input fails),
@@ -79,13 +102,14 @@ pub async fn run(
         connected: metrics.nats_connected.clone(),
         reconnects: metrics.nats_reconnects.clone(),
     };
+    let acceptor = match &options.tls {
+        Some(files) => Some(health::tls_acceptor(&files.cert, &files.key)?),
+        None => None,
+    };
+    if matches!(options.input, InputOptions::Http(_)) && listener.is_none() {
+        return Err(BridgeError::HttpWithoutListener);
+    }
     let client = connect(&options.nats, watch).await?;
-
-    let http_stop = CancellationToken::new();
-    let http = listener.map(|listener| {
-        let router = health::router(readiness, Arc::new(registry));
-        tokio::spawn(health::serve(listener, router, http_stop.clone()))
-    });
 
     let (tx, rx) = mpsc::channel(options.queue_size.max(1));
     let publisher = Publisher::new(client, options.publish.clone(), metrics.clone());
@@ -99,6 +123,19 @@ pub async fn run(
         metrics.clone(),
         input_ready,
     );
+
+    let http_stop = CancellationToken::new();
+    let mut router = health::router(readiness, Arc::new(registry));
+    if let InputOptions::Http(http_options) = &options.input {
+        router = router.merge(http_routes(sink.clone(), http_options.clone()));
+    }
+    let mut http = listener.map(|listener| {
+        let stop = http_stop.clone();
+        match acceptor {
+            Some(acceptor) => tokio::spawn(health::serve_tls(listener, router, acceptor, stop)),
+            None => tokio::spawn(health::serve(listener, router, stop)),
+        }
+    });
     // Once shutdown starts, the input and the output share one deadline.
     let deadline = CancellationToken::new();
     tokio::spawn({
@@ -115,6 +152,22 @@ pub async fn run(
         match options.input {
             InputOptions::Grpc(o) => GrpcInput::new(o, sink).run(input_stop).await,
             InputOptions::Fifo(o) => FifoInput::new(o, sink).run(input_stop).await,
+            InputOptions::Stdin { max_line } => {
+                StdinInput::new(tokio::io::stdin(), max_line, sink)
+                    .run(input_stop)
+                    .await
+            }
+            InputOptions::Http(_) => {
+                // The server holds the sink; stopping it (after the requests
+                // under way) closes the queue.
+                drop(sink);
+                input_stop.cancelled().await;
+                http_stop.cancel();
+                if let Some(server) = http.take() {
+                    let _ = server.await;
+                }
+                Ok(())
+            }
         }
     };
     let input_result = tokio::select! {

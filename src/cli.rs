@@ -9,9 +9,10 @@ use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
-use crate::bridge::{BridgeOptions, InputOptions};
+use crate::bridge::{BridgeOptions, InputOptions, TlsFiles};
 use crate::input::fifo::{FifoOptions, DEFAULT_FIFO, DEFAULT_MAX_LINE};
 use crate::input::grpc::{socket_path, GrpcMethod, GrpcOptions, DEFAULT_SOCKET};
+use crate::input::http::{HttpOptions, DEFAULT_MAX_BODY};
 use crate::input::InputError;
 use crate::output::subject::DEFAULT_SUBJECT;
 use crate::output::{JetStreamOptions, NatsOptions, PublishOptions, SubjectTemplate};
@@ -59,6 +60,10 @@ pub enum InputKind {
     Grpc,
     /// A named pipe that Falco's file_output writes JSON lines into
     Fifo,
+    /// POST / on the --listen address: Falco's http_output, falcosidekick's webhook
+    Http,
+    /// JSON lines on standard input: Falco's program_output
+    Stdin,
 }
 
 fn parse_duration(s: &str) -> Result<Duration, String> {
@@ -105,9 +110,22 @@ pub struct BridgeArgs {
     /// Create the FIFO if it does not exist
     #[arg(long, env = "FALCO_NATS_CREATE_FIFO")]
     pub create_fifo: bool,
-    /// Longest accepted alert line in bytes; longer ones are rejected and logged
+    /// Longest accepted alert line in bytes (FIFO, stdin); longer ones are rejected and logged
     #[arg(long, env = "FALCO_NATS_MAX_LINE", default_value_t = DEFAULT_MAX_LINE)]
     pub max_line: usize,
+
+    /// Largest accepted HTTP body in bytes (--input http); larger ones get 413
+    #[arg(long, env = "FALCO_NATS_MAX_BODY", default_value_t = DEFAULT_MAX_BODY)]
+    pub max_body: usize,
+    /// Bearer token HTTP senders must present (--input http)
+    #[arg(long, env = "FALCO_NATS_HTTP_TOKEN", hide_env_values = true)]
+    pub http_token: Option<String>,
+    /// TLS certificate chain (PEM) for the --listen address
+    #[arg(long, env = "FALCO_NATS_TLS_CERT", requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+    /// TLS private key (PEM) for the --listen address
+    #[arg(long, env = "FALCO_NATS_TLS_KEY", requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
 
     #[command(flatten)]
     pub nats: NatsOptions,
@@ -168,6 +186,17 @@ impl BridgeArgs {
                 create: self.create_fifo,
                 max_line: self.max_line,
             }),
+            InputKind::Http => InputOptions::Http(HttpOptions {
+                max_body: self.max_body,
+                token: self.http_token,
+            }),
+            InputKind::Stdin => InputOptions::Stdin {
+                max_line: self.max_line,
+            },
+        };
+        let tls = match (self.tls_cert, self.tls_key) {
+            (Some(cert), Some(key)) => Some(TlsFiles { cert, key }),
+            _ => None,
         };
         Ok(BridgeOptions {
             input,
@@ -184,6 +213,7 @@ impl BridgeArgs {
             min_priority: self.min_priority,
             queue_size: self.queue_size,
             drain_timeout: self.drain_timeout,
+            tls,
         })
     }
 }

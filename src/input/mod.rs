@@ -1,10 +1,14 @@
-//! The inputs that read Falco's alerts: [`grpc::GrpcInput`] (Falco <= 0.43)
-//! and [`fifo::FifoInput`] (Falco's `file_output` into a named pipe).
-//! Each hands its alerts to an [`AlertSink`], the bounded queue in front of NATS.
+//! The inputs that read Falco's alerts: [`grpc::GrpcInput`] (Falco <= 0.43),
+//! [`fifo::FifoInput`] (`file_output` into a named pipe), [`http::http_routes`]
+//! (`http_output`, falcosidekick's webhook) and [`stdin::StdinInput`]
+//! (`program_output`). Each hands its alerts to an [`AlertSink`], the
+//! bounded queue in front of NATS.
 
 pub mod fifo;
 pub mod grpc;
+pub mod http;
 pub mod lines;
+pub mod stdin;
 
 use bytes::Bytes;
 use prometheus_client::metrics::counter::Counter;

@@ -174,13 +174,50 @@ pub fn metric_value(body: &str, series: &str) -> f64 {
 
 /// A plain HTTP/1.0 GET: status and body.
 pub async fn http_get(addr: std::net::SocketAddr, path: &str) -> (u16, String) {
-    let mut stream = tokio::net::TcpStream::connect(addr)
+    let stream = tokio::net::TcpStream::connect(addr)
         .await
         .expect("connect http");
     let req = format!("GET {path} HTTP/1.0\r\nHost: test\r\n\r\n");
-    stream.write_all(req.as_bytes()).await.expect("write");
-    let mut buf = String::new();
-    stream.read_to_string(&mut buf).await.expect("read");
+    http_exchange(stream, req.as_bytes()).await
+}
+
+/// An HTTP/1.1 POST the way Falco's http_output sends one: status and body.
+pub async fn http_post(
+    addr: std::net::SocketAddr,
+    headers: &[(&str, &str)],
+    body: &[u8],
+) -> (u16, String) {
+    let stream = tokio::net::TcpStream::connect(addr)
+        .await
+        .expect("connect http");
+    http_exchange(stream, &post_request(headers, body)).await
+}
+
+/// The bytes of a `POST /` with `headers` and `body`, closing the connection after.
+pub fn post_request(headers: &[(&str, &str)], body: &[u8]) -> Vec<u8> {
+    let mut req = format!(
+        "POST / HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: {}\r\nConnection: close\r\n",
+        body.len()
+    );
+    for (k, v) in headers {
+        req.push_str(&format!("{k}: {v}\r\n"));
+    }
+    req.push_str("\r\n");
+    let mut bytes = req.into_bytes();
+    bytes.extend_from_slice(body);
+    bytes
+}
+
+/// Writes a request and reads the whole response: status and body.
+pub async fn http_exchange<S>(mut stream: S, request: &[u8]) -> (u16, String)
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    let _ = stream.write_all(request).await;
+    let mut buf = Vec::new();
+    // A server may close before reading an over-long body; what came back counts.
+    let _ = stream.read_to_end(&mut buf).await;
+    let buf = String::from_utf8_lossy(&buf).into_owned();
     let status = buf
         .split(' ')
         .nth(1)
@@ -210,6 +247,7 @@ pub fn grpc_options(socket: &Path, url: &str) -> BridgeOptions {
         min_priority: Priority::Debug,
         queue_size: 1024,
         drain_timeout: Duration::from_secs(20),
+        tls: None,
     }
 }
 

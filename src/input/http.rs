@@ -1,0 +1,108 @@
+//! [`http_routes`]: receives alerts from Falco's `http_output` and from
+//! falcosidekick's webhook forwarding: `POST /` with one Falco JSON alert.
+//!
+//! Served on the bridge's `--listen` address beside `/healthz`, `/readyz`
+//! and `/metrics`. Answers 200 once the alert is queued (waiting while the
+//! queue is full), 400 with the reason for a body that is not a Falco alert,
+//! 413 above `--max-body`, 415 for a compressed body, and 401 without the
+//! bearer token when one is configured. What Falco sent is what NATS gets.
+
+use axum::body::Bytes;
+use axum::extract::{DefaultBodyLimit, State};
+use axum::http::{header, HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::post;
+use axum::Router;
+
+use super::AlertSink;
+
+/// Default largest accepted body: 1 MiB, as for a FIFO line.
+pub const DEFAULT_MAX_BODY: usize = 1024 * 1024;
+
+/// HTTP input settings.
+#[derive(Debug, Clone)]
+pub struct HttpOptions {
+    /// Largest accepted body in bytes.
+    pub max_body: usize,
+    /// When set, requests must carry `Authorization: Bearer <token>`.
+    pub token: Option<String>,
+}
+
+#[derive(Clone)]
+struct Receiver {
+    sink: AlertSink,
+    token: Option<String>,
+}
+
+/// The alert-receiving route, to merge into the probe router.
+pub fn http_routes(sink: AlertSink, options: HttpOptions) -> Router {
+    sink.set_connected(true);
+    Router::new()
+        .route("/", post(receive))
+        .layer(DefaultBodyLimit::max(options.max_body))
+        .with_state(Receiver {
+            sink,
+            token: options.token.filter(|t| !t.is_empty()),
+        })
+}
+
+fn text(status: StatusCode, message: String) -> Response {
+    (status, message + "\n").into_response()
+}
+
+async fn receive(State(rx): State<Receiver>, headers: HeaderMap, body: Bytes) -> Response {
+    if let Some(token) = &rx.token {
+        let given = headers
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "));
+        if !given.is_some_and(|g| constant_time_eq(g.as_bytes(), token.as_bytes())) {
+            return (
+                StatusCode::UNAUTHORIZED,
+                [(header::WWW_AUTHENTICATE, "Bearer")],
+                "missing or wrong bearer token\n",
+            )
+                .into_response();
+        }
+    }
+    let encoding = headers
+        .get(header::CONTENT_ENCODING)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("identity");
+    if !encoding.eq_ignore_ascii_case("identity") {
+        return text(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            format!("Content-Encoding {encoding} is not supported: set Falco's http_output.compress_uploads: false"),
+        );
+    }
+    match crate::event::FalcoEvent::from_json(body) {
+        Ok(event) => match rx.sink.send(event).await {
+            Ok(()) => text(StatusCode::OK, "queued".into()),
+            Err(_) => text(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "the bridge is stopping".into(),
+            ),
+        },
+        Err(err) => {
+            rx.sink.reject(&err);
+            text(StatusCode::BAD_REQUEST, err.to_string())
+        }
+    }
+}
+
+/// Compares secrets without an early exit on the first difference.
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+#[cfg(test)]
+mod tests {
+    use super::constant_time_eq;
+
+    #[test]
+    fn compares_tokens() {
+        assert!(constant_time_eq(b"secret", b"secret"));
+        assert!(!constant_time_eq(b"secret", b"secreT"));
+        assert!(!constant_time_eq(b"secret", b"secret2"));
+    }
+}

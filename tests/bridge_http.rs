@@ -1,0 +1,268 @@
+//! HTTP and stdin inputs end to end: alerts POSTed the way Falco's
+//! http_output posts them (plain and over TLS), and lines on a real
+//! process's standard input, into a real nats-server.
+
+mod support;
+
+use std::io::Write;
+use std::process::{Command, Stdio};
+use std::sync::Arc;
+use std::time::Duration;
+
+use falco_nats::bridge::{InputOptions, TlsFiles};
+use falco_nats::input::http::HttpOptions;
+use falco_nats::simulate::alerts::AlertFactory;
+use support::*;
+
+const WAIT: Duration = Duration::from_secs(10);
+const JSON: (&str, &str) = ("Content-Type", "application/json");
+const FALCO_AGENT: (&str, &str) = ("User-Agent", "falcosecurity/falco");
+
+fn http_options(nats: &NatsServer, token: Option<&str>) -> falco_nats::bridge::BridgeOptions {
+    let mut options = grpc_options(std::path::Path::new("/unused"), &nats.url());
+    options.input = InputOptions::Http(HttpOptions {
+        max_body: 4096,
+        token: token.map(str::to_owned),
+    });
+    options
+}
+
+#[tokio::test]
+async fn http_alerts_arrive_unchanged_and_bad_bodies_are_refused() {
+    let nats = NatsServer::start();
+    let client = nats.client().await;
+    let mut sub = client.subscribe("falco.>").await.unwrap();
+    client.flush().await.unwrap();
+    let bridge = RunningBridge::start(http_options(&nats, None)).await;
+    wait_for("ready", WAIT, || async {
+        bridge.get("/readyz").await.0 == 200
+    })
+    .await;
+
+    let mut factory = AlertFactory::new("node-h", false);
+    let alerts: Vec<String> = (0..4).map(|_| factory.next_json()).collect();
+    // As Falco sends them, and once without a Content-Type.
+    assert_eq!(
+        http_post(bridge.http, &[JSON, FALCO_AGENT], alerts[0].as_bytes())
+            .await
+            .0,
+        200
+    );
+    assert_eq!(
+        http_post(bridge.http, &[FALCO_AGENT], alerts[1].as_bytes())
+            .await
+            .0,
+        200
+    );
+
+    let (status, body) = http_post(bridge.http, &[JSON], b"13:44:05.478: Critical A shell").await;
+    assert_eq!(status, 400);
+    assert!(body.contains("json_output: true"), "{body}");
+    let (status, body) =
+        http_post(bridge.http, &[JSON], br#"{"output":"no rule or priority"}"#).await;
+    assert_eq!(status, 400);
+    assert!(body.contains("priority"), "{body}");
+    let big = format!(
+        r#"{{"priority":"Notice","rule":"r","output":"{}"}}"#,
+        "x".repeat(8000)
+    );
+    assert_eq!(http_post(bridge.http, &[JSON], big.as_bytes()).await.0, 413);
+    let (status, body) = http_post(
+        bridge.http,
+        &[JSON, ("Content-Encoding", "gzip")],
+        b"\x1f\x8b",
+    )
+    .await;
+    assert_eq!(status, 415);
+    assert!(body.contains("compress_uploads"), "{body}");
+
+    assert_eq!(
+        http_post(bridge.http, &[JSON], alerts[2].as_bytes())
+            .await
+            .0,
+        200
+    );
+    assert_eq!(
+        http_post(bridge.http, &[JSON], format!("{}\n", alerts[3]).as_bytes())
+            .await
+            .0,
+        200
+    );
+    let got = receive(&mut sub, 4, WAIT).await;
+    for (alert, msg) in alerts.iter().zip(&got) {
+        assert_eq!(
+            msg.payload,
+            alert.as_bytes(),
+            "what Falco sent is what NATS gets"
+        );
+    }
+    assert_quiet(&mut sub, Duration::from_millis(300)).await;
+    assert_eq!(
+        bridge
+            .metric("falco_nats_alerts_rejected_total{reason=\"not_json\"}")
+            .await,
+        1.0
+    );
+    assert_eq!(
+        bridge
+            .metric("falco_nats_alerts_rejected_total{reason=\"not_an_alert\"}")
+            .await,
+        1.0
+    );
+    assert_eq!(
+        bridge
+            .metric("falco_nats_alerts_received_total{input=\"http\"}")
+            .await,
+        6.0
+    );
+    bridge.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn http_bearer_token() {
+    let nats = NatsServer::start();
+    let client = nats.client().await;
+    let mut sub = client.subscribe("falco.>").await.unwrap();
+    client.flush().await.unwrap();
+    let bridge = RunningBridge::start(http_options(&nats, Some("s3cret"))).await;
+    wait_for("ready", WAIT, || async {
+        bridge.get("/readyz").await.0 == 200
+    })
+    .await;
+    let alert = AlertFactory::new("node-h", false).next_json();
+    assert_eq!(
+        http_post(bridge.http, &[JSON], alert.as_bytes()).await.0,
+        401
+    );
+    assert_eq!(
+        http_post(
+            bridge.http,
+            &[JSON, ("Authorization", "Bearer wrong")],
+            alert.as_bytes()
+        )
+        .await
+        .0,
+        401
+    );
+    assert_eq!(
+        http_post(
+            bridge.http,
+            &[JSON, ("Authorization", "Bearer s3cret")],
+            alert.as_bytes()
+        )
+        .await
+        .0,
+        200
+    );
+    let got = receive(&mut sub, 1, WAIT).await;
+    assert_eq!(got[0].payload, alert.as_bytes());
+    assert_quiet(&mut sub, Duration::from_millis(300)).await;
+    // Probes need no token.
+    assert_eq!(bridge.get("/healthz").await.0, 200);
+    bridge.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn http_over_tls() {
+    let nats = NatsServer::start();
+    let dir = tempfile::tempdir().unwrap();
+    let cert =
+        rcgen::generate_simple_self_signed(vec!["localhost".to_owned(), "127.0.0.1".to_owned()])
+            .unwrap();
+    let (cert_path, key_path) = (dir.path().join("tls.crt"), dir.path().join("tls.key"));
+    std::fs::write(&cert_path, cert.cert.pem()).unwrap();
+    std::fs::write(&key_path, cert.signing_key.serialize_pem()).unwrap();
+
+    let client = nats.client().await;
+    let mut sub = client.subscribe("falco.>").await.unwrap();
+    client.flush().await.unwrap();
+    let mut options = http_options(&nats, None);
+    options.tls = Some(TlsFiles {
+        cert: cert_path,
+        key: key_path,
+    });
+    let bridge = RunningBridge::start(options).await;
+
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(cert.cert.der().clone()).unwrap();
+    let config = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
+    let alert = AlertFactory::new("node-tls", false).next_json();
+    let mut status = 0;
+    for _ in 0..50 {
+        let Ok(tcp) = tokio::net::TcpStream::connect(bridge.http).await else {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            continue;
+        };
+        let name = rustls_pki_types::ServerName::try_from("localhost").unwrap();
+        let tls = connector
+            .connect(name, tcp)
+            .await
+            .expect("TLS handshake with the bridge");
+        status = http_exchange(tls, &post_request(&[JSON], alert.as_bytes()))
+            .await
+            .0;
+        break;
+    }
+    assert_eq!(status, 200);
+    let got = receive(&mut sub, 1, WAIT).await;
+    assert_eq!(got[0].payload, alert.as_bytes());
+    // Plain HTTP is not served on a TLS address.
+    let (plain, _) = http_get(bridge.http, "/healthz").await;
+    assert_ne!(plain, 200);
+    bridge.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn stdin_lines_in_alerts_out_and_eof_drains() {
+    let nats = NatsServer::start();
+    let client = nats.client().await;
+    let mut sub = client.subscribe("falco.>").await.unwrap();
+    client.flush().await.unwrap();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_falco-nats"))
+        .args([
+            "bridge",
+            "--input",
+            "stdin",
+            "--listen",
+            "off",
+            "--max-line",
+            "4096",
+            "-s",
+            &nats.url(),
+        ])
+        .env("RUST_LOG", "warn")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut factory = AlertFactory::new("node-s", false);
+    let alerts: Vec<String> = (0..300).map(|_| factory.next_json()).collect();
+    {
+        let mut stdin = child.stdin.take().unwrap();
+        for (i, alert) in alerts.iter().enumerate() {
+            writeln!(stdin, "{alert}").unwrap();
+            if i == 10 {
+                writeln!(stdin, "not json at all").unwrap();
+                writeln!(stdin, "{}", "y".repeat(10_000)).unwrap();
+            }
+        }
+        // Falco stops: end of input.
+    }
+    let status = tokio::task::spawn_blocking(move || child.wait())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(status.success(), "{status:?}");
+    let got = receive(&mut sub, alerts.len(), WAIT).await;
+    for (alert, msg) in alerts.iter().zip(&got) {
+        assert_eq!(msg.payload, alert.as_bytes());
+    }
+    assert_quiet(&mut sub, Duration::from_millis(300)).await;
+}
