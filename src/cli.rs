@@ -396,6 +396,20 @@ pub struct SimulateArgs {
         default_value = "falco-simulated"
     )]
     pub hostname: String,
+    /// Also serve a Kubernetes API stand-in holding the simulated pods on this address
+    #[arg(
+        long,
+        env = "FALCO_NATS_SIMULATE_KUBE_API",
+        requires = "kubeconfig_out"
+    )]
+    pub kube_api: Option<String>,
+    /// Where to write a kubeconfig for the stand-in (for `respond --kubeconfig`)
+    #[arg(
+        long,
+        env = "FALCO_NATS_SIMULATE_KUBECONFIG_OUT",
+        requires = "kube_api"
+    )]
+    pub kubeconfig_out: Option<PathBuf>,
 }
 
 impl SimulateArgs {
@@ -412,6 +426,7 @@ impl SimulateArgs {
             count: self.count,
             json_output: self.json_output,
             hostname: self.hostname,
+            kube_api: self.kube_api.zip(self.kubeconfig_out),
         })
     }
 }

@@ -94,7 +94,8 @@ pub async fn run<W: Write>(
                 .filter(|p| *p >= args.min_priority)
                 .map(|_| String::from_utf8_lossy(&message.payload).into_owned())
         } else {
-            format_alert(&message.payload, args.min_priority, color)
+            format_decision(&message.payload, color)
+                .or_else(|| format_alert(&message.payload, args.min_priority, color))
         };
         if let Some(line) = line {
             writeln!(out, "{line}")?;
@@ -127,6 +128,10 @@ fn paint(priority: Priority) -> &'static str {
 /// or is below `min_priority`.
 pub fn format_alert(payload: &[u8], min_priority: Priority, color: bool) -> Option<String> {
     let v: Value = serde_json::from_slice(payload).ok()?;
+    if v.get("outcome").is_some() {
+        // A responder's decision, not an alert.
+        return None;
+    }
     let priority: Priority = v.get("priority")?.as_str()?.parse().ok()?;
     if priority < min_priority {
         return None;
@@ -161,6 +166,31 @@ pub fn format_alert(payload: &[u8], min_priority: Priority, color: bool) -> Opti
     ))
 }
 
+/// One readable line for a responder's decision (`falco.response.*`).
+pub fn format_decision(payload: &[u8], color: bool) -> Option<String> {
+    let v: Value = serde_json::from_slice(payload).ok()?;
+    let action = v.get("action")?.as_str()?;
+    let outcome = v.get("outcome")?.as_str()?;
+    let reason = v.get("reason").and_then(Value::as_str).unwrap_or("");
+    let place = match (
+        v.get("namespace").and_then(Value::as_str),
+        v.get("pod").and_then(Value::as_str),
+    ) {
+        (Some(ns), Some(pod)) => format!("{ns}/{pod}"),
+        _ => "-".into(),
+    };
+    let rule = v.get("rule").and_then(Value::as_str).unwrap_or("-");
+    let (on, off) = match (color, outcome) {
+        (false, _) => ("", ""),
+        (true, "done") => ("\x1b[1;35m", "\x1b[0m"),
+        (true, "failed") => ("\x1b[1;31m", "\x1b[0m"),
+        (true, _) => ("\x1b[35m", "\x1b[0m"),
+    };
+    Some(format!(
+        "  -> {on}{action} {outcome}{off} [{place}] {reason} (rule: {rule})"
+    ))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -175,6 +205,20 @@ mod tests {
         );
         let coloured = format_alert(ALERT.as_bytes(), Priority::Debug, true).unwrap();
         assert!(coloured.contains("\x1b[1;31mCritical"));
+    }
+
+    #[test]
+    fn prints_decisions() {
+        let d = br#"{"action":"delete-pod","outcome":"dry_run","reason":"would delete the pod (grace period 0s)","namespace":"shop","pod":"web-1","rule":"Drop and execute new binary in container"}"#;
+        assert_eq!(
+            format_decision(d, false).unwrap(),
+            "  -> delete-pod dry_run [shop/web-1] would delete the pod (grace period 0s) (rule: Drop and execute new binary in container)"
+        );
+        assert!(format_decision(ALERT.as_bytes(), false).is_none());
+        assert!(
+            format_alert(d, Priority::Debug, false).is_none(),
+            "a decision is not an alert"
+        );
     }
 
     #[test]

@@ -12,7 +12,7 @@ use falco_nats::respond::policy::Policy;
 use falco_nats::respond::rails::{RailsConfig, DEFAULT_PROTECTED};
 use falco_nats::respond::{self, RespondOptions, Subscription};
 use serde_json::{json, Value};
-use support::fake_kube::FakeKube;
+use support::fake_kube::KubeApi as FakeKube;
 use support::*;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
@@ -37,8 +37,16 @@ fn options(nats: &NatsServer, kube: &FakeKube) -> RespondOptions {
         },
         dry_run: false,
         result_prefix: "falco.response".into(),
-        kubeconfig: Some(kube.kubeconfig()),
+        kubeconfig: Some(kubeconfig(kube)),
     }
+}
+
+/// A kubeconfig for the stand-in API, in a directory that lives as long as the test.
+fn kubeconfig(kube: &FakeKube) -> std::path::PathBuf {
+    let dir = tempfile::tempdir().unwrap().keep();
+    let path = dir.join("kubeconfig");
+    kube.write_kubeconfig(&path).unwrap();
+    path
 }
 
 struct Responder {
@@ -109,7 +117,7 @@ async fn results(sub: &mut async_nats::Subscriber, n: usize) -> Vec<Value> {
 #[tokio::test]
 async fn critical_alert_deletes_exactly_that_pod_in_exactly_its_namespace() {
     let nats = NatsServer::start();
-    let kube = FakeKube::start().await;
+    let kube = FakeKube::start().await.unwrap();
     kube.add_pod("shop", "web", "uid-shop-web", Some("ReplicaSet"));
     kube.add_pod("other", "web", "uid-other-web", Some("ReplicaSet"));
     let client = nats.client().await;
@@ -153,7 +161,7 @@ async fn critical_alert_deletes_exactly_that_pod_in_exactly_its_namespace() {
 #[tokio::test]
 async fn safety_rails_skip_and_say_why() {
     let nats = NatsServer::start();
-    let kube = FakeKube::start().await;
+    let kube = FakeKube::start().await.unwrap();
     kube.add_pod("kube-system", "coredns", "u1", Some("ReplicaSet"));
     kube.add_pod("elsewhere", "api", "u2", Some("ReplicaSet"));
     kube.add_pod("shop", "node-agent", "u3", Some("DaemonSet"));
@@ -238,7 +246,7 @@ async fn safety_rails_skip_and_say_why() {
 async fn an_alert_storm_cannot_exceed_the_rate_limit() {
     const PODS: usize = 1000;
     let nats = NatsServer::start();
-    let kube = FakeKube::start().await;
+    let kube = FakeKube::start().await.unwrap();
     for i in 0..PODS {
         kube.add_pod(
             "shop",
@@ -281,7 +289,7 @@ async fn an_alert_storm_cannot_exceed_the_rate_limit() {
 #[tokio::test]
 async fn dry_run_writes_nothing_and_says_what_it_would_do() {
     let nats = NatsServer::start();
-    let kube = FakeKube::start().await;
+    let kube = FakeKube::start().await.unwrap();
     kube.add_pod("shop", "web", "u1", Some("ReplicaSet"));
     let client = nats.client().await;
     let mut out = client.subscribe("falco.response.>").await.unwrap();
@@ -319,7 +327,7 @@ async fn dry_run_writes_nothing_and_says_what_it_would_do() {
 #[tokio::test]
 async fn label_isolate_gone_and_replaced() {
     let nats = NatsServer::start();
-    let kube = FakeKube::start().await;
+    let kube = FakeKube::start().await.unwrap();
     for name in ["a", "b", "c"] {
         kube.add_pod("shop", name, &format!("uid-{name}"), Some("ReplicaSet"));
     }
@@ -397,7 +405,7 @@ async fn label_isolate_gone_and_replaced() {
 async fn two_replicas_in_a_queue_group_handle_each_alert_once() {
     const PODS: usize = 100;
     let nats = NatsServer::start();
-    let kube = FakeKube::start().await;
+    let kube = FakeKube::start().await.unwrap();
     for i in 0..PODS {
         kube.add_pod(
             "shop",
@@ -435,7 +443,7 @@ async fn two_replicas_in_a_queue_group_handle_each_alert_once() {
 async fn jetstream_durable_consumer_survives_a_crash() {
     const PODS: usize = 60;
     let nats = NatsServer::start();
-    let kube = FakeKube::start().await;
+    let kube = FakeKube::start().await.unwrap();
     for i in 0..PODS {
         kube.add_pod(
             "shop",
@@ -516,7 +524,7 @@ async fn end_to_end_from_falco_through_the_bridge_to_a_deleted_pod() {
     use falco_nats::simulate::falco_grpc::MockFalco;
 
     let nats = NatsServer::start();
-    let kube = FakeKube::start().await;
+    let kube = FakeKube::start().await.unwrap();
     for p in PODS {
         kube.add_pod(p.namespace, p.name, p.uid, Some("ReplicaSet"));
     }

@@ -1,10 +1,13 @@
 //! `falco-nats simulate`: a Falco stand-in for the demo, the benchmarks and
 //! the tests. It serves Falco's gRPC outputs API on a Unix socket
 //! ([`falco_grpc::MockFalco`]) or writes JSON lines into a FIFO, with
-//! realistic alerts from [`alerts::AlertFactory`].
+//! realistic alerts from [`alerts::AlertFactory`]; optionally it also serves
+//! a Kubernetes API stand-in ([`kube_api::KubeApi`]) holding the pods those
+//! alerts name, so the responder can run without a cluster.
 
 pub mod alerts;
 pub mod falco_grpc;
+pub mod kube_api;
 
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
@@ -36,6 +39,9 @@ pub struct SimulateOptions {
     /// Falco's `json_output`: gRPC `output` holds the JSON line.
     pub json_output: bool,
     pub hostname: String,
+    /// Also serve a Kubernetes API stand-in with the simulated pods here,
+    /// and write a kubeconfig for it to the path.
+    pub kube_api: Option<(String, PathBuf)>,
 }
 
 /// A simulation that could not run.
@@ -105,6 +111,10 @@ pub async fn run(
     options: SimulateOptions,
     shutdown: CancellationToken,
 ) -> Result<(), SimulateError> {
+    let _kube = match &options.kube_api {
+        Some((address, kubeconfig)) => Some(serve_kube_api(address, kubeconfig).await?),
+        None => None,
+    };
     let mut factory = AlertFactory::new(options.hostname.clone(), options.json_output);
     match &options.output {
         SimulateOutput::Grpc { socket } => {
@@ -147,6 +157,29 @@ pub async fn run(
         }
     }
     Ok(())
+}
+
+/// Serves the Kubernetes API stand-in holding the pods the alerts name.
+async fn serve_kube_api(
+    address: &str,
+    kubeconfig: &std::path::Path,
+) -> Result<kube_api::KubeApi, SimulateError> {
+    let api = kube_api::KubeApi::start_on(address)
+        .await
+        .map_err(|source| SimulateError::Serve {
+            path: PathBuf::from(address),
+            source,
+        })?;
+    for pod in alerts::PODS {
+        api.add_pod(pod.namespace, pod.name, pod.uid, Some("ReplicaSet"));
+    }
+    api.write_kubeconfig(kubeconfig)
+        .map_err(|source| SimulateError::Serve {
+            path: kubeconfig.to_owned(),
+            source,
+        })?;
+    tracing::info!(url = %api.url, kubeconfig = %kubeconfig.display(), "Kubernetes API stand-in serving the simulated pods");
+    Ok(api)
 }
 
 /// Opens the FIFO for writing, waiting for a reader like Falco does.

@@ -3,7 +3,7 @@
 
 #![allow(dead_code)]
 
-pub mod fake_kube;
+pub use falco_nats::simulate::kube_api as fake_kube;
 
 use std::net::TcpListener as StdListener;
 use std::path::{Path, PathBuf};

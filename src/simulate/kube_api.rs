@@ -1,12 +1,12 @@
-//! A small fake Kubernetes API server for the responder's tests, reached by
-//! a real `kube::Client` through a kubeconfig. It answers like the real API
-//! for what the responder uses: bearer-token auth, `Status` bodies, 404 for a
+//! [`KubeApi`]: a small stand-in for the Kubernetes API server, for the
+//! responder's tests and the demo, reached by a real `kube::Client` through
+//! a kubeconfig. It answers like the real API for what the responder uses: bearer-token auth, `Status` bodies, 404 for a
 //! missing pod, 409 for a failed UID precondition (from `DeleteOptions` in the
 //! body, or `metadata.uid` in a merge patch), label merge patches, Events,
 //! and NetworkPolicies (409 AlreadyExists on a second create).
 
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::{Arc, Mutex};
 
 use axum::body::Bytes;
@@ -42,15 +42,14 @@ pub struct FakeState {
     next: u64,
 }
 
-/// The fake API server, serving until dropped.
-pub struct FakeKube {
+/// The stand-in API server, serving until dropped.
+pub struct KubeApi {
     pub state: Arc<Mutex<FakeState>>,
     pub url: String,
-    dir: tempfile::TempDir,
     task: tokio::task::JoinHandle<()>,
 }
 
-impl Drop for FakeKube {
+impl Drop for KubeApi {
     fn drop(&mut self) {
         self.task.abort();
     }
@@ -83,32 +82,37 @@ fn not_found(kind: &str, name: &str) -> Response {
     status(404, "NotFound", format!("{kind} \"{name}\" not found"))
 }
 
-impl FakeKube {
-    pub async fn start() -> Self {
+impl KubeApi {
+    /// Serves on a free loopback port.
+    pub async fn start() -> std::io::Result<Self> {
+        Self::start_on("127.0.0.1:0").await
+    }
+
+    /// Serves on `address`.
+    pub async fn start_on(address: &str) -> std::io::Result<Self> {
         let state = Arc::new(Mutex::new(FakeState::default()));
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let url = format!("http://{}", listener.local_addr().unwrap());
+        let listener = tokio::net::TcpListener::bind(address).await?;
+        let url = format!("http://{}", listener.local_addr()?);
         let app = Router::new().fallback(handle).with_state(state.clone());
         let task = tokio::spawn(async move {
             let _ = axum::serve(listener, app).await;
         });
-        FakeKube {
-            state,
-            url,
-            dir: tempfile::tempdir().unwrap(),
-            task,
-        }
+        Ok(KubeApi { state, url, task })
     }
 
-    /// A kubeconfig pointing at this server with the test token.
-    pub fn kubeconfig(&self) -> PathBuf {
-        let path = self.dir.path().join("kubeconfig");
+    /// Writes a kubeconfig for this server (with its token) to `path`.
+    pub fn write_kubeconfig(&self, path: &Path) -> std::io::Result<()> {
         let text = format!(
             "apiVersion: v1\nkind: Config\nclusters:\n- name: fake\n  cluster:\n    server: {}\nusers:\n- name: tester\n  user:\n    token: {TOKEN}\ncontexts:\n- name: fake\n  context:\n    cluster: fake\n    user: tester\n    namespace: default\ncurrent-context: fake\n",
             self.url
         );
-        std::fs::write(&path, text).unwrap();
-        path
+        std::fs::write(path, text)
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, FakeState> {
+        self.state
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
     /// Adds a pod, optionally owned by a controller of `owner_kind`.
@@ -125,66 +129,48 @@ impl FakeKube {
                 "uid": format!("{uid}-owner"), "controller": true,
             }]);
         }
-        self.state
-            .lock()
-            .unwrap()
+        self.lock()
             .pods
             .insert((namespace.into(), name.into()), pod);
     }
 
     pub fn set_latency(&self, latency: std::time::Duration) {
-        self.state.lock().unwrap().latency = latency;
+        self.lock().latency = latency;
     }
 
     pub fn has_pod(&self, namespace: &str, name: &str) -> bool {
-        self.state
-            .lock()
-            .unwrap()
+        self.lock()
             .pods
             .contains_key(&(namespace.into(), name.into()))
     }
 
     pub fn pod(&self, namespace: &str, name: &str) -> Option<Value> {
-        self.state
-            .lock()
-            .unwrap()
+        self.lock()
             .pods
             .get(&(namespace.into(), name.into()))
             .cloned()
     }
 
     pub fn deletes(&self) -> Vec<DeleteCall> {
-        self.state.lock().unwrap().deletes.clone()
+        self.lock().deletes.clone()
     }
 
     pub fn events(&self) -> Vec<Value> {
-        self.state.lock().unwrap().events.clone()
+        self.lock().events.clone()
     }
 
     pub fn network_policies(&self) -> Vec<Value> {
-        self.state
-            .lock()
-            .unwrap()
-            .network_policies
-            .values()
-            .cloned()
-            .collect()
+        self.lock().network_policies.values().cloned().collect()
     }
 
     /// Requests other than GET.
     pub fn writes(&self) -> Vec<(String, String)> {
-        self.state
-            .lock()
-            .unwrap()
+        self.lock()
             .requests
             .iter()
             .filter(|(m, _)| m != "GET")
             .cloned()
             .collect()
-    }
-
-    pub fn path(&self) -> &Path {
-        self.dir.path()
     }
 }
 
@@ -196,11 +182,13 @@ async fn handle(
     body: Bytes,
 ) -> Response {
     let path = uri.path().to_owned();
-    let latency = state.lock().unwrap().latency;
+    let latency = state.lock().map(|s| s.latency).unwrap_or_default();
     if !latency.is_zero() {
         tokio::time::sleep(latency).await;
     }
-    let mut st = state.lock().unwrap();
+    let mut st = state
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner());
     st.requests.push((method.to_string(), path.clone()));
     let auth = headers.get("authorization").and_then(|v| v.to_str().ok());
     if auth != Some(&format!("Bearer {TOKEN}")) {
