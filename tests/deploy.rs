@@ -1,0 +1,243 @@
+//! The manifests under deploy/: valid against the Kubernetes schemas
+//! (kubernetes-validate, offline), every falco-nats container's arguments and
+//! environment accepted by the CLI, and each Falco configuration fragment
+//! agreeing with the bridge beside it.
+
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use clap::{CommandFactory, Parser};
+use falco_nats::cli::Cli;
+use serde::Deserialize;
+use serde_json::Value;
+
+const KUBERNETES_VERSION: &str = "1.33.0";
+
+fn deploy_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy")
+}
+
+fn yaml_files(dir: &Path, out: &mut Vec<PathBuf>) {
+    for entry in std::fs::read_dir(dir).unwrap() {
+        let path = entry.unwrap().path();
+        if path.is_dir() {
+            yaml_files(&path, out);
+        } else if path.extension().is_some_and(|e| e == "yaml") {
+            out.push(path);
+        }
+    }
+    out.sort();
+}
+
+fn documents(path: &Path) -> Vec<Value> {
+    let text = std::fs::read_to_string(path).unwrap();
+    serde_norway::Deserializer::from_str(&text)
+        .map(|doc| Value::deserialize(doc).unwrap_or_else(|e| panic!("{}: {e}", path.display())))
+        .filter(|v| !v.is_null())
+        .collect()
+}
+
+fn is_resource(doc: &Value) -> bool {
+    doc.get("apiVersion").is_some() && doc.get("kind").is_some() && doc["kind"] != "Kustomization"
+}
+
+/// Files holding Kubernetes resources (not kustomizations, policies or Falco fragments).
+fn resource_files() -> Vec<PathBuf> {
+    let mut files = Vec::new();
+    yaml_files(&deploy_dir(), &mut files);
+    files.into_iter().filter(|f| documents(f).iter().any(is_resource)).collect()
+}
+
+fn validator() -> PathBuf {
+    if let Ok(p) = std::env::var("KUBERNETES_VALIDATE") {
+        let p = PathBuf::from(p);
+        if p.is_file() {
+            return p;
+        }
+    }
+    let local = Path::new(env!("CARGO_MANIFEST_DIR")).join("target/tools/venv/bin/kubernetes-validate");
+    if local.is_file() {
+        return local;
+    }
+    panic!("kubernetes-validate not found: run scripts/test (it installs it), or set KUBERNETES_VALIDATE");
+}
+
+fn validate(files: &[PathBuf]) {
+    let out = Command::new(validator())
+        .args(["-k", KUBERNETES_VERSION, "--strict", "--quiet"])
+        .args(files)
+        .output()
+        .expect("run kubernetes-validate");
+    assert!(
+        out.status.success(),
+        "kubernetes-validate failed:\n{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[test]
+fn every_manifest_validates_against_the_kubernetes_schemas() {
+    let files = resource_files();
+    assert!(files.len() >= 8, "{files:?}");
+    validate(&files);
+}
+
+#[test]
+fn kustomizations_reference_what_exists_and_render_when_kubectl_is_here() {
+    let mut files = Vec::new();
+    yaml_files(&deploy_dir(), &mut files);
+    let kustomizations: Vec<&PathBuf> = files.iter().filter(|f| f.ends_with("kustomization.yaml")).collect();
+    assert_eq!(kustomizations.len(), 4, "base and three overlays");
+    let mut referenced = BTreeSet::new();
+    for k in &kustomizations {
+        let dir = k.parent().unwrap();
+        let doc = &documents(k)[0];
+        let mut names: Vec<&str> = doc["resources"].as_sequence_strs();
+        for generator in doc.get("configMapGenerator").and_then(Value::as_array).into_iter().flatten() {
+            names.extend(generator["files"].as_sequence_strs().into_iter().map(|f| f.rsplit('=').next().unwrap_or(f)));
+        }
+        for name in names {
+            let path = dir.join(name);
+            assert!(path.exists(), "{} references missing {name}", k.display());
+            referenced.insert(path.canonicalize().unwrap());
+        }
+    }
+    for f in resource_files() {
+        assert!(referenced.contains(&f.canonicalize().unwrap()), "{} is in no kustomization", f.display());
+    }
+
+    // Render each overlay when a kubectl with kustomize is at hand.
+    if Command::new("kubectl").arg("version").arg("--client").output().is_ok_and(|o| o.status.success()) {
+        let out_dir = tempfile::tempdir().unwrap();
+        let mut rendered = Vec::new();
+        for overlay in ["grpc", "fifo", "http"] {
+            let out = Command::new("kubectl")
+                .args(["kustomize"])
+                .arg(deploy_dir().join("overlays").join(overlay))
+                .output()
+                .unwrap();
+            assert!(out.status.success(), "kustomize {overlay}: {}", String::from_utf8_lossy(&out.stderr));
+            let file = out_dir.path().join(format!("{overlay}.yaml"));
+            std::fs::write(&file, &out.stdout).unwrap();
+            rendered.push(file);
+        }
+        validate(&rendered);
+    } else {
+        eprintln!("kubectl not found: overlays checked file by file only");
+    }
+}
+
+trait Strs {
+    fn as_sequence_strs(&self) -> Vec<&str>;
+}
+
+impl Strs for Value {
+    fn as_sequence_strs(&self) -> Vec<&str> {
+        self.as_array().into_iter().flatten().filter_map(Value::as_str).collect()
+    }
+}
+
+/// Every falco-nats container: its manifest, args and env names.
+fn falco_nats_containers() -> Vec<(PathBuf, Vec<String>, Vec<String>)> {
+    let mut out = Vec::new();
+    for file in resource_files() {
+        for doc in documents(&file) {
+            let spec = &doc["spec"]["template"]["spec"];
+            for c in spec["containers"].as_array().into_iter().flatten() {
+                if !c["image"].as_str().unwrap_or("").starts_with("falco-nats:") {
+                    continue;
+                }
+                let args = c["args"].as_sequence_strs().into_iter().map(str::to_owned).collect();
+                let env = c["env"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .filter_map(|e| e["name"].as_str().map(str::to_owned))
+                    .collect();
+                out.push((file.clone(), args, env));
+            }
+        }
+    }
+    out
+}
+
+/// Environment variables a subcommand reads (its flags' and the global ones).
+fn env_names(subcommand: &str) -> BTreeSet<String> {
+    let cli = Cli::command();
+    let sub = cli.find_subcommand(subcommand).unwrap_or_else(|| panic!("no subcommand {subcommand}"));
+    cli.get_arguments()
+        .chain(sub.get_arguments())
+        .filter_map(|a| a.get_env())
+        .map(|e| e.to_string_lossy().into_owned())
+        .collect()
+}
+
+#[test]
+fn container_args_and_env_are_accepted_by_the_cli() {
+    let containers = falco_nats_containers();
+    assert_eq!(containers.len(), 4, "three bridges and the responder: {containers:?}");
+    for (file, args, env) in containers {
+        let argv = std::iter::once("falco-nats".to_owned()).chain(args.iter().cloned());
+        if let Err(e) = Cli::try_parse_from(argv) {
+            panic!("{}: falco-nats {args:?} is refused:\n{e}", file.display());
+        }
+        let known = env_names(&args[0]);
+        for name in env {
+            assert!(
+                known.contains(&name) || name == "POD_NAME",
+                "{}: env {name} is read by no flag of `falco-nats {}`",
+                file.display(),
+                args[0]
+            );
+        }
+    }
+    // The program_output fragment runs falco-nats too.
+    let fragment = &documents(&deploy_dir().join("falco/program-output.yaml"))[0];
+    let program = fragment["program_output"]["program"].as_str().unwrap();
+    let words: Vec<&str> = program.split_whitespace().collect();
+    assert_eq!(words[0], "falco-nats");
+    Cli::try_parse_from(words).unwrap();
+}
+
+fn flag<'a>(args: &'a [String], name: &str) -> Option<&'a str> {
+    args.iter().find_map(|a| a.strip_prefix(&format!("{name}=")))
+}
+
+#[test]
+fn falco_fragments_agree_with_their_bridge() {
+    for overlay in ["grpc", "fifo", "http"] {
+        let dir = deploy_dir().join("overlays").join(overlay);
+        let falco = &documents(&dir.join("falco-nats.yaml"))[0];
+        assert_eq!(falco["json_output"], true, "{overlay}: the bridge reads Falco's JSON");
+        let (_, args, _) = falco_nats_containers()
+            .into_iter()
+            .find(|(f, _, _)| f.starts_with(&dir))
+            .unwrap();
+        assert_eq!(flag(&args, "--input"), Some(overlay));
+        match overlay {
+            "grpc" => {
+                assert_eq!(falco["grpc"]["enabled"], true);
+                assert_eq!(falco["grpc_output"]["enabled"], true);
+                assert_eq!(falco["grpc"]["bind_address"].as_str(), flag(&args, "--grpc-socket"));
+            }
+            "fifo" => {
+                assert_eq!(falco["file_output"]["enabled"], true);
+                assert_eq!(falco["file_output"]["filename"].as_str(), flag(&args, "--fifo"));
+            }
+            _ => {
+                assert_eq!(falco["http_output"]["enabled"], true);
+                let url = falco["http_output"]["url"].as_str().unwrap();
+                let port = flag(&args, "--listen").unwrap().rsplit(':').next().unwrap();
+                assert_eq!(url, format!("http://127.0.0.1:{port}/"));
+                assert_eq!(falco["http_output"]["compress_uploads"], false);
+            }
+        }
+    }
+}
+
+#[test]
+fn the_shipped_policy_is_valid() {
+    falco_nats::respond::policy::Policy::load(&deploy_dir().join("base/policy.yaml")).unwrap();
+}
