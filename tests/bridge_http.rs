@@ -244,9 +244,11 @@ async fn stdin_lines_in_alerts_out_and_eof_drains() {
         .unwrap();
     let mut factory = AlertFactory::new("node-s", false);
     let alerts: Vec<String> = (0..300).map(|_| factory.next_json()).collect();
-    {
-        let mut stdin = child.stdin.take().unwrap();
-        for (i, alert) in alerts.iter().enumerate() {
+    let mut stdin = child.stdin.take().unwrap();
+    let lines = alerts.clone();
+    // Written from a thread, so this test's runtime keeps reading NATS.
+    let exited = tokio::task::spawn_blocking(move || {
+        for (i, alert) in lines.iter().enumerate() {
             writeln!(stdin, "{alert}").unwrap();
             if i == 10 {
                 writeln!(stdin, "not json at all").unwrap();
@@ -254,13 +256,12 @@ async fn stdin_lines_in_alerts_out_and_eof_drains() {
             }
         }
         // Falco stops: end of input.
-    }
-    let status = tokio::task::spawn_blocking(move || child.wait())
-        .await
-        .unwrap()
-        .unwrap();
-    assert!(status.success(), "{status:?}");
+        drop(stdin);
+        child.wait()
+    });
     let got = receive(&mut sub, alerts.len(), WAIT).await;
+    let status = exited.await.unwrap().unwrap();
+    assert!(status.success(), "{status:?}");
     for (alert, msg) in alerts.iter().zip(&got) {
         assert_eq!(msg.payload, alert.as_bytes());
     }

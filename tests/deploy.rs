@@ -46,7 +46,10 @@ fn is_resource(doc: &Value) -> bool {
 fn resource_files() -> Vec<PathBuf> {
     let mut files = Vec::new();
     yaml_files(&deploy_dir(), &mut files);
-    files.into_iter().filter(|f| documents(f).iter().any(is_resource)).collect()
+    files
+        .into_iter()
+        .filter(|f| documents(f).iter().any(is_resource))
+        .collect()
 }
 
 fn validator() -> PathBuf {
@@ -56,7 +59,8 @@ fn validator() -> PathBuf {
             return p;
         }
     }
-    let local = Path::new(env!("CARGO_MANIFEST_DIR")).join("target/tools/venv/bin/kubernetes-validate");
+    let local =
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("target/tools/venv/bin/kubernetes-validate");
     if local.is_file() {
         return local;
     }
@@ -88,15 +92,28 @@ fn every_manifest_validates_against_the_kubernetes_schemas() {
 fn kustomizations_reference_what_exists_and_render_when_kubectl_is_here() {
     let mut files = Vec::new();
     yaml_files(&deploy_dir(), &mut files);
-    let kustomizations: Vec<&PathBuf> = files.iter().filter(|f| f.ends_with("kustomization.yaml")).collect();
+    let kustomizations: Vec<&PathBuf> = files
+        .iter()
+        .filter(|f| f.ends_with("kustomization.yaml"))
+        .collect();
     assert_eq!(kustomizations.len(), 4, "base and three overlays");
     let mut referenced = BTreeSet::new();
     for k in &kustomizations {
         let dir = k.parent().unwrap();
         let doc = &documents(k)[0];
         let mut names: Vec<&str> = doc["resources"].as_sequence_strs();
-        for generator in doc.get("configMapGenerator").and_then(Value::as_array).into_iter().flatten() {
-            names.extend(generator["files"].as_sequence_strs().into_iter().map(|f| f.rsplit('=').next().unwrap_or(f)));
+        for generator in doc
+            .get("configMapGenerator")
+            .and_then(Value::as_array)
+            .into_iter()
+            .flatten()
+        {
+            names.extend(
+                generator["files"]
+                    .as_sequence_strs()
+                    .into_iter()
+                    .map(|f| f.rsplit('=').next().unwrap_or(f)),
+            );
         }
         for name in names {
             let path = dir.join(name);
@@ -105,11 +122,20 @@ fn kustomizations_reference_what_exists_and_render_when_kubectl_is_here() {
         }
     }
     for f in resource_files() {
-        assert!(referenced.contains(&f.canonicalize().unwrap()), "{} is in no kustomization", f.display());
+        assert!(
+            referenced.contains(&f.canonicalize().unwrap()),
+            "{} is in no kustomization",
+            f.display()
+        );
     }
 
     // Render each overlay when a kubectl with kustomize is at hand.
-    if Command::new("kubectl").arg("version").arg("--client").output().is_ok_and(|o| o.status.success()) {
+    if Command::new("kubectl")
+        .arg("version")
+        .arg("--client")
+        .output()
+        .is_ok_and(|o| o.status.success())
+    {
         let out_dir = tempfile::tempdir().unwrap();
         let mut rendered = Vec::new();
         for overlay in ["grpc", "fifo", "http"] {
@@ -118,7 +144,11 @@ fn kustomizations_reference_what_exists_and_render_when_kubectl_is_here() {
                 .arg(deploy_dir().join("overlays").join(overlay))
                 .output()
                 .unwrap();
-            assert!(out.status.success(), "kustomize {overlay}: {}", String::from_utf8_lossy(&out.stderr));
+            assert!(
+                out.status.success(),
+                "kustomize {overlay}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
             let file = out_dir.path().join(format!("{overlay}.yaml"));
             std::fs::write(&file, &out.stdout).unwrap();
             rendered.push(file);
@@ -135,7 +165,11 @@ trait Strs {
 
 impl Strs for Value {
     fn as_sequence_strs(&self) -> Vec<&str> {
-        self.as_array().into_iter().flatten().filter_map(Value::as_str).collect()
+        self.as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(Value::as_str)
+            .collect()
     }
 }
 
@@ -149,7 +183,11 @@ fn falco_nats_containers() -> Vec<(PathBuf, Vec<String>, Vec<String>)> {
                 if !c["image"].as_str().unwrap_or("").starts_with("falco-nats:") {
                     continue;
                 }
-                let args = c["args"].as_sequence_strs().into_iter().map(str::to_owned).collect();
+                let args = c["args"]
+                    .as_sequence_strs()
+                    .into_iter()
+                    .map(str::to_owned)
+                    .collect();
                 let env = c["env"]
                     .as_array()
                     .into_iter()
@@ -166,7 +204,9 @@ fn falco_nats_containers() -> Vec<(PathBuf, Vec<String>, Vec<String>)> {
 /// Environment variables a subcommand reads (its flags' and the global ones).
 fn env_names(subcommand: &str) -> BTreeSet<String> {
     let cli = Cli::command();
-    let sub = cli.find_subcommand(subcommand).unwrap_or_else(|| panic!("no subcommand {subcommand}"));
+    let sub = cli
+        .find_subcommand(subcommand)
+        .unwrap_or_else(|| panic!("no subcommand {subcommand}"));
     cli.get_arguments()
         .chain(sub.get_arguments())
         .filter_map(|a| a.get_env())
@@ -177,7 +217,11 @@ fn env_names(subcommand: &str) -> BTreeSet<String> {
 #[test]
 fn container_args_and_env_are_accepted_by_the_cli() {
     let containers = falco_nats_containers();
-    assert_eq!(containers.len(), 4, "three bridges and the responder: {containers:?}");
+    assert_eq!(
+        containers.len(),
+        4,
+        "three bridges and the responder: {containers:?}"
+    );
     for (file, args, env) in containers {
         let argv = std::iter::once("falco-nats".to_owned()).chain(args.iter().cloned());
         if let Err(e) = Cli::try_parse_from(argv) {
@@ -202,7 +246,8 @@ fn container_args_and_env_are_accepted_by_the_cli() {
 }
 
 fn flag<'a>(args: &'a [String], name: &str) -> Option<&'a str> {
-    args.iter().find_map(|a| a.strip_prefix(&format!("{name}=")))
+    args.iter()
+        .find_map(|a| a.strip_prefix(&format!("{name}=")))
 }
 
 #[test]
@@ -210,7 +255,10 @@ fn falco_fragments_agree_with_their_bridge() {
     for overlay in ["grpc", "fifo", "http"] {
         let dir = deploy_dir().join("overlays").join(overlay);
         let falco = &documents(&dir.join("falco-nats.yaml"))[0];
-        assert_eq!(falco["json_output"], true, "{overlay}: the bridge reads Falco's JSON");
+        assert_eq!(
+            falco["json_output"], true,
+            "{overlay}: the bridge reads Falco's JSON"
+        );
         let (_, args, _) = falco_nats_containers()
             .into_iter()
             .find(|(f, _, _)| f.starts_with(&dir))
@@ -220,11 +268,17 @@ fn falco_fragments_agree_with_their_bridge() {
             "grpc" => {
                 assert_eq!(falco["grpc"]["enabled"], true);
                 assert_eq!(falco["grpc_output"]["enabled"], true);
-                assert_eq!(falco["grpc"]["bind_address"].as_str(), flag(&args, "--grpc-socket"));
+                assert_eq!(
+                    falco["grpc"]["bind_address"].as_str(),
+                    flag(&args, "--grpc-socket")
+                );
             }
             "fifo" => {
                 assert_eq!(falco["file_output"]["enabled"], true);
-                assert_eq!(falco["file_output"]["filename"].as_str(), flag(&args, "--fifo"));
+                assert_eq!(
+                    falco["file_output"]["filename"].as_str(),
+                    flag(&args, "--fifo")
+                );
             }
             _ => {
                 assert_eq!(falco["http_output"]["enabled"], true);

@@ -7,5 +7,5 @@ mod publisher;
 pub mod subject;
 
 pub use connection::{connect, ConnectionWatch, NatsError, NatsOptions};
-pub use publisher::{alert_headers, JetStreamOptions, PublishOptions, Publisher};
+pub use publisher::{alert_headers, round_trip, JetStreamOptions, PublishOptions, Publisher};
 pub use subject::SubjectTemplate;

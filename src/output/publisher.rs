@@ -102,9 +102,31 @@ impl Publisher {
         if published == 0 {
             return;
         }
-        if let Err(e) = client.flush().await {
-            tracing::warn!(error = %e, "final flush to NATS failed");
+        if let Err(e) = round_trip(&client).await {
+            tracing::warn!(error = %e, "cannot confirm that NATS received the last alerts");
         }
+    }
+}
+
+/// Waits until the server has processed everything published so far on this
+/// connection: a message to our own inbox comes back only after the server
+/// handled what was sent before it. (`Client::flush` alone can return while
+/// the connection still buffers data the socket did not take yet.)
+pub async fn round_trip(client: &Client) -> Result<(), String> {
+    let inbox = client.new_inbox();
+    let mut echo = client
+        .subscribe(inbox.clone())
+        .await
+        .map_err(|e| e.to_string())?;
+    client
+        .publish(inbox, Bytes::new())
+        .await
+        .map_err(|e| e.to_string())?;
+    client.flush().await.map_err(|e| e.to_string())?;
+    match tokio::time::timeout(Duration::from_secs(10), echo.next()).await {
+        Ok(Some(_)) => Ok(()),
+        Ok(None) => Err("the connection closed".into()),
+        Err(_) => Err("no answer from the server within 10 s".into()),
     }
 }
 

@@ -351,7 +351,9 @@ pub async fn run(
             }
         }
     };
-    let _ = client.flush().await;
+    if let Err(e) = crate::output::round_trip(&client).await {
+        tracing::warn!(error = %e, "cannot confirm that NATS received the last results");
+    }
     http_stop.cancel();
     if let Some(h) = http {
         let _ = h.await;

@@ -3,6 +3,7 @@
 
 #![allow(dead_code)]
 
+#[allow(unused_imports)]
 pub use falco_nats::simulate::kube_api as fake_kube;
 
 use std::net::TcpListener as StdListener;
@@ -82,7 +83,11 @@ impl NatsServer {
             .arg(self.store.path())
             .args(&self.extra_args)
             .stdout(Stdio::null())
-            .stderr(Stdio::null())
+            .stderr(if std::env::var_os("NATS_TEST_LOG").is_some() {
+                Stdio::inherit()
+            } else {
+                Stdio::null()
+            })
             .spawn()
             .expect("cannot start nats-server");
         self.child = Some(child);
