@@ -66,6 +66,14 @@ pub enum InputKind {
     Stdin,
 }
 
+/// A `--listen` value: an address, or `None` for `off` (or empty).
+fn listen_address(value: &str) -> Option<&str> {
+    match value.trim() {
+        "" | "off" | "none" => None,
+        addr => Some(addr),
+    }
+}
+
 fn parse_duration(s: &str) -> Result<Duration, String> {
     humantime::parse_duration(s).map_err(|e| e.to_string())
 }
@@ -167,10 +175,7 @@ pub struct BridgeArgs {
 impl BridgeArgs {
     /// The listen address, or `None` when disabled.
     pub fn listen_address(&self) -> Option<&str> {
-        match self.listen.trim() {
-            "" | "off" | "none" => None,
-            addr => Some(addr),
-        }
+        listen_address(&self.listen)
     }
 
     pub fn into_options(self) -> Result<BridgeOptions, InputError> {
@@ -296,11 +301,9 @@ pub struct RespondArgs {
 }
 
 impl RespondArgs {
+    /// The listen address, or `None` when disabled.
     pub fn listen_address(&self) -> Option<&str> {
-        match self.listen.trim() {
-            "" | "off" | "none" => None,
-            addr => Some(addr),
-        }
+        listen_address(&self.listen)
     }
 
     /// The options, reading the policy file (a bad one is an error with its line).

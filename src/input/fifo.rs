@@ -13,9 +13,7 @@ use nix::sys::stat::Mode;
 use tokio::net::unix::pipe;
 use tokio_util::sync::CancellationToken;
 
-use super::lines::{Line, LineReader};
-use super::{AlertSink, InputError};
-use crate::event::AlertError;
+use super::{pump_lines, AlertSink, InputError};
 
 /// Default FIFO path, as in the 2018 proof of concept.
 pub const DEFAULT_FIFO: &str = "/var/run/falco/nats";
@@ -96,27 +94,11 @@ impl FifoInput {
             .map_err(io_err)?;
         tracing::info!(path = %path.display(), max_line = self.options.max_line, "reading Falco alerts from FIFO");
         self.sink.set_connected(true);
-        let mut reader = LineReader::new(receiver, self.options.max_line);
-        let result = loop {
-            let line = tokio::select! {
-                line = reader.next_line() => line,
-                _ = shutdown.cancelled() => break Ok(()),
-            };
-            match line {
-                Ok(Some(Line::Complete(raw))) => {
-                    if self.sink.send_json(raw).await.is_err() {
-                        break Ok(());
-                    }
-                }
-                Ok(Some(Line::Oversized(size))) => self.sink.reject(&AlertError::TooLarge {
-                    size,
-                    limit: self.options.max_line,
-                }),
-                // Cannot happen while we hold the write end too.
-                Ok(None) => break Ok(()),
-                Err(e) => break Err(io_err(e)),
-            }
-        };
+        // With the write end held too, the input never ends by itself.
+        let result = pump_lines(receiver, self.options.max_line, &self.sink, &shutdown)
+            .await
+            .map(|_| ())
+            .map_err(io_err);
         self.sink.set_connected(false);
         result
     }

@@ -12,7 +12,11 @@ pub mod stdin;
 
 use bytes::Bytes;
 use prometheus_client::metrics::counter::Counter;
+use tokio::io::AsyncRead;
 use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use lines::{Line, LineReader};
 
 use crate::event::{AlertError, FalcoEvent};
 use crate::priority::Priority;
@@ -38,6 +42,44 @@ pub enum InputError {
         what: String,
         source: std::io::Error,
     },
+}
+
+/// How reading alert lines ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LinesEnd {
+    /// The input ended (end of file).
+    EndOfInput,
+    /// Shutdown, or the queue closed.
+    Stopped,
+}
+
+/// Reads one JSON alert per line from `reader` into `sink` until the input
+/// ends or `shutdown`; a line over `max_line` is rejected and the next one read.
+pub async fn pump_lines<R: AsyncRead + Unpin>(
+    reader: R,
+    max_line: usize,
+    sink: &AlertSink,
+    shutdown: &CancellationToken,
+) -> std::io::Result<LinesEnd> {
+    let mut lines = LineReader::new(reader, max_line);
+    loop {
+        let line = tokio::select! {
+            line = lines.next_line() => line?,
+            _ = shutdown.cancelled() => return Ok(LinesEnd::Stopped),
+        };
+        match line {
+            Some(Line::Complete(raw)) => {
+                if sink.send_json(raw).await.is_err() {
+                    return Ok(LinesEnd::Stopped);
+                }
+            }
+            Some(Line::Oversized(size)) => sink.reject(&AlertError::TooLarge {
+                size,
+                limit: max_line,
+            }),
+            None => return Ok(LinesEnd::EndOfInput),
+        }
+    }
 }
 
 /// The queue was closed: the bridge is stopping.

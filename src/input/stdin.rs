@@ -6,9 +6,7 @@
 use tokio::io::AsyncRead;
 use tokio_util::sync::CancellationToken;
 
-use super::lines::{Line, LineReader};
-use super::{AlertSink, InputError};
-use crate::event::AlertError;
+use super::{pump_lines, AlertSink, InputError, LinesEnd};
 
 /// Reads alerts from a byte stream (standard input) until it ends.
 pub struct StdinInput<R> {
@@ -29,33 +27,16 @@ impl<R: AsyncRead + Unpin> StdinInput<R> {
     /// Reads until end of input or `shutdown`.
     pub async fn run(self, shutdown: CancellationToken) -> Result<(), InputError> {
         self.sink.set_connected(true);
-        let mut lines = LineReader::new(self.reader, self.max_line);
-        let result = loop {
-            let line = tokio::select! {
-                line = lines.next_line() => line,
-                _ = shutdown.cancelled() => break Ok(()),
-            };
-            match line {
-                Ok(Some(Line::Complete(raw))) => {
-                    if self.sink.send_json(raw).await.is_err() {
-                        break Ok(());
-                    }
-                }
-                Ok(Some(Line::Oversized(size))) => self.sink.reject(&AlertError::TooLarge {
-                    size,
-                    limit: self.max_line,
-                }),
-                Ok(None) => {
-                    tracing::info!("end of standard input: Falco stopped");
-                    break Ok(());
-                }
-                Err(source) => {
-                    break Err(InputError::Io {
-                        what: "standard input".into(),
-                        source,
-                    })
-                }
+        let result = match pump_lines(self.reader, self.max_line, &self.sink, &shutdown).await {
+            Ok(LinesEnd::EndOfInput) => {
+                tracing::info!("end of standard input: Falco stopped");
+                Ok(())
             }
+            Ok(LinesEnd::Stopped) => Ok(()),
+            Err(source) => Err(InputError::Io {
+                what: "standard input".into(),
+                source,
+            }),
         };
         self.sink.set_connected(false);
         result
