@@ -13,11 +13,9 @@
 //! from what Falco's own JSON output would hold. `evt.time`, missing from the
 //! maps of Falco >= 0.39, is synthesised from `response.time`.
 
-use std::collections::BTreeMap;
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
-use serde_json::Value;
 
 use crate::event::{AlertError, FalcoEvent};
 use crate::priority::Priority;
@@ -116,6 +114,8 @@ fn json_output(output: &str) -> Option<&str> {
         .map(|_| trimmed)
 }
 
+/// Writes the Falco >= 0.39 layout directly: keys in sorted order, strings
+/// escaped by serde_json, no intermediate JSON tree.
 fn build_json(response: &Response, priority: Priority, source: &str) -> Vec<u8> {
     let (secs, nanos) = match &response.time {
         Some(t) => normalise(t.seconds, t.nanos),
@@ -126,59 +126,96 @@ fn build_json(response: &Response, priority: Priority, source: &str) -> Vec<u8> 
             (now.as_secs() as i64, now.subsec_nanos())
         }
     };
-    let mut fields: BTreeMap<&str, Value> = response
+    let mut fields: Vec<(&str, Field<'_>)> = response
         .output_fields
         .iter()
-        .map(|(k, v)| (k.as_str(), typed_value(k, v)))
+        .map(|(k, v)| (k.as_str(), Field::Text(v)))
         .collect();
-    if !fields.contains_key("evt.time") {
+    if !response.output_fields.contains_key("evt.time") {
         if let Some(ns) = secs
             .checked_mul(1_000_000_000)
             .and_then(|s| s.checked_add(i64::from(nanos)))
         {
-            fields.insert("evt.time", Value::from(ns));
+            fields.push(("evt.time", Field::Int(ns)));
         }
     }
+    // Byte order, as a sorted map of strings has it.
+    fields.sort_unstable_by(|a, b| a.0.cmp(b.0));
     let mut tags: Vec<&str> = response.tags.iter().map(String::as_str).collect();
     tags.sort_unstable();
 
-    let mut alert: BTreeMap<&str, Value> = BTreeMap::new();
-    alert.insert("hostname", Value::from(response.hostname.as_str()));
-    alert.insert("output", Value::from(response.output.as_str()));
-    alert.insert(
-        "output_fields",
-        serde_json::to_value(&fields).unwrap_or(Value::Null),
-    );
-    alert.insert("priority", Value::from(priority.as_str()));
-    alert.insert("rule", Value::from(response.rule.as_str()));
-    alert.insert("source", Value::from(source));
-    alert.insert("tags", Value::from(tags));
-    alert.insert("time", Value::from(format_rfc3339_nanos(secs, nanos)));
-    // Serialising a map of strings and JSON values cannot fail.
-    serde_json::to_vec(&alert).unwrap_or_default()
+    let mut out = Vec::with_capacity(256 + response.output.len() * 2);
+    out.extend_from_slice(b"{\"hostname\":");
+    push_str(&mut out, &response.hostname);
+    out.extend_from_slice(b",\"output\":");
+    push_str(&mut out, &response.output);
+    out.extend_from_slice(b",\"output_fields\":{");
+    for (i, (key, value)) in fields.iter().enumerate() {
+        if i > 0 {
+            out.push(b',');
+        }
+        push_str(&mut out, key);
+        out.push(b':');
+        match value {
+            Field::Int(n) => push_json(&mut out, n),
+            Field::Text(v) => push_typed(&mut out, key, v),
+        }
+    }
+    out.extend_from_slice(b"},\"priority\":");
+    push_str(&mut out, priority.as_str());
+    out.extend_from_slice(b",\"rule\":");
+    push_str(&mut out, &response.rule);
+    out.extend_from_slice(b",\"source\":");
+    push_str(&mut out, source);
+    out.extend_from_slice(b",\"tags\":[");
+    for (i, tag) in tags.iter().enumerate() {
+        if i > 0 {
+            out.push(b',');
+        }
+        push_str(&mut out, tag);
+    }
+    out.extend_from_slice(b"],\"time\":");
+    push_str(&mut out, &format_rfc3339_nanos(secs, nanos));
+    out.push(b'}');
+    out
 }
 
-/// Gives a gRPC string value its JSON type back.
-fn typed_value(key: &str, value: &str) -> Value {
+/// An `output_fields` value before it is written.
+enum Field<'a> {
+    /// As gRPC carried it.
+    Text(&'a str),
+    /// Synthesised (`evt.time`).
+    Int(i64),
+}
+
+/// Writes a JSON value; serialising strings and numbers into a Vec cannot fail.
+fn push_json<T: serde::Serialize + ?Sized>(out: &mut Vec<u8>, value: &T) {
+    let _ = serde_json::to_writer(out, value);
+}
+
+fn push_str(out: &mut Vec<u8>, s: &str) {
+    push_json(out, s);
+}
+
+/// Writes a gRPC string value with its JSON type given back (see the module docs).
+fn push_typed(out: &mut Vec<u8>, key: &str, value: &str) {
     if value == NOT_AVAILABLE {
-        return Value::Null;
+        out.extend_from_slice(b"null");
+        return;
     }
     if INTEGER_FIELDS.binary_search(&key).is_ok() {
         if let Ok(n) = value.parse::<i64>() {
-            return Value::from(n);
+            return push_json(out, &n);
         }
         if let Ok(n) = value.parse::<u64>() {
-            return Value::from(n);
+            return push_json(out, &n);
         }
     }
-    if BOOLEAN_FIELDS.binary_search(&key).is_ok() {
-        match value {
-            "true" => return Value::Bool(true),
-            "false" => return Value::Bool(false),
-            _ => {}
-        }
+    if BOOLEAN_FIELDS.binary_search(&key).is_ok() && (value == "true" || value == "false") {
+        out.extend_from_slice(value.as_bytes());
+        return;
     }
-    Value::from(value)
+    push_str(out, value);
 }
 
 /// Brings `nanos` into `0..1e9`, carrying into `secs`.
@@ -220,6 +257,7 @@ fn civil_from_days(days: i64) -> (i64, u32, u32) {
 mod tests {
     use super::*;
     use prost_types::Timestamp;
+    use serde_json::Value;
 
     fn response() -> Response {
         Response {

@@ -13,13 +13,14 @@
 //! gone). `--drain-timeout` bounds the wait.
 
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use clap::ValueEnum;
 use hyper_util::rt::TokioIo;
 use tokio::net::UnixStream;
-use tokio::sync::{mpsc, Notify};
+use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
 use tonic::transport::{Channel, Endpoint, Uri};
@@ -36,6 +37,8 @@ pub const DEFAULT_SOCKET: &str = "unix:///run/falco/falco.sock";
 
 /// Poll interval while alerts flow.
 const ACTIVE_POLL: Duration = Duration::from_millis(1);
+/// No poll while Falco sent something this recently: it is still draining.
+const QUIET: Duration = Duration::from_micros(200);
 /// How long after the last alert the input keeps polling fast.
 const ACTIVE_FOR: Duration = Duration::from_secs(1);
 
@@ -206,7 +209,10 @@ impl GrpcInput {
                     Ok(Some(response)) => {
                         delivered += 1;
                         poller.alert_arrived();
-                        if !self.deliver(response).await {
+                        poller.set_delivering(true);
+                        let open = self.deliver(response).await;
+                        poller.set_delivering(false);
+                        if !open {
                             return Ok(SessionEnd::Shutdown);
                         }
                     }
@@ -257,34 +263,56 @@ impl GrpcInput {
     }
 }
 
-/// Sends `sub`'s poll requests: one at once, one soon after alerts arrive,
-/// every millisecond while alerts flow, and every `idle` while Falco is quiet.
+/// Sends `sub`'s poll requests: one at once, then one every millisecond
+/// while alerts flow (Falco drains its whole queue on each request), and one
+/// every `idle` while Falco is quiet. It holds back while Falco is still
+/// sending (a response within the last [`QUIET`]) and while the bridge is not
+/// reading (its queue is full): requests Falco does not read pile up in the
+/// HTTP/2 stream, and a server may close a connection flooded with them.
 #[derive(Clone)]
 struct Poller {
     idle: Duration,
     state: Arc<PollerState>,
 }
 
-#[derive(Default)]
 struct PollerState {
-    alert: Notify,
     stop: CancellationToken,
-    last_alert: std::sync::Mutex<Option<Instant>>,
+    started: Instant,
+    /// Microseconds after `started` of the last alert (0: none yet).
+    last_alert: AtomicU64,
+    /// Set while an alert is being handed to the (possibly full) queue.
+    delivering: AtomicBool,
 }
 
 impl Poller {
     fn new(idle: Duration) -> Self {
         Poller {
             idle,
-            state: Arc::default(),
+            state: Arc::new(PollerState {
+                stop: CancellationToken::new(),
+                started: Instant::now(),
+                last_alert: AtomicU64::new(0),
+                delivering: AtomicBool::new(false),
+            }),
         }
     }
 
     fn alert_arrived(&self) {
-        if let Ok(mut last) = self.state.last_alert.lock() {
-            *last = Some(Instant::now());
-        }
-        self.state.alert.notify_one();
+        let micros = self.state.started.elapsed().as_micros() as u64;
+        self.state
+            .last_alert
+            .store(micros.max(1), Ordering::Relaxed);
+    }
+
+    fn set_delivering(&self, delivering: bool) {
+        self.state.delivering.store(delivering, Ordering::Relaxed);
+    }
+
+    /// Microseconds since the last alert, if there was one.
+    fn since_last_alert(&self) -> Option<u64> {
+        let last = self.state.last_alert.load(Ordering::Relaxed);
+        let now = self.state.started.elapsed().as_micros() as u64;
+        (last != 0).then(|| now.saturating_sub(last))
     }
 
     /// Stops polling and closes the request stream.
@@ -293,16 +321,19 @@ impl Poller {
     }
 
     fn active(&self) -> bool {
-        self.state
-            .last_alert
-            .lock()
-            .ok()
-            .and_then(|last| *last)
-            .is_some_and(|t| t.elapsed() < ACTIVE_FOR)
+        self.since_last_alert()
+            .is_some_and(|us| us < ACTIVE_FOR.as_micros() as u64)
+    }
+
+    /// Whether Falco is still sending, or the bridge is not reading.
+    fn busy(&self) -> bool {
+        self.state.delivering.load(Ordering::Relaxed)
+            || self
+                .since_last_alert()
+                .is_some_and(|us| us < QUIET.as_micros() as u64)
     }
 
     async fn run(self, requests: mpsc::Sender<Request>) {
-        let mut last_request = Instant::now();
         let _ = requests.try_send(Request {});
         loop {
             let wait = if self.active() {
@@ -312,17 +343,13 @@ impl Poller {
             };
             tokio::select! {
                 _ = tokio::time::sleep(wait) => {}
-                _ = self.state.alert.notified() => {
-                    // Alerts flow: keep one request ahead, at most every 200 µs.
-                    if last_request.elapsed() < Duration::from_micros(200) {
-                        continue;
-                    }
-                }
                 _ = self.state.stop.cancelled() => return,
+            }
+            if self.busy() {
+                continue;
             }
             // A full request buffer means Falco has requests enough.
             let _ = requests.try_send(Request {});
-            last_request = Instant::now();
         }
     }
 }

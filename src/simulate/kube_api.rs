@@ -19,7 +19,7 @@ use serde_json::{json, Value};
 pub const TOKEN: &str = "test-token";
 
 /// One DELETE the fake API accepted or refused.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone)]
 pub struct DeleteCall {
     pub namespace: String,
     pub name: String,
@@ -27,6 +27,8 @@ pub struct DeleteCall {
     pub uid_precondition: Option<String>,
     /// The HTTP status answered.
     pub status: u16,
+    /// When the request arrived (for latency measurements).
+    pub at: std::time::Instant,
 }
 
 #[derive(Default)]
@@ -213,6 +215,7 @@ async fn handle(
                 grace_period_seconds: grace,
                 uid_precondition: uid_pre.clone(),
                 status: 200,
+                at: std::time::Instant::now(),
             };
             let response = match st.pods.get(&key) {
                 None => {

@@ -60,8 +60,13 @@ impl NatsServer {
 
     /// Starts with extra arguments (e.g. `-c config`).
     pub fn start_with(extra: &[&str]) -> Self {
+        Self::start_on(free_port(), extra)
+    }
+
+    /// Starts on `port` with extra arguments.
+    pub fn start_on(port: u16, extra: &[&str]) -> Self {
         let mut server = NatsServer {
-            port: free_port(),
+            port,
             store: tempfile::tempdir().expect("temp dir"),
             child: None,
             extra_args: extra.iter().map(|s| s.to_string()).collect(),

@@ -1,0 +1,964 @@
+//! End-to-end benchmarks of falco-nats, each beside its baseline in the same
+//! run: throughput, latency percentiles, response latency, memory and CPU of
+//! the real `falco-nats` binary, against a real nats-server on this machine.
+//!
+//! `scripts/bench` runs it and writes docs/BENCHMARKS.md. Knobs (environment):
+//! `BENCH_ALERTS` (throughput alerts per run, default 100000), `BENCH_REPS`
+//! (runs per scenario, median reported, default 3), `BENCH_LATENCY_SECS`
+//! (seconds per latency rate, default 5), `BENCH_BURST` (alerts in the
+//! NATS-down burst, default 1000000), `BENCH_OUT` (the Markdown file).
+
+#[path = "../tests/support/mod.rs"]
+#[allow(dead_code, unused_imports)]
+mod support;
+
+use std::collections::HashMap;
+use std::fmt::Write as _;
+use std::io::Write as _;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use falco_nats::convert::event_from_response;
+use falco_nats::proto::outputs::Response;
+use falco_nats::simulate::alerts::AlertFactory;
+use falco_nats::simulate::falco_grpc::MockFalco;
+use falco_nats::simulate::kube_api::KubeApi;
+use futures_util::StreamExt;
+use support::{free_port, NatsServer};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+const BIN: &str = env!("CARGO_BIN_EXE_falco-nats");
+
+fn env_num(name: &str, default: u64) -> u64 {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+/// The falco-nats binary as a child process, killed on drop.
+struct Proc {
+    child: Child,
+}
+
+impl Proc {
+    fn spawn(args: &[String]) -> Self {
+        let child = Command::new(BIN)
+            .args(args)
+            .env("RUST_LOG", "error")
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("start falco-nats");
+        Proc { child }
+    }
+
+    fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Peak and current resident set size in KiB.
+    fn rss_kib(&self) -> (u64, u64) {
+        let status =
+            std::fs::read_to_string(format!("/proc/{}/status", self.pid())).unwrap_or_default();
+        let field = |name: &str| {
+            status
+                .lines()
+                .find_map(|l| l.strip_prefix(name))
+                .and_then(|v| v.split_whitespace().next())
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(0)
+        };
+        (field("VmHWM:"), field("VmRSS:"))
+    }
+
+    /// User plus system CPU seconds so far.
+    fn cpu_seconds(&self) -> f64 {
+        let stat =
+            std::fs::read_to_string(format!("/proc/{}/stat", self.pid())).unwrap_or_default();
+        // Fields after the command name (which is in parentheses).
+        let rest = stat.rsplit_once(") ").map(|(_, r)| r).unwrap_or("");
+        let fields: Vec<&str> = rest.split_whitespace().collect();
+        let ticks: f64 = fields
+            .get(11)
+            .and_then(|v| v.parse::<f64>().ok())
+            .unwrap_or(0.0)
+            + fields
+                .get(12)
+                .and_then(|v| v.parse::<f64>().ok())
+                .unwrap_or(0.0);
+        ticks / clock_ticks()
+    }
+
+    fn stop(mut self) {
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(self.child.id() as i32),
+            nix::sys::signal::Signal::SIGTERM,
+        );
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn clock_ticks() -> f64 {
+    Command::new("getconf")
+        .arg("CLK_TCK")
+        .output()
+        .ok()
+        .and_then(|o| String::from_utf8_lossy(&o.stdout).trim().parse().ok())
+        .unwrap_or(100.0)
+}
+
+/// Counts messages on `falco.>` and notes when the first and last arrived.
+struct Counter {
+    count: Arc<AtomicU64>,
+    first: Arc<Mutex<Option<Instant>>>,
+    last: Arc<Mutex<Option<Instant>>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Counter {
+    async fn start(url: &str, subject: &str) -> Self {
+        let client = async_nats::ConnectOptions::new()
+            .subscription_capacity(1 << 20)
+            .connect(url)
+            .await
+            .unwrap();
+        let mut sub = client.subscribe(subject.to_owned()).await.unwrap();
+        client.flush().await.unwrap();
+        let count = Arc::new(AtomicU64::new(0));
+        let first = Arc::new(Mutex::new(None));
+        let last = Arc::new(Mutex::new(None));
+        let (c, f, l) = (count.clone(), first.clone(), last.clone());
+        let task = tokio::spawn(async move {
+            let _client = client;
+            while sub.next().await.is_some() {
+                let now = Instant::now();
+                if c.fetch_add(1, Ordering::Relaxed) == 0 {
+                    *f.lock().unwrap() = Some(now);
+                }
+                *l.lock().unwrap() = Some(now);
+            }
+        });
+        Counter {
+            count,
+            first,
+            last,
+            task,
+        }
+    }
+
+    /// Waits for `n` messages; the rate between the first and the last.
+    async fn rate(&self, n: u64, timeout: Duration) -> Option<f64> {
+        let deadline = Instant::now() + timeout;
+        while self.count.load(Ordering::Relaxed) < n {
+            if Instant::now() > deadline {
+                eprintln!(
+                    "  timed out at {} of {n}",
+                    self.count.load(Ordering::Relaxed)
+                );
+                return None;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        let first = (*self.first.lock().unwrap())?;
+        let last = (*self.last.lock().unwrap())?;
+        Some((n - 1) as f64 / last.duration_since(first).as_secs_f64())
+    }
+}
+
+impl Drop for Counter {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    if v.is_empty() {
+        return f64::NAN;
+    }
+    v[v.len() / 2]
+}
+
+fn percentile(sorted: &[f64], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return f64::NAN;
+    }
+    let idx = ((p / 100.0) * (sorted.len() - 1) as f64).round() as usize;
+    sorted[idx.min(sorted.len() - 1)]
+}
+
+/// Pre-made alerts: gRPC responses and their JSON lines.
+struct Corpus {
+    responses: Vec<Response>,
+    lines: Vec<Bytes>,
+}
+
+impl Corpus {
+    fn new(n: u64) -> Self {
+        let mut factory = AlertFactory::new("bench-node", false);
+        let responses: Vec<Response> = (0..n).map(|_| factory.next_response()).collect();
+        let lines = responses
+            .iter()
+            .map(|r| event_from_response(r.clone()).unwrap().payload)
+            .collect();
+        Corpus { responses, lines }
+    }
+
+    fn mean_size(&self) -> usize {
+        self.lines.iter().map(|l| l.len()).sum::<usize>() / self.lines.len().max(1)
+    }
+}
+
+fn bridge_args(input: &str, extra: &[&str], url: &str, jetstream: bool) -> Vec<String> {
+    let mut args: Vec<String> = ["bridge", "--input", input, "-s", url]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+    if jetstream {
+        args.extend(
+            [
+                "--jetstream",
+                "--duplicate-window",
+                "10s",
+                "--stream-max-age",
+                "1h",
+            ]
+            .map(String::from),
+        );
+    }
+    args.extend(extra.iter().map(|s| s.to_string()));
+    args
+}
+
+/// One throughput measurement: alerts/s and the bridge's CPU seconds.
+struct Run {
+    rate: f64,
+    cpu: f64,
+}
+
+async fn ceiling(url: &str, corpus: &Corpus, flush_each: bool) -> Option<Run> {
+    let counter = Counter::start(url, "falco.>").await;
+    let client = async_nats::connect(url).await.unwrap();
+    let n = corpus.lines.len() as u64;
+    let cpu0 = process_cpu();
+    for line in &corpus.lines {
+        client
+            .publish("falco.notice.bench", line.clone())
+            .await
+            .unwrap();
+        if flush_each {
+            client.flush().await.unwrap();
+        }
+    }
+    client.flush().await.unwrap();
+    let rate = counter.rate(n, Duration::from_secs(120)).await?;
+    Some(Run {
+        rate,
+        cpu: process_cpu() - cpu0,
+    })
+}
+
+/// CPU seconds of this (the benchmark's) process.
+fn process_cpu() -> f64 {
+    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+    let rest = stat.rsplit_once(") ").map(|(_, r)| r).unwrap_or("");
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let t = f.get(11).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0)
+        + f.get(12).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+    t / clock_ticks()
+}
+
+async fn bridge_grpc(url: &str, corpus: &Corpus, jetstream: bool, dir: &Path) -> Option<Run> {
+    let socket = dir.join(format!("falco-{}.sock", free_port()));
+    let mut falco = MockFalco::new(&socket);
+    falco.start().await.unwrap();
+    for r in &corpus.responses {
+        falco.push(r.clone());
+    }
+    let counter = Counter::start(url, "falco.>").await;
+    let sock = format!("unix://{}", socket.display());
+    let bridge = Proc::spawn(&bridge_args(
+        "grpc",
+        &["--grpc-socket", &sock, "--listen", "off"],
+        url,
+        jetstream,
+    ));
+    let rate = counter
+        .rate(corpus.responses.len() as u64, Duration::from_secs(300))
+        .await;
+    let cpu = bridge.cpu_seconds();
+    bridge.stop();
+    falco.stop().await;
+    Some(Run { rate: rate?, cpu })
+}
+
+async fn bridge_fifo(url: &str, corpus: &Corpus, jetstream: bool, dir: &Path) -> Option<Run> {
+    let fifo = dir.join(format!("fifo-{}", free_port()));
+    let counter = Counter::start(url, "falco.>").await;
+    let path = fifo.display().to_string();
+    let bridge = Proc::spawn(&bridge_args(
+        "fifo",
+        &["-f", &path, "--create-fifo", "--listen", "off"],
+        url,
+        jetstream,
+    ));
+    while !fifo.exists() {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let lines = corpus.lines.clone();
+    let writer = std::thread::spawn(move || {
+        let mut f = std::fs::OpenOptions::new().write(true).open(&fifo).unwrap();
+        let mut buf = Vec::with_capacity(64 * 1024);
+        for line in &lines {
+            buf.extend_from_slice(line);
+            buf.push(b'\n');
+            if buf.len() >= 60 * 1024 {
+                f.write_all(&buf).unwrap();
+                buf.clear();
+            }
+        }
+        f.write_all(&buf).unwrap();
+    });
+    let rate = counter
+        .rate(corpus.lines.len() as u64, Duration::from_secs(300))
+        .await;
+    let _ = writer.join();
+    let cpu = bridge.cpu_seconds();
+    bridge.stop();
+    Some(Run { rate: rate?, cpu })
+}
+
+/// Posts `lines` on one keep-alive connection, each waiting for its answer,
+/// as Falco's http_output does.
+async fn post_all(addr: std::net::SocketAddr, lines: Vec<Bytes>) {
+    let mut stream = loop {
+        match tokio::net::TcpStream::connect(addr).await {
+            Ok(s) => break s,
+            Err(_) => tokio::time::sleep(Duration::from_millis(20)).await,
+        }
+    };
+    stream.set_nodelay(true).unwrap();
+    let mut buf = vec![0u8; 4096];
+    for line in lines {
+        let head = format!(
+            "POST / HTTP/1.1\r\nHost: bench\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n",
+            line.len()
+        );
+        stream.write_all(head.as_bytes()).await.unwrap();
+        stream.write_all(&line).await.unwrap();
+        // A response is small and ends with its body ("queued\n").
+        let mut got = Vec::new();
+        loop {
+            let n = stream.read(&mut buf).await.unwrap();
+            assert!(n > 0, "connection closed");
+            got.extend_from_slice(&buf[..n]);
+            if got.ends_with(b"queued\n") {
+                break;
+            }
+            assert!(
+                !got.starts_with(b"HTTP/1.1 4") && !got.starts_with(b"HTTP/1.1 5"),
+                "{}",
+                String::from_utf8_lossy(&got)
+            );
+        }
+    }
+}
+
+async fn bridge_http(
+    url: &str,
+    corpus: &Corpus,
+    jetstream: bool,
+    connections: usize,
+) -> Option<Run> {
+    let port = free_port();
+    let listen = format!("127.0.0.1:{port}");
+    let counter = Counter::start(url, "falco.>").await;
+    let bridge = Proc::spawn(&bridge_args("http", &["--listen", &listen], url, jetstream));
+    let addr: std::net::SocketAddr = listen.parse().unwrap();
+    let mut tasks = Vec::new();
+    for c in 0..connections {
+        let share: Vec<Bytes> = corpus
+            .lines
+            .iter()
+            .skip(c)
+            .step_by(connections)
+            .cloned()
+            .collect();
+        tasks.push(tokio::spawn(post_all(addr, share)));
+    }
+    let rate = counter
+        .rate(corpus.lines.len() as u64, Duration::from_secs(300))
+        .await;
+    for t in tasks {
+        let _ = t.await;
+    }
+    let cpu = bridge.cpu_seconds();
+    bridge.stop();
+    Some(Run { rate: rate?, cpu })
+}
+
+/// `evt.num` from a payload, by a plain search (no JSON parse on the hot path).
+fn evt_num(payload: &[u8]) -> Option<u64> {
+    let key = b"\"evt.num\":";
+    let pos = memchr::memmem::find(payload, key)? + key.len();
+    let digits: Vec<u8> = payload[pos..]
+        .iter()
+        .take_while(|b| b.is_ascii_digit())
+        .copied()
+        .collect();
+    std::str::from_utf8(&digits).ok()?.parse().ok()
+}
+
+/// Latencies (µs) from emitting alert n to a subscriber receiving it.
+struct LatencyProbe {
+    base: Instant,
+    emitted: Arc<Vec<AtomicU64>>,
+    received: Arc<Vec<AtomicU64>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl LatencyProbe {
+    async fn start(url: &str, n: usize) -> Self {
+        let base = Instant::now();
+        let emitted: Arc<Vec<AtomicU64>> = Arc::new((0..=n).map(|_| AtomicU64::new(0)).collect());
+        let received: Arc<Vec<AtomicU64>> = Arc::new((0..=n).map(|_| AtomicU64::new(0)).collect());
+        let client = async_nats::ConnectOptions::new()
+            .subscription_capacity(1 << 20)
+            .connect(url)
+            .await
+            .unwrap();
+        let mut sub = client.subscribe("falco.>").await.unwrap();
+        client.flush().await.unwrap();
+        let rec = received.clone();
+        let task = tokio::spawn(async move {
+            let _client = client;
+            while let Some(m) = sub.next().await {
+                let at = base.elapsed().as_nanos() as u64;
+                if let Some(i) = evt_num(&m.payload) {
+                    if let Some(slot) = rec.get(i as usize) {
+                        slot.store(at, Ordering::Relaxed);
+                    }
+                }
+            }
+        });
+        LatencyProbe {
+            base,
+            emitted,
+            received,
+            task,
+        }
+    }
+
+    fn emit(&self, n: u64) {
+        if let Some(slot) = self.emitted.get(n as usize) {
+            slot.store(self.base.elapsed().as_nanos() as u64, Ordering::Relaxed);
+        }
+    }
+
+    /// Sorted latencies in µs of the alerts 1..=n, and how many never arrived.
+    fn latencies(&self, n: u64) -> (Vec<f64>, u64) {
+        let mut out = Vec::new();
+        let mut missing = 0;
+        for i in 1..=n as usize {
+            let (e, r) = (
+                self.emitted[i].load(Ordering::Relaxed),
+                self.received[i].load(Ordering::Relaxed),
+            );
+            if r == 0 || e == 0 {
+                missing += 1;
+            } else {
+                out.push(r.saturating_sub(e) as f64 / 1000.0);
+            }
+        }
+        out.sort_by(|a, b| a.partial_cmp(b).unwrap());
+        (out, missing)
+    }
+}
+
+impl Drop for LatencyProbe {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// Paces `total` emissions at `rate` per second in 1 ms batches.
+async fn paced(rate: u64, total: u64, mut emit: impl FnMut(u64)) {
+    let start = Instant::now();
+    let mut sent = 0u64;
+    while sent < total {
+        let due = ((start.elapsed().as_secs_f64() * rate as f64) as u64 + 1).min(total);
+        while sent < due {
+            sent += 1;
+            emit(sent);
+        }
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+}
+
+struct LatencyRow {
+    rate: u64,
+    what: &'static str,
+    p50: f64,
+    p99: f64,
+    p999: f64,
+    missing: u64,
+    rss_peak: Option<u64>,
+}
+
+fn main() {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    runtime.block_on(run());
+}
+
+async fn run() {
+    let alerts = env_num("BENCH_ALERTS", 100_000);
+    let reps = env_num("BENCH_REPS", 3) as usize;
+    let latency_secs = env_num("BENCH_LATENCY_SECS", 5);
+    let burst = env_num("BENCH_BURST", 1_000_000);
+    let out_path = std::env::var("BENCH_OUT").map(PathBuf::from).ok();
+    let dir = tempfile::tempdir().unwrap();
+    let corpus = Corpus::new(alerts);
+    eprintln!(
+        "{} alerts of {} bytes on average",
+        alerts,
+        corpus.mean_size()
+    );
+
+    let mut md = String::new();
+    let _ = writeln!(md, "{}", header(alerts, reps, corpus.mean_size()));
+
+    // Throughput.
+    type Scenario<'a> = (
+        &'static str,
+        Box<
+            dyn Fn(String) -> std::pin::Pin<Box<dyn std::future::Future<Output = Option<Run>> + 'a>>
+                + 'a,
+        >,
+    );
+    let d = dir.path().to_owned();
+    let c = &corpus;
+    let scenarios: Vec<Scenario> = vec![
+        (
+            "plain publisher (ceiling)",
+            Box::new(move |u| Box::pin(async move { ceiling(&u, c, false).await })),
+        ),
+        (
+            "flush after every alert (2018 PoC)",
+            Box::new(move |u| Box::pin(async move { ceiling(&u, c, true).await })),
+        ),
+        (
+            "bridge gRPC, core",
+            Box::new({
+                let d = d.clone();
+                move |u| {
+                    let d = d.clone();
+                    Box::pin(async move { bridge_grpc(&u, c, false, &d).await })
+                }
+            }),
+        ),
+        (
+            "bridge FIFO, core",
+            Box::new({
+                let d = d.clone();
+                move |u| {
+                    let d = d.clone();
+                    Box::pin(async move { bridge_fifo(&u, c, false, &d).await })
+                }
+            }),
+        ),
+        (
+            "bridge HTTP (4 connections), core",
+            Box::new(move |u| Box::pin(async move { bridge_http(&u, c, false, 4).await })),
+        ),
+        (
+            "bridge gRPC, JetStream",
+            Box::new({
+                let d = d.clone();
+                move |u| {
+                    let d = d.clone();
+                    Box::pin(async move { bridge_grpc(&u, c, true, &d).await })
+                }
+            }),
+        ),
+        (
+            "bridge FIFO, JetStream",
+            Box::new({
+                let d = d.clone();
+                move |u| {
+                    let d = d.clone();
+                    Box::pin(async move { bridge_fifo(&u, c, true, &d).await })
+                }
+            }),
+        ),
+        (
+            "bridge HTTP (4 connections), JetStream",
+            Box::new(move |u| Box::pin(async move { bridge_http(&u, c, true, 4).await })),
+        ),
+    ];
+    let mut results: HashMap<&str, (Vec<f64>, Vec<f64>)> = HashMap::new();
+    // Rounds interleave the scenarios, so drift on the machine hits all alike.
+    for round in 0..reps {
+        for (name, f) in &scenarios {
+            let nats = NatsServer::start();
+            eprintln!("round {} {name}", round + 1);
+            if let Some(run) = f(nats.url()).await {
+                let e = results.entry(name).or_default();
+                e.0.push(run.rate);
+                e.1.push(run.cpu);
+                eprintln!("  {:.0} alerts/s, {:.2} CPU s", run.rate, run.cpu);
+            }
+        }
+    }
+    let ceiling_rate = median(
+        results
+            .get("plain publisher (ceiling)")
+            .map(|r| r.0.clone())
+            .unwrap_or_default(),
+    );
+    let flush_rate = median(
+        results
+            .get("flush after every alert (2018 PoC)")
+            .map(|r| r.0.clone())
+            .unwrap_or_default(),
+    );
+    let _ = writeln!(md, "## Throughput\n\n{alerts} alerts per run, {reps} runs per row interleaved, median shown. Rate from the subscriber's first to its last message. CPU: the bridge process's user+system seconds per 100k alerts (for the baselines: the benchmark process, which also runs the subscriber).\n");
+    let _ = writeln!(md, "| scenario | alerts/s | vs ceiling | vs flush-per-alert | CPU s / 100k alerts |\n| --- | ---: | ---: | ---: | ---: |");
+    for (name, _) in &scenarios {
+        if let Some((rates, cpus)) = results.get(name) {
+            let rate = median(rates.clone());
+            let cpu = median(cpus.clone()) / alerts as f64 * 100_000.0;
+            let _ = writeln!(
+                md,
+                "| {name} | {rate:.0} | {:.0} % | {:.1}x | {cpu:.2} |",
+                rate / ceiling_rate * 100.0,
+                rate / flush_rate
+            );
+        }
+    }
+
+    // Latency.
+    let _ = writeln!(md, "\n## Latency\n\nFrom the simulated Falco queueing an alert (or, for the baseline, a publisher publishing it) to a subscriber receiving it; gRPC input, core NATS; {latency_secs} s per rate. Peak RSS is the bridge's.\n");
+    let _ = writeln!(md, "| rate (alerts/s) | path | p50 (µs) | p99 (µs) | p99.9 (µs) | lost | bridge peak RSS |\n| ---: | --- | ---: | ---: | ---: | ---: | ---: |");
+    for rate in [1_000u64, 10_000, 50_000] {
+        let nats = NatsServer::start();
+        for row in [
+            latency_publisher(&nats.url(), rate, latency_secs).await,
+            latency_bridge(&nats.url(), rate, latency_secs, dir.path()).await,
+        ] {
+            let rss = row
+                .rss_peak
+                .map(|k| format!("{:.1} MiB", k as f64 / 1024.0))
+                .unwrap_or_else(|| "-".into());
+            let _ = writeln!(
+                md,
+                "| {} | {} | {:.0} | {:.0} | {:.0} | {} | {rss} |",
+                row.rate, row.what, row.p50, row.p99, row.p999, row.missing
+            );
+            eprintln!(
+                "latency {} {}: p50 {:.0} p99 {:.0} p99.9 {:.0} µs",
+                row.rate, row.what, row.p50, row.p99, row.p999
+            );
+        }
+    }
+
+    // Response latency.
+    let (p50, p99, n) = response_latency(dir.path()).await;
+    let _ = writeln!(md, "\n## Response latency\n\nFrom the simulated Falco queueing a Critical alert to the Kubernetes API stand-in receiving the DELETE for its pod: gRPC → bridge → NATS → respond → API, {n} alerts for {n} pods at 50 alerts/s.\n\n| p50 (ms) | p99 (ms) |\n| ---: | ---: |\n| {p50:.2} | {p99:.2} |");
+
+    // Memory.
+    let (idle_peak, idle_rss) = idle_memory(dir.path()).await;
+    let (burst_peak, burst_rss, burst_arrived, burst_read) = burst_memory(dir.path(), burst).await;
+    let _ = writeln!(md, "\n## Memory\n\nResident set size of the bridge process (gRPC input, core NATS, default `--queue-size 1024`).\n\n| state | peak RSS | RSS |\n| --- | ---: | ---: |");
+    let _ = writeln!(
+        md,
+        "| idle, connected | {:.1} MiB | {:.1} MiB |",
+        idle_peak as f64 / 1024.0,
+        idle_rss as f64 / 1024.0
+    );
+    let _ = writeln!(
+        md,
+        "| burst of {burst} alerts with NATS down | {:.1} MiB | {:.1} MiB |",
+        burst_peak as f64 / 1024.0,
+        burst_rss as f64 / 1024.0
+    );
+    let _ = writeln!(md, "\nDuring the burst the bridge read {burst_read} alerts from Falco and then stopped reading (its queue and the NATS client's buffer were full); the rest stayed queued in Falco. Once NATS was started, {burst_arrived} of {burst} arrived.");
+
+    print!("{md}");
+    if let Some(path) = out_path {
+        std::fs::write(&path, &md).unwrap();
+        eprintln!("wrote {}", path.display());
+    }
+}
+
+/// Messages the server received from clients, from its monitoring endpoint.
+async fn in_msgs(monitor_port: u16) -> u64 {
+    let addr: std::net::SocketAddr = format!("127.0.0.1:{monitor_port}").parse().unwrap();
+    let (_, body) = support::http_get(addr, "/varz").await;
+    serde_json::from_str::<serde_json::Value>(&body)
+        .ok()
+        .and_then(|v| v["in_msgs"].as_u64())
+        .unwrap_or(0)
+}
+
+fn header(alerts: u64, reps: usize, size: usize) -> String {
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|c| {
+            c.lines().find_map(|l| {
+                l.strip_prefix("model name")
+                    .map(|v| v.trim_start_matches([' ', '\t', ':']).to_owned())
+            })
+        })
+        .unwrap_or_else(|| "unknown CPU".into());
+    let cores = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(0);
+    let nats = Command::new(support::nats_server_bin())
+        .arg("--version")
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
+        .unwrap_or_default();
+    let date = Command::new("date")
+        .arg("-u")
+        .arg("+%Y-%m-%d %H:%M UTC")
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
+        .unwrap_or_default();
+    format!(
+        "# falco-nats benchmarks\n\nMeasured {date} on {cores} cores ({cpu}), {nats}, release build. Everything runs on this one machine: nats-server, the bridge (the real binary, as its own process), and the benchmark process holding the simulated Falco and the subscribers. {alerts} alerts per throughput run, {reps} runs, about {size} bytes of JSON per alert.\n\nReproduce: `scripts/bench` (or `cargo bench --bench pipeline`; knobs in `benches/pipeline.rs`).\n"
+    )
+}
+
+async fn latency_publisher(url: &str, rate: u64, secs: u64) -> LatencyRow {
+    let total = rate * secs;
+    let probe = LatencyProbe::start(url, total as usize).await;
+    let client = async_nats::connect(url).await.unwrap();
+    let mut factory = AlertFactory::new("bench-node", false);
+    let lines: Vec<Bytes> = (0..total)
+        .map(|_| Bytes::from(factory.next_json()))
+        .collect();
+    let start = Instant::now();
+    let mut sent = 0u64;
+    while sent < total {
+        let due = ((start.elapsed().as_secs_f64() * rate as f64) as u64 + 1).min(total);
+        while sent < due {
+            sent += 1;
+            probe.emit(sent);
+            client
+                .publish("falco.notice.bench", lines[(sent - 1) as usize].clone())
+                .await
+                .unwrap();
+        }
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    client.flush().await.unwrap();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let (lat, missing) = probe.latencies(total);
+    LatencyRow {
+        rate,
+        what: "plain publisher (baseline)",
+        p50: percentile(&lat, 50.0),
+        p99: percentile(&lat, 99.0),
+        p999: percentile(&lat, 99.9),
+        missing,
+        rss_peak: None,
+    }
+}
+
+async fn latency_bridge(url: &str, rate: u64, secs: u64, dir: &Path) -> LatencyRow {
+    let total = rate * secs;
+    let socket = dir.join(format!("lat-{}.sock", free_port()));
+    let mut falco = MockFalco::new(&socket);
+    falco.start().await.unwrap();
+    let probe = LatencyProbe::start(url, total as usize).await;
+    let sock = format!("unix://{}", socket.display());
+    let bridge = Proc::spawn(&bridge_args(
+        "grpc",
+        &["--grpc-socket", &sock, "--listen", "off"],
+        url,
+        false,
+    ));
+    // Let the bridge connect and settle before the clock starts.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let mut factory = AlertFactory::new("bench-node", false);
+    let responses: Vec<Response> = (0..total).map(|_| factory.next_response()).collect();
+    paced(rate, total, |n| {
+        probe.emit(n);
+        falco.push(responses[(n - 1) as usize].clone());
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let (peak, _) = bridge.rss_kib();
+    let (lat, missing) = probe.latencies(total);
+    bridge.stop();
+    falco.stop().await;
+    LatencyRow {
+        rate,
+        what: "bridge, gRPC input",
+        p50: percentile(&lat, 50.0),
+        p99: percentile(&lat, 99.0),
+        p999: percentile(&lat, 99.9),
+        missing,
+        rss_peak: Some(peak),
+    }
+}
+
+async fn response_latency(dir: &Path) -> (f64, f64, usize) {
+    const PODS: usize = 300;
+    let nats = NatsServer::start();
+    let kube = KubeApi::start().await.unwrap();
+    for i in 0..PODS {
+        kube.add_pod(
+            "shop",
+            &format!("web-{i}"),
+            &format!("uid-{i}"),
+            Some("ReplicaSet"),
+        );
+    }
+    let kubeconfig = dir.join("bench-kubeconfig");
+    kube.write_kubeconfig(&kubeconfig).unwrap();
+    let socket = dir.join(format!("resp-{}.sock", free_port()));
+    let mut falco = MockFalco::new(&socket);
+    falco.start().await.unwrap();
+    let url = nats.url();
+    let sock = format!("unix://{}", socket.display());
+    let bridge = Proc::spawn(&bridge_args(
+        "grpc",
+        &["--grpc-socket", &sock, "--listen", "off"],
+        &url,
+        false,
+    ));
+    let kc = kubeconfig.display().to_string();
+    let respond = Proc::spawn(
+        &[
+            "respond",
+            "-s",
+            &url,
+            "--kubeconfig",
+            &kc,
+            "--max-actions-per-minute",
+            "100000",
+            "--listen",
+            "off",
+        ]
+        .map(String::from),
+    );
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let template = AlertFactory::new("bench-node", false).next_response();
+    let emitted: Mutex<HashMap<String, Instant>> = Mutex::new(HashMap::new());
+    paced(50, PODS as u64, |n| {
+        let i = n - 1;
+        let mut r = template.clone();
+        r.priority = 2; // Critical
+        r.output_fields.insert("k8s.ns.name".into(), "shop".into());
+        r.output_fields
+            .insert("k8s.pod.name".into(), format!("web-{i}"));
+        r.output_fields
+            .insert("k8s.pod.uid".into(), format!("uid-{i}"));
+        r.output_fields.insert("evt.num".into(), n.to_string());
+        emitted
+            .lock()
+            .unwrap()
+            .insert(format!("web-{i}"), Instant::now());
+        falco.push(r);
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let emitted = emitted.into_inner().unwrap();
+    let mut lat: Vec<f64> = kube
+        .deletes()
+        .iter()
+        .filter_map(|d| {
+            emitted
+                .get(&d.name)
+                .map(|e| d.at.duration_since(*e).as_secs_f64() * 1000.0)
+        })
+        .collect();
+    lat.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    bridge.stop();
+    respond.stop();
+    falco.stop().await;
+    (percentile(&lat, 50.0), percentile(&lat, 99.0), lat.len())
+}
+
+async fn idle_memory(dir: &Path) -> (u64, u64) {
+    let nats = NatsServer::start();
+    let socket = dir.join(format!("idle-{}.sock", free_port()));
+    let mut falco = MockFalco::new(&socket);
+    falco.start().await.unwrap();
+    let sock = format!("unix://{}", socket.display());
+    let bridge = Proc::spawn(
+        &bridge_args("grpc", &["--grpc-socket", &sock], &nats.url(), false)
+            .into_iter()
+            .chain(["--listen".into(), "off".into()])
+            .collect::<Vec<_>>(),
+    );
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let rss = bridge.rss_kib();
+    bridge.stop();
+    falco.stop().await;
+    rss
+}
+
+/// A burst with NATS down: peak RSS, RSS, alerts that arrived once NATS came
+/// up, and how many the bridge had read from Falco while NATS was down.
+async fn burst_memory(dir: &Path, burst: u64) -> (u64, u64, u64, u64) {
+    let port = free_port();
+    let url = format!("nats://127.0.0.1:{port}");
+    let socket = dir.join(format!("burst-{}.sock", free_port()));
+    let mut falco = MockFalco::new(&socket);
+    falco.start().await.unwrap();
+    // JSON-output alerts: the line is in `output`, with few fields.
+    let mut factory = AlertFactory::new("bench-node", true);
+    for _ in 0..burst {
+        let mut r = factory.next_response();
+        r.output_fields.clear();
+        falco.push(r);
+    }
+    let sock = format!("unix://{}", socket.display());
+    let bridge = Proc::spawn(&bridge_args(
+        "grpc",
+        &["--grpc-socket", &sock, "--listen", "off"],
+        &url,
+        false,
+    ));
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let (peak, rss) = bridge.rss_kib();
+    let read = burst - falco.queued() as u64;
+    // NATS comes up on the address the bridge keeps trying; its monitoring
+    // endpoint counts what the bridge publishes.
+    let monitor = free_port();
+    let nats = NatsServer::start_on(port, &["-m", &monitor.to_string()]);
+    let deadline = Instant::now() + Duration::from_secs(300);
+    let mut arrived = 0;
+    while Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        let now = in_msgs(monitor).await;
+        if now >= burst || (now == arrived && now > 0) {
+            arrived = now;
+            break;
+        }
+        arrived = now;
+    }
+    drop(nats);
+    let (peak_after, _) = bridge.rss_kib();
+    bridge.stop();
+    falco.stop().await;
+    (peak.max(peak_after), rss, arrived, read)
+}
