@@ -9,7 +9,7 @@
 //! NATS-down burst, default 1000000), `BENCH_OUT` (the Markdown file).
 
 #[path = "../tests/support/mod.rs"]
-#[allow(dead_code, unused_imports)]
+#[allow(unused_imports)]
 mod support;
 
 use std::collections::HashMap;
