@@ -8,6 +8,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     }
     let descriptors = protox::compile(files, ["proto"])?;
     tonic_prost_build::configure()
+        // output_fields as a sorted map: no hashing on decode, and the JSON
+        // writer needs the keys sorted anyway.
+        .btree_map(".falco.outputs.response.output_fields")
         .build_client(true)
         .build_server(true)
         .compile_fds(descriptors)?;

@@ -613,8 +613,9 @@ async fn run() {
     ];
     let mut results: HashMap<&str, (Vec<f64>, Vec<f64>)> = HashMap::new();
     // Rounds interleave the scenarios, so drift on the machine hits all alike.
+    let only = std::env::var("BENCH_ONLY").unwrap_or_default();
     for round in 0..reps {
-        for (name, f) in &scenarios {
+        for (name, f) in scenarios.iter().filter(|(n, _)| n.contains(only.as_str())) {
             let nats = NatsServer::start();
             eprintln!("round {} {name}", round + 1);
             if let Some(run) = f(nats.url()).await {
@@ -650,6 +651,11 @@ async fn run() {
                 rate / flush_rate
             );
         }
+    }
+
+    if std::env::var("BENCH_THROUGHPUT_ONLY").is_ok() {
+        print!("{md}");
+        return;
     }
 
     // Latency.

@@ -37,6 +37,9 @@ pub struct Cli {
         global = true
     )]
     pub log_format: LogFormat,
+    /// Worker threads of the async runtime (1: a single thread; 0: one per core)
+    #[arg(long, env = "FALCO_NATS_THREADS", default_value_t = 2, global = true)]
+    pub threads: usize,
     #[command(subcommand)]
     pub command: Command,
 }

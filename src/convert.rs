@@ -139,8 +139,9 @@ fn build_json(response: &Response, priority: Priority, source: &str) -> Vec<u8> 
             fields.push(("evt.time", Field::Int(ns)));
         }
     }
-    // Byte order, as a sorted map of strings has it.
-    fields.sort_unstable_by(|a, b| a.0.cmp(b.0));
+    // Byte order, as a sorted map of strings has it (the map is sorted; the
+    // synthesised `evt.time` may need moving into place).
+    fields.sort_by(|a, b| a.0.cmp(b.0));
     let mut tags: Vec<&str> = response.tags.iter().map(String::as_str).collect();
     tags.sort_unstable();
 

@@ -14,7 +14,16 @@ use tokio_util::sync::CancellationToken;
 fn main() -> ExitCode {
     let cli = Cli::parse();
     logging::init(cli.log_format);
-    let result = tokio::runtime::Builder::new_multi_thread()
+    let mut builder = if cli.threads == 1 {
+        tokio::runtime::Builder::new_current_thread()
+    } else {
+        let mut b = tokio::runtime::Builder::new_multi_thread();
+        if cli.threads > 1 {
+            b.worker_threads(cli.threads);
+        }
+        b
+    };
+    let result = builder
         .enable_all()
         .build()
         .context("cannot start the async runtime")

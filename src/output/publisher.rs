@@ -154,8 +154,19 @@ fn header_value(value: &str) -> String {
 impl CorePublisher {
     async fn run(self, mut alerts: mpsc::Receiver<FalcoEvent>) -> (Client, u64) {
         let mut count = 0u64;
-        while let Some(event) = alerts.recv().await {
-            count += 1;
+        let mut batch = Vec::with_capacity(BATCH);
+        // Whatever is queued is taken at once: one wake-up for many alerts.
+        while alerts.recv_many(&mut batch, BATCH).await > 0 {
+            for event in batch.drain(..) {
+                count += 1;
+                self.publish(event).await;
+            }
+        }
+        (self.client, count)
+    }
+
+    async fn publish(&self, event: FalcoEvent) {
+        {
             self.metrics.queue_depth.dec();
             let subject = self.subject.render(&event);
             let headers = alert_headers(&event);
@@ -189,9 +200,11 @@ impl CorePublisher {
                 }
             }
         }
-        (self.client, count)
     }
 }
+
+/// Alerts taken off the queue at once.
+const BATCH: usize = 64;
 
 impl JetStreamPublisher {
     fn stream_config(&self) -> stream::Config {

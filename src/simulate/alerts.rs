@@ -5,7 +5,7 @@
 //! rule on the same pod, and `evt.num` carries n, so tests can check that
 //! each alert arrives exactly once.
 
-use std::collections::HashMap;
+use std::collections::BTreeMap;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use prost_types::Timestamp;
@@ -300,7 +300,7 @@ impl AlertFactory {
         let clock = crate::convert::format_rfc3339_nanos(time.seconds, now.subsec_nanos());
         let clock = clock.get(11..29).unwrap_or_default().to_owned();
 
-        let mut fields: HashMap<String, String> = scenario
+        let mut fields: BTreeMap<String, String> = scenario
             .fields
             .iter()
             .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
