@@ -33,6 +33,9 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 const BIN: &str = env!("CARGO_BIN_EXE_falco-nats");
 
+/// Everything after this line of docs/BENCHMARKS.md is written by hand and kept.
+const ANALYSIS_MARKER: &str = "<!-- analysis: written by hand, kept by scripts/bench -->";
+
 fn env_num(name: &str, default: u64) -> u64 {
     std::env::var(name)
         .ok()
@@ -707,6 +710,14 @@ async fn run() {
 
     print!("{md}");
     if let Some(path) = out_path {
+        // Keep the hand-written reading of the figures, after the marker.
+        let kept = std::fs::read_to_string(&path)
+            .ok()
+            .and_then(|old| old.find(ANALYSIS_MARKER).map(|i| old[i..].to_owned()));
+        if let Some(kept) = kept {
+            md.push('\n');
+            md.push_str(&kept);
+        }
         std::fs::write(&path, &md).unwrap();
         eprintln!("wrote {}", path.display());
     }
