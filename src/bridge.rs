@@ -101,7 +101,10 @@ pub async fn run(
         ready: readiness.check("nats"),
         connected: metrics.nats_connected.clone(),
         reconnects: metrics.nats_reconnects.clone(),
+        permission_denied: metrics.permission_denied.clone(),
+        denied: Default::default(),
     };
+    let denied = watch.denied.clone();
     let acceptor = match &options.tls {
         Some(files) => Some(health::tls_acceptor(&files.cert, &files.key)?),
         None => None,
@@ -112,7 +115,7 @@ pub async fn run(
     let client = connect(&options.nats, watch).await?;
 
     let (tx, rx) = mpsc::channel(options.queue_size.max(1));
-    let publisher = Publisher::new(client, options.publish.clone(), metrics.clone());
+    let publisher = Publisher::new(client, options.publish.clone(), metrics.clone(), denied);
     let mut output = tokio::spawn(publisher.run(rx));
 
     let input_name = options.input.name();

@@ -1,10 +1,11 @@
 //! Connecting to NATS with the `nats` CLI's flags and environment variables.
 
+use std::collections::HashSet;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
-use async_nats::{Client, ConnectOptions, Event, ServerAddr};
+use async_nats::{Client, ConnectOptions, Event, ServerAddr, ServerError};
 use clap::Args;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::gauge::Gauge;
@@ -77,12 +78,62 @@ pub enum NatsError {
     Connect(#[from] async_nats::ConnectError),
 }
 
-/// What a connection reports to: a readiness check and two metrics.
+/// What a connection reports to: a readiness check, metrics, and the
+/// subjects the server refused.
 #[derive(Clone, Default)]
 pub struct ConnectionWatch {
     pub ready: ReadyFlag,
     pub connected: Gauge,
     pub reconnects: Counter,
+    /// Publishes the server refused for lack of permission.
+    pub permission_denied: Counter,
+    pub denied: DeniedSubjects,
+}
+
+/// Subjects the server refused to let this connection publish to.
+#[derive(Clone, Default, Debug)]
+pub struct DeniedSubjects(Arc<Mutex<HashSet<String>>>);
+
+impl DeniedSubjects {
+    pub fn contains(&self, subject: &str) -> bool {
+        self.0.lock().map(|s| s.contains(subject)).unwrap_or(false)
+    }
+
+    /// Records a refused subject; `true` the first time.
+    fn insert(&self, subject: &str) -> bool {
+        self.0
+            .lock()
+            .map(|mut s| s.insert(subject.to_owned()))
+            .unwrap_or(false)
+    }
+}
+
+/// The subject of a server's "Permissions Violation for Publish to X" error.
+fn denied_publish_subject(message: &str) -> Option<&str> {
+    let lower = message.to_ascii_lowercase();
+    let at = lower.find("permissions violation for publish to")?;
+    let rest = &message[at + "permissions violation for publish to".len()..];
+    Some(
+        rest.trim()
+            .trim_matches(|c| c == '"' || c == '\'' || c == ' '),
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn reads_the_denied_subject() {
+        assert_eq!(
+            super::denied_publish_subject(
+                "Permissions Violation for Publish to \"alerts.critical\""
+            ),
+            Some("alerts.critical")
+        );
+        assert_eq!(
+            super::denied_publish_subject("Authorization Violation"),
+            None
+        );
+    }
 }
 
 impl NatsOptions {
@@ -201,6 +252,17 @@ pub async fn connect(options: &NatsOptions, watch: ConnectionWatch) -> Result<Cl
                     }
                     // Failed reconnect attempts: the disconnect was logged already.
                     Event::ClientError(e) => tracing::debug!(error = %e, "NATS client error"),
+                    Event::ServerError(ServerError::Other(message)) => {
+                        match denied_publish_subject(&message) {
+                            Some(subject) => {
+                                watch.permission_denied.inc();
+                                if watch.denied.insert(subject) {
+                                    tracing::error!(%subject, "NATS refused a publish: the user has no permission for this subject (check --subject and the user's publish permissions)");
+                                }
+                            }
+                            None => tracing::error!(error = %message, "NATS server error"),
+                        }
+                    }
                     Event::ServerError(e) => tracing::error!(error = %e, "NATS server error"),
                     other => tracing::warn!(event = %other, "NATS connection event"),
                 }

@@ -6,6 +6,6 @@ mod connection;
 mod publisher;
 pub mod subject;
 
-pub use connection::{connect, ConnectionWatch, NatsError, NatsOptions};
+pub use connection::{connect, ConnectionWatch, DeniedSubjects, NatsError, NatsOptions};
 pub use publisher::{alert_headers, round_trip, JetStreamOptions, PublishOptions, Publisher};
 pub use subject::SubjectTemplate;

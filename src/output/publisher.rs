@@ -12,6 +12,7 @@ use tokio::sync::mpsc;
 
 use crate::backoff::Backoff;
 use crate::event::FalcoEvent;
+use crate::output::connection::DeniedSubjects;
 use crate::output::subject::SubjectTemplate;
 use crate::telemetry::metrics::BridgeMetrics;
 
@@ -68,10 +69,18 @@ pub struct JetStreamPublisher {
     subject: SubjectTemplate,
     options: JetStreamOptions,
     metrics: BridgeMetrics,
+    denied: DeniedSubjects,
 }
 
 impl Publisher {
-    pub fn new(client: Client, options: PublishOptions, metrics: BridgeMetrics) -> Self {
+    /// `denied` lists the subjects the server refused (from the connection's
+    /// events): JetStream stops retrying alerts for those.
+    pub fn new(
+        client: Client,
+        options: PublishOptions,
+        metrics: BridgeMetrics,
+        denied: DeniedSubjects,
+    ) -> Self {
         match options.jetstream {
             None => Publisher::Core(CorePublisher {
                 client,
@@ -86,6 +95,7 @@ impl Publisher {
                 subject: options.subject,
                 options: js,
                 metrics,
+                denied,
             }),
         }
     }
@@ -123,10 +133,10 @@ pub async fn round_trip(client: &Client) -> Result<(), String> {
         .await
         .map_err(|e| e.to_string())?;
     client.flush().await.map_err(|e| e.to_string())?;
-    match tokio::time::timeout(Duration::from_secs(10), echo.next()).await {
+    match tokio::time::timeout(Duration::from_secs(5), echo.next()).await {
         Ok(Some(_)) => Ok(()),
         Ok(None) => Err("the connection closed".into()),
-        Err(_) => Err("no answer from the server within 10 s".into()),
+        Err(_) => Err("no answer from the server within 5 s (may this user publish and subscribe to _INBOX.>?)".into()),
     }
 }
 
@@ -242,6 +252,7 @@ impl JetStreamPublisher {
                             self.subject.render(&event),
                             event,
                             self.metrics.clone(),
+                            self.denied.clone(),
                         ));
                     }
                     None => break,
@@ -290,6 +301,7 @@ async fn publish_until_acked(
     subject: String,
     event: FalcoEvent,
     metrics: BridgeMetrics,
+    denied: DeniedSubjects,
 ) {
     use async_nats::jetstream::context::PublishErrorKind;
     let headers = alert_headers(&event);
@@ -322,6 +334,15 @@ async fn publish_until_acked(
                     .get_or_create(&[("reason", "too_large_for_nats")])
                     .inc();
                 tracing::error!(rule = %event.rule, error = %e, "alert is larger than the NATS server's max_payload; dropped");
+                return;
+            }
+            Err(e) if denied.contains(&subject) => {
+                metrics.publish_failures.inc();
+                metrics
+                    .rejected
+                    .get_or_create(&[("reason", "permission_denied")])
+                    .inc();
+                tracing::error!(%subject, rule = %event.rule, error = %e, "NATS refuses this subject to this user; alert dropped, not retried");
                 return;
             }
             Err(e) => {

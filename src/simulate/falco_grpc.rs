@@ -175,6 +175,21 @@ impl VersionApi for Version {
     }
 }
 
+/// Queues alerts into a [`MockFalco`]'s queue.
+#[derive(Clone)]
+pub struct Feeder(Arc<AlertQueue>);
+
+impl Feeder {
+    pub fn push(&self, alert: Response) {
+        self.0.push(alert);
+    }
+
+    /// Alerts queued and not yet sent.
+    pub fn queued(&self) -> usize {
+        self.0.len()
+    }
+}
+
 /// A running gRPC server.
 struct Running {
     stop: CancellationToken,
@@ -243,6 +258,12 @@ impl MockFalco {
     /// Queues an alert, as Falco does when a rule fires.
     pub fn push(&self, alert: Response) {
         self.outputs.queue.push(alert);
+    }
+
+    /// A handle that queues alerts from another task, also while the
+    /// server is stopped (Falco's queue outlives its gRPC server).
+    pub fn feeder(&self) -> Feeder {
+        Feeder(self.outputs.queue.clone())
     }
 
     /// Alerts queued and not yet sent to any client.

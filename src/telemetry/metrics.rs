@@ -29,6 +29,8 @@ pub struct BridgeMetrics {
     pub input_reconnects: Family<Label, Counter>,
     /// NATS reconnects.
     pub nats_reconnects: Counter,
+    /// Publishes the NATS server refused for lack of permission.
+    pub permission_denied: Counter,
     /// 1 while the input is connected.
     pub input_connected: Gauge,
     /// 1 while NATS is connected.
@@ -51,6 +53,7 @@ impl BridgeMetrics {
             filtered: Counter::default(),
             input_reconnects: Family::default(),
             nats_reconnects: Counter::default(),
+            permission_denied: Counter::default(),
             input_connected: Gauge::default(),
             nats_connected: Gauge::default(),
             queue_depth: Gauge::default(),
@@ -96,6 +99,11 @@ impl BridgeMetrics {
             "nats_reconnects",
             "Reconnects to NATS",
             m.nats_reconnects.clone(),
+        );
+        r.register(
+            "nats_permission_denied",
+            "Publishes the NATS server refused for lack of permission",
+            m.permission_denied.clone(),
         );
         r.register(
             "input_connected",

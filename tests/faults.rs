@@ -1,0 +1,218 @@
+//! Fault tests: the bridge keeps every alert, exactly once, while the parts
+//! around it fail. Bounded in time; each uses its own nats-server.
+
+mod support;
+
+use std::collections::BTreeSet;
+use std::time::Duration;
+
+use falco_nats::simulate::alerts::AlertFactory;
+use falco_nats::simulate::falco_grpc::MockFalco;
+use support::*;
+
+#[tokio::test]
+async fn falco_restarted_ten_times_during_a_stream_loses_and_duplicates_nothing() {
+    const TOTAL: u64 = 4000;
+    let nats = NatsServer::start();
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("falco.sock");
+    let mut falco = MockFalco::new(&socket);
+    falco.start().await.unwrap();
+    let client = nats.client().await;
+    let mut sub = client.subscribe("falco.>").await.unwrap();
+    client.flush().await.unwrap();
+    let bridge = RunningBridge::start(grpc_options(&socket, &nats.url())).await;
+
+    // Rules keep firing at 1,000 alerts a second, whatever the gRPC server does.
+    let feeder = falco.feeder();
+    let feeding = tokio::spawn(async move {
+        let mut factory = AlertFactory::new("node-r", false);
+        while factory.made() < TOTAL {
+            for _ in 0..10 {
+                feeder.push(factory.next_response());
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    });
+    let collecting =
+        tokio::spawn(
+            async move { receive(&mut sub, TOTAL as usize, Duration::from_secs(30)).await },
+        );
+    for _ in 0..10 {
+        tokio::time::sleep(Duration::from_millis(250)).await;
+        falco.stop().await;
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        falco.start().await.unwrap();
+    }
+    feeding.await.unwrap();
+    let got = collecting.await.unwrap();
+    let nums: BTreeSet<u64> = got.iter().map(|m| evt_num(&m.payload)).collect();
+    assert_eq!(got.len() as u64, TOTAL);
+    assert_eq!(nums, (1..=TOTAL).collect(), "every alert exactly once");
+    assert!(
+        bridge
+            .metric("falco_nats_input_reconnects_total{input=\"grpc\"}")
+            .await
+            >= 10.0
+    );
+    bridge.stop().await.unwrap();
+}
+
+/// A nats-server where each user may do only its job.
+const AUTH: &str = r#"
+authorization {
+  users = [
+    { user: bridge, password: bridgepw,
+      permissions: { publish: { allow: ["falco.>", "$JS.API.>", "_INBOX.>"] }, subscribe: { allow: ["_INBOX.>"] } } }
+    { user: responder, password: responderpw,
+      permissions: { publish: { allow: ["falco.response.>", "_INBOX.>"] }, subscribe: { allow: ["falco.>", "_INBOX.>"] } } }
+    { user: admin, password: adminpw }
+  ]
+}
+"#;
+
+fn with_user(
+    mut options: falco_nats::bridge::BridgeOptions,
+    user: &str,
+    password: &str,
+) -> falco_nats::bridge::BridgeOptions {
+    options.nats.user = Some(user.into());
+    options.nats.password = Some(password.into());
+    options
+}
+
+#[tokio::test]
+async fn nats_permissions_both_work_and_a_refused_publish_is_reported_not_retried() {
+    use falco_nats::respond::policy::Policy;
+    use falco_nats::respond::rails::{RailsConfig, DEFAULT_PROTECTED};
+    use falco_nats::respond::{RespondOptions, Subscription};
+    use falco_nats::simulate::alerts::PODS;
+    use falco_nats::simulate::kube_api::KubeApi;
+
+    let dir = tempfile::tempdir().unwrap();
+    let conf = dir.path().join("auth.conf");
+    std::fs::write(&conf, AUTH).unwrap();
+    let nats = NatsServer::start_with(&["-c", conf.to_str().unwrap()]);
+    let admin =
+        async_nats::ConnectOptions::with_user_and_password("admin".into(), "adminpw".into())
+            .connect(nats.url())
+            .await
+            .unwrap();
+    let mut results = admin.subscribe("falco.response.>").await.unwrap();
+    admin.flush().await.unwrap();
+
+    // The responder may only subscribe to alerts (and publish its results).
+    let kube = KubeApi::start().await.unwrap();
+    for p in PODS {
+        kube.add_pod(p.namespace, p.name, p.uid, Some("ReplicaSet"));
+    }
+    let kubeconfig = dir.path().join("kubeconfig");
+    kube.write_kubeconfig(&kubeconfig).unwrap();
+    let mut nats_opts =
+        falco_nats::output::NatsOptions::for_server(format!("nats://127.0.0.1:{}", nats.port));
+    nats_opts.user = Some("responder".into());
+    nats_opts.password = Some("responderpw".into());
+    let respond_options = RespondOptions {
+        nats: nats_opts,
+        subscription: Subscription::Core {
+            subject: "falco.>".into(),
+            queue: "q".into(),
+        },
+        policy: Policy::proof_of_concept(),
+        rails: RailsConfig {
+            protected_namespaces: DEFAULT_PROTECTED.iter().map(|s| s.to_string()).collect(),
+            only_namespaces: None,
+            allow_daemonset_pods: false,
+            allow_static_pods: false,
+            dedup_window: Duration::from_secs(60),
+            max_actions_per_minute: 100,
+        },
+        dry_run: false,
+        result_prefix: "falco.response".into(),
+        kubeconfig: Some(kubeconfig),
+    };
+    let stop_responder = tokio_util::sync::CancellationToken::new();
+    let responder = tokio::spawn(falco_nats::respond::run(
+        respond_options,
+        None,
+        stop_responder.clone(),
+    ));
+    tokio::time::sleep(Duration::from_millis(300)).await;
+
+    // The bridge may only publish falco.>: alerts flow to the responder.
+    let socket = dir.path().join("falco.sock");
+    let mut falco = MockFalco::new(&socket);
+    falco.start().await.unwrap();
+    let server = format!("nats://127.0.0.1:{}", nats.port);
+    let bridge = RunningBridge::start(with_user(
+        grpc_options(&socket, &server),
+        "bridge",
+        "bridgepw",
+    ))
+    .await;
+    let mut factory = AlertFactory::new("node-p", false);
+    for _ in 0..7 {
+        falco.push(factory.next_response());
+    }
+    let got = receive(&mut results, 7, Duration::from_secs(15)).await;
+    assert!(got
+        .iter()
+        .any(|m| String::from_utf8_lossy(&m.payload).contains("\"outcome\":\"done\"")));
+    assert_eq!(
+        kube.deletes().len(),
+        1,
+        "the Critical alert's pod was deleted"
+    );
+    assert_eq!(
+        bridge
+            .metric("falco_nats_nats_permission_denied_total")
+            .await,
+        0.0
+    );
+    bridge.stop().await.unwrap();
+
+    // A subject outside the permission: core NATS counts the refusals.
+    let mut core = with_user(grpc_options(&socket, &server), "bridge", "bridgepw");
+    core.publish.subject = "alerts.{priority}".parse().unwrap();
+    let refused = RunningBridge::start(core).await;
+    for _ in 0..5 {
+        falco.push(factory.next_response());
+    }
+    wait_for("refusals counted", Duration::from_secs(10), || async {
+        refused
+            .metric("falco_nats_nats_permission_denied_total")
+            .await
+            >= 5.0
+    })
+    .await;
+    refused.stop().await.unwrap();
+
+    // JetStream: the refused alerts are dropped and reported, not retried forever.
+    let mut js = with_user(grpc_options(&socket, &server), "bridge", "bridgepw");
+    js.publish.subject = "alerts.{priority}".parse().unwrap();
+    js.publish.jetstream = Some(falco_nats::output::JetStreamOptions {
+        stream: "ALERTS".into(),
+        duplicate_window: Duration::from_secs(60),
+        max_age: Duration::ZERO,
+        max_inflight: 16,
+    });
+    let refused = RunningBridge::start(js).await;
+    for _ in 0..3 {
+        falco.push(factory.next_response());
+    }
+    wait_for(
+        "refused alerts given up",
+        Duration::from_secs(30),
+        || async {
+            refused
+                .metric("falco_nats_alerts_rejected_total{reason=\"permission_denied\"}")
+                .await
+                >= 3.0
+        },
+    )
+    .await;
+    refused.stop().await.unwrap();
+
+    stop_responder.cancel();
+    responder.await.unwrap().unwrap();
+}
