@@ -119,23 +119,6 @@ fn denied_publish_subject(message: &str) -> Option<&str> {
     )
 }
 
-#[cfg(test)]
-mod tests {
-    #[test]
-    fn reads_the_denied_subject() {
-        assert_eq!(
-            super::denied_publish_subject(
-                "Permissions Violation for Publish to \"alerts.critical\""
-            ),
-            Some("alerts.critical")
-        );
-        assert_eq!(
-            super::denied_publish_subject("Authorization Violation"),
-            None
-        );
-    }
-}
-
 impl NatsOptions {
     /// The options for `server`, with defaults everywhere else (for tests and tools).
     pub fn for_server(server: impl Into<String>) -> Self {
@@ -271,4 +254,21 @@ pub async fn connect(options: &NatsOptions, watch: ConnectionWatch) -> Result<Cl
         .connect(servers)
         .await?;
     Ok(client)
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn reads_the_denied_subject() {
+        assert_eq!(
+            super::denied_publish_subject(
+                "Permissions Violation for Publish to \"alerts.critical\""
+            ),
+            Some("alerts.critical")
+        );
+        assert_eq!(
+            super::denied_publish_subject("Authorization Violation"),
+            None
+        );
+    }
 }
