@@ -216,3 +216,98 @@ async fn nats_permissions_both_work_and_a_refused_publish_is_reported_not_retrie
     stop_responder.cancel();
     responder.await.unwrap().unwrap();
 }
+
+#[tokio::test]
+async fn responder_sigkilled_during_a_storm_acts_on_every_alert_once_after_restart() {
+    use async_nats::jetstream;
+    use falco_nats::simulate::kube_api::KubeApi;
+    use std::process::{Command, Stdio};
+
+    const PODS: usize = 80;
+    let nats = NatsServer::start();
+    let kube = KubeApi::start().await.unwrap();
+    for i in 0..PODS {
+        kube.add_pod(
+            "shop",
+            &format!("web-{i}"),
+            &format!("uid-{i}"),
+            Some("ReplicaSet"),
+        );
+    }
+    // Every API call takes 10 ms, so the kill finds work in hand.
+    kube.set_latency(Duration::from_millis(10));
+    let dir = tempfile::tempdir().unwrap();
+    let kubeconfig = dir.path().join("kubeconfig");
+    kube.write_kubeconfig(&kubeconfig).unwrap();
+    let client = nats.client().await;
+    let js = jetstream::new(client.clone());
+    js.create_stream(jetstream::stream::Config {
+        name: "FALCO".into(),
+        subjects: vec!["falco.critical.*".into()],
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let mut results = client.subscribe("falco.response.>").await.unwrap();
+    client.flush().await.unwrap();
+    let responder = || {
+        Command::new(env!("CARGO_BIN_EXE_falco-nats"))
+            .args([
+                "respond",
+                "--jetstream",
+                "--durable",
+                "storm",
+                "--ack-wait",
+                "1s",
+                "--listen",
+                "off",
+            ])
+            .args(["--max-actions-per-minute", "100000", "-s", &nats.url()])
+            .arg("--kubeconfig")
+            .arg(&kubeconfig)
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::null())
+            .spawn()
+            .unwrap()
+    };
+    let mut first = responder();
+    for i in 0..PODS {
+        let alert = serde_json::json!({
+            "hostname": "node-k", "output": "x", "priority": "Critical", "rule": "Drop and execute new binary in container",
+            "source": "syscall", "tags": [], "time": "2026-11-24T12:00:00.000000000Z",
+            "output_fields": {"k8s.ns.name": "shop", "k8s.pod.name": format!("web-{i}"), "evt.num": i},
+        });
+        js.publish(
+            "falco.critical.drop_and_execute_new_binary_in_container",
+            alert.to_string().into(),
+        )
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+    }
+    receive(&mut results, 15, Duration::from_secs(20)).await;
+    first.kill().unwrap(); // SIGKILL: no shutdown, no ack of the alert in hand
+    first.wait().unwrap();
+    let left = (0..PODS)
+        .filter(|i| kube.has_pod("shop", &format!("web-{i}")))
+        .count();
+    assert!(left > 0, "the kill came after everything was done");
+
+    let mut second = responder();
+    wait_for("every pod deleted", Duration::from_secs(60), || async {
+        (0..PODS).all(|i| !kube.has_pod("shop", &format!("web-{i}")))
+    })
+    .await;
+    second.kill().unwrap();
+    second.wait().unwrap();
+    let accepted: Vec<String> = kube
+        .deletes()
+        .iter()
+        .filter(|d| d.status == 200)
+        .map(|d| d.name.clone())
+        .collect();
+    let unique: BTreeSet<&String> = accepted.iter().collect();
+    assert_eq!(accepted.len(), PODS, "each pod deleted once: {accepted:?}");
+    assert_eq!(unique.len(), PODS);
+}
