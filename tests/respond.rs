@@ -57,9 +57,14 @@ struct Responder {
 impl Responder {
     async fn start(options: RespondOptions) -> Self {
         let shutdown = CancellationToken::new();
-        let task = tokio::spawn(respond::run(options, None, shutdown.clone()));
-        // Let the subscription reach the server before alerts are published.
-        tokio::time::sleep(Duration::from_millis(300)).await;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let http = listener.local_addr().unwrap();
+        let task = tokio::spawn(respond::run(options, Some(listener), shutdown.clone()));
+        // Ready means subscribed: alerts published from now on reach it.
+        wait_for("the responder to be ready", WAIT, || async {
+            task.is_finished() || http_get(http, "/readyz").await.0 == 200
+        })
+        .await;
         Responder { shutdown, task }
     }
 

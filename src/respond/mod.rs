@@ -24,7 +24,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::backoff::Backoff;
 use crate::output::{connect, ConnectionWatch, NatsError, NatsOptions};
-use crate::telemetry::health::{self, Readiness};
+use crate::telemetry::health::{self, Readiness, ReadyFlag};
 use alert::{Alert, PodRef};
 use audit::{Audit, Decision, Outcome, RespondMetrics};
 use cluster::{Applied, Cluster, ClusterError};
@@ -305,6 +305,8 @@ pub async fn run(
         ready: readiness.check("nats"),
         ..ConnectionWatch::default()
     };
+    // Ready once NATS is connected and the alerts' subscription is in place.
+    let subscribed = readiness.check("subscription");
     let cluster = Arc::new(Cluster::connect(options.kubeconfig.as_deref()).await?);
     let client = connect(&options.nats, watch).await?;
     let http_stop = CancellationToken::new();
@@ -335,7 +337,16 @@ pub async fn run(
     let ignore = format!("{}.", options.result_prefix);
     let result = match options.subscription {
         Subscription::Core { subject, queue } => {
-            consume_core(&client, &responder, subject, queue, &ignore, &shutdown).await
+            consume_core(
+                &client,
+                &responder,
+                subject,
+                queue,
+                &ignore,
+                &subscribed,
+                &shutdown,
+            )
+            .await
         }
         Subscription::JetStream {
             stream,
@@ -346,7 +357,7 @@ pub async fn run(
             let consumer =
                 durable_consumer(&client, &stream, &durable, &subject, ack_wait, &shutdown).await?;
             match consumer {
-                Some(c) => consume_jetstream(c, &responder, &ignore, &shutdown).await,
+                Some(c) => consume_jetstream(c, &responder, &ignore, &subscribed, &shutdown).await,
                 None => Ok(()),
             }
         }
@@ -367,12 +378,18 @@ async fn consume_core(
     subject: String,
     queue: String,
     ignore: &str,
+    subscribed: &ReadyFlag,
     shutdown: &CancellationToken,
 ) -> Result<(), RespondError> {
     let mut sub = client
         .queue_subscribe(subject.clone(), queue.clone())
         .await
         .map_err(|e| RespondError::Subscribe(e.to_string()))?;
+    // Ready only once the server has the subscription.
+    match crate::output::round_trip(client).await {
+        Ok(()) => subscribed.set(true),
+        Err(e) => tracing::warn!(error = %e, "cannot confirm the subscription yet"),
+    }
     tracing::info!(%subject, %queue, "responding to alerts (core NATS, queue group)");
     loop {
         let message = tokio::select! {
@@ -445,12 +462,14 @@ async fn consume_jetstream(
     consumer: consumer::PullConsumer,
     responder: &Responder,
     ignore: &str,
+    subscribed: &ReadyFlag,
     shutdown: &CancellationToken,
 ) -> Result<(), RespondError> {
     let mut messages = consumer
         .messages()
         .await
         .map_err(|e| RespondError::Subscribe(e.to_string()))?;
+    subscribed.set(true);
     loop {
         let next = tokio::select! {
             m = messages.next() => m,
