@@ -81,20 +81,7 @@ impl Proc {
 
     /// User plus system CPU seconds so far.
     fn cpu_seconds(&self) -> f64 {
-        let stat =
-            std::fs::read_to_string(format!("/proc/{}/stat", self.pid())).unwrap_or_default();
-        // Fields after the command name (which is in parentheses).
-        let rest = stat.rsplit_once(") ").map(|(_, r)| r).unwrap_or("");
-        let fields: Vec<&str> = rest.split_whitespace().collect();
-        let ticks: f64 = fields
-            .get(11)
-            .and_then(|v| v.parse::<f64>().ok())
-            .unwrap_or(0.0)
-            + fields
-                .get(12)
-                .and_then(|v| v.parse::<f64>().ok())
-                .unwrap_or(0.0);
-        ticks / clock_ticks()
+        cpu_seconds_of(&format!("/proc/{}/stat", self.pid()))
     }
 
     fn stop(mut self) {
@@ -113,13 +100,17 @@ impl Drop for Proc {
     }
 }
 
+/// Clock ticks per second, asked once.
 fn clock_ticks() -> f64 {
-    Command::new("getconf")
-        .arg("CLK_TCK")
-        .output()
-        .ok()
-        .and_then(|o| String::from_utf8_lossy(&o.stdout).trim().parse().ok())
-        .unwrap_or(100.0)
+    static TICKS: std::sync::OnceLock<f64> = std::sync::OnceLock::new();
+    *TICKS.get_or_init(|| {
+        Command::new("getconf")
+            .arg("CLK_TCK")
+            .output()
+            .ok()
+            .and_then(|o| String::from_utf8_lossy(&o.stdout).trim().parse().ok())
+            .unwrap_or(100.0)
+    })
 }
 
 /// Counts messages on `falco.>` and notes when the first and last arrived.
@@ -275,12 +266,21 @@ async fn ceiling(url: &str, corpus: &Corpus, flush_each: bool) -> Option<Run> {
 
 /// CPU seconds of this (the benchmark's) process.
 fn process_cpu() -> f64 {
-    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+    cpu_seconds_of("/proc/self/stat")
+}
+
+/// User plus system CPU seconds from a `/proc/<pid>/stat` file.
+fn cpu_seconds_of(stat_path: &str) -> f64 {
+    let stat = std::fs::read_to_string(stat_path).unwrap_or_default();
+    // Fields after the command name (which is in parentheses): utime, stime.
     let rest = stat.rsplit_once(") ").map(|(_, r)| r).unwrap_or("");
-    let f: Vec<&str> = rest.split_whitespace().collect();
-    let t = f.get(11).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0)
-        + f.get(12).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
-    t / clock_ticks()
+    let field = |i| {
+        rest.split_whitespace()
+            .nth(i)
+            .and_then(|v: &str| v.parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
+    (field(11) + field(12)) / clock_ticks()
 }
 
 async fn bridge_grpc(url: &str, corpus: &Corpus, jetstream: bool, dir: &Path) -> Option<Run> {
@@ -840,14 +840,7 @@ async fn response_latency(dir: &Path) -> (f64, f64, usize) {
     const PODS: usize = 300;
     let nats = NatsServer::start();
     let kube = KubeApi::start().await.unwrap();
-    for i in 0..PODS {
-        kube.add_pod(
-            "shop",
-            &format!("web-{i}"),
-            &format!("uid-{i}"),
-            Some("ReplicaSet"),
-        );
-    }
+    kube.add_pods("shop", "web", PODS);
     let kubeconfig = dir.join("bench-kubeconfig");
     kube.write_kubeconfig(&kubeconfig).unwrap();
     let socket = dir.join(format!("resp-{}.sock", free_port()));

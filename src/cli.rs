@@ -81,7 +81,8 @@ fn parse_duration(s: &str) -> Result<Duration, String> {
     humantime::parse_duration(s).map_err(|e| e.to_string())
 }
 
-fn parse_priority(s: &str) -> Result<Priority, String> {
+/// Parses a `--min-priority` value (Falco's names and short forms).
+pub(crate) fn parse_priority(s: &str) -> Result<Priority, String> {
     s.parse()
         .map_err(|e: crate::priority::PriorityError| e.to_string())
 }

@@ -70,12 +70,20 @@ const NOT_AVAILABLE: &str = "<NA>";
 /// Converts one gRPC response into a [`FalcoEvent`].
 ///
 /// An unknown priority number is an error: the caller counts and logs it.
-pub fn event_from_response(response: Response) -> Result<FalcoEvent, AlertError> {
+pub fn event_from_response(mut response: Response) -> Result<FalcoEvent, AlertError> {
     let priority = Priority::from_number(response.priority)?;
-    let source = source_name(&response);
-    let payload = match json_output(&response.output) {
-        Some(json) => Bytes::from(json.to_owned()),
-        None => Bytes::from(build_json(&response, priority, &source)),
+    let source = source_name(&mut response);
+    let payload = if is_json_output(&response.output) {
+        // Falco's own JSON line: moved, not copied, less surrounding whitespace.
+        let output = std::mem::take(&mut response.output);
+        let trimmed = output.trim();
+        if trimmed.len() == output.len() {
+            Bytes::from(output)
+        } else {
+            Bytes::copy_from_slice(trimmed.as_bytes())
+        }
+    } else {
+        Bytes::from(build_json(&response, priority, &source))
     };
     Ok(FalcoEvent {
         payload,
@@ -87,10 +95,10 @@ pub fn event_from_response(response: Response) -> Result<FalcoEvent, AlertError>
     })
 }
 
-/// The source as a string: field 9, or the deprecated enum for old Falco.
-fn source_name(response: &Response) -> String {
+/// The source as a string: field 9 (taken), or the deprecated enum for old Falco.
+fn source_name(response: &mut Response) -> String {
     if !response.source.is_empty() {
-        return response.source.clone();
+        return std::mem::take(&mut response.source);
     }
     #[allow(deprecated)]
     let deprecated = response.source_deprecated;
@@ -103,15 +111,10 @@ fn source_name(response: &Response) -> String {
     .to_owned()
 }
 
-/// `Some(line)` when Falco already formatted the output as a JSON object.
-fn json_output(output: &str) -> Option<&str> {
+/// Whether Falco already formatted the output as a JSON object.
+fn is_json_output(output: &str) -> bool {
     let trimmed = output.trim();
-    if !trimmed.starts_with('{') {
-        return None;
-    }
-    serde_json::from_str::<serde::de::IgnoredAny>(trimmed)
-        .ok()
-        .map(|_| trimmed)
+    trimmed.starts_with('{') && serde_json::from_str::<serde::de::IgnoredAny>(trimmed).is_ok()
 }
 
 /// Writes the Falco >= 0.39 layout directly: keys in sorted order, strings

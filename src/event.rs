@@ -108,15 +108,17 @@ impl FalcoEvent {
             .rule
             .ok_or(AlertError::MissingField("rule"))?
             .into_owned();
+        let hostname = head.hostname.map(Cow::into_owned).unwrap_or_default();
+        let source = head
+            .source
+            .map(Cow::into_owned)
+            .unwrap_or_else(|| "syscall".to_owned());
         Ok(FalcoEvent {
-            payload: payload.clone(),
+            payload,
             priority,
             rule,
-            hostname: head.hostname.map(Cow::into_owned).unwrap_or_default(),
-            source: head
-                .source
-                .map(Cow::into_owned)
-                .unwrap_or_else(|| "syscall".to_owned()),
+            hostname,
+            source,
             received_at: Instant::now(),
         })
     }

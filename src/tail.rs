@@ -34,7 +34,7 @@ pub struct TailArgs {
     #[arg(long, env = "FALCO_NATS_TAIL_JSON")]
     pub json: bool,
     /// Print only alerts at or above this priority
-    #[arg(long, env = "FALCO_NATS_MIN_PRIORITY", value_parser = parse_priority, default_value = "debug")]
+    #[arg(long, env = "FALCO_NATS_MIN_PRIORITY", value_parser = crate::cli::parse_priority, default_value = "debug")]
     pub min_priority: Priority,
     /// Colour the priority
     #[arg(long, env = "FALCO_NATS_COLOR", value_enum, default_value_t)]
@@ -42,11 +42,6 @@ pub struct TailArgs {
     /// Exit after this many alerts (0: never)
     #[arg(long, env = "FALCO_NATS_TAIL_COUNT", default_value_t = 0)]
     pub count: u64,
-}
-
-fn parse_priority(s: &str) -> Result<Priority, String> {
-    s.parse()
-        .map_err(|e: crate::priority::PriorityError| e.to_string())
 }
 
 /// Why `tail` stopped.

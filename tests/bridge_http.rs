@@ -293,7 +293,9 @@ async fn tail_prints_the_expected_line_for_a_known_alert() {
     let stdout = child.stdout.take().unwrap();
     let mut lines = tokio::io::BufReader::new(stdout).lines();
     // tail subscribes after it starts: publish until its first line shows.
+    let deadline = std::time::Instant::now() + WAIT;
     let first = loop {
+        assert!(std::time::Instant::now() < deadline, "tail printed nothing");
         client
             .publish("falco.notice.terminal_shell_in_container", notice.into())
             .await

@@ -252,6 +252,7 @@ fn flag<'a>(args: &'a [String], name: &str) -> Option<&'a str> {
 
 #[test]
 fn falco_fragments_agree_with_their_bridge() {
+    let containers = falco_nats_containers();
     for overlay in ["grpc", "fifo", "http"] {
         let dir = deploy_dir().join("overlays").join(overlay);
         let falco = &documents(&dir.join("falco-nats.yaml"))[0];
@@ -259,31 +260,31 @@ fn falco_fragments_agree_with_their_bridge() {
             falco["json_output"], true,
             "{overlay}: the bridge reads Falco's JSON"
         );
-        let (_, args, _) = falco_nats_containers()
-            .into_iter()
+        let (_, args, _) = containers
+            .iter()
             .find(|(f, _, _)| f.starts_with(&dir))
             .unwrap();
-        assert_eq!(flag(&args, "--input"), Some(overlay));
+        assert_eq!(flag(args, "--input"), Some(overlay));
         match overlay {
             "grpc" => {
                 assert_eq!(falco["grpc"]["enabled"], true);
                 assert_eq!(falco["grpc_output"]["enabled"], true);
                 assert_eq!(
                     falco["grpc"]["bind_address"].as_str(),
-                    flag(&args, "--grpc-socket")
+                    flag(args, "--grpc-socket")
                 );
             }
             "fifo" => {
                 assert_eq!(falco["file_output"]["enabled"], true);
                 assert_eq!(
                     falco["file_output"]["filename"].as_str(),
-                    flag(&args, "--fifo")
+                    flag(args, "--fifo")
                 );
             }
             _ => {
                 assert_eq!(falco["http_output"]["enabled"], true);
                 let url = falco["http_output"]["url"].as_str().unwrap();
-                let port = flag(&args, "--listen").unwrap().rsplit(':').next().unwrap();
+                let port = flag(args, "--listen").unwrap().rsplit(':').next().unwrap();
                 assert_eq!(url, format!("http://127.0.0.1:{port}/"));
                 assert_eq!(falco["http_output"]["compress_uploads"], false);
             }

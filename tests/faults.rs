@@ -83,9 +83,6 @@ fn with_user(
 
 #[tokio::test]
 async fn nats_permissions_both_work_and_a_refused_publish_is_reported_not_retried() {
-    use falco_nats::respond::policy::Policy;
-    use falco_nats::respond::rails::{RailsConfig, DEFAULT_PROTECTED};
-    use falco_nats::respond::{RespondOptions, Subscription};
     use falco_nats::simulate::alerts::PODS;
     use falco_nats::simulate::kube_api::KubeApi;
 
@@ -108,29 +105,10 @@ async fn nats_permissions_both_work_and_a_refused_publish_is_reported_not_retrie
     }
     let kubeconfig = dir.path().join("kubeconfig");
     kube.write_kubeconfig(&kubeconfig).unwrap();
-    let mut nats_opts =
-        falco_nats::output::NatsOptions::for_server(format!("nats://127.0.0.1:{}", nats.port));
-    nats_opts.user = Some("responder".into());
-    nats_opts.password = Some("responderpw".into());
-    let respond_options = RespondOptions {
-        nats: nats_opts,
-        subscription: Subscription::Core {
-            subject: "falco.>".into(),
-            queue: "q".into(),
-        },
-        policy: Policy::proof_of_concept(),
-        rails: RailsConfig {
-            protected_namespaces: DEFAULT_PROTECTED.iter().map(|s| s.to_string()).collect(),
-            only_namespaces: None,
-            allow_daemonset_pods: false,
-            allow_static_pods: false,
-            dedup_window: Duration::from_secs(60),
-            max_actions_per_minute: 100,
-        },
-        dry_run: false,
-        result_prefix: "falco.response".into(),
-        kubeconfig: Some(kubeconfig),
-    };
+    let mut respond_options =
+        respond_options(&format!("nats://127.0.0.1:{}", nats.port), &kubeconfig);
+    respond_options.nats.user = Some("responder".into());
+    respond_options.nats.password = Some("responderpw".into());
     let stop_responder = tokio_util::sync::CancellationToken::new();
     let responder = tokio::spawn(falco_nats::respond::run(
         respond_options,
@@ -226,14 +204,7 @@ async fn responder_sigkilled_during_a_storm_acts_on_every_alert_once_after_resta
     const PODS: usize = 80;
     let nats = NatsServer::start();
     let kube = KubeApi::start().await.unwrap();
-    for i in 0..PODS {
-        kube.add_pod(
-            "shop",
-            &format!("web-{i}"),
-            &format!("uid-{i}"),
-            Some("ReplicaSet"),
-        );
-    }
+    kube.add_pods("shop", "web", PODS);
     // Every API call takes 10 ms, so the kill finds work in hand.
     kube.set_latency(Duration::from_millis(10));
     let dir = tempfile::tempdir().unwrap();

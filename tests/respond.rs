@@ -7,9 +7,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
 use async_nats::jetstream;
-use falco_nats::output::NatsOptions;
 use falco_nats::respond::policy::Policy;
-use falco_nats::respond::rails::{RailsConfig, DEFAULT_PROTECTED};
 use falco_nats::respond::{self, RespondOptions, Subscription};
 use serde_json::{json, Value};
 use support::fake_kube::KubeApi as FakeKube;
@@ -20,25 +18,7 @@ use tokio_util::sync::CancellationToken;
 const WAIT: Duration = Duration::from_secs(15);
 
 fn options(nats: &NatsServer, kube: &FakeKube) -> RespondOptions {
-    RespondOptions {
-        nats: NatsOptions::for_server(nats.url()),
-        subscription: Subscription::Core {
-            subject: "falco.>".into(),
-            queue: "falco-nats-respond".into(),
-        },
-        policy: Policy::proof_of_concept(),
-        rails: RailsConfig {
-            protected_namespaces: DEFAULT_PROTECTED.iter().map(|s| s.to_string()).collect(),
-            only_namespaces: None,
-            allow_daemonset_pods: false,
-            allow_static_pods: false,
-            dedup_window: Duration::from_secs(600),
-            max_actions_per_minute: 1000,
-        },
-        dry_run: false,
-        result_prefix: "falco.response".into(),
-        kubeconfig: Some(kubeconfig(kube)),
-    }
+    respond_options(&nats.url(), &kubeconfig(kube))
 }
 
 /// A kubeconfig for the stand-in API, in a directory that lives as long as the test.
@@ -252,14 +232,7 @@ async fn an_alert_storm_cannot_exceed_the_rate_limit() {
     const PODS: usize = 1000;
     let nats = NatsServer::start();
     let kube = FakeKube::start().await.unwrap();
-    for i in 0..PODS {
-        kube.add_pod(
-            "shop",
-            &format!("web-{i}"),
-            &format!("uid-{i}"),
-            Some("ReplicaSet"),
-        );
-    }
+    kube.add_pods("shop", "web", PODS);
     let client = nats.client().await;
     let mut out = client.subscribe("falco.response.>").await.unwrap();
     let mut opts = options(&nats, &kube);
@@ -411,14 +384,7 @@ async fn two_replicas_in_a_queue_group_handle_each_alert_once() {
     const PODS: usize = 100;
     let nats = NatsServer::start();
     let kube = FakeKube::start().await.unwrap();
-    for i in 0..PODS {
-        kube.add_pod(
-            "shop",
-            &format!("web-{i}"),
-            &format!("uid-{i}"),
-            Some("ReplicaSet"),
-        );
-    }
+    kube.add_pods("shop", "web", PODS);
     let client = nats.client().await;
     let mut out = client.subscribe("falco.response.>").await.unwrap();
     let one = Responder::start(options(&nats, &kube)).await;
@@ -449,14 +415,7 @@ async fn jetstream_durable_consumer_survives_a_crash() {
     const PODS: usize = 60;
     let nats = NatsServer::start();
     let kube = FakeKube::start().await.unwrap();
-    for i in 0..PODS {
-        kube.add_pod(
-            "shop",
-            &format!("web-{i}"),
-            &format!("uid-{i}"),
-            Some("ReplicaSet"),
-        );
-    }
+    kube.add_pods("shop", "web", PODS);
     let client = nats.client().await;
     let js = jetstream::new(client.clone());
     js.create_stream(jetstream::stream::Config {

@@ -2,6 +2,7 @@
 //! per alert) or JetStream (acknowledged, retried with the same
 //! `Nats-Msg-Id` until stored, a bounded number in flight).
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use async_nats::jetstream::{self, stream};
@@ -176,38 +177,36 @@ impl CorePublisher {
     }
 
     async fn publish(&self, event: FalcoEvent) {
+        self.metrics.queue_depth.dec();
+        let subject = self.subject.render(&event);
+        let headers = alert_headers(&event);
+        let received_at = event.received_at;
+        match self
+            .client
+            .publish_with_headers(subject, headers, event.payload)
+            .await
         {
-            self.metrics.queue_depth.dec();
-            let subject = self.subject.render(&event);
-            let headers = alert_headers(&event);
-            let received_at = event.received_at;
-            match self
-                .client
-                .publish_with_headers(subject, headers, event.payload)
-                .await
+            Ok(()) => {
+                self.metrics.published.inc();
+                self.metrics
+                    .publish_latency
+                    .observe(received_at.elapsed().as_secs_f64());
+            }
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    async_nats::client::PublishErrorKind::MaxPayloadExceeded
+                ) =>
             {
-                Ok(()) => {
-                    self.metrics.published.inc();
-                    self.metrics
-                        .publish_latency
-                        .observe(received_at.elapsed().as_secs_f64());
-                }
-                Err(e)
-                    if matches!(
-                        e.kind(),
-                        async_nats::client::PublishErrorKind::MaxPayloadExceeded
-                    ) =>
-                {
-                    self.metrics
-                        .rejected
-                        .get_or_create(&[("reason", "too_large_for_nats")])
-                        .inc();
-                    tracing::error!(rule = %event.rule, error = %e, "alert is larger than the NATS server's max_payload; dropped");
-                }
-                Err(e) => {
-                    self.metrics.publish_failures.inc();
-                    tracing::error!(rule = %event.rule, error = %e, "publish failed; alert lost");
-                }
+                self.metrics
+                    .rejected
+                    .get_or_create(&[("reason", "too_large_for_nats")])
+                    .inc();
+                tracing::error!(rule = %event.rule, error = %e, "alert is larger than the NATS server's max_payload; dropped");
+            }
+            Err(e) => {
+                self.metrics.publish_failures.inc();
+                tracing::error!(rule = %event.rule, error = %e, "publish failed; alert lost");
             }
         }
     }
@@ -230,7 +229,8 @@ impl JetStreamPublisher {
 
     async fn run(self, mut alerts: mpsc::Receiver<FalcoEvent>) -> (Client, u64) {
         let mut count = 0u64;
-        let config = self.stream_config();
+        // Shared by every in-flight publish: only needed again if the stream vanishes.
+        let config = Arc::new(self.stream_config());
         // Wait for the stream, unless the input stops with nothing to publish.
         tokio::select! {
             _ = ensure_stream(&self.context, &config) => {}
@@ -248,7 +248,7 @@ impl JetStreamPublisher {
                         self.metrics.queue_depth.dec();
                         inflight.push(publish_until_acked(
                             self.context.clone(),
-                            config.clone(),
+                            Arc::clone(&config),
                             self.subject.render(&event),
                             event,
                             self.metrics.clone(),
@@ -297,7 +297,7 @@ async fn ensure_stream(context: &jetstream::Context, config: &stream::Config) {
 /// the same `Nats-Msg-Id` each time so the stream keeps exactly one copy.
 async fn publish_until_acked(
     context: jetstream::Context,
-    config: stream::Config,
+    config: Arc<stream::Config>,
     subject: String,
     event: FalcoEvent,
     metrics: BridgeMetrics,
@@ -349,7 +349,7 @@ async fn publish_until_acked(
                 metrics.publish_failures.inc();
                 if e.kind() == PublishErrorKind::StreamNotFound {
                     // The server lost the stream (a fresh store): make it again.
-                    let _ = context.get_or_create_stream(config.clone()).await;
+                    let _ = context.get_or_create_stream((*config).clone()).await;
                 }
                 let delay = backoff.next_delay();
                 if attempt == 1 || attempt.is_multiple_of(10) {

@@ -136,6 +136,18 @@ impl KubeApi {
             .insert((namespace.into(), name.into()), pod);
     }
 
+    /// Adds `count` pods `<prefix>-<i>` with UIDs `uid-<i>`, owned by a ReplicaSet.
+    pub fn add_pods(&self, namespace: &str, prefix: &str, count: usize) {
+        for i in 0..count {
+            self.add_pod(
+                namespace,
+                &format!("{prefix}-{i}"),
+                &format!("uid-{i}"),
+                Some("ReplicaSet"),
+            );
+        }
+    }
+
     pub fn set_latency(&self, latency: std::time::Duration) {
         self.lock().latency = latency;
     }

@@ -303,3 +303,30 @@ where
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
+
+/// Responder options for tests: core NATS at `url`, the proof of concept's
+/// policy, default rails with a rate limit high enough not to interfere.
+pub fn respond_options(url: &str, kubeconfig: &Path) -> falco_nats::respond::RespondOptions {
+    use falco_nats::respond::policy::Policy;
+    use falco_nats::respond::rails::{RailsConfig, DEFAULT_PROTECTED};
+    use falco_nats::respond::{RespondOptions, Subscription};
+    RespondOptions {
+        nats: NatsOptions::for_server(url),
+        subscription: Subscription::Core {
+            subject: "falco.>".into(),
+            queue: "falco-nats-respond".into(),
+        },
+        policy: Policy::proof_of_concept(),
+        rails: RailsConfig {
+            protected_namespaces: DEFAULT_PROTECTED.iter().map(|s| s.to_string()).collect(),
+            only_namespaces: None,
+            allow_daemonset_pods: false,
+            allow_static_pods: false,
+            dedup_window: Duration::from_secs(600),
+            max_actions_per_minute: 1000,
+        },
+        dry_run: false,
+        result_prefix: "falco.response".into(),
+        kubeconfig: Some(kubeconfig.to_owned()),
+    }
+}
