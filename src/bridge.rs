@@ -17,7 +17,9 @@ use crate::input::grpc::{GrpcInput, GrpcOptions};
 use crate::input::http::{http_routes, HttpOptions};
 use crate::input::stdin::StdinInput;
 use crate::input::{AlertSink, InputError};
-use crate::output::{connect, ConnectionWatch, NatsError, NatsOptions, PublishOptions, Publisher};
+use crate::output::{
+    connect, ConnectionWatch, DeliveryLedger, NatsError, NatsOptions, PublishOptions, Publisher,
+};
 use crate::priority::Priority;
 use crate::telemetry::health::{self, Readiness, TlsError};
 use crate::telemetry::metrics::BridgeMetrics;
@@ -103,8 +105,10 @@ pub async fn run(
         reconnects: metrics.nats_reconnects.clone(),
         permission_denied: metrics.permission_denied.clone(),
         denied: Default::default(),
+        ledger: DeliveryLedger::new(metrics.possibly_lost.clone()),
     };
     let denied = watch.denied.clone();
+    let ledger = watch.ledger.clone();
     let acceptor = match &options.tls {
         Some(files) => Some(health::tls_acceptor(&files.cert, &files.key)?),
         None => None,
@@ -115,7 +119,13 @@ pub async fn run(
     let client = connect(&options.nats, watch).await?;
 
     let (tx, rx) = mpsc::channel(options.queue_size.max(1));
-    let publisher = Publisher::new(client, options.publish.clone(), metrics.clone(), denied);
+    let publisher = Publisher::new(
+        client,
+        options.publish.clone(),
+        metrics.clone(),
+        denied,
+        ledger,
+    );
     let mut output = tokio::spawn(publisher.run(rx));
 
     let input_name = options.input.name();

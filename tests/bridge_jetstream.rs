@@ -8,57 +8,11 @@ use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::time::Duration;
 
-use async_nats::jetstream;
-use falco_nats::output::JetStreamOptions;
 use falco_nats::simulate::alerts::AlertFactory;
 use falco_nats::simulate::falco_grpc::MockFalco;
-use futures_util::StreamExt;
 use support::*;
 
 const WAIT: Duration = Duration::from_secs(20);
-
-fn jetstream_options() -> JetStreamOptions {
-    JetStreamOptions {
-        stream: "FALCO".into(),
-        duplicate_window: Duration::from_secs(120),
-        max_age: Duration::ZERO,
-        max_inflight: 64,
-    }
-}
-
-/// Every `evt.num` stored in the stream, read back message by message.
-async fn stored_nums(url: &str) -> Vec<u64> {
-    let client = async_nats::connect(url).await.unwrap();
-    let js = jetstream::new(client);
-    let mut stream = js.get_stream("FALCO").await.unwrap();
-    let count = stream.info().await.unwrap().state.messages;
-    let consumer = stream
-        .create_consumer(jetstream::consumer::pull::OrderedConfig::default())
-        .await
-        .unwrap();
-    let mut messages = consumer.messages().await.unwrap();
-    let mut nums = Vec::new();
-    while (nums.len() as u64) < count {
-        let msg = tokio::time::timeout(WAIT, messages.next())
-            .await
-            .unwrap()
-            .unwrap()
-            .unwrap();
-        nums.push(evt_num(&msg.payload));
-    }
-    nums
-}
-
-async fn stream_count(url: &str) -> u64 {
-    let Ok(client) = async_nats::connect(url).await else {
-        return 0;
-    };
-    let js = jetstream::new(client);
-    match js.get_stream("FALCO").await {
-        Ok(mut s) => s.info().await.map(|i| i.state.messages).unwrap_or(0),
-        Err(_) => 0,
-    }
-}
 
 #[tokio::test]
 async fn nats_restart_in_jetstream_mode_stores_every_alert_once() {
@@ -100,11 +54,11 @@ async fn nats_restart_in_jetstream_mode_stores_every_alert_once() {
     let url = nats.url();
     wait_for("every alert stored", Duration::from_secs(60), || {
         let url = url.clone();
-        async move { stream_count(&url).await >= TOTAL }
+        async move { stream_count(&url, "FALCO").await >= TOTAL }
     })
     .await;
     tokio::time::sleep(Duration::from_millis(500)).await;
-    let nums = stored_nums(&url).await;
+    let nums = stored_nums(&url, "FALCO").await;
     let unique: BTreeSet<u64> = nums.iter().copied().collect();
     assert_eq!(nums.len() as u64, TOTAL, "no duplicates in the stream");
     assert_eq!(unique, (1..=TOTAL).collect(), "no alert lost");
@@ -158,7 +112,7 @@ async fn sigterm_publishes_everything_read_then_exits_zero() {
 
     let left_in_falco = falco.queued() as u64;
     let read = TOTAL - left_in_falco;
-    let nums = stored_nums(&nats.url()).await;
+    let nums = stored_nums(&nats.url(), "FALCO").await;
     let unique: BTreeSet<u64> = nums.iter().copied().collect();
     assert!(read > 0);
     assert_eq!(

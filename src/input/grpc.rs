@@ -13,7 +13,7 @@
 //! gone). `--drain-timeout` bounds the wait.
 
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -37,7 +37,8 @@ pub const DEFAULT_SOCKET: &str = "unix:///run/falco/falco.sock";
 
 /// Poll interval while alerts flow.
 const ACTIVE_POLL: Duration = Duration::from_millis(1);
-/// No poll while Falco sent something this recently: it is still draining.
+/// No poll unless the input has waited this long for Falco to send
+/// anything: before that, Falco may still be draining its queue.
 const QUIET: Duration = Duration::from_micros(200);
 /// How long after the last alert the input keeps polling fast.
 const ACTIVE_FOR: Duration = Duration::from_secs(1);
@@ -194,6 +195,7 @@ impl GrpcInput {
         // the response headers until it has an alert to send.
         tokio::spawn(poller.clone().run(requests));
         let _stop_polling = poller.state.stop.clone().drop_guard();
+        poller.set_waiting(true);
         tracing::info!("subscribing to Falco's alerts");
         let call = client.sub(ReceiverStream::new(rx));
         let mut stream = tokio::select! {
@@ -204,15 +206,14 @@ impl GrpcInput {
         let mut delivered = 0u64;
         let mut closing = false;
         loop {
+            poller.set_waiting(true);
             tokio::select! {
                 message = stream.message() => match message {
                     Ok(Some(response)) => {
+                        poller.set_waiting(false);
                         delivered += 1;
                         poller.alert_arrived();
-                        poller.set_delivering(true);
-                        let open = self.deliver(response).await;
-                        poller.set_delivering(false);
-                        if !open {
+                        if !self.deliver(response).await {
                             return Ok(SessionEnd::Shutdown);
                         }
                     }
@@ -265,10 +266,12 @@ impl GrpcInput {
 
 /// Sends `sub`'s poll requests: one at once, then one every millisecond
 /// while alerts flow (Falco drains its whole queue on each request), and one
-/// every `idle` while Falco is quiet. It holds back while Falco is still
-/// sending (a response within the last [`QUIET`]) and while the bridge is not
-/// reading (its queue is full): requests Falco does not read pile up in the
-/// HTTP/2 stream, and a server may close a connection flooded with them.
+/// every `idle` while Falco is quiet. It sends only once the input has
+/// waited [`QUIET`] for Falco to send anything. While Falco drains its queue
+/// it reads no request, and requests it does not read pile up in the HTTP/2
+/// stream (a server may close a connection flooded with them); the input's
+/// own pauses (a full queue, a thread the kernel did not run) are no sign of
+/// a finished drain, so the time since the last alert is not enough.
 #[derive(Clone)]
 struct Poller {
     idle: Duration,
@@ -280,8 +283,9 @@ struct PollerState {
     started: Instant,
     /// Microseconds after `started` of the last alert (0: none yet).
     last_alert: AtomicU64,
-    /// Set while an alert is being handed to the (possibly full) queue.
-    delivering: AtomicBool,
+    /// Microseconds after `started` at which the input began waiting for
+    /// Falco to send (0: it is busy with an alert).
+    waiting_since: AtomicU64,
 }
 
 impl Poller {
@@ -292,7 +296,7 @@ impl Poller {
                 stop: CancellationToken::new(),
                 started: Instant::now(),
                 last_alert: AtomicU64::new(0),
-                delivering: AtomicBool::new(false),
+                waiting_since: AtomicU64::new(0),
             }),
         }
     }
@@ -304,8 +308,13 @@ impl Poller {
             .store(micros.max(1), Ordering::Relaxed);
     }
 
-    fn set_delivering(&self, delivering: bool) {
-        self.state.delivering.store(delivering, Ordering::Relaxed);
+    fn set_waiting(&self, waiting: bool) {
+        let since = if waiting {
+            (self.state.started.elapsed().as_micros() as u64).max(1)
+        } else {
+            0
+        };
+        self.state.waiting_since.store(since, Ordering::Relaxed);
     }
 
     /// Microseconds since the last alert, if there was one.
@@ -325,12 +334,12 @@ impl Poller {
             .is_some_and(|us| us < ACTIVE_FOR.as_micros() as u64)
     }
 
-    /// Whether Falco is still sending, or the bridge is not reading.
+    /// Whether Falco may still be sending: the input has not waited
+    /// [`QUIET`] for it (and has not even started waiting while busy).
     fn busy(&self) -> bool {
-        self.state.delivering.load(Ordering::Relaxed)
-            || self
-                .since_last_alert()
-                .is_some_and(|us| us < QUIET.as_micros() as u64)
+        let since = self.state.waiting_since.load(Ordering::Relaxed);
+        let now = self.state.started.elapsed().as_micros() as u64;
+        since == 0 || now.saturating_sub(since) < QUIET.as_micros() as u64
     }
 
     async fn run(self, requests: mpsc::Sender<Request>) {

@@ -10,6 +10,7 @@ use clap::Args;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::gauge::Gauge;
 
+use crate::output::ledger::DeliveryLedger;
 use crate::telemetry::health::ReadyFlag;
 
 /// Where and how to connect, named as the `nats` CLI names them.
@@ -88,6 +89,8 @@ pub struct ConnectionWatch {
     /// Publishes the server refused for lack of permission.
     pub permission_denied: Counter,
     pub denied: DeniedSubjects,
+    /// Core NATS: counts what a dropped connection may have lost.
+    pub ledger: DeliveryLedger,
 }
 
 /// Subjects the server refused to let this connection publish to.
@@ -226,7 +229,12 @@ pub async fn connect(options: &NatsOptions, watch: ConnectionWatch) -> Result<Cl
                     Event::Disconnected => {
                         watch.ready.set(false);
                         watch.connected.set(0);
-                        tracing::warn!("disconnected from NATS; reconnecting");
+                        let at_risk = watch.ledger.disconnected();
+                        if at_risk > 0 {
+                            tracing::warn!(possibly_lost = at_risk, "disconnected from NATS; reconnecting (alerts published since the server last confirmed may be lost: counted in falco_nats_alerts_possibly_lost_total)");
+                        } else {
+                            tracing::warn!("disconnected from NATS; reconnecting");
+                        }
                     }
                     Event::Closed => {
                         watch.ready.set(false);

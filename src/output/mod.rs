@@ -3,9 +3,11 @@
 //! turns alerts into messages (core NATS or JetStream).
 
 mod connection;
+mod ledger;
 mod publisher;
 pub mod subject;
 
 pub use connection::{connect, ConnectionWatch, DeniedSubjects, NatsError, NatsOptions};
+pub use ledger::{DeliveryLedger, CONFIRM_EVERY};
 pub use publisher::{alert_headers, round_trip, JetStreamOptions, PublishOptions, Publisher};
 pub use subject::SubjectTemplate;

@@ -14,6 +14,7 @@ use tokio::sync::mpsc;
 use crate::backoff::Backoff;
 use crate::event::FalcoEvent;
 use crate::output::connection::DeniedSubjects;
+use crate::output::ledger::DeliveryLedger;
 use crate::output::subject::SubjectTemplate;
 use crate::telemetry::metrics::BridgeMetrics;
 
@@ -61,6 +62,7 @@ pub struct CorePublisher {
     client: Client,
     subject: SubjectTemplate,
     metrics: BridgeMetrics,
+    ledger: DeliveryLedger,
 }
 
 /// JetStream: every alert is acknowledged by the stream, or retried.
@@ -75,18 +77,21 @@ pub struct JetStreamPublisher {
 
 impl Publisher {
     /// `denied` lists the subjects the server refused (from the connection's
-    /// events): JetStream stops retrying alerts for those.
+    /// events): JetStream stops retrying alerts for those. `ledger` (core
+    /// NATS) counts what a dropped connection may have lost.
     pub fn new(
         client: Client,
         options: PublishOptions,
         metrics: BridgeMetrics,
         denied: DeniedSubjects,
+        ledger: DeliveryLedger,
     ) -> Self {
         match options.jetstream {
             None => Publisher::Core(CorePublisher {
                 client,
                 subject: options.subject,
                 metrics,
+                ledger,
             }),
             Some(js) => Publisher::JetStream(JetStreamPublisher {
                 context: jetstream::ContextBuilder::new()
@@ -166,6 +171,7 @@ impl CorePublisher {
     async fn run(self, mut alerts: mpsc::Receiver<FalcoEvent>) -> (Client, u64) {
         let mut count = 0u64;
         let mut batch = Vec::with_capacity(BATCH);
+        let confirmer = tokio::spawn(self.ledger.clone().confirm_forever(self.client.clone()));
         // Whatever is queued is taken at once: one wake-up for many alerts.
         while alerts.recv_many(&mut batch, BATCH).await > 0 {
             for event in batch.drain(..) {
@@ -173,6 +179,7 @@ impl CorePublisher {
                 self.publish(event).await;
             }
         }
+        confirmer.abort();
         (self.client, count)
     }
 
@@ -187,6 +194,7 @@ impl CorePublisher {
             .await
         {
             Ok(()) => {
+                self.ledger.handed();
                 self.metrics.published.inc();
                 self.metrics
                     .publish_latency

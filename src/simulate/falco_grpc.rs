@@ -116,22 +116,34 @@ impl OutputsApi for Outputs {
         let (tx, rx) = mpsc::channel(1);
         let this = self.clone();
         let end = self.stream_token();
+        // Requests are taken off the connection as they come (gRPC's C++
+        // transport buffers them; h2 would close a connection whose small
+        // frames pile up unread) and answered in order, one drain each.
+        let (polls, mut polled) = mpsc::unbounded_channel::<()>();
+        let reading = end.clone();
+        tokio::spawn(async move {
+            loop {
+                let next = tokio::select! {
+                    next = requests.message() => next,
+                    _ = reading.cancelled() => break,
+                };
+                match next {
+                    Ok(Some(_)) if polls.send(()).is_ok() => {}
+                    // The client closed its side, or went away.
+                    _ => break,
+                }
+            }
+        });
         tokio::spawn(async move {
             // Falco's server answers a request with its queue, so a fresh
             // `sub` call gets its first response only after a request.
             loop {
                 let next = tokio::select! {
-                    next = requests.message() => next,
+                    next = polled.recv() => next,
                     _ = end.cancelled() => break,
                 };
-                match next {
-                    Ok(Some(_)) => {
-                        if !this.drain(&tx, &end).await {
-                            break;
-                        }
-                    }
-                    // The client closed its side, or went away.
-                    Ok(None) | Err(_) => break,
+                if next.is_none() || !this.drain(&tx, &end).await {
+                    break;
                 }
             }
         });

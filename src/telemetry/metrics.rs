@@ -31,6 +31,9 @@ pub struct BridgeMetrics {
     pub nats_reconnects: Counter,
     /// Publishes the NATS server refused for lack of permission.
     pub permission_denied: Counter,
+    /// Core NATS: alerts published but not confirmed by the server when the
+    /// connection dropped (an upper bound of what was lost).
+    pub possibly_lost: Counter,
     /// 1 while the input is connected.
     pub input_connected: Gauge,
     /// 1 while NATS is connected.
@@ -54,6 +57,7 @@ impl BridgeMetrics {
             input_reconnects: Family::default(),
             nats_reconnects: Counter::default(),
             permission_denied: Counter::default(),
+            possibly_lost: Counter::default(),
             input_connected: Gauge::default(),
             nats_connected: Gauge::default(),
             queue_depth: Gauge::default(),
@@ -104,6 +108,11 @@ impl BridgeMetrics {
             "nats_permission_denied",
             "Publishes the NATS server refused for lack of permission",
             m.permission_denied.clone(),
+        );
+        r.register(
+            "alerts_possibly_lost",
+            "Core NATS: alerts published but not yet confirmed by the server when the connection dropped (an upper bound of what was lost)",
+            m.possibly_lost.clone(),
         );
         r.register(
             "input_connected",

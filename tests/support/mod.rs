@@ -330,3 +330,47 @@ pub fn respond_options(url: &str, kubeconfig: &Path) -> falco_nats::respond::Res
         kubeconfig: Some(kubeconfig.to_owned()),
     }
 }
+
+/// Every `evt.num` stored in `stream`, read back message by message.
+pub async fn stored_nums(url: &str, stream: &str) -> Vec<u64> {
+    let client = async_nats::connect(url).await.unwrap();
+    let js = async_nats::jetstream::new(client);
+    let mut stream = js.get_stream(stream).await.unwrap();
+    let count = stream.info().await.unwrap().state.messages;
+    let consumer = stream
+        .create_consumer(async_nats::jetstream::consumer::pull::OrderedConfig::default())
+        .await
+        .unwrap();
+    let mut messages = consumer.messages().await.unwrap();
+    let mut nums = Vec::new();
+    while (nums.len() as u64) < count {
+        let msg = tokio::time::timeout(Duration::from_secs(20), messages.next())
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
+        nums.push(evt_num(&msg.payload));
+    }
+    nums
+}
+
+pub async fn stream_count(url: &str, stream: &str) -> u64 {
+    let Ok(client) = async_nats::connect(url).await else {
+        return 0;
+    };
+    let js = async_nats::jetstream::new(client);
+    match js.get_stream(stream).await {
+        Ok(mut s) => s.info().await.map(|i| i.state.messages).unwrap_or(0),
+        Err(_) => 0,
+    }
+}
+
+/// JetStream publishing to the stream `FALCO`, as the bridge's defaults.
+pub fn jetstream_options() -> falco_nats::output::JetStreamOptions {
+    falco_nats::output::JetStreamOptions {
+        stream: "FALCO".into(),
+        duplicate_window: Duration::from_secs(120),
+        max_age: Duration::ZERO,
+        max_inflight: 64,
+    }
+}

@@ -1,0 +1,156 @@
+//! [`DeliveryLedger`]: what core NATS may have lost when a connection dropped.
+//!
+//! Core NATS acknowledges nothing. What the client wrote to a socket the
+//! server never read is gone when the connection drops, and no error tells.
+//! The server does process a connection's messages in order, though: when a
+//! message to our own inbox comes back, everything published before it was
+//! received. So the publisher counts what it hands to the client, a
+//! background task confirms that count every [`CONFIRM_EVERY`] with such an
+//! echo, and when the connection drops, whatever was handed over since the
+//! last confirmation is counted as possibly lost. That is an upper bound:
+//! some of those alerts may have reached the server, none of the others was
+//! lost unseen. (Alerts published while disconnected wait in the client and
+//! are sent after the reconnect.)
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use async_nats::Client;
+use bytes::Bytes;
+use futures_util::StreamExt;
+use prometheus_client::metrics::counter::Counter;
+
+/// How often the count of published alerts is confirmed by an echo.
+pub const CONFIRM_EVERY: Duration = Duration::from_millis(100);
+
+/// How long an echo may take before the confirmation is given up.
+const ECHO_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Counts of alerts handed to the NATS client and confirmed by the server.
+/// Cheap to clone: clones share the counts.
+#[derive(Clone, Default)]
+pub struct DeliveryLedger(Arc<Inner>);
+
+#[derive(Default)]
+struct Inner {
+    handed: AtomicU64,
+    confirmed: Mutex<u64>,
+    possibly_lost: Counter,
+}
+
+impl DeliveryLedger {
+    /// A ledger that adds what it considers lost to `possibly_lost`.
+    pub fn new(possibly_lost: Counter) -> Self {
+        DeliveryLedger(Arc::new(Inner {
+            possibly_lost,
+            ..Inner::default()
+        }))
+    }
+
+    /// One alert was handed to the client.
+    pub fn handed(&self) {
+        self.0.handed.fetch_add(1, Ordering::Release);
+    }
+
+    /// The number of alerts handed over so far: an echo published after
+    /// reading it confirms at least this many.
+    pub fn mark(&self) -> u64 {
+        self.0.handed.load(Ordering::Acquire)
+    }
+
+    /// The server received the first `mark` alerts.
+    pub fn confirm(&self, mark: u64) {
+        if let Ok(mut confirmed) = self.0.confirmed.lock() {
+            *confirmed = (*confirmed).max(mark);
+        }
+    }
+
+    /// How many alerts are confirmed.
+    pub fn confirmed(&self) -> u64 {
+        self.0.confirmed.lock().map(|c| *c).unwrap_or(0)
+    }
+
+    /// The connection dropped: what was handed over since the last
+    /// confirmation may be lost. Returns that number, also added to the
+    /// counter.
+    pub fn disconnected(&self) -> u64 {
+        let Ok(mut confirmed) = self.0.confirmed.lock() else {
+            return 0;
+        };
+        let handed = self.0.handed.load(Ordering::Acquire);
+        let at_risk = handed.saturating_sub(*confirmed);
+        *confirmed = handed;
+        self.0.possibly_lost.inc_by(at_risk);
+        at_risk
+    }
+
+    /// Confirms the handed-over count every [`CONFIRM_EVERY`] with a message
+    /// to our own inbox, until the task is dropped.
+    pub async fn confirm_forever(self, client: Client) {
+        let inbox = client.new_inbox();
+        let mut echo = match client.subscribe(inbox.clone()).await {
+            Ok(sub) => sub,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot subscribe to our own inbox: alerts lost to a dropped connection are not counted");
+                return;
+            }
+        };
+        let mut interval = tokio::time::interval(CONFIRM_EVERY);
+        interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut sequence = 0u64;
+        loop {
+            interval.tick().await;
+            let mark = self.mark();
+            if mark <= self.confirmed() {
+                continue;
+            }
+            sequence += 1;
+            let tag = Bytes::from(sequence.to_string());
+            if client.publish(inbox.clone(), tag.clone()).await.is_err() {
+                continue;
+            }
+            let deadline = tokio::time::Instant::now() + ECHO_TIMEOUT;
+            loop {
+                match tokio::time::timeout_at(deadline, echo.next()).await {
+                    // An older echo, late after a reconnect: it confirms less.
+                    Ok(Some(msg)) if msg.payload != tag => continue,
+                    Ok(Some(_)) => {
+                        self.confirm(mark);
+                        break;
+                    }
+                    Ok(None) => return,
+                    Err(_) => break,
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn counts_what_was_unconfirmed_when_the_connection_dropped() {
+        let lost = Counter::default();
+        let ledger = DeliveryLedger::new(lost.clone());
+        for _ in 0..10 {
+            ledger.handed();
+        }
+        ledger.confirm(ledger.mark());
+        for _ in 0..7 {
+            ledger.handed();
+        }
+        assert_eq!(ledger.disconnected(), 7);
+        // A late echo of an earlier mark changes nothing.
+        ledger.confirm(10);
+        assert_eq!(ledger.confirmed(), 17);
+        assert_eq!(ledger.disconnected(), 0);
+        for _ in 0..3 {
+            ledger.handed();
+        }
+        assert_eq!(ledger.disconnected(), 3);
+        assert_eq!(lost.get(), 10);
+    }
+}
