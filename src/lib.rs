@@ -10,6 +10,8 @@ pub mod bridge;
 pub mod cli;
 pub mod convert;
 pub mod event;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod input;
 pub mod output;
 pub mod priority;
