@@ -343,39 +343,176 @@ async fn bridge_fifo(url: &str, corpus: &Corpus, jetstream: bool, dir: &Path) ->
     Some(Run { rate: rate?, cpu })
 }
 
-/// Posts `lines` on one keep-alive connection, each waiting for its answer,
-/// as Falco's http_output does.
-async fn post_all(addr: std::net::SocketAddr, lines: Vec<Bytes>) {
-    let mut stream = loop {
+/// The HTTP transport alone: the same clients posting to an axum server (on
+/// its own two-thread runtime, as the bridge's) that counts each POST and
+/// answers at once. What receiving one alert per request costs before the
+/// bridge does anything with it.
+async fn null_http(corpus: &Corpus, connections: usize) -> Option<Run> {
+    use axum::routing::post;
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    listener.set_nonblocking(true).unwrap();
+    let addr = listener.local_addr().unwrap();
+    let count = Arc::new(AtomicU64::new(0));
+    let stamps: Arc<Mutex<(Option<Instant>, Option<Instant>)>> = Arc::default();
+    let (c, s) = (count.clone(), stamps.clone());
+    let stop = tokio_util::sync::CancellationToken::new();
+    let stopped = stop.clone();
+    let server = std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async move {
+            let app = axum::Router::new().route(
+                "/",
+                post(move |_body: Bytes| {
+                    let (c, s) = (c.clone(), s.clone());
+                    async move {
+                        let now = Instant::now();
+                        if let Ok(mut s) = s.lock() {
+                            s.0.get_or_insert(now);
+                            s.1 = Some(now);
+                        }
+                        c.fetch_add(1, Ordering::Relaxed);
+                        "queued\n"
+                    }
+                }),
+            );
+            let listener = tokio::net::TcpListener::from_std(listener).unwrap();
+            let _ = axum::serve(listener, app)
+                .with_graceful_shutdown(stopped.cancelled_owned())
+                .await;
+        });
+    });
+    let cpu0 = process_cpu();
+    let mut tasks = Vec::new();
+    for c in 0..connections {
+        let share: Vec<Bytes> = corpus
+            .lines
+            .iter()
+            .skip(c)
+            .step_by(connections)
+            .cloned()
+            .collect();
+        tasks.push(tokio::spawn(post_all(addr, share)));
+    }
+    for t in tasks {
+        let _ = t.await;
+    }
+    let cpu = process_cpu() - cpu0;
+    stop.cancel();
+    let _ = server.join();
+    let (first, last) = *stamps.lock().unwrap();
+    let secs = last?.duration_since(first?).as_secs_f64();
+    Some(Run {
+        rate: count.load(Ordering::Relaxed) as f64 / secs,
+        cpu,
+    })
+}
+
+/// Falco's gRPC stream alone: the mock Falco's queue drained by one `get`
+/// call on its own two-thread runtime, each alert decoded and dropped.
+async fn null_grpc(corpus: &Corpus, dir: &Path) -> Option<Run> {
+    use falco_nats::proto::outputs::service_client::ServiceClient;
+    use falco_nats::proto::outputs::Request;
+    let socket = dir.join(format!("null-{}.sock", free_port()));
+    let mut falco = MockFalco::new(&socket);
+    falco.start().await.unwrap();
+    for r in &corpus.responses {
+        falco.push(r.clone());
+    }
+    let total = corpus.responses.len() as u64;
+    let cpu0 = process_cpu();
+    let client = std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async move {
+            let channel = tonic::transport::Endpoint::from_static("http://falco.sock")
+                .connect_with_connector(tower::service_fn(move |_: tonic::transport::Uri| {
+                    let path = socket.clone();
+                    async move {
+                        tokio::net::UnixStream::connect(path)
+                            .await
+                            .map(hyper_util::rt::TokioIo::new)
+                    }
+                }))
+                .await
+                .unwrap();
+            let mut client =
+                ServiceClient::new(channel).max_decoding_message_size(64 * 1024 * 1024);
+            let mut stream = client.get(Request {}).await.unwrap().into_inner();
+            let (mut n, mut first, mut last) = (0u64, None, None);
+            while let Ok(Some(_response)) = stream.message().await {
+                let now = Instant::now();
+                first.get_or_insert(now);
+                last = Some(now);
+                n += 1;
+                if n == total {
+                    break;
+                }
+            }
+            (n, first, last)
+        })
+    });
+    let (n, first, last) = tokio::task::spawn_blocking(move || client.join().unwrap())
+        .await
+        .unwrap();
+    let cpu = process_cpu() - cpu0;
+    falco.stop().await;
+    let secs = last?.duration_since(first?).as_secs_f64();
+    Some(Run {
+        rate: n as f64 / secs,
+        cpu,
+    })
+}
+
+/// A keep-alive connection to the bridge's HTTP input.
+async fn http_connect(addr: std::net::SocketAddr) -> tokio::net::TcpStream {
+    let stream = loop {
         match tokio::net::TcpStream::connect(addr).await {
             Ok(s) => break s,
             Err(_) => tokio::time::sleep(Duration::from_millis(20)).await,
         }
     };
     stream.set_nodelay(true).unwrap();
+    stream
+}
+
+/// Posts one alert and waits for the answer, as Falco's http_output does.
+async fn post_one(stream: &mut tokio::net::TcpStream, line: &[u8], buf: &mut [u8]) {
+    let head = format!(
+        "POST / HTTP/1.1\r\nHost: bench\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n",
+        line.len()
+    );
+    stream.write_all(head.as_bytes()).await.unwrap();
+    stream.write_all(line).await.unwrap();
+    // A response is small and ends with its body ("queued\n").
+    let mut got = Vec::new();
+    loop {
+        let n = stream.read(buf).await.unwrap();
+        assert!(n > 0, "connection closed");
+        got.extend_from_slice(&buf[..n]);
+        if got.ends_with(b"queued\n") {
+            break;
+        }
+        assert!(
+            !got.starts_with(b"HTTP/1.1 4") && !got.starts_with(b"HTTP/1.1 5"),
+            "{}",
+            String::from_utf8_lossy(&got)
+        );
+    }
+}
+
+/// Posts `lines` on one keep-alive connection, each waiting for its answer.
+async fn post_all(addr: std::net::SocketAddr, lines: Vec<Bytes>) {
+    let mut stream = http_connect(addr).await;
     let mut buf = vec![0u8; 4096];
     for line in lines {
-        let head = format!(
-            "POST / HTTP/1.1\r\nHost: bench\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n",
-            line.len()
-        );
-        stream.write_all(head.as_bytes()).await.unwrap();
-        stream.write_all(&line).await.unwrap();
-        // A response is small and ends with its body ("queued\n").
-        let mut got = Vec::new();
-        loop {
-            let n = stream.read(&mut buf).await.unwrap();
-            assert!(n > 0, "connection closed");
-            got.extend_from_slice(&buf[..n]);
-            if got.ends_with(b"queued\n") {
-                break;
-            }
-            assert!(
-                !got.starts_with(b"HTTP/1.1 4") && !got.starts_with(b"HTTP/1.1 5"),
-                "{}",
-                String::from_utf8_lossy(&got)
-            );
-        }
+        post_one(&mut stream, &line, &mut buf).await;
     }
 }
 
@@ -472,9 +609,14 @@ impl LatencyProbe {
 
     /// Sorted latencies in µs of the alerts 1..=n, and how many never arrived.
     fn latencies(&self, n: u64) -> (Vec<f64>, u64) {
+        self.latencies_after(n, 0)
+    }
+
+    /// Like `latencies`, for the alerts after the first `skip`.
+    fn latencies_after(&self, n: u64, skip: u64) -> (Vec<f64>, u64) {
         let mut out = Vec::new();
         let mut missing = 0;
-        for i in 1..=n as usize {
+        for i in (skip as usize + 1)..=n as usize {
             let (e, r) = (
                 self.emitted[i].load(Ordering::Relaxed),
                 self.received[i].load(Ordering::Relaxed),
@@ -516,6 +658,8 @@ struct LatencyRow {
     p50: f64,
     p99: f64,
     p999: f64,
+    /// p99 of the alerts after the first second.
+    p99_steady: f64,
     missing: u64,
     rss_peak: Option<u64>,
 }
@@ -564,6 +708,20 @@ async fn run() {
         (
             "flush after every alert (2018 PoC)",
             Box::new(move |u| Box::pin(async move { ceiling(&u, c, true).await })),
+        ),
+        (
+            "gRPC transport alone (get, decode, drop)",
+            Box::new({
+                let d = d.clone();
+                move |_| {
+                    let d = d.clone();
+                    Box::pin(async move { null_grpc(c, &d).await })
+                }
+            }),
+        ),
+        (
+            "HTTP transport alone (4 connections, null receiver)",
+            Box::new(move |_| Box::pin(async move { null_http(c, 4).await })),
         ),
         (
             "bridge gRPC, core",
@@ -662,13 +820,15 @@ async fn run() {
     }
 
     // Latency.
-    let _ = writeln!(md, "\n## Latency\n\nFrom the simulated Falco queueing an alert (or, for the baseline, a publisher publishing it) to a subscriber receiving it; gRPC input, core NATS; {latency_secs} s per rate. Peak RSS is the bridge's.\n");
-    let _ = writeln!(md, "| rate (alerts/s) | path | p50 (µs) | p99 (µs) | p99.9 (µs) | lost | bridge peak RSS |\n| ---: | --- | ---: | ---: | ---: | ---: | ---: |");
+    let _ = writeln!(md, "\n## Latency\n\nFrom the simulated Falco queueing an alert (or, for the baseline, a publisher publishing it) to a subscriber receiving it; core NATS; {latency_secs} s per rate, emitted in 1 ms batches. Peak RSS is the bridge's.\n");
+    let _ = writeln!(md, "| rate (alerts/s) | path | p50 (µs) | p99 (µs) | p99.9 (µs) | p99 after 1st s (µs) | lost | bridge peak RSS |\n| ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: |");
     for rate in [1_000u64, 10_000, 50_000] {
         let nats = NatsServer::start();
         for row in [
             latency_publisher(&nats.url(), rate, latency_secs).await,
             latency_bridge(&nats.url(), rate, latency_secs, dir.path()).await,
+            latency_fifo(&nats.url(), rate, latency_secs, dir.path()).await,
+            latency_http(&nats.url(), rate, latency_secs).await,
         ] {
             let rss = row
                 .rss_peak
@@ -676,8 +836,8 @@ async fn run() {
                 .unwrap_or_else(|| "-".into());
             let _ = writeln!(
                 md,
-                "| {} | {} | {:.0} | {:.0} | {:.0} | {} | {rss} |",
-                row.rate, row.what, row.p50, row.p99, row.p999, row.missing
+                "| {} | {} | {:.0} | {:.0} | {:.0} | {:.0} | {} | {rss} |",
+                row.rate, row.what, row.p50, row.p99, row.p999, row.p99_steady, row.missing
             );
             eprintln!(
                 "latency {} {}: p50 {:.0} p99 {:.0} p99.9 {:.0} µs",
@@ -793,6 +953,7 @@ async fn latency_publisher(url: &str, rate: u64, secs: u64) -> LatencyRow {
         p50: percentile(&lat, 50.0),
         p99: percentile(&lat, 99.0),
         p999: percentile(&lat, 99.9),
+        p99_steady: percentile(&probe.latencies_after(total, rate).0, 99.0),
         missing,
         rss_peak: None,
     }
@@ -831,6 +992,100 @@ async fn latency_bridge(url: &str, rate: u64, secs: u64, dir: &Path) -> LatencyR
         p50: percentile(&lat, 50.0),
         p99: percentile(&lat, 99.0),
         p999: percentile(&lat, 99.9),
+        p99_steady: percentile(&probe.latencies_after(total, rate).0, 99.0),
+        missing,
+        rss_peak: Some(peak),
+    }
+}
+
+/// Latency over the FIFO input: Falco's `file_output` writing each alert as
+/// one line into the named pipe.
+async fn latency_fifo(url: &str, rate: u64, secs: u64, dir: &Path) -> LatencyRow {
+    let total = rate * secs;
+    let fifo = dir.join(format!("lat-fifo-{}", free_port()));
+    let probe = LatencyProbe::start(url, total as usize).await;
+    let path = fifo.display().to_string();
+    let bridge = Proc::spawn(&bridge_args(
+        "fifo",
+        &["-f", &path, "--create-fifo", "--listen", "off"],
+        url,
+        false,
+    ));
+    while !fifo.exists() {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let mut pipe = std::fs::OpenOptions::new().write(true).open(&fifo).unwrap();
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let mut factory = AlertFactory::new("bench-node", false);
+    let lines: Vec<Vec<u8>> = (0..total)
+        .map(|_| {
+            let mut l = factory.next_json().into_bytes();
+            l.push(b'\n');
+            l
+        })
+        .collect();
+    paced(rate, total, |n| {
+        probe.emit(n);
+        pipe.write_all(&lines[(n - 1) as usize]).unwrap();
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let (peak, _) = bridge.rss_kib();
+    let (lat, missing) = probe.latencies(total);
+    bridge.stop();
+    LatencyRow {
+        rate,
+        what: "bridge, FIFO input",
+        p50: percentile(&lat, 50.0),
+        p99: percentile(&lat, 99.0),
+        p999: percentile(&lat, 99.9),
+        p99_steady: percentile(&probe.latencies_after(total, rate).0, 99.0),
+        missing,
+        rss_peak: Some(peak),
+    }
+}
+
+/// Latency over the HTTP input: one keep-alive connection posting alerts in
+/// order, one at a time, as Falco's `http_output` does; the time an alert
+/// waits for the previous POST counts.
+async fn latency_http(url: &str, rate: u64, secs: u64) -> LatencyRow {
+    let total = rate * secs;
+    let port = free_port();
+    let listen = format!("127.0.0.1:{port}");
+    let probe = LatencyProbe::start(url, total as usize).await;
+    let bridge = Proc::spawn(&bridge_args("http", &["--listen", &listen], url, false));
+    let addr: std::net::SocketAddr = listen.parse().unwrap();
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<Bytes>();
+    let poster = tokio::spawn(async move {
+        let mut stream = http_connect(addr).await;
+        let mut buf = vec![0u8; 4096];
+        while let Some(line) = rx.recv().await {
+            post_one(&mut stream, &line, &mut buf).await;
+        }
+    });
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let mut factory = AlertFactory::new("bench-node", false);
+    let lines: Vec<Bytes> = (0..total)
+        .map(|_| Bytes::from(factory.next_json()))
+        .collect();
+    paced(rate, total, |n| {
+        probe.emit(n);
+        let _ = tx.send(lines[(n - 1) as usize].clone());
+    })
+    .await;
+    drop(tx);
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let (peak, _) = bridge.rss_kib();
+    let (lat, missing) = probe.latencies(total);
+    bridge.stop();
+    poster.abort();
+    LatencyRow {
+        rate,
+        what: "bridge, HTTP input (1 connection)",
+        p50: percentile(&lat, 50.0),
+        p99: percentile(&lat, 99.0),
+        p999: percentile(&lat, 99.9),
+        p99_steady: percentile(&probe.latencies_after(total, rate).0, 99.0),
         missing,
         rss_peak: Some(peak),
     }
