@@ -6,7 +6,11 @@
 //! `BENCH_ALERTS` (throughput alerts per run, default 100000), `BENCH_REPS`
 //! (runs per scenario, median reported, default 3), `BENCH_LATENCY_SECS`
 //! (seconds per latency rate, default 5), `BENCH_BURST` (alerts in the
-//! NATS-down burst, default 1000000), `BENCH_OUT` (the Markdown file).
+//! NATS-down burst, default 1000000), `BENCH_OUT` (the Markdown file),
+//! `BENCH_ONLY` (throughput scenarios whose name contains it),
+//! `BENCH_THROUGHPUT_ONLY` / `BENCH_LATENCY_ONLY` (one section, printed, not
+//! written). The bridge reads its own flags' variables too, e.g.
+//! `FALCO_NATS_THREADS=1`.
 
 #[path = "../tests/support/mod.rs"]
 #[allow(unused_imports)]
@@ -775,7 +779,8 @@ async fn run() {
     let mut results: HashMap<&str, (Vec<f64>, Vec<f64>)> = HashMap::new();
     // Rounds interleave the scenarios, so drift on the machine hits all alike.
     let only = std::env::var("BENCH_ONLY").unwrap_or_default();
-    for round in 0..reps {
+    let latency_only = std::env::var("BENCH_LATENCY_ONLY").is_ok();
+    for round in (0..reps).filter(|_| !latency_only) {
         for (name, f) in scenarios.iter().filter(|(n, _)| n.contains(only.as_str())) {
             let nats = NatsServer::start();
             eprintln!("round {} {name}", round + 1);
@@ -846,6 +851,11 @@ async fn run() {
         }
     }
 
+    if latency_only {
+        print!("{md}");
+        return;
+    }
+
     // Response latency.
     let (p50, p99, n) = response_latency(dir.path()).await;
     let _ = writeln!(md, "\n## Response latency\n\nFrom the simulated Falco queueing a Critical alert to the Kubernetes API stand-in receiving the DELETE for its pod: gRPC → bridge → NATS → respond → API, {n} alerts for {n} pods at 50 alerts/s.\n\n| p50 (ms) | p99 (ms) |\n| ---: | ---: |\n| {p50:.2} | {p99:.2} |");
@@ -883,14 +893,20 @@ async fn run() {
     }
 }
 
-/// Messages the server received from clients, from its monitoring endpoint.
-async fn in_msgs(monitor_port: u16) -> u64 {
+/// The names of the clients connected to a server, from its monitoring endpoint.
+async fn connection_names(monitor_port: u16) -> Vec<String> {
     let addr: std::net::SocketAddr = format!("127.0.0.1:{monitor_port}").parse().unwrap();
-    let (_, body) = support::http_get(addr, "/varz").await;
+    let (_, body) = support::http_get(addr, "/connz").await;
     serde_json::from_str::<serde_json::Value>(&body)
         .ok()
-        .and_then(|v| v["in_msgs"].as_u64())
-        .unwrap_or(0)
+        .and_then(|v| {
+            v["connections"].as_array().map(|cs| {
+                cs.iter()
+                    .filter_map(|c| c["name"].as_str().map(str::to_owned))
+                    .collect()
+            })
+        })
+        .unwrap_or_default()
 }
 
 fn header(alerts: u64, reps: usize, size: usize) -> String {
@@ -1077,8 +1093,8 @@ async fn latency_http(url: &str, rate: u64, secs: u64) -> LatencyRow {
     tokio::time::sleep(Duration::from_millis(1500)).await;
     let (peak, _) = bridge.rss_kib();
     let (lat, missing) = probe.latencies(total);
-    bridge.stop();
     poster.abort();
+    bridge.stop();
     LatencyRow {
         rate,
         what: "bridge, HTTP input (1 connection)",
@@ -1206,15 +1222,25 @@ async fn burst_memory(dir: &Path, burst: u64) -> (u64, u64, u64, u64) {
     tokio::time::sleep(Duration::from_secs(5)).await;
     let (peak, rss) = bridge.rss_kib();
     let read = burst - falco.queued() as u64;
-    // NATS comes up on the address the bridge keeps trying; its monitoring
-    // endpoint counts what the bridge publishes.
+    // NATS comes up on the address the bridge keeps trying; a subscriber
+    // connects at once and counts the alerts. It must be there before the
+    // bridge reconnects, or it misses some: the monitoring endpoint says.
     let monitor = free_port();
     let nats = NatsServer::start_on(port, &["-m", &monitor.to_string()]);
+    let counter = Counter::start(&url, "falco.>").await;
+    let bridge_first = connection_names(monitor)
+        .await
+        .iter()
+        .any(|n| n == "falco-nats");
+    assert!(
+        !bridge_first,
+        "the bridge reconnected before the counting subscriber: run again"
+    );
     let deadline = Instant::now() + Duration::from_secs(300);
     let mut arrived = 0;
     while Instant::now() < deadline {
         tokio::time::sleep(Duration::from_secs(2)).await;
-        let now = in_msgs(monitor).await;
+        let now = counter.count.load(Ordering::Relaxed);
         if now >= burst || (now == arrived && now > 0) {
             arrived = now;
             break;

@@ -37,8 +37,9 @@ pub struct Cli {
         global = true
     )]
     pub log_format: LogFormat,
-    /// Worker threads of the async runtime (1: a single thread; 0: one per core)
-    #[arg(long, env = "FALCO_NATS_THREADS", default_value_t = 2, global = true)]
+    /// Worker threads of the async runtime (1: a single thread, the fastest on
+    /// a node where Falco and NATS need the other cores; 0: one per core)
+    #[arg(long, env = "FALCO_NATS_THREADS", default_value_t = 1, global = true)]
     pub threads: usize,
     #[command(subcommand)]
     pub command: Command,
