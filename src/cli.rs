@@ -111,7 +111,7 @@ pub struct BridgeArgs {
     )]
     pub grpc_method: GrpcMethod,
     /// How often to poll Falco while it is quiet (fast while alerts flow)
-    #[arg(long, env = "FALCO_NATS_GRPC_POLL_INTERVAL", value_parser = parse_duration, default_value = "100ms")]
+    #[arg(long, env = "FALCO_NATS_GRPC_POLL_INTERVAL", value_parser = parse_duration, default_value = "10ms")]
     pub grpc_poll_interval: Duration,
     /// Longest wait between reconnects to Falco
     #[arg(long, env = "FALCO_NATS_RECONNECT_MAX", value_parser = parse_duration, default_value = "10s")]

@@ -2,8 +2,9 @@
 //!
 //! `sub` is polled: Falco sends what is queued after each request it reads,
 //! then waits for the next one. The input sends a request when the stream
-//! opens, after alerts arrive, and on a timer that runs fast while alerts
-//! flow and slows to `poll_interval` when Falco is quiet. When the stream
+//! opens, then on a timer that runs fast while alerts flow (every 250 µs
+//! right after one, on a thread of its own) and slows to `poll_interval` when
+//! Falco is quiet. When the stream
 //! ends (a rules or config reload restarts Falco's gRPC server) or the socket
 //! is missing, it reconnects with capped exponential backoff, forever.
 //!
@@ -35,8 +36,16 @@ use crate::proto::version::service_client::ServiceClient as VersionClient;
 /// Falco's default gRPC socket.
 pub const DEFAULT_SOCKET: &str = "unix:///run/falco/falco.sock";
 
-/// Poll interval while alerts flow.
+/// Poll interval right after an alert (within [`HOT_FOR`] of the last one).
+/// Finer than tokio's 1 ms timer: the poller runs on its own thread.
+const HOT_POLL: Duration = Duration::from_micros(250);
+/// How long after the last alert the input polls at [`HOT_POLL`].
+const HOT_FOR: Duration = Duration::from_millis(20);
+/// Poll interval while alerts flow less often.
 const ACTIVE_POLL: Duration = Duration::from_millis(1);
+/// The poller's shortest and longest sleep (it checks for a stop after each).
+const NAP_MIN: Duration = Duration::from_micros(100);
+const NAP_MAX: Duration = Duration::from_millis(10);
 /// No poll unless the input has waited this long for Falco to send
 /// anything: before that, Falco may still be draining its queue.
 const QUIET: Duration = Duration::from_micros(200);
@@ -97,6 +106,8 @@ enum SessionError {
     Connect(#[from] tonic::transport::Error),
     #[error("Falco's gRPC call failed: {0}")]
     Call(#[from] tonic::Status),
+    #[error("cannot start the poll thread: {0}")]
+    PollThread(std::io::Error),
 }
 
 /// Reads alerts from Falco's gRPC outputs service until shut down.
@@ -193,7 +204,11 @@ impl GrpcInput {
         let poller = Poller::new(self.options.poll_interval);
         // Polling starts before the call is answered: Falco may hold back
         // the response headers until it has an alert to send.
-        tokio::spawn(poller.clone().run(requests));
+        let polling = poller.clone();
+        std::thread::Builder::new()
+            .name("falco-grpc-poll".into())
+            .spawn(move || polling.run(requests))
+            .map_err(SessionError::PollThread)?;
         let _stop_polling = poller.state.stop.clone().drop_guard();
         poller.set_waiting(true);
         tracing::info!("subscribing to Falco's alerts");
@@ -264,9 +279,11 @@ impl GrpcInput {
     }
 }
 
-/// Sends `sub`'s poll requests: one at once, then one every millisecond
-/// while alerts flow (Falco drains its whole queue on each request), and one
-/// every `idle` while Falco is quiet. It sends only once the input has
+/// Sends `sub`'s poll requests: one at once, then one every [`HOT_POLL`] for
+/// [`HOT_FOR`] after an alert, every [`ACTIVE_POLL`] until [`ACTIVE_FOR`],
+/// and every `idle` while Falco is quiet (Falco drains its whole queue on
+/// each request). It runs on a thread of its own because tokio's timer
+/// cannot wait less than a millisecond. It sends only once the input has
 /// waited [`QUIET`] for Falco to send anything. While Falco drains its queue
 /// it reads no request, and requests it does not read pile up in the HTTP/2
 /// stream (a server may close a connection flooded with them); the input's
@@ -329,9 +346,13 @@ impl Poller {
         self.state.stop.cancel();
     }
 
-    fn active(&self) -> bool {
-        self.since_last_alert()
-            .is_some_and(|us| us < ACTIVE_FOR.as_micros() as u64)
+    /// The poll interval for now: fast right after alerts, slow when quiet.
+    fn interval(&self) -> Duration {
+        match self.since_last_alert() {
+            Some(us) if us < HOT_FOR.as_micros() as u64 => HOT_POLL,
+            Some(us) if us < ACTIVE_FOR.as_micros() as u64 => ACTIVE_POLL,
+            _ => self.idle,
+        }
     }
 
     /// Whether Falco may still be sending: the input has not waited
@@ -342,23 +363,25 @@ impl Poller {
         since == 0 || now.saturating_sub(since) < QUIET.as_micros() as u64
     }
 
-    async fn run(self, requests: mpsc::Sender<Request>) {
+    /// Polls until stopped or the call is gone; runs on its own thread.
+    fn run(self, requests: mpsc::Sender<Request>) {
         let _ = requests.try_send(Request {});
+        let mut last_request = Instant::now();
         loop {
-            let wait = if self.active() {
-                ACTIVE_POLL
-            } else {
-                self.idle
-            };
-            tokio::select! {
-                _ = tokio::time::sleep(wait) => {}
-                _ = self.state.stop.cancelled() => return,
+            let interval = self.interval();
+            let nap = interval
+                .saturating_sub(last_request.elapsed())
+                .clamp(NAP_MIN, NAP_MAX);
+            std::thread::sleep(nap);
+            if self.state.stop.is_cancelled() || requests.is_closed() {
+                return;
             }
-            if self.busy() {
+            if last_request.elapsed() < interval || self.busy() {
                 continue;
             }
             // A full request buffer means Falco has requests enough.
             let _ = requests.try_send(Request {});
+            last_request = Instant::now();
         }
     }
 }
