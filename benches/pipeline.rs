@@ -311,9 +311,9 @@ async fn bridge_grpc(url: &str, corpus: &Corpus, jetstream: bool, dir: &Path) ->
     Some(Run { rate: rate?, cpu })
 }
 
-async fn bridge_fifo(url: &str, corpus: &Corpus, jetstream: bool, dir: &Path) -> Option<Run> {
+/// Starts a bridge reading a FIFO it creates in `dir`; returns once the FIFO is there.
+async fn spawn_fifo_bridge(url: &str, jetstream: bool, dir: &Path) -> (Proc, PathBuf) {
     let fifo = dir.join(format!("fifo-{}", free_port()));
-    let counter = Counter::start(url, "falco.>").await;
     let path = fifo.display().to_string();
     let bridge = Proc::spawn(&bridge_args(
         "fifo",
@@ -324,6 +324,12 @@ async fn bridge_fifo(url: &str, corpus: &Corpus, jetstream: bool, dir: &Path) ->
     while !fifo.exists() {
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
+    (bridge, fifo)
+}
+
+async fn bridge_fifo(url: &str, corpus: &Corpus, jetstream: bool, dir: &Path) -> Option<Run> {
+    let counter = Counter::start(url, "falco.>").await;
+    let (bridge, fifo) = spawn_fifo_bridge(url, jetstream, dir).await;
     let lines = corpus.lines.clone();
     let writer = std::thread::spawn(move || {
         let mut f = std::fs::OpenOptions::new().write(true).open(&fifo).unwrap();
@@ -347,8 +353,26 @@ async fn bridge_fifo(url: &str, corpus: &Corpus, jetstream: bool, dir: &Path) ->
     Some(Run { rate: rate?, cpu })
 }
 
+/// Runs `work` on a runtime of its own (as many threads as `BENCH_NULL_THREADS`,
+/// default 2) on a thread of its own.
+fn on_own_runtime<F>(work: F) -> std::thread::JoinHandle<F::Output>
+where
+    F: std::future::Future + Send + 'static,
+    F::Output: Send + 'static,
+{
+    let threads = env_num("BENCH_NULL_THREADS", 2) as usize;
+    std::thread::spawn(move || {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(threads)
+            .enable_all()
+            .build()
+            .unwrap()
+            .block_on(work)
+    })
+}
+
 /// The HTTP transport alone: the same clients posting to an axum server (on
-/// its own two-thread runtime, as the bridge's) that counts each POST and
+/// a runtime of its own) that counts each POST and
 /// answers at once. What receiving one alert per request costs before the
 /// bridge does anything with it.
 async fn null_http(corpus: &Corpus, connections: usize) -> Option<Run> {
@@ -361,46 +385,29 @@ async fn null_http(corpus: &Corpus, connections: usize) -> Option<Run> {
     let (c, s) = (count.clone(), stamps.clone());
     let stop = tokio_util::sync::CancellationToken::new();
     let stopped = stop.clone();
-    let server = std::thread::spawn(move || {
-        let rt = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(2)
-            .enable_all()
-            .build()
-            .unwrap();
-        rt.block_on(async move {
-            let app = axum::Router::new().route(
-                "/",
-                post(move |_body: Bytes| {
-                    let (c, s) = (c.clone(), s.clone());
-                    async move {
-                        let now = Instant::now();
-                        if let Ok(mut s) = s.lock() {
-                            s.0.get_or_insert(now);
-                            s.1 = Some(now);
-                        }
-                        c.fetch_add(1, Ordering::Relaxed);
-                        "queued\n"
+    let server = on_own_runtime(async move {
+        let app = axum::Router::new().route(
+            "/",
+            post(move |_body: Bytes| {
+                let (c, s) = (c.clone(), s.clone());
+                async move {
+                    let now = Instant::now();
+                    if let Ok(mut s) = s.lock() {
+                        s.0.get_or_insert(now);
+                        s.1 = Some(now);
                     }
-                }),
-            );
-            let listener = tokio::net::TcpListener::from_std(listener).unwrap();
-            let _ = axum::serve(listener, app)
-                .with_graceful_shutdown(stopped.cancelled_owned())
-                .await;
-        });
+                    c.fetch_add(1, Ordering::Relaxed);
+                    "queued\n"
+                }
+            }),
+        );
+        let listener = tokio::net::TcpListener::from_std(listener).unwrap();
+        let _ = axum::serve(listener, app)
+            .with_graceful_shutdown(stopped.cancelled_owned())
+            .await;
     });
     let cpu0 = process_cpu();
-    let mut tasks = Vec::new();
-    for c in 0..connections {
-        let share: Vec<Bytes> = corpus
-            .lines
-            .iter()
-            .skip(c)
-            .step_by(connections)
-            .cloned()
-            .collect();
-        tasks.push(tokio::spawn(post_all(addr, share)));
-    }
+    let tasks = post_spread(addr, corpus, connections);
     for t in tasks {
         let _ = t.await;
     }
@@ -416,7 +423,7 @@ async fn null_http(corpus: &Corpus, connections: usize) -> Option<Run> {
 }
 
 /// Falco's gRPC stream alone: the mock Falco's queue drained by one `get`
-/// call on its own two-thread runtime, each alert decoded and dropped.
+/// call on a runtime of its own, each alert decoded and dropped.
 async fn null_grpc(corpus: &Corpus, dir: &Path) -> Option<Run> {
     use falco_nats::proto::outputs::service_client::ServiceClient;
     use falco_nats::proto::outputs::Request;
@@ -428,39 +435,31 @@ async fn null_grpc(corpus: &Corpus, dir: &Path) -> Option<Run> {
     }
     let total = corpus.responses.len() as u64;
     let cpu0 = process_cpu();
-    let client = std::thread::spawn(move || {
-        let rt = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(2)
-            .enable_all()
-            .build()
-            .unwrap();
-        rt.block_on(async move {
-            let channel = tonic::transport::Endpoint::from_static("http://falco.sock")
-                .connect_with_connector(tower::service_fn(move |_: tonic::transport::Uri| {
-                    let path = socket.clone();
-                    async move {
-                        tokio::net::UnixStream::connect(path)
-                            .await
-                            .map(hyper_util::rt::TokioIo::new)
-                    }
-                }))
-                .await
-                .unwrap();
-            let mut client =
-                ServiceClient::new(channel).max_decoding_message_size(64 * 1024 * 1024);
-            let mut stream = client.get(Request {}).await.unwrap().into_inner();
-            let (mut n, mut first, mut last) = (0u64, None, None);
-            while let Ok(Some(_response)) = stream.message().await {
-                let now = Instant::now();
-                first.get_or_insert(now);
-                last = Some(now);
-                n += 1;
-                if n == total {
-                    break;
+    let client = on_own_runtime(async move {
+        let channel = tonic::transport::Endpoint::from_static("http://falco.sock")
+            .connect_with_connector(tower::service_fn(move |_: tonic::transport::Uri| {
+                let path = socket.clone();
+                async move {
+                    tokio::net::UnixStream::connect(path)
+                        .await
+                        .map(hyper_util::rt::TokioIo::new)
                 }
+            }))
+            .await
+            .unwrap();
+        let mut client = ServiceClient::new(channel).max_decoding_message_size(64 * 1024 * 1024);
+        let mut stream = client.get(Request {}).await.unwrap().into_inner();
+        let (mut n, mut first, mut last) = (0u64, None, None);
+        while let Ok(Some(_response)) = stream.message().await {
+            let now = Instant::now();
+            first.get_or_insert(now);
+            last = Some(now);
+            n += 1;
+            if n == total {
+                break;
             }
-            (n, first, last)
-        })
+        }
+        (n, first, last)
     });
     let (n, first, last) = tokio::task::spawn_blocking(move || client.join().unwrap())
         .await
@@ -511,6 +510,26 @@ async fn post_one(stream: &mut tokio::net::TcpStream, line: &[u8], buf: &mut [u8
     }
 }
 
+/// Posts the corpus over `connections` connections, each with its share.
+fn post_spread(
+    addr: std::net::SocketAddr,
+    corpus: &Corpus,
+    connections: usize,
+) -> Vec<tokio::task::JoinHandle<()>> {
+    (0..connections)
+        .map(|c| {
+            let share: Vec<Bytes> = corpus
+                .lines
+                .iter()
+                .skip(c)
+                .step_by(connections)
+                .cloned()
+                .collect();
+            tokio::spawn(post_all(addr, share))
+        })
+        .collect()
+}
+
 /// Posts `lines` on one keep-alive connection, each waiting for its answer.
 async fn post_all(addr: std::net::SocketAddr, lines: Vec<Bytes>) {
     let mut stream = http_connect(addr).await;
@@ -531,17 +550,7 @@ async fn bridge_http(
     let counter = Counter::start(url, "falco.>").await;
     let bridge = Proc::spawn(&bridge_args("http", &["--listen", &listen], url, jetstream));
     let addr: std::net::SocketAddr = listen.parse().unwrap();
-    let mut tasks = Vec::new();
-    for c in 0..connections {
-        let share: Vec<Bytes> = corpus
-            .lines
-            .iter()
-            .skip(c)
-            .step_by(connections)
-            .cloned()
-            .collect();
-        tasks.push(tokio::spawn(post_all(addr, share)));
-    }
+    let tasks = post_spread(addr, corpus, connections);
     let rate = counter
         .rate(corpus.lines.len() as u64, Duration::from_secs(300))
         .await;
@@ -611,9 +620,19 @@ impl LatencyProbe {
         }
     }
 
-    /// Sorted latencies in µs of the alerts 1..=n, and how many never arrived.
-    fn latencies(&self, n: u64) -> (Vec<f64>, u64) {
-        self.latencies_after(n, 0)
+    /// The percentiles of alerts 1..=total emitted at `rate`.
+    fn row(&self, what: &'static str, rate: u64, total: u64, rss_peak: Option<u64>) -> LatencyRow {
+        let (lat, missing) = self.latencies_after(total, 0);
+        LatencyRow {
+            rate,
+            what,
+            p50: percentile(&lat, 50.0),
+            p99: percentile(&lat, 99.0),
+            p999: percentile(&lat, 99.9),
+            p99_steady: percentile(&self.latencies_after(total, rate).0, 99.0),
+            missing,
+            rss_peak,
+        }
     }
 
     /// Like `latencies`, for the alerts after the first `skip`.
@@ -962,17 +981,7 @@ async fn latency_publisher(url: &str, rate: u64, secs: u64) -> LatencyRow {
     }
     client.flush().await.unwrap();
     tokio::time::sleep(Duration::from_millis(500)).await;
-    let (lat, missing) = probe.latencies(total);
-    LatencyRow {
-        rate,
-        what: "plain publisher (baseline)",
-        p50: percentile(&lat, 50.0),
-        p99: percentile(&lat, 99.0),
-        p999: percentile(&lat, 99.9),
-        p99_steady: percentile(&probe.latencies_after(total, rate).0, 99.0),
-        missing,
-        rss_peak: None,
-    }
+    probe.row("plain publisher (baseline)", rate, total, None)
 }
 
 async fn latency_bridge(url: &str, rate: u64, secs: u64, dir: &Path) -> LatencyRow {
@@ -999,37 +1008,17 @@ async fn latency_bridge(url: &str, rate: u64, secs: u64, dir: &Path) -> LatencyR
     .await;
     tokio::time::sleep(Duration::from_millis(1500)).await;
     let (peak, _) = bridge.rss_kib();
-    let (lat, missing) = probe.latencies(total);
     bridge.stop();
     falco.stop().await;
-    LatencyRow {
-        rate,
-        what: "bridge, gRPC input",
-        p50: percentile(&lat, 50.0),
-        p99: percentile(&lat, 99.0),
-        p999: percentile(&lat, 99.9),
-        p99_steady: percentile(&probe.latencies_after(total, rate).0, 99.0),
-        missing,
-        rss_peak: Some(peak),
-    }
+    probe.row("bridge, gRPC input", rate, total, Some(peak))
 }
 
 /// Latency over the FIFO input: Falco's `file_output` writing each alert as
 /// one line into the named pipe.
 async fn latency_fifo(url: &str, rate: u64, secs: u64, dir: &Path) -> LatencyRow {
     let total = rate * secs;
-    let fifo = dir.join(format!("lat-fifo-{}", free_port()));
     let probe = LatencyProbe::start(url, total as usize).await;
-    let path = fifo.display().to_string();
-    let bridge = Proc::spawn(&bridge_args(
-        "fifo",
-        &["-f", &path, "--create-fifo", "--listen", "off"],
-        url,
-        false,
-    ));
-    while !fifo.exists() {
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
+    let (bridge, fifo) = spawn_fifo_bridge(url, false, dir).await;
     let mut pipe = std::fs::OpenOptions::new().write(true).open(&fifo).unwrap();
     tokio::time::sleep(Duration::from_millis(1500)).await;
     let mut factory = AlertFactory::new("bench-node", false);
@@ -1047,18 +1036,8 @@ async fn latency_fifo(url: &str, rate: u64, secs: u64, dir: &Path) -> LatencyRow
     .await;
     tokio::time::sleep(Duration::from_millis(1500)).await;
     let (peak, _) = bridge.rss_kib();
-    let (lat, missing) = probe.latencies(total);
     bridge.stop();
-    LatencyRow {
-        rate,
-        what: "bridge, FIFO input",
-        p50: percentile(&lat, 50.0),
-        p99: percentile(&lat, 99.0),
-        p999: percentile(&lat, 99.9),
-        p99_steady: percentile(&probe.latencies_after(total, rate).0, 99.0),
-        missing,
-        rss_peak: Some(peak),
-    }
+    probe.row("bridge, FIFO input", rate, total, Some(peak))
 }
 
 /// Latency over the HTTP input: one keep-alive connection posting alerts in
@@ -1092,19 +1071,9 @@ async fn latency_http(url: &str, rate: u64, secs: u64) -> LatencyRow {
     drop(tx);
     tokio::time::sleep(Duration::from_millis(1500)).await;
     let (peak, _) = bridge.rss_kib();
-    let (lat, missing) = probe.latencies(total);
     poster.abort();
     bridge.stop();
-    LatencyRow {
-        rate,
-        what: "bridge, HTTP input (1 connection)",
-        p50: percentile(&lat, 50.0),
-        p99: percentile(&lat, 99.0),
-        p999: percentile(&lat, 99.9),
-        p99_steady: percentile(&probe.latencies_after(total, rate).0, 99.0),
-        missing,
-        rss_peak: Some(peak),
-    }
+    probe.row("bridge, HTTP input (1 connection)", rate, total, Some(peak))
 }
 
 async fn response_latency(dir: &Path) -> (f64, f64, usize) {
