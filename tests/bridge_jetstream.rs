@@ -29,18 +29,7 @@ async fn nats_restart_in_jetstream_mode_stores_every_alert_once() {
     let bridge = RunningBridge::start(options).await;
 
     // Falco fires 1000 alerts a second for three seconds.
-    let feeder = {
-        let falco = falco.clone();
-        tokio::spawn(async move {
-            let mut factory = AlertFactory::new("node-j", false);
-            while factory.made() < TOTAL {
-                for _ in 0..10 {
-                    falco.push(factory.next_response());
-                }
-                tokio::time::sleep(Duration::from_millis(10)).await;
-            }
-        })
-    };
+    let feeder = feed(falco.feeder(), "node-j", TOTAL, 10);
     wait_for("some alerts stored", WAIT, || async {
         bridge.metric("falco_nats_alerts_published_total").await >= 300.0
     })
@@ -51,17 +40,7 @@ async fn nats_restart_in_jetstream_mode_stores_every_alert_once() {
     nats.restart();
     feeder.await.unwrap();
 
-    let url = nats.url();
-    wait_for("every alert stored", Duration::from_secs(60), || {
-        let url = url.clone();
-        async move { stream_count(&url, "FALCO").await >= TOTAL }
-    })
-    .await;
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    let nums = stored_nums(&url, "FALCO").await;
-    let unique: BTreeSet<u64> = nums.iter().copied().collect();
-    assert_eq!(nums.len() as u64, TOTAL, "no duplicates in the stream");
-    assert_eq!(unique, (1..=TOTAL).collect(), "no alert lost");
+    assert_stream_holds_each_once(&nats.url(), "FALCO", TOTAL, Duration::from_secs(60)).await;
     assert!(bridge.metric("falco_nats_nats_reconnects_total").await >= 1.0);
     bridge.stop().await.unwrap();
 }

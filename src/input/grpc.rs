@@ -210,7 +210,7 @@ impl GrpcInput {
             .spawn(move || polling.run(requests))
             .map_err(SessionError::PollThread)?;
         let _stop_polling = poller.state.stop.clone().drop_guard();
-        poller.set_waiting(true);
+        poller.waiting();
         tracing::info!("subscribing to Falco's alerts");
         let call = client.sub(ReceiverStream::new(rx));
         let mut stream = tokio::select! {
@@ -221,11 +221,10 @@ impl GrpcInput {
         let mut delivered = 0u64;
         let mut closing = false;
         loop {
-            poller.set_waiting(true);
+            poller.waiting();
             tokio::select! {
                 message = stream.message() => match message {
                     Ok(Some(response)) => {
-                        poller.set_waiting(false);
                         delivered += 1;
                         poller.alert_arrived();
                         if !self.deliver(response).await {
@@ -318,20 +317,21 @@ impl Poller {
         }
     }
 
+    /// An alert arrived: the input is busy with it, no longer waiting.
     fn alert_arrived(&self) {
         let micros = self.state.started.elapsed().as_micros() as u64;
         self.state
             .last_alert
             .store(micros.max(1), Ordering::Relaxed);
+        self.state.waiting_since.store(0, Ordering::Relaxed);
     }
 
-    fn set_waiting(&self, waiting: bool) {
-        let since = if waiting {
-            (self.state.started.elapsed().as_micros() as u64).max(1)
-        } else {
-            0
-        };
-        self.state.waiting_since.store(since, Ordering::Relaxed);
+    /// The input starts waiting for Falco to send.
+    fn waiting(&self) {
+        let micros = self.state.started.elapsed().as_micros() as u64;
+        self.state
+            .waiting_since
+            .store(micros.max(1), Ordering::Relaxed);
     }
 
     /// Microseconds since the last alert, if there was one.

@@ -17,15 +17,12 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_nats::Client;
-use bytes::Bytes;
-use futures_util::StreamExt;
 use prometheus_client::metrics::counter::Counter;
+
+use crate::output::publisher::round_trip;
 
 /// How often the count of published alerts is confirmed by an echo.
 pub const CONFIRM_EVERY: Duration = Duration::from_millis(100);
-
-/// How long an echo may take before the confirmation is given up.
-const ECHO_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Counts of alerts handed to the NATS client and confirmed by the server.
 /// Cheap to clone: clones share the counts.
@@ -85,43 +82,16 @@ impl DeliveryLedger {
         at_risk
     }
 
-    /// Confirms the handed-over count every [`CONFIRM_EVERY`] with a message
-    /// to our own inbox, until the task is dropped.
+    /// Confirms the handed-over count every [`CONFIRM_EVERY`] with a round
+    /// trip through our own inbox, until the task is dropped.
     pub async fn confirm_forever(self, client: Client) {
-        let inbox = client.new_inbox();
-        let mut echo = match client.subscribe(inbox.clone()).await {
-            Ok(sub) => sub,
-            Err(e) => {
-                tracing::warn!(error = %e, "cannot subscribe to our own inbox: alerts lost to a dropped connection are not counted");
-                return;
-            }
-        };
         let mut interval = tokio::time::interval(CONFIRM_EVERY);
         interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        let mut sequence = 0u64;
         loop {
             interval.tick().await;
             let mark = self.mark();
-            if mark <= self.confirmed() {
-                continue;
-            }
-            sequence += 1;
-            let tag = Bytes::from(sequence.to_string());
-            if client.publish(inbox.clone(), tag.clone()).await.is_err() {
-                continue;
-            }
-            let deadline = tokio::time::Instant::now() + ECHO_TIMEOUT;
-            loop {
-                match tokio::time::timeout_at(deadline, echo.next()).await {
-                    // An older echo, late after a reconnect: it confirms less.
-                    Ok(Some(msg)) if msg.payload != tag => continue,
-                    Ok(Some(_)) => {
-                        self.confirm(mark);
-                        break;
-                    }
-                    Ok(None) => return,
-                    Err(_) => break,
-                }
+            if mark > self.confirmed() && round_trip(&client).await.is_ok() {
+                self.confirm(mark);
             }
         }
     }

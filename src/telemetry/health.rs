@@ -119,15 +119,17 @@ pub async fn serve(
     shutdown: CancellationToken,
 ) -> std::io::Result<()> {
     use axum::serve::ListenerExt;
-    // Small answers go out at once (Falco waits for each before its next POST).
-    let listener = listener.tap_io(|tcp| {
-        if let Err(e) = tcp.set_nodelay(true) {
-            tracing::debug!(error = %e, "cannot set TCP_NODELAY");
-        }
-    });
+    let listener = listener.tap_io(|tcp| no_delay(tcp));
     axum::serve(listener, router)
         .with_graceful_shutdown(shutdown.cancelled_owned())
         .await
+}
+
+/// Small answers go out at once: Falco waits for each before its next POST.
+fn no_delay(tcp: &tokio::net::TcpStream) {
+    if let Err(e) = tcp.set_nodelay(true) {
+        tracing::debug!(error = %e, "cannot set TCP_NODELAY");
+    }
 }
 
 /// A TLS set-up that cannot be used.
@@ -191,6 +193,7 @@ pub async fn serve_tls(
             },
             _ = shutdown.cancelled() => break,
         };
+        no_delay(&tcp);
         let acceptor = acceptor.clone();
         let service = TowerToHyperService::new(router.clone());
         let watcher = graceful.watcher();

@@ -374,3 +374,36 @@ pub fn jetstream_options() -> falco_nats::output::JetStreamOptions {
         max_inflight: 64,
     }
 }
+
+/// Feeds `total` alerts from `hostname` into Falco's queue, `per_tick` every
+/// 10 ms, as rules that keep firing whatever the gRPC server does.
+pub fn feed(
+    feeder: falco_nats::simulate::falco_grpc::Feeder,
+    hostname: &'static str,
+    total: u64,
+    per_tick: usize,
+) -> JoinHandle<()> {
+    tokio::spawn(async move {
+        let mut factory = falco_nats::simulate::alerts::AlertFactory::new(hostname, false);
+        while factory.made() < total {
+            for _ in 0..per_tick {
+                feeder.push(factory.next_response());
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+}
+
+/// Waits up to `timeout` for `stream` to hold `total` messages, then asserts
+/// that it holds the alerts 1..=total, each exactly once.
+pub async fn assert_stream_holds_each_once(url: &str, stream: &str, total: u64, timeout: Duration) {
+    wait_for("every alert stored", timeout, || async {
+        stream_count(url, stream).await >= total
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let nums = stored_nums(url, stream).await;
+    let unique: std::collections::BTreeSet<u64> = nums.iter().copied().collect();
+    assert_eq!(nums.len() as u64, total, "no duplicates in the stream");
+    assert_eq!(unique, (1..=total).collect(), "no alert lost");
+}
