@@ -94,10 +94,7 @@ async fn nats_permissions_both_work_and_a_refused_publish_is_reported_not_retrie
     for p in PODS {
         kube.add_pod(p.namespace, p.name, p.uid, Some("ReplicaSet"));
     }
-    let kubeconfig = dir.path().join("kubeconfig");
-    kube.write_kubeconfig(&kubeconfig).unwrap();
-    let mut respond_options =
-        respond_options(&format!("nats://127.0.0.1:{}", nats.port), &kubeconfig);
+    let mut respond_options = respond_options(&nats.url(), &kubeconfig(&kube));
     respond_options.nats.user = Some("responder".into());
     respond_options.nats.password = Some("responderpw".into());
     let stop_responder = tokio_util::sync::CancellationToken::new();
@@ -198,9 +195,7 @@ async fn responder_sigkilled_during_a_storm_acts_on_every_alert_once_after_resta
     kube.add_pods("shop", "web", PODS);
     // Every API call takes 10 ms, so the kill finds work in hand.
     kube.set_latency(Duration::from_millis(10));
-    let dir = tempfile::tempdir().unwrap();
-    let kubeconfig = dir.path().join("kubeconfig");
-    kube.write_kubeconfig(&kubeconfig).unwrap();
+    let kubeconfig = kubeconfig(&kube);
     let client = nats.client().await;
     let js = jetstream::new(client.clone());
     js.create_stream(jetstream::stream::Config {

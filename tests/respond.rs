@@ -21,14 +21,6 @@ fn options(nats: &NatsServer, kube: &FakeKube) -> RespondOptions {
     respond_options(&nats.url(), &kubeconfig(kube))
 }
 
-/// A kubeconfig for the stand-in API, in a directory that lives as long as the test.
-fn kubeconfig(kube: &FakeKube) -> std::path::PathBuf {
-    let dir = tempfile::tempdir().unwrap().keep();
-    let path = dir.join("kubeconfig");
-    kube.write_kubeconfig(&path).unwrap();
-    path
-}
-
 struct Responder {
     shutdown: CancellationToken,
     task: JoinHandle<Result<(), respond::RespondError>>,
