@@ -254,6 +254,19 @@ pub struct RespondArgs {
     /// How long JetStream waits for an acknowledgement before redelivering
     #[arg(long, env = "FALCO_NATS_ACK_WAIT", value_parser = parse_duration, default_value = "60s")]
     pub ack_wait: Duration,
+    /// Deliveries of one alert at most: after a transient failure (the API's
+    /// 5xx, a time-out) JetStream delivers it again, until this many
+    #[arg(long, env = "FALCO_NATS_MAX_DELIVER", default_value_t = 5)]
+    pub max_deliver: u32,
+    /// Alerts handled at once, at most (and pulled from JetStream at once)
+    #[arg(long, env = "FALCO_NATS_CONCURRENCY", default_value_t = 8)]
+    pub concurrency: usize,
+    /// Longest wait for one Kubernetes API call
+    #[arg(long, env = "FALCO_NATS_KUBE_TIMEOUT", value_parser = parse_duration, default_value = "10s")]
+    pub kube_timeout: Duration,
+    /// On SIGTERM, longest time to finish the alerts in hand and publish their results
+    #[arg(long, env = "FALCO_NATS_DRAIN_TIMEOUT", value_parser = parse_duration, default_value = "10s")]
+    pub drain_timeout: Duration,
 
     /// Policy file (YAML); without one: delete the pod on priority >= Critical
     #[arg(long, env = "FALCO_NATS_POLICY")]
@@ -340,6 +353,7 @@ impl RespondArgs {
                     durable: self.durable,
                     subject: self.subject,
                     ack_wait: self.ack_wait,
+                    max_deliver: self.max_deliver,
                 }
             } else {
                 Subscription::Core {
@@ -359,6 +373,9 @@ impl RespondArgs {
             dry_run: self.dry_run,
             result_prefix: self.result_subject,
             kubeconfig: self.kubeconfig,
+            kube_timeout: self.kube_timeout,
+            concurrency: self.concurrency,
+            drain_timeout: self.drain_timeout,
         })
     }
 }

@@ -424,6 +424,7 @@ async fn jetstream_durable_consumer_survives_a_crash() {
         durable: "responders".into(),
         subject: "falco.>".into(),
         ack_wait: Duration::from_secs(1),
+        max_deliver: 5,
     };
     // Each API call takes 10 ms, so the crash finds alerts still to do.
     kube.set_latency(Duration::from_millis(10));
@@ -452,6 +453,7 @@ async fn jetstream_durable_consumer_survives_a_crash() {
         durable: "responders".into(),
         subject: "falco.>".into(),
         ack_wait: Duration::from_secs(1),
+        max_deliver: 5,
     };
     let second = Responder::start(opts).await;
     wait_for("every pod deleted", Duration::from_secs(30), || async {
@@ -525,5 +527,79 @@ async fn end_to_end_from_falco_through_the_bridge_to_a_deleted_pod() {
     assert_eq!(deletes[0].uid_precondition.as_deref(), Some(PODS[0].uid));
     assert!(!kube.has_pod(PODS[0].namespace, PODS[0].name));
     bridge.stop().await.unwrap();
+    responder.stop().await;
+}
+
+/// Names in an alert are written by whoever controls the watched container:
+/// any that is not a valid Kubernetes name is refused before any rail,
+/// policy or API call (kube joins path segments without encoding them).
+#[tokio::test]
+async fn crafted_names_never_reach_the_api() {
+    let nats = NatsServer::start();
+    let kube = FakeKube::start().await.unwrap();
+    kube.add_pod("kube-system", "coredns-abc", "u-dns", Some("ReplicaSet"));
+    kube.add_pod("shop", "web", "u-web", Some("ReplicaSet"));
+    let client = nats.client().await;
+    let mut out = client.subscribe("falco.response.>").await.unwrap();
+    let responder = Responder::start(options(&nats, &kube)).await;
+
+    let long_label = "a".repeat(64);
+    let long_name = format!("{}.{}", "b".repeat(63), "c".repeat(190));
+    let cases: Vec<(String, String)> = vec![
+        ("kube-system/pods/coredns-abc#".into(), "x".into()),
+        ("shop".into(), "web#".into()),
+        ("shop?dryRun=All".into(), "web".into()),
+        ("shop".into(), "web?propagationPolicy=Orphan".into()),
+        ("shop/../kube-system".into(), "coredns-abc".into()),
+        ("..".into(), "web".into()),
+        ("shop".into(), "..".into()),
+        ("shop".into(), "web/status".into()),
+        ("Shop".into(), "web".into()),
+        ("shop".into(), "Web".into()),
+        ("kube-system%2Fpods%2Fcoredns-abc".into(), "x".into()),
+        ("shop".into(), "web%2Fstatus".into()),
+        ("\u{0455}hop".into(), "web".into()), // Cyrillic dze, looks like 's'
+        ("shop".into(), "w\u{0435}b".into()), // Cyrillic ie, looks like 'e'
+        ("shop".into(), "web\n".into()),
+        ("-shop".into(), "web".into()),
+        ("shop".into(), "web-".into()),
+        (long_label, "web".into()),
+        ("shop".into(), long_name),
+    ];
+    for (ns, pod) in &cases {
+        publish(
+            &client,
+            alert(
+                "Critical",
+                "Drop and execute new binary in container",
+                json!({"k8s.ns.name": ns, "k8s.pod.name": pod}),
+            ),
+        )
+        .await;
+    }
+    let got = results(&mut out, cases.len()).await;
+    for ((ns, pod), r) in cases.iter().zip(&got) {
+        assert_eq!(r["outcome"], "skipped", "{ns:?}/{pod:?}: {r}");
+        assert!(
+            r["reason"].as_str().unwrap().starts_with("invalid_name"),
+            "{ns:?}/{pod:?}: {r}"
+        );
+        assert!(
+            r.get("namespace").is_none() && r.get("pod").is_none(),
+            "{r}"
+        );
+    }
+    assert_eq!(kube.requests(), vec![], "no request reached the API");
+    assert!(kube.has_pod("kube-system", "coredns-abc"));
+
+    // A valid alert is still acted on, and the result names what the API answered for.
+    publish(&client, pod_alert("Critical", "shop", "web", None)).await;
+    let r = results(&mut out, 1).await;
+    assert_eq!(r[0]["outcome"], "done", "{}", r[0]);
+    assert_eq!(
+        (&r[0]["namespace"], &r[0]["pod"]),
+        (&json!("shop"), &json!("web"))
+    );
+    assert_eq!(r[0]["pod_uid"], "u-web");
     responder.stop().await;
 }

@@ -68,16 +68,85 @@ impl Alert {
         }
     }
 
-    /// The pod the alert is about: namespace, name and, when present, UID.
-    pub fn pod(&self) -> Option<PodRef> {
-        let namespace = self.field("k8s.ns.name").filter(|s| !s.is_empty())?;
-        let name = self.field("k8s.pod.name").filter(|s| !s.is_empty())?;
-        Some(PodRef {
+    /// The pod the alert is about: namespace, name and, when present, UID;
+    /// `Ok(None)` when the alert names none. Every part is written by
+    /// whoever controls the watched container, and `kube` joins them into
+    /// request paths without encoding: a part that is not a valid Kubernetes
+    /// name (a DNS-1123 label for the namespace, a DNS-1123 subdomain for
+    /// the pod, UUID characters for the UID) is an error, never a request.
+    pub fn pod(&self) -> Result<Option<PodRef>, InvalidName> {
+        let (Some(namespace), Some(name)) = (
+            self.field("k8s.ns.name").filter(|s| !s.is_empty()),
+            self.field("k8s.pod.name").filter(|s| !s.is_empty()),
+        ) else {
+            return Ok(None);
+        };
+        if !is_dns1123_label(&namespace) {
+            return Err(InvalidName::new("namespace", &namespace));
+        }
+        if !is_dns1123_subdomain(&name) {
+            return Err(InvalidName::new("pod name", &name));
+        }
+        let uid = self.field("k8s.pod.uid").filter(|s| !s.is_empty());
+        if let Some(uid) = &uid {
+            if !is_uid(uid) {
+                return Err(InvalidName::new("pod UID", uid));
+            }
+        }
+        Ok(Some(PodRef {
             namespace,
             name,
-            uid: self.field("k8s.pod.uid").filter(|s| !s.is_empty()),
-        })
+            uid,
+        }))
     }
+}
+
+/// A name in an alert that cannot address a Kubernetes object. Its text is
+/// quoted, escaped and cut short: it comes from the watched container.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{what} {shown} is not a valid Kubernetes name")]
+pub struct InvalidName {
+    what: &'static str,
+    shown: String,
+}
+
+impl InvalidName {
+    fn new(what: &'static str, value: &str) -> Self {
+        const SHOWN: usize = 80;
+        let cut: String = value.chars().take(SHOWN).collect();
+        let more = if value.chars().nth(SHOWN).is_some() {
+            "..."
+        } else {
+            ""
+        };
+        InvalidName {
+            what,
+            shown: format!("{cut:?}{more}"),
+        }
+    }
+}
+
+/// A DNS-1123 label: at most 63 of `[a-z0-9-]`, starting and ending with
+/// `[a-z0-9]` (namespaces).
+pub fn is_dns1123_label(s: &str) -> bool {
+    let b = s.as_bytes();
+    let alnum = |c: &u8| c.is_ascii_lowercase() || c.is_ascii_digit();
+    !b.is_empty()
+        && b.len() <= 63
+        && b.iter().all(|c| alnum(c) || *c == b'-')
+        && b.first().is_some_and(alnum)
+        && b.last().is_some_and(alnum)
+}
+
+/// A DNS-1123 subdomain: at most 253 characters of dot-separated labels
+/// (pod names).
+pub fn is_dns1123_subdomain(s: &str) -> bool {
+    s.len() <= 253 && s.split('.').all(is_dns1123_label)
+}
+
+/// A Kubernetes UID: a UUID, or at least nothing but its characters.
+fn is_uid(s: &str) -> bool {
+    s.len() <= 64 && s.bytes().all(|c| c.is_ascii_alphanumeric() || c == b'-')
 }
 
 /// A pod named by an alert.
@@ -99,7 +168,7 @@ mod tests {
         )
         .unwrap();
         assert_eq!(
-            a.pod(),
+            a.pod().unwrap(),
             Some(PodRef {
                 namespace: "shop".into(),
                 name: "web".into(),
@@ -117,6 +186,40 @@ mod tests {
         assert!(Alert::from_json(br#"{"rule":"r"}"#).is_err());
         assert!(Alert::from_json(br#"{"rule":"r","priority":"Severe"}"#).is_err());
         let no_pod = Alert::from_json(br#"{"rule":"r","priority":"Debug"}"#).unwrap();
-        assert_eq!(no_pod.pod(), None);
+        assert_eq!(no_pod.pod(), Ok(None));
+    }
+
+    #[test]
+    fn names_must_be_kubernetes_names() {
+        for good in ["a", "shop", "a-1", "0abc", &"x".repeat(63)] {
+            assert!(is_dns1123_label(good), "{good}");
+        }
+        for bad in [
+            "",
+            "-a",
+            "a-",
+            "A",
+            "a_b",
+            "a.b",
+            "a/b",
+            "..",
+            &"x".repeat(64),
+        ] {
+            assert!(!is_dns1123_label(bad), "{bad}");
+        }
+        assert!(is_dns1123_subdomain("web-7d9c.v2"));
+        for bad in ["web.", ".web", "a..b", "web#", "web?x", &"a.".repeat(127)] {
+            assert!(!is_dns1123_subdomain(bad), "{bad}");
+        }
+        let a = Alert::from_json(
+            format!(
+                r#"{{"rule":"r","priority":"Critical","output_fields":{{"k8s.ns.name":"shop","k8s.pod.name":"{}"}}}}"#,
+                "w".repeat(500)
+            )
+            .as_bytes(),
+        )
+        .unwrap();
+        let err = a.pod().unwrap_err().to_string();
+        assert!(err.len() < 120 && err.contains("..."), "{err}");
     }
 }

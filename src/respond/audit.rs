@@ -82,6 +82,7 @@ pub struct RespondMetrics {
     pub decisions: Family<[(&'static str, &'static str); 2], Counter>,
     pub latency: Histogram,
     pub event_failures: Counter,
+    pub retries: Counter,
 }
 
 impl RespondMetrics {
@@ -91,6 +92,7 @@ impl RespondMetrics {
             decisions: Family::default(),
             latency: Histogram::new(exponential_buckets(0.0005, 2.0, 16)),
             event_failures: Counter::default(),
+            retries: Counter::default(),
         };
         let r = registry.sub_registry_with_prefix("falco_nats_respond");
         r.register(
@@ -113,6 +115,11 @@ impl RespondMetrics {
             "Kubernetes Events that could not be recorded",
             m.event_failures.clone(),
         );
+        r.register(
+            "retries",
+            "Alerts handed back to JetStream for another delivery after a transient failure",
+            m.retries.clone(),
+        );
         m
     }
 }
@@ -126,10 +133,30 @@ pub struct Audit {
     pub cluster: Arc<Cluster>,
 }
 
+/// Which Kubernetes Event a decision gets, if any.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EventKind {
+    /// The action was carried out.
+    Acted,
+    /// The API refused or failed.
+    Failed,
+}
+
+impl EventKind {
+    pub fn reason(self) -> &'static str {
+        match self {
+            EventKind::Acted => "FalcoNatsActed",
+            EventKind::Failed => "FalcoNatsFailed",
+        }
+    }
+}
+
 impl Audit {
-    /// Makes one decision visible. `event` says whether a Kubernetes Event
-    /// may be written for it (never in a dry run or a protected namespace).
-    pub async fn record(&self, decision: &Decision, pod: Option<&PodRef>, event: bool) {
+    /// Makes one decision visible: counted, logged, published on NATS, and
+    /// with `event`, a Kubernetes Event on the pod. Strings that came from
+    /// the alert are logged quoted and escaped, so a rule with a newline
+    /// cannot forge a log line.
+    pub async fn record(&self, decision: &Decision, event: Option<(&PodRef, EventKind)>) {
         self.metrics
             .decisions
             .get_or_create(&[
@@ -141,16 +168,23 @@ impl Audit {
         let ns = decision.namespace.as_deref().unwrap_or("-");
         let pod_name = decision.pod.as_deref().unwrap_or("-");
         let rule = decision.rule.as_deref().unwrap_or("-");
+        macro_rules! log {
+            ($level:ident) => {
+                tracing::$level!(
+                    action = decision.action,
+                    outcome = decision.outcome.as_str(),
+                    namespace = ns,
+                    pod = pod_name,
+                    rule = ?rule,
+                    reason = ?decision.reason,
+                    "response"
+                )
+            };
+        }
         match decision.outcome {
-            Outcome::Failed => {
-                tracing::error!(action = decision.action, outcome = decision.outcome.as_str(), namespace = ns, pod = pod_name, rule, reason = %decision.reason, "response")
-            }
-            Outcome::Done | Outcome::DryRun => {
-                tracing::info!(action = decision.action, outcome = decision.outcome.as_str(), namespace = ns, pod = pod_name, rule, reason = %decision.reason, "response")
-            }
-            _ => {
-                tracing::debug!(action = decision.action, outcome = decision.outcome.as_str(), namespace = ns, pod = pod_name, rule, reason = %decision.reason, "response")
-            }
+            Outcome::Failed => log!(error),
+            Outcome::Done | Outcome::DryRun => log!(info),
+            _ => log!(debug),
         }
         let subject = format!("{}.{}", self.prefix, slug(decision.action));
         match serde_json::to_vec(decision) {
@@ -161,13 +195,7 @@ impl Audit {
             }
             Err(e) => tracing::warn!(error = %e, "cannot encode the response result"),
         }
-        if let (true, Some(pod)) = (event, pod) {
-            let warning = decision.outcome == Outcome::Failed;
-            let reason = match decision.outcome {
-                Outcome::Done => "FalcoNatsActed",
-                Outcome::Failed => "FalcoNatsFailed",
-                _ => "FalcoNatsSkipped",
-            };
+        if let Some((pod, kind)) = event {
             let message = format!(
                 "falco-nats {} {}: {} (Falco rule {:?}, {}, policy rule {:?})",
                 decision.action,
@@ -179,7 +207,13 @@ impl Audit {
             );
             if let Err(e) = self
                 .cluster
-                .record_event(pod, warning, reason, decision.action, &message)
+                .record_event(
+                    pod,
+                    kind == EventKind::Failed,
+                    kind.reason(),
+                    decision.action,
+                    &message,
+                )
                 .await
             {
                 self.metrics.event_failures.inc();

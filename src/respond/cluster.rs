@@ -1,11 +1,14 @@
 //! [`Cluster`]: the Kubernetes calls the responder makes, through `kube`.
 //!
 //! Least privilege: pods get/delete/patch, events create, networkpolicies
-//! create (and get), in the namespaces it acts in.
+//! create (and get), in the namespaces it acts in. Every call has a time
+//! limit; while calls time out or the API server fails, the `kubernetes`
+//! readiness check is down.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::BTreeMap;
+use std::future::Future;
 use std::path::Path;
-use std::sync::Mutex;
+use std::time::Duration;
 
 use k8s_openapi::api::core::v1::{Event, EventSource, ObjectReference, Pod};
 use k8s_openapi::api::networking::v1::{NetworkPolicy, NetworkPolicySpec};
@@ -16,6 +19,7 @@ use kube::{Client, Config};
 use serde_json::json;
 
 use super::alert::PodRef;
+use crate::telemetry::health::ReadyFlag;
 
 /// What happened to a pod action.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -26,6 +30,28 @@ pub enum Applied {
     Gone,
     /// The pod's UID differs (409): it was replaced and is not touched.
     Replaced,
+}
+
+/// Why a Kubernetes call failed.
+#[derive(Debug, thiserror::Error)]
+pub enum CallError {
+    #[error("the Kubernetes API did not answer within {0:?}")]
+    TimedOut(Duration),
+    #[error(transparent)]
+    Kube(#[from] kube::Error),
+}
+
+impl CallError {
+    /// Whether trying again later may succeed: a time-out, a failed
+    /// connection, or the API server's 429 and 5xx answers.
+    pub fn is_transient(&self) -> bool {
+        match self {
+            CallError::TimedOut(_) => true,
+            CallError::Kube(kube::Error::Api(status)) => status.code == 429 || status.code >= 500,
+            CallError::Kube(kube::Error::HyperError(_) | kube::Error::Service(_)) => true,
+            CallError::Kube(_) => false,
+        }
+    }
 }
 
 /// Why the Kubernetes client could not be set up.
@@ -45,9 +71,10 @@ pub enum ClusterError {
 /// The responder's view of the cluster.
 pub struct Cluster {
     client: Client,
-    /// Namespaces where the isolation NetworkPolicy is known to exist.
-    isolated: Mutex<HashSet<(String, String)>>,
     instance: String,
+    timeout: Duration,
+    /// Down while calls time out or the API server fails.
+    ready: ReadyFlag,
 }
 
 /// Name of the deny-all NetworkPolicy `isolate-pod` creates per namespace.
@@ -56,30 +83,63 @@ pub const ISOLATION_POLICY: &str = "falco-nats-isolate";
 impl Cluster {
     /// A client from `kubeconfig`, or else the usual discovery (the
     /// `KUBECONFIG` variable, `~/.kube/config`, then in-cluster).
-    pub async fn connect(kubeconfig: Option<&Path>) -> Result<Self, ClusterError> {
-        let client = match kubeconfig {
+    /// Every call is limited to `timeout`; `ready` follows the API's health.
+    pub async fn connect(
+        kubeconfig: Option<&Path>,
+        timeout: Duration,
+        ready: ReadyFlag,
+    ) -> Result<Self, ClusterError> {
+        let mut config = match kubeconfig {
             Some(path) => {
                 let kc =
                     Kubeconfig::read_from(path).map_err(|source| ClusterError::Kubeconfig {
                         path: path.display().to_string(),
                         source,
                     })?;
-                let config = Config::from_custom_kubeconfig(kc, &KubeConfigOptions::default())
+                Config::from_custom_kubeconfig(kc, &KubeConfigOptions::default())
                     .await
-                    .map_err(|e| ClusterError::Config(e.to_string()))?;
-                Client::try_from(config)?
+                    .map_err(|e| ClusterError::Config(e.to_string()))?
             }
-            None => Client::try_default().await?,
+            None => Config::infer()
+                .await
+                .map_err(|e| ClusterError::Config(e.to_string()))?,
         };
-        Ok(Self::new(client))
+        config.connect_timeout = Some(timeout);
+        config.read_timeout = Some(timeout);
+        config.write_timeout = Some(timeout);
+        let client = Client::try_from(config)?;
+        ready.set(true);
+        Ok(Cluster {
+            client,
+            instance: std::env::var("HOSTNAME").unwrap_or_else(|_| "falco-nats".into()),
+            timeout,
+            ready,
+        })
     }
 
-    pub fn new(client: Client) -> Self {
-        Cluster {
-            client,
-            isolated: Mutex::default(),
-            instance: std::env::var("HOSTNAME").unwrap_or_else(|_| "falco-nats".into()),
+    /// Runs one call within the time limit, and updates readiness from
+    /// how it ended.
+    async fn call<T>(
+        &self,
+        call: impl Future<Output = Result<T, kube::Error>>,
+    ) -> Result<T, CallError> {
+        let result = match tokio::time::timeout(self.timeout, call).await {
+            Ok(result) => result.map_err(CallError::from),
+            Err(_) => Err(CallError::TimedOut(self.timeout)),
+        };
+        let healthy = match &result {
+            Ok(_) => true,
+            Err(e) => !e.is_transient(),
+        };
+        if self.ready.get() != healthy {
+            if healthy {
+                tracing::info!("the Kubernetes API answers again");
+            } else if let Err(e) = &result {
+                tracing::warn!(error = %e, "the Kubernetes API fails; not ready");
+            }
+            self.ready.set(healthy);
         }
+        result
     }
 
     fn pods(&self, namespace: &str) -> Api<Pod> {
@@ -87,8 +147,9 @@ impl Cluster {
     }
 
     /// The pod, or `None` when it does not exist.
-    pub async fn get_pod(&self, pod: &PodRef) -> Result<Option<Pod>, kube::Error> {
-        self.pods(&pod.namespace).get_opt(&pod.name).await
+    pub async fn get_pod(&self, pod: &PodRef) -> Result<Option<Pod>, CallError> {
+        self.call(self.pods(&pod.namespace).get_opt(&pod.name))
+            .await
     }
 
     /// Deletes the pod, with its UID as a precondition when known.
@@ -96,7 +157,7 @@ impl Cluster {
         &self,
         pod: &PodRef,
         grace_period_seconds: u32,
-    ) -> Result<Applied, kube::Error> {
+    ) -> Result<Applied, CallError> {
         let params = DeleteParams {
             grace_period_seconds: Some(grace_period_seconds),
             preconditions: pod.uid.as_ref().map(|uid| Preconditions {
@@ -105,7 +166,10 @@ impl Cluster {
             }),
             ..DeleteParams::default()
         };
-        applied(self.pods(&pod.namespace).delete(&pod.name, &params).await)
+        applied(
+            self.call(self.pods(&pod.namespace).delete(&pod.name, &params))
+                .await,
+        )
     }
 
     /// Adds labels with a merge patch; the UID in the patch makes the API
@@ -114,26 +178,27 @@ impl Cluster {
         &self,
         pod: &PodRef,
         labels: &BTreeMap<String, String>,
-    ) -> Result<Applied, kube::Error> {
+    ) -> Result<Applied, CallError> {
         let mut metadata = json!({ "labels": labels });
         if let Some(uid) = &pod.uid {
             metadata["uid"] = json!(uid);
         }
         let patch = json!({ "metadata": metadata });
+        let pods = self.pods(&pod.namespace);
         applied(
-            self.pods(&pod.namespace)
-                .patch(&pod.name, &PatchParams::default(), &Patch::Merge(&patch))
+            self.call(pods.patch(&pod.name, &PatchParams::default(), &Patch::Merge(&patch)))
                 .await,
         )
     }
 
     /// Makes sure the namespace has a deny-all NetworkPolicy selecting
-    /// `labels`, then labels the pod.
+    /// `labels`, then labels the pod. The policy is created every time
+    /// (an existing one answers 409), so one deleted since is recreated.
     pub async fn isolate_pod(
         &self,
         pod: &PodRef,
         labels: &BTreeMap<String, String>,
-    ) -> Result<Applied, kube::Error> {
+    ) -> Result<Applied, CallError> {
         self.ensure_isolation_policy(&pod.namespace, labels).await?;
         self.label_pod(pod, labels).await
     }
@@ -142,17 +207,8 @@ impl Cluster {
         &self,
         namespace: &str,
         labels: &BTreeMap<String, String>,
-    ) -> Result<(), kube::Error> {
+    ) -> Result<(), CallError> {
         let name = isolation_policy_name(labels);
-        let key = (namespace.to_owned(), name.clone());
-        if self
-            .isolated
-            .lock()
-            .map(|s| s.contains(&key))
-            .unwrap_or(false)
-        {
-            return Ok(());
-        }
         let policy = NetworkPolicy {
             metadata: ObjectMeta {
                 name: Some(name),
@@ -174,13 +230,10 @@ impl Cluster {
             }),
         };
         let api: Api<NetworkPolicy> = Api::namespaced(self.client.clone(), namespace);
-        match api.create(&PostParams::default(), &policy).await {
+        match self.call(api.create(&PostParams::default(), &policy)).await {
             Ok(_) => tracing::info!(namespace, "created the deny-all isolation NetworkPolicy"),
-            Err(kube::Error::Api(status)) if status.is_already_exists() => {}
+            Err(CallError::Kube(kube::Error::Api(status))) if status.is_already_exists() => {}
             Err(e) => return Err(e),
-        }
-        if let Ok(mut set) = self.isolated.lock() {
-            set.insert(key);
         }
         Ok(())
     }
@@ -193,7 +246,7 @@ impl Cluster {
         reason: &str,
         action: &str,
         message: &str,
-    ) -> Result<(), kube::Error> {
+    ) -> Result<(), CallError> {
         let now = Time(k8s_openapi::jiff::Timestamp::now());
         let event = Event {
             metadata: ObjectMeta {
@@ -225,7 +278,9 @@ impl Cluster {
             ..Event::default()
         };
         let api: Api<Event> = Api::namespaced(self.client.clone(), &pod.namespace);
-        api.create(&PostParams::default(), &event).await.map(|_| ())
+        self.call(api.create(&PostParams::default(), &event))
+            .await
+            .map(|_| ())
     }
 }
 
@@ -240,11 +295,15 @@ pub fn isolation_policy_name(labels: &BTreeMap<String, String>) -> String {
     format!("{ISOLATION_POLICY}-{:08x}", digest as u32)
 }
 
-fn applied<T>(result: Result<T, kube::Error>) -> Result<Applied, kube::Error> {
+fn applied<T>(result: Result<T, CallError>) -> Result<Applied, CallError> {
     match result {
         Ok(_) => Ok(Applied::Done),
-        Err(kube::Error::Api(status)) if status.is_not_found() => Ok(Applied::Gone),
-        Err(kube::Error::Api(status)) if status.is_conflict() => Ok(Applied::Replaced),
+        Err(CallError::Kube(kube::Error::Api(status))) if status.is_not_found() => {
+            Ok(Applied::Gone)
+        }
+        Err(CallError::Kube(kube::Error::Api(status))) if status.is_conflict() => {
+            Ok(Applied::Replaced)
+        }
         Err(e) => Err(e),
     }
 }

@@ -4,7 +4,10 @@
 //!
 //! Core NATS: a queue group shares the alerts among replicas. JetStream: a
 //! durable pull consumer, acknowledged only once an alert's actions are done
-//! (or decided against), so a crash loses nothing.
+//! (or decided against), so a crash loses nothing; a transient failure (the
+//! API server's 5xx, a time-out) hands the alert back for another try, up to
+//! a delivery limit. Alerts are handled a bounded number at a time, and no
+//! more are pulled than that, so none waits past the ack wait in a buffer.
 
 pub mod alert;
 pub mod audit;
@@ -16,8 +19,8 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use async_nats::jetstream::{self, consumer};
-use futures_util::StreamExt;
+use async_nats::jetstream::{self, consumer, AckKind};
+use futures_util::stream::{FuturesUnordered, StreamExt};
 use prometheus_client::registry::Registry;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
@@ -26,10 +29,10 @@ use crate::backoff::Backoff;
 use crate::output::{connect, ConnectionWatch, NatsError, NatsOptions};
 use crate::telemetry::health::{self, Readiness, ReadyFlag};
 use alert::{Alert, PodRef};
-use audit::{Audit, Decision, Outcome, RespondMetrics};
-use cluster::{Applied, Cluster, ClusterError};
+use audit::{Audit, Decision, EventKind, Outcome, RespondMetrics};
+use cluster::{Applied, CallError, Cluster, ClusterError};
 use policy::{ActionSpec, Policy, PolicyRule};
-use rails::{Rails, RailsConfig, SkipReason};
+use rails::{DedupKey, Rails, RailsConfig, SkipReason};
 
 /// Where alerts come from.
 #[derive(Debug, Clone)]
@@ -42,6 +45,8 @@ pub enum Subscription {
         durable: String,
         subject: String,
         ack_wait: Duration,
+        /// Deliveries of one alert at most; the last failure is final.
+        max_deliver: u32,
     },
 }
 
@@ -57,6 +62,12 @@ pub struct RespondOptions {
     pub result_prefix: String,
     /// A kubeconfig to use instead of the usual discovery.
     pub kubeconfig: Option<PathBuf>,
+    /// Longest wait for one Kubernetes API call.
+    pub kube_timeout: Duration,
+    /// Alerts handled at once, at most.
+    pub concurrency: usize,
+    /// On shutdown, longest time to finish the alerts in hand and publish results.
+    pub drain_timeout: Duration,
 }
 
 /// Why the responder stopped with an error.
@@ -68,6 +79,42 @@ pub enum RespondError {
     Cluster(#[from] ClusterError),
     #[error("cannot subscribe: {0}")]
     Subscribe(String),
+}
+
+/// Which delivery of an alert this is. Core NATS delivers once; JetStream
+/// again after a transient failure, up to its limit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Delivery {
+    pub attempt: u32,
+    /// No other delivery follows: a failure now is final.
+    pub last: bool,
+}
+
+impl Delivery {
+    /// The one and only delivery (core NATS).
+    pub const ONLY: Delivery = Delivery {
+        attempt: 1,
+        last: true,
+    };
+}
+
+/// What to tell JetStream about a handled alert.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Settle {
+    /// Done with (acted on, or decided against).
+    Ack,
+    /// A transient failure: deliver it again later.
+    Retry,
+    /// Failed on its last delivery: never deliver it again.
+    Term,
+}
+
+/// The decisions made about one alert, and how to settle it.
+#[derive(Debug)]
+pub struct Handled {
+    /// The decisions published (not those held back for a retry).
+    pub decisions: Vec<Decision>,
+    pub settle: Settle,
 }
 
 /// Decides and acts on alerts.
@@ -98,54 +145,128 @@ fn base_decision(subject: &str, received: Instant) -> Decision {
     }
 }
 
+/// One action's decision, with what it leads to.
+struct ActionResult {
+    decision: Decision,
+    /// The pod as the API named it, and the Event to record on it.
+    event: Option<(PodRef, EventKind)>,
+    /// A transient failure that another delivery may fix.
+    transient: bool,
+}
+
+impl ActionResult {
+    fn quiet(decision: Decision) -> Self {
+        ActionResult {
+            decision,
+            event: None,
+            transient: false,
+        }
+    }
+}
+
+/// How carrying an action out ended, once the rails let it through.
+enum Verdict {
+    Done,
+    DryRun,
+    Gone,
+    Replaced,
+    Failed { reason: String, transient: bool },
+}
+
+impl Verdict {
+    fn failed(context: &str, e: &CallError) -> Self {
+        Verdict::Failed {
+            reason: format!("{context}{e}"),
+            transient: e.is_transient(),
+        }
+    }
+}
+
 impl Responder {
-    /// Handles one alert; returns its decisions (after publishing them).
-    pub async fn handle(&self, subject: &str, payload: &[u8]) -> Vec<Decision> {
+    /// Handles one alert: decides, acts, and publishes the decisions.
+    pub async fn handle(&self, subject: &str, payload: &[u8], delivery: Delivery) -> Handled {
         let received = Instant::now();
-        self.audit.metrics.alerts.inc();
+        if delivery.attempt <= 1 {
+            self.audit.metrics.alerts.inc();
+        }
         let alert = match Alert::from_json(payload) {
             Ok(alert) => alert,
             Err(e) => {
                 let mut d = base_decision(subject, received);
                 d.reason = format!("{}: {e}", SkipReason::Malformed.as_str());
-                self.audit.record(&d, None, false).await;
-                return vec![d];
+                return self.only(d).await;
+            }
+        };
+        // Names are checked before any rail, policy or API call.
+        let pod = match alert.pod() {
+            Ok(pod) => pod,
+            Err(e) => {
+                let mut d = self.decision_for(&alert, None, None, subject, received);
+                d.reason = format!("{}: {e}", SkipReason::InvalidName.as_str());
+                return self.only(d).await;
             }
         };
         let rules = self.policy.evaluate(&alert);
         if rules.is_empty() {
-            let mut d = self.decision_for(&alert, None, subject, received);
+            let mut d = self.decision_for(&alert, pod.as_ref(), None, subject, received);
             d.reason = SkipReason::NoPolicyMatch.as_str().to_owned();
-            self.audit.record(&d, None, false).await;
-            return vec![d];
+            return self.only(d).await;
         }
-        let mut decisions = Vec::new();
+        let mut handled = Handled {
+            decisions: Vec::new(),
+            settle: Settle::Ack,
+        };
         for rule in rules {
             for action in &rule.actions {
-                let (mut d, pod, event) = self.apply(&alert, rule, action, subject, received).await;
-                d.latency_ms = received.elapsed().as_secs_f64() * 1000.0;
-                self.audit.record(&d, pod.as_ref(), event).await;
-                decisions.push(d);
+                let base = self.decision_for(&alert, pod.as_ref(), Some(rule), subject, received);
+                let mut r = self.apply(&alert, pod.as_ref(), action, base).await;
+                r.decision.latency_ms = received.elapsed().as_secs_f64() * 1000.0;
+                if r.transient && !delivery.last {
+                    // Not final: the decision is made again on the next delivery.
+                    self.audit.metrics.retries.inc();
+                    tracing::warn!(action = r.decision.action, attempt = delivery.attempt, reason = ?r.decision.reason, "transient failure; the alert will be delivered again");
+                    handled.settle = Settle::Retry;
+                    continue;
+                }
+                if r.transient && handled.settle == Settle::Ack {
+                    handled.settle = Settle::Term;
+                    r.decision.reason = format!(
+                        "{} (delivery {}, the last)",
+                        r.decision.reason, delivery.attempt
+                    );
+                }
+                let event = r.event.as_ref().map(|(pod, kind)| (pod, *kind));
+                self.audit.record(&r.decision, event).await;
+                handled.decisions.push(r.decision);
             }
         }
-        decisions
+        handled
+    }
+
+    /// Records a single decision about an alert that leads to no action.
+    async fn only(&self, d: Decision) -> Handled {
+        self.audit.record(&d, None).await;
+        Handled {
+            decisions: vec![d],
+            settle: Settle::Ack,
+        }
     }
 
     fn decision_for(
         &self,
         alert: &Alert,
+        pod: Option<&PodRef>,
         rule: Option<&PolicyRule>,
         subject: &str,
         received: Instant,
     ) -> Decision {
-        let pod = alert.pod();
         Decision {
             policy_rule: rule.map(|r| r.name.clone()),
             rule: Some(alert.rule.clone()),
             priority: Some(alert.priority.as_str().to_owned()),
-            namespace: pod.as_ref().map(|p| p.namespace.clone()),
-            pod: pod.as_ref().map(|p| p.name.clone()),
-            pod_uid: pod.and_then(|p| p.uid),
+            namespace: pod.map(|p| p.namespace.clone()),
+            pod: pod.map(|p| p.name.clone()),
+            pod_uid: pod.and_then(|p| p.uid.clone()),
             hostname: Some(alert.hostname.clone()).filter(|h| !h.is_empty()),
             alert_time: Some(alert.time.clone()).filter(|t| !t.is_empty()),
             dry_run: self.dry_run || rule.is_some_and(|r| r.dry_run),
@@ -153,23 +274,20 @@ impl Responder {
         }
     }
 
-    /// Decides on and carries out one action: the decision, the pod it is
-    /// about, and whether a Kubernetes Event may be written for it.
+    /// Decides on and carries out one action.
     async fn apply(
         &self,
         alert: &Alert,
-        rule: &PolicyRule,
+        pod: Option<&PodRef>,
         action: &ActionSpec,
-        subject: &str,
-        received: Instant,
-    ) -> (Decision, Option<PodRef>, bool) {
-        let mut d = self.decision_for(alert, Some(rule), subject, received);
+        mut d: Decision,
+    ) -> ActionResult {
         d.action = action.name();
         let dry_run = d.dry_run;
         let skip = |mut d: Decision, reason: SkipReason| {
             d.outcome = Outcome::Skipped;
             d.reason = reason.as_str().to_owned();
-            d
+            ActionResult::quiet(d)
         };
         if !action.needs_pod() {
             d.outcome = if dry_run {
@@ -178,93 +296,136 @@ impl Responder {
                 Outcome::Done
             };
             d.reason = "logged".into();
-            return (d, None, false);
+            return ActionResult::quiet(d);
         }
-        let Some(mut pod) = alert.pod() else {
-            return (skip(d, SkipReason::NoPod), None, false);
+        let Some(pod) = pod else {
+            return skip(d, SkipReason::NoPod);
         };
         if let Err(reason) = self.rails.check_namespace(&pod.namespace) {
-            return (skip(d, reason), Some(pod), false);
+            return skip(d, reason);
         }
-        let key = (
-            pod.namespace.clone(),
-            pod.name.clone(),
-            alert.rule.clone(),
-            action.name(),
-        );
-        if self.rails.is_duplicate(&key) {
-            return (skip(d, SkipReason::Duplicate), Some(pod), !dry_run);
+        if let Some(reason) = self.rails.cached_owner_skip(&pod.namespace, &pod.name) {
+            return skip(d, reason);
         }
-        match self.cluster.get_pod(&pod).await {
-            Ok(None) => {
+        let key = DedupKey {
+            namespace: pod.namespace.clone(),
+            pod: pod.name.clone(),
+            uid: pod.uid.clone(),
+            rule: alert.rule.clone(),
+            action: action.name(),
+        };
+        if !self.rails.claim(key.clone()) {
+            return skip(d, SkipReason::Duplicate);
+        }
+        let mut target = pod.clone();
+        let verdict = match self.carry_out(&mut target, action, dry_run).await {
+            Ok(verdict) => verdict,
+            Err(reason) => {
+                self.rails.release(&key);
+                return skip(d, reason);
+            }
+        };
+        // Results and Events name the object the API answered for.
+        d.namespace = Some(target.namespace.clone());
+        d.pod = Some(target.name.clone());
+        d.pod_uid.clone_from(&target.uid);
+        let what = describe(action);
+        let mut result = ActionResult::quiet(d);
+        let d = &mut result.decision;
+        match verdict {
+            Verdict::DryRun => {
+                d.outcome = Outcome::DryRun;
+                d.reason = format!("would {what}");
+            }
+            Verdict::Done => {
+                d.outcome = Outcome::Done;
+                d.reason = what;
+                result.event = self.event(target, EventKind::Acted);
+            }
+            Verdict::Gone => {
                 d.outcome = Outcome::Gone;
-                d.reason = "the pod does not exist".into();
-                return (d, Some(pod), false);
+                d.reason = "the pod no longer exists".into();
             }
-            Ok(Some(found)) => {
-                if let Err(reason) = self.rails.check_owner(&found) {
-                    return (skip(d, reason), Some(pod), !dry_run);
-                }
-                // Without a UID in the alert, the one just read still guards
-                // against the pod being replaced before the action.
-                if pod.uid.is_none() {
-                    pod.uid = found.metadata.uid.clone();
-                }
+            Verdict::Replaced => {
+                self.rails.release(&key);
+                d.outcome = Outcome::Replaced;
+                d.reason = "the pod was replaced (UID differs); not touched".into();
             }
-            Err(e) => {
+            Verdict::Failed { reason, transient } => {
+                self.rails.release(&key);
                 d.outcome = Outcome::Failed;
-                d.reason = format!("cannot read the pod: {e}");
-                return (d, Some(pod), false);
+                d.reason = reason;
+                result.transient = transient;
+                result.event = self.event(target, EventKind::Failed);
             }
+        }
+        result
+    }
+
+    /// The Event for a decision, unless one with this reason was written
+    /// for the pod within the dedup window.
+    fn event(&self, pod: PodRef, kind: EventKind) -> Option<(PodRef, EventKind)> {
+        self.rails
+            .first_event(&pod.namespace, &pod.name, kind.reason())
+            .then_some((pod, kind))
+    }
+
+    /// Reads the pod, applies the rails that need it, and acts. `pod` is
+    /// updated to what the API answered with.
+    async fn carry_out(
+        &self,
+        pod: &mut PodRef,
+        action: &ActionSpec,
+        dry_run: bool,
+    ) -> Result<Verdict, SkipReason> {
+        let found = match self.cluster.get_pod(pod).await {
+            Ok(None) => return Ok(Verdict::Gone),
+            Ok(Some(found)) => found,
+            Err(e) => return Ok(Verdict::failed("cannot read the pod: ", &e)),
+        };
+        if let Some(namespace) = &found.metadata.namespace {
+            pod.namespace.clone_from(namespace);
+        }
+        if let Some(name) = &found.metadata.name {
+            pod.name.clone_from(name);
+        }
+        // Without a UID in the alert, the one just read still guards
+        // against the pod being replaced before the action.
+        if pod.uid.is_none() {
+            pod.uid.clone_from(&found.metadata.uid);
+        }
+        if let Err(reason) = self.rails.check_owner(&found) {
+            self.rails
+                .cache_owner_skip(&pod.namespace, &pod.name, reason);
+            return Err(reason);
         }
         if action.is_destructive() {
-            if let Err(reason) = self.rails.take_destructive_slot() {
-                return (skip(d, reason), Some(pod), !dry_run);
+            if dry_run {
+                self.rails.would_get_slot()?;
+            } else {
+                self.rails.take_destructive_slot()?;
             }
         }
-        let what = describe(action);
         if dry_run {
-            self.rails.remember(key);
-            d.outcome = Outcome::DryRun;
-            d.reason = format!("would {what}");
-            return (d, Some(pod), false);
+            return Ok(Verdict::DryRun);
         }
         let result = match action {
             ActionSpec::DeletePod {
                 grace_period_seconds,
             } => {
                 let grace = u32::try_from(*grace_period_seconds).unwrap_or(0);
-                self.cluster.delete_pod(&pod, grace).await
+                self.cluster.delete_pod(pod, grace).await
             }
-            ActionSpec::LabelPod { labels } => self.cluster.label_pod(&pod, labels).await,
-            ActionSpec::IsolatePod { labels } => self.cluster.isolate_pod(&pod, labels).await,
+            ActionSpec::LabelPod { labels } => self.cluster.label_pod(pod, labels).await,
+            ActionSpec::IsolatePod { labels } => self.cluster.isolate_pod(pod, labels).await,
             ActionSpec::Log => Ok(Applied::Done),
         };
-        let event = match result {
-            Ok(Applied::Done) => {
-                self.rails.remember(key);
-                d.outcome = Outcome::Done;
-                d.reason = what;
-                true
-            }
-            Ok(Applied::Gone) => {
-                self.rails.remember(key);
-                d.outcome = Outcome::Gone;
-                d.reason = "the pod no longer exists".into();
-                false
-            }
-            Ok(Applied::Replaced) => {
-                d.outcome = Outcome::Replaced;
-                d.reason = "the pod was replaced (UID differs); not touched".into();
-                false
-            }
-            Err(e) => {
-                d.outcome = Outcome::Failed;
-                d.reason = e.to_string();
-                true
-            }
-        };
-        (d, Some(pod), event)
+        Ok(match result {
+            Ok(Applied::Done) => Verdict::Done,
+            Ok(Applied::Gone) => Verdict::Gone,
+            Ok(Applied::Replaced) => Verdict::Replaced,
+            Err(e) => Verdict::failed("", &e),
+        })
     }
 }
 
@@ -305,9 +466,18 @@ pub async fn run(
         ready: readiness.check("nats"),
         ..ConnectionWatch::default()
     };
-    // Ready once NATS is connected and the alerts' subscription is in place.
+    // Ready once NATS is connected and the alerts' subscription is in place,
+    // and while the Kubernetes API answers.
     let subscribed = readiness.check("subscription");
-    let cluster = Arc::new(Cluster::connect(options.kubeconfig.as_deref()).await?);
+    let kube_ready = readiness.check("kubernetes");
+    let cluster = Arc::new(
+        Cluster::connect(
+            options.kubeconfig.as_deref(),
+            options.kube_timeout,
+            kube_ready,
+        )
+        .await?,
+    );
     let client = connect(&options.nats, watch).await?;
     let http_stop = CancellationToken::new();
     let http = listener.map(|l| {
@@ -320,6 +490,7 @@ pub async fn run(
     tracing::info!(
         rules = options.policy.rules.len(),
         dry_run = options.dry_run,
+        concurrency = options.concurrency,
         "responder starting"
     );
     let responder = Responder {
@@ -334,36 +505,55 @@ pub async fn run(
             cluster,
         },
     };
-    let ignore = format!("{}.", options.result_prefix);
-    let result = match options.subscription {
-        Subscription::Core { subject, queue } => {
-            consume_core(
-                &client,
-                &responder,
-                subject,
-                queue,
-                &ignore,
-                &subscribed,
-                &shutdown,
-            )
-            .await
+    // Once shutdown starts, finishing the alerts in hand and publishing
+    // their results share one deadline.
+    let deadline = CancellationToken::new();
+    tokio::spawn({
+        let (shutdown, deadline, timeout) =
+            (shutdown.clone(), deadline.clone(), options.drain_timeout);
+        async move {
+            shutdown.cancelled().await;
+            tokio::time::sleep(timeout).await;
+            deadline.cancel();
         }
+    });
+    let consume = Consume {
+        client: &client,
+        responder: &responder,
+        ignore: format!("{}.", options.result_prefix),
+        concurrency: options.concurrency.max(1),
+        subscribed: &subscribed,
+        shutdown: &shutdown,
+        deadline: &deadline,
+    };
+    let result = match options.subscription {
+        Subscription::Core { subject, queue } => consume.core(subject, queue).await,
         Subscription::JetStream {
             stream,
             durable,
             subject,
             ack_wait,
+            max_deliver,
         } => {
-            let consumer =
-                durable_consumer(&client, &stream, &durable, &subject, ack_wait, &shutdown).await?;
-            match consumer {
-                Some(c) => consume_jetstream(c, &responder, &ignore, &subscribed, &shutdown).await,
-                None => Ok(()),
-            }
+            let params = DurableParams {
+                stream,
+                durable,
+                subject,
+                ack_wait,
+                max_deliver: max_deliver.max(1),
+            };
+            consume.jetstream(&params).await
         }
     };
-    if let Err(e) = crate::output::round_trip(&client).await {
-        tracing::warn!(error = %e, "cannot confirm that NATS received the last results");
+    tokio::select! {
+        confirmed = crate::output::round_trip(&client) => {
+            if let Err(e) = confirmed {
+                tracing::warn!(error = %e, "cannot confirm that NATS received the last results");
+            }
+        }
+        _ = deadline.cancelled() => {
+            tracing::warn!(timeout = ?options.drain_timeout, "drain timeout: NATS did not confirm the last results");
+        }
     }
     http_stop.cancel();
     if let Some(h) = http {
@@ -372,124 +562,234 @@ pub async fn run(
     result
 }
 
-async fn consume_core(
-    client: &async_nats::Client,
-    responder: &Responder,
+/// The durable consumer's settings.
+struct DurableParams {
+    stream: String,
+    durable: String,
     subject: String,
-    queue: String,
-    ignore: &str,
-    subscribed: &ReadyFlag,
-    shutdown: &CancellationToken,
-) -> Result<(), RespondError> {
-    let mut sub = client
-        .queue_subscribe(subject.clone(), queue.clone())
-        .await
-        .map_err(|e| RespondError::Subscribe(e.to_string()))?;
-    // Ready only once the server has the subscription.
-    match crate::output::round_trip(client).await {
-        Ok(()) => subscribed.set(true),
-        Err(e) => tracing::warn!(error = %e, "cannot confirm the subscription yet"),
-    }
-    tracing::info!(%subject, %queue, "responding to alerts (core NATS, queue group)");
-    loop {
-        let message = tokio::select! {
-            m = sub.next() => m,
-            _ = shutdown.cancelled() => break,
-        };
-        let Some(message) = message else { break };
-        if message.subject.as_str().starts_with(ignore) {
-            continue;
-        }
-        responder
-            .handle(message.subject.as_str(), &message.payload)
-            .await;
-    }
-    Ok(())
-}
-
-/// The durable consumer, waiting (with backoff) for the stream to exist.
-async fn durable_consumer(
-    client: &async_nats::Client,
-    stream: &str,
-    durable: &str,
-    subject: &str,
     ack_wait: Duration,
-    shutdown: &CancellationToken,
-) -> Result<Option<consumer::PullConsumer>, RespondError> {
-    let js = jetstream::new(client.clone());
-    let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(5));
-    let config = consumer::pull::Config {
-        durable_name: Some(durable.to_owned()),
-        ack_policy: consumer::AckPolicy::Explicit,
-        ack_wait,
-        // The whole stream unless a narrower subject is asked for.
-        filter_subject: match subject {
-            "" | ">" | "falco.>" => String::new(),
-            s => s.to_owned(),
-        },
-        ..Default::default()
-    };
-    loop {
-        let attempt = async {
-            let stream = js.get_stream(stream).await.map_err(|e| e.to_string())?;
-            stream
-                .get_or_create_consumer(durable, config.clone())
-                .await
-                .map_err(|e| e.to_string())
-        };
-        match attempt.await {
-            Ok(c) => {
-                tracing::info!(
-                    stream,
-                    durable,
-                    "responding to alerts (JetStream durable consumer)"
-                );
-                return Ok(Some(c));
-            }
-            Err(e) => {
-                let delay = backoff.next_delay();
-                tracing::warn!(stream, durable, error = %e, ?delay, "JetStream consumer not available; retrying");
-                tokio::select! {
-                    _ = tokio::time::sleep(delay) => {}
-                    _ = shutdown.cancelled() => return Ok(None),
+    max_deliver: u32,
+}
+
+/// Takes alerts off NATS and hands them to the responder, a bounded number
+/// at a time, until shutdown; then finishes those in hand until the deadline.
+struct Consume<'a> {
+    client: &'a async_nats::Client,
+    responder: &'a Responder,
+    ignore: String,
+    concurrency: usize,
+    subscribed: &'a ReadyFlag,
+    shutdown: &'a CancellationToken,
+    deadline: &'a CancellationToken,
+}
+
+impl Consume<'_> {
+    async fn core(&self, subject: String, queue: String) -> Result<(), RespondError> {
+        let mut sub = self
+            .client
+            .queue_subscribe(subject.clone(), queue.clone())
+            .await
+            .map_err(|e| RespondError::Subscribe(e.to_string()))?;
+        // Ready only once the server has the subscription.
+        match crate::output::round_trip(self.client).await {
+            Ok(()) => self.subscribed.set(true),
+            Err(e) => tracing::warn!(error = %e, "cannot confirm the subscription yet"),
+        }
+        tracing::info!(%subject, %queue, "responding to alerts (core NATS, queue group)");
+        let mut inflight = FuturesUnordered::new();
+        loop {
+            tokio::select! {
+                biased;
+                _ = self.shutdown.cancelled() => break,
+                Some(()) = inflight.next(), if !inflight.is_empty() => {}
+                message = sub.next(), if inflight.len() < self.concurrency => {
+                    let Some(message) = message else { break };
+                    if message.subject.as_str().starts_with(&self.ignore) {
+                        continue;
+                    }
+                    inflight.push(async move {
+                        self.responder
+                            .handle(message.subject.as_str(), &message.payload, Delivery::ONLY)
+                            .await;
+                    });
                 }
+            }
+        }
+        self.subscribed.set(false);
+        self.finish(inflight).await;
+        Ok(())
+    }
+
+    async fn jetstream(&self, params: &DurableParams) -> Result<(), RespondError> {
+        let mut inflight = FuturesUnordered::new();
+        'consumer: loop {
+            let Some(consumer) = self.durable_consumer(params).await else {
+                break;
+            };
+            // Pull no more than can be handled at once: an alert waiting in
+            // a buffer past the ack wait would be delivered twice.
+            let mut messages = match consumer
+                .stream()
+                .max_messages_per_batch(self.concurrency)
+                .messages()
+                .await
+            {
+                Ok(messages) => messages,
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot read from the durable consumer; retrying");
+                    tokio::select! {
+                        _ = tokio::time::sleep(Duration::from_secs(1)) => continue 'consumer,
+                        _ = self.shutdown.cancelled() => break 'consumer,
+                    }
+                }
+            };
+            self.subscribed.set(true);
+            loop {
+                tokio::select! {
+                    biased;
+                    _ = self.shutdown.cancelled() => break 'consumer,
+                    Some(()) = inflight.next(), if !inflight.is_empty() => {}
+                    next = messages.next(), if inflight.len() < self.concurrency => match next {
+                        Some(Ok(message)) => inflight.push(self.settle(message, params)),
+                        Some(Err(e)) if matches!(
+                            e.kind(),
+                            consumer::pull::MessagesErrorKind::ConsumerDeleted
+                                | consumer::pull::MessagesErrorKind::RequestLimitExceeded
+                        ) => {
+                            tracing::warn!(error = %e, durable = %params.durable, "the durable consumer is gone; recreating it");
+                            self.subscribed.set(false);
+                            continue 'consumer;
+                        }
+                        Some(Err(e)) => tracing::warn!(error = %e, "JetStream consumer error"),
+                        None => {
+                            tracing::warn!(durable = %params.durable, "the durable consumer's messages ended; recreating it");
+                            self.subscribed.set(false);
+                            continue 'consumer;
+                        }
+                    }
+                }
+            }
+        }
+        self.subscribed.set(false);
+        self.finish(inflight).await;
+        Ok(())
+    }
+
+    /// Handles one JetStream message and settles it: acknowledged (and the
+    /// acknowledgement confirmed) once done, handed back after a transient
+    /// failure, terminated after the last. While it is handled, JetStream
+    /// is told so, so the ack wait does not run out under it.
+    async fn settle(&self, message: jetstream::Message, params: &DurableParams) {
+        let attempt = message
+            .info()
+            .map(|i| u32::try_from(i.delivered).unwrap_or(1))
+            .unwrap_or(1)
+            .max(1);
+        let delivery = Delivery {
+            attempt,
+            last: attempt >= params.max_deliver,
+        };
+        let settle = if message.subject.as_str().starts_with(&self.ignore) {
+            Settle::Ack
+        } else {
+            let work = self
+                .responder
+                .handle(message.subject.as_str(), &message.payload, delivery);
+            tokio::pin!(work);
+            let every = (params.ack_wait / 3).max(Duration::from_millis(100));
+            let mut progress = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+            loop {
+                tokio::select! {
+                    handled = &mut work => break handled.settle,
+                    _ = progress.tick() => {
+                        if let Err(e) = message.ack_with(AckKind::Progress).await {
+                            tracing::debug!(error = %e, "cannot extend the ack wait");
+                        }
+                    }
+                }
+            }
+        };
+        let result = match settle {
+            Settle::Ack => message.double_ack().await,
+            Settle::Retry => {
+                message
+                    .ack_with(AckKind::Nak(Some(retry_delay(attempt))))
+                    .await
+            }
+            Settle::Term => message.ack_with(AckKind::Term).await,
+        };
+        if let Err(e) = result {
+            tracing::warn!(error = %e, ?settle, "cannot settle an alert with JetStream; it will be redelivered");
+        }
+    }
+
+    /// The durable consumer, waiting (with backoff) for the stream to exist;
+    /// `None` on shutdown.
+    async fn durable_consumer(&self, params: &DurableParams) -> Option<consumer::PullConsumer> {
+        let js = jetstream::new(self.client.clone());
+        let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(5));
+        let config = consumer::pull::Config {
+            durable_name: Some(params.durable.clone()),
+            ack_policy: consumer::AckPolicy::Explicit,
+            ack_wait: params.ack_wait,
+            max_deliver: i64::from(params.max_deliver),
+            // The whole stream unless a narrower subject is asked for.
+            filter_subject: match params.subject.as_str() {
+                "" | ">" | "falco.>" => String::new(),
+                s => s.to_owned(),
+            },
+            ..Default::default()
+        };
+        loop {
+            let attempt = async {
+                let stream = js
+                    .get_stream(&params.stream)
+                    .await
+                    .map_err(|e| e.to_string())?;
+                stream
+                    .get_or_create_consumer(&params.durable, config.clone())
+                    .await
+                    .map_err(|e| e.to_string())
+            };
+            match attempt.await {
+                Ok(c) => {
+                    tracing::info!(
+                        stream = %params.stream,
+                        durable = %params.durable,
+                        "responding to alerts (JetStream durable consumer)"
+                    );
+                    return Some(c);
+                }
+                Err(e) => {
+                    let delay = backoff.next_delay();
+                    tracing::warn!(stream = %params.stream, durable = %params.durable, error = %e, ?delay, "JetStream consumer not available; retrying");
+                    tokio::select! {
+                        _ = tokio::time::sleep(delay) => {}
+                        _ = self.shutdown.cancelled() => return None,
+                    }
+                }
+            }
+        }
+    }
+
+    /// Lets the alerts in hand finish, until the drain deadline.
+    async fn finish<F: std::future::Future<Output = ()>>(&self, mut inflight: FuturesUnordered<F>) {
+        if inflight.is_empty() {
+            return;
+        }
+        tracing::info!(in_hand = inflight.len(), "finishing the alerts in hand");
+        tokio::select! {
+            _ = async { while inflight.next().await.is_some() {} } => {}
+            _ = self.deadline.cancelled() => {
+                tracing::warn!(in_hand = inflight.len(), "drain timeout: stopped handling alerts in hand (JetStream delivers them again)");
             }
         }
     }
 }
 
-async fn consume_jetstream(
-    consumer: consumer::PullConsumer,
-    responder: &Responder,
-    ignore: &str,
-    subscribed: &ReadyFlag,
-    shutdown: &CancellationToken,
-) -> Result<(), RespondError> {
-    let mut messages = consumer
-        .messages()
-        .await
-        .map_err(|e| RespondError::Subscribe(e.to_string()))?;
-    subscribed.set(true);
-    loop {
-        let next = tokio::select! {
-            m = messages.next() => m,
-            _ = shutdown.cancelled() => break,
-        };
-        match next {
-            Some(Ok(message)) => {
-                if !message.subject.as_str().starts_with(ignore) {
-                    responder
-                        .handle(message.subject.as_str(), &message.payload)
-                        .await;
-                }
-                // Acknowledged only now that the actions are done.
-                if let Err(e) = message.ack().await {
-                    tracing::warn!(error = %e, "cannot acknowledge an alert; it will be redelivered");
-                }
-            }
-            Some(Err(e)) => tracing::warn!(error = %e, "JetStream consumer error"),
-            None => break,
-        }
-    }
-    Ok(())
+/// How long JetStream waits before delivering an alert again after the
+/// `attempt`th delivery failed: 0.5 s, doubling, at most 30 s.
+pub fn retry_delay(attempt: u32) -> Duration {
+    let doublings = attempt.saturating_sub(1).min(6);
+    (Duration::from_millis(500) * 2u32.pow(doublings)).min(Duration::from_secs(30))
 }

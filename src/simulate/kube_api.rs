@@ -177,6 +177,11 @@ impl KubeApi {
         self.lock().network_policies.values().cloned().collect()
     }
 
+    /// Every request so far: method and path.
+    pub fn requests(&self) -> Vec<(String, String)> {
+        self.lock().requests.clone()
+    }
+
     /// Requests other than GET.
     pub fn writes(&self) -> Vec<(String, String)> {
         self.lock()

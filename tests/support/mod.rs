@@ -305,7 +305,8 @@ where
 }
 
 /// Responder options for tests: core NATS at `url`, the proof of concept's
-/// policy, default rails with a rate limit high enough not to interfere.
+/// policy, default rails with a rate limit high enough not to interfere,
+/// alerts handled one at a time.
 pub fn respond_options(url: &str, kubeconfig: &Path) -> falco_nats::respond::RespondOptions {
     use falco_nats::respond::policy::Policy;
     use falco_nats::respond::rails::{RailsConfig, DEFAULT_PROTECTED};
@@ -328,6 +329,10 @@ pub fn respond_options(url: &str, kubeconfig: &Path) -> falco_nats::respond::Res
         dry_run: false,
         result_prefix: "falco.response".into(),
         kubeconfig: Some(kubeconfig.to_owned()),
+        kube_timeout: Duration::from_secs(10),
+        // One at a time: the tests read the decisions in the alerts' order.
+        concurrency: 1,
+        drain_timeout: Duration::from_secs(10),
     }
 }
 
