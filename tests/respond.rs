@@ -603,3 +603,355 @@ async fn crafted_names_never_reach_the_api() {
     assert_eq!(r[0]["pod_uid"], "u-web");
     responder.stop().await;
 }
+
+/// Creates the stream `FALCO` and returns options for a durable consumer on it.
+async fn jetstream_responder(
+    nats: &NatsServer,
+    kube: &FakeKube,
+    ack_wait: Duration,
+    max_deliver: u32,
+) -> (jetstream::Context, RespondOptions) {
+    let js = jetstream::new(nats.client().await);
+    js.get_or_create_stream(jetstream::stream::Config {
+        name: "FALCO".into(),
+        subjects: vec!["falco.*.*".into()],
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let mut opts = options(nats, kube);
+    opts.subscription = Subscription::JetStream {
+        stream: "FALCO".into(),
+        durable: "responders".into(),
+        subject: "falco.>".into(),
+        ack_wait,
+        max_deliver,
+    };
+    (js, opts)
+}
+
+async fn js_publish(js: &jetstream::Context, payload: Vec<u8>) {
+    js.publish(
+        "falco.critical.drop_and_execute_new_binary_in_container",
+        payload.into(),
+    )
+    .await
+    .unwrap()
+    .await
+    .unwrap();
+}
+
+/// Item 12: a DELETE answered 500 is not acknowledged as done: JetStream
+/// delivers the alert again (with a back-off) until it succeeds, and after
+/// the last delivery it is terminated with one `failed` decision.
+#[tokio::test]
+async fn transient_failures_are_retried_then_terminated() {
+    let nats = NatsServer::start();
+    let kube = FakeKube::start().await.unwrap();
+    kube.add_pod("shop", "web", "u-web", Some("ReplicaSet"));
+    kube.add_pod("shop", "api", "u-api", Some("ReplicaSet"));
+    let client = nats.client().await;
+    let mut out = client.subscribe("falco.response.>").await.unwrap();
+    let (js, opts) = jetstream_responder(&nats, &kube, Duration::from_secs(5), 3).await;
+    let responder = Responder::start(opts).await;
+
+    // Two failures, then the API recovers: the third delivery deletes.
+    kube.fail_next("DELETE", 500, 2);
+    js_publish(&js, pod_alert("Critical", "shop", "web", None)).await;
+    let r = results(&mut out, 1).await;
+    assert_eq!(r[0]["outcome"], "done", "{}", r[0]);
+    assert_quiet(&mut out, Duration::from_millis(300)).await;
+    let statuses: Vec<u16> = kube.deletes().iter().map(|d| d.status).collect();
+    assert_eq!(statuses, [500, 500, 200]);
+    assert!(!kube.has_pod("shop", "web"));
+
+    // Failing for good: three deliveries, then one final `failed` decision.
+    kube.fail_next("DELETE", 500, 100);
+    js_publish(&js, pod_alert("Critical", "shop", "api", None)).await;
+    let r = results(&mut out, 1).await;
+    assert_eq!(r[0]["outcome"], "failed", "{}", r[0]);
+    assert!(
+        r[0]["reason"]
+            .as_str()
+            .unwrap()
+            .contains("delivery 3, the last"),
+        "{}",
+        r[0]
+    );
+    assert_quiet(&mut out, Duration::from_secs(2)).await;
+    assert_eq!(kube.deletes().len(), 3 + 3, "no fourth delivery");
+    let failed_events = kube
+        .events()
+        .iter()
+        .filter(|e| e["reason"] == "FalcoNatsFailed")
+        .count();
+    assert_eq!(failed_events, 1, "one Event for the failure");
+    let mut consumer: jetstream::consumer::PullConsumer = js
+        .get_stream("FALCO")
+        .await
+        .unwrap()
+        .get_consumer("responders")
+        .await
+        .unwrap();
+    let info = consumer.info().await.unwrap();
+    assert_eq!(info.num_ack_pending, 0, "{info:?}");
+    assert_eq!(info.num_pending, 0, "{info:?}");
+    responder.stop().await;
+}
+
+/// Item 13: a Kubernetes API that accepts and never answers: each call
+/// times out, the responder says not ready, shutdown is prompt, and it
+/// recovers when the API does.
+#[tokio::test]
+async fn a_hung_kubernetes_api_times_out_and_makes_the_responder_unready() {
+    let nats = NatsServer::start();
+    let kube = FakeKube::start().await.unwrap();
+    kube.add_pod("shop", "web", "u-web", Some("ReplicaSet"));
+    let client = nats.client().await;
+    let mut out = client.subscribe("falco.response.>").await.unwrap();
+    let mut opts = options(&nats, &kube);
+    opts.kube_timeout = Duration::from_millis(500);
+    opts.drain_timeout = Duration::from_secs(2);
+    let shutdown = CancellationToken::new();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let http = listener.local_addr().unwrap();
+    let task = tokio::spawn(respond::run(opts, Some(listener), shutdown.clone()));
+    wait_for("ready", WAIT, || async {
+        http_get(http, "/readyz").await.0 == 200
+    })
+    .await;
+
+    kube.set_latency(Duration::from_secs(3600));
+    publish(&client, pod_alert("Critical", "shop", "web", None)).await;
+    let r = results(&mut out, 1).await;
+    assert_eq!(r[0]["outcome"], "failed", "{}", r[0]);
+    assert!(
+        r[0]["reason"].as_str().unwrap().contains("did not answer"),
+        "{}",
+        r[0]
+    );
+    let (code, body) = http_get(http, "/readyz").await;
+    assert_eq!(code, 503);
+    assert!(body.contains("kubernetes"), "{body}");
+
+    kube.set_latency(Duration::ZERO);
+    publish(&client, pod_alert("Critical", "shop", "web", None)).await;
+    assert_eq!(results(&mut out, 1).await[0]["outcome"], "done");
+    assert_eq!(http_get(http, "/readyz").await.0, 200);
+
+    // Hung again, with an alert in hand: SIGTERM is still prompt.
+    kube.add_pod("shop", "api", "u-api", Some("ReplicaSet"));
+    kube.set_latency(Duration::from_secs(3600));
+    publish(&client, pod_alert("Critical", "shop", "api", None)).await;
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let stopping = std::time::Instant::now();
+    shutdown.cancel();
+    tokio::time::timeout(Duration::from_secs(5), task)
+        .await
+        .expect("the responder stops promptly")
+        .unwrap()
+        .unwrap();
+    assert!(stopping.elapsed() < Duration::from_secs(5));
+}
+
+/// Item 14: SIGTERM while NATS is down: the responder stops within its
+/// drain timeout instead of waiting for NATS forever.
+#[tokio::test]
+async fn shutdown_while_nats_is_down_respects_the_drain_timeout() {
+    let mut nats = NatsServer::start();
+    let kube = FakeKube::start().await.unwrap();
+    let mut opts = options(&nats, &kube);
+    opts.drain_timeout = Duration::from_secs(1);
+    let responder = Responder::start(opts).await;
+    nats.kill();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let stopping = std::time::Instant::now();
+    responder.shutdown.cancel();
+    tokio::time::timeout(Duration::from_secs(5), responder.task)
+        .await
+        .expect("the responder stops within its drain timeout")
+        .unwrap()
+        .unwrap();
+    assert!(stopping.elapsed() < Duration::from_secs(5));
+}
+
+/// Item 15: with a slow API and a short ack wait, alerts do not wait in a
+/// pull buffer until JetStream redelivers them: every alert is handled
+/// once, one DELETE and one Event each, even with two replicas.
+#[tokio::test]
+async fn jetstream_never_handles_an_alert_twice_under_a_slow_api() {
+    const PODS: usize = 60;
+    let nats = NatsServer::start();
+    let kube = FakeKube::start().await.unwrap();
+    kube.add_pods("shop", "web", PODS);
+    kube.set_latency(Duration::from_millis(40));
+    let client = nats.client().await;
+    let mut out = client.subscribe("falco.response.>").await.unwrap();
+    let (js, mut opts) = jetstream_responder(&nats, &kube, Duration::from_secs(1), 5).await;
+    opts.concurrency = 4;
+    for i in 0..PODS {
+        js_publish(
+            &js,
+            pod_alert("Critical", "shop", &format!("web-{i}"), None),
+        )
+        .await;
+    }
+    let one = Responder::start(opts).await;
+    let (_, mut opts) = jetstream_responder(&nats, &kube, Duration::from_secs(1), 5).await;
+    opts.concurrency = 4;
+    let two = Responder::start(opts).await;
+    let got = results(&mut out, PODS).await;
+    assert_quiet(&mut out, Duration::from_secs(3)).await;
+    assert!(got.iter().all(|r| r["outcome"] == "done"), "{got:?}");
+    assert_eq!(kube.deletes().len(), PODS, "one DELETE per alert");
+    assert_eq!(kube.events().len(), PODS, "one Event per alert");
+    one.stop().await;
+    two.stop().await;
+}
+
+/// Items 16, 17 and 19: a dry run takes no rate-limit slot; skips write no
+/// Events and a DaemonSet pod is read once; a pod recreated under the same
+/// name (new UID) is not a duplicate.
+#[tokio::test]
+async fn dry_runs_skips_and_recreated_pods_under_the_rails() {
+    let nats = NatsServer::start();
+    let kube = FakeKube::start().await.unwrap();
+    kube.add_pods("shop", "dry", 5);
+    kube.add_pod("shop", "db-0", "uid-1", Some("StatefulSet"));
+    kube.add_pod("shop", "web", "u-web", Some("ReplicaSet"));
+    kube.add_pod("shop", "agent", "u-agent", Some("DaemonSet"));
+    let client = nats.client().await;
+    let mut out = client.subscribe("falco.response.>").await.unwrap();
+    let mut opts = options(&nats, &kube);
+    opts.rails.max_actions_per_minute = 4;
+    opts.policy = Policy::parse(
+        "policy.yaml",
+        "rules:\n  - name: rehearse\n    match: {rules: [Rehearsal]}\n    dry_run: true\n    actions: [{action: delete-pod}]\n  - name: kill\n    match: {priority: '>=Critical'}\n    actions: [{action: delete-pod}]\n",
+    )
+    .unwrap();
+    let responder = Responder::start(opts).await;
+
+    // Five dry runs leave the budget of four untouched.
+    for i in 0..5 {
+        let fields = json!({"k8s.ns.name": "shop", "k8s.pod.name": format!("dry-{i}")});
+        publish(&client, alert("Critical", "Rehearsal", fields)).await;
+    }
+    let r = results(&mut out, 5).await;
+    assert!(r.iter().all(|r| r["outcome"] == "dry_run"), "{r:?}");
+
+    // The same pod ten times: one DELETE, one Event.
+    for _ in 0..10 {
+        publish(&client, pod_alert("Critical", "shop", "web", Some("u-web"))).await;
+    }
+    let r = results(&mut out, 10).await;
+    assert_eq!(r.iter().filter(|r| r["outcome"] == "done").count(), 1);
+    assert_eq!(r.iter().filter(|r| r["reason"] == "duplicate").count(), 9);
+    // A DaemonSet pod ten times: read once, no Event.
+    let gets_before = kube.requests().iter().filter(|(m, _)| m == "GET").count();
+    for _ in 0..10 {
+        publish(&client, pod_alert("Critical", "shop", "agent", None)).await;
+    }
+    let r = results(&mut out, 10).await;
+    assert!(r.iter().all(|r| r["reason"] == "daemonset_pod"), "{r:?}");
+    let gets = kube.requests().iter().filter(|(m, _)| m == "GET").count() - gets_before;
+    assert_eq!(gets, 1, "the owner look-up is cached");
+
+    // db-0 deleted, recreated by its StatefulSet with a new UID, alerted again.
+    publish(
+        &client,
+        pod_alert("Critical", "shop", "db-0", Some("uid-1")),
+    )
+    .await;
+    assert_eq!(results(&mut out, 1).await[0]["outcome"], "done");
+    kube.add_pod("shop", "db-0", "uid-2", Some("StatefulSet"));
+    publish(
+        &client,
+        pod_alert("Critical", "shop", "db-0", Some("uid-2")),
+    )
+    .await;
+    let r = results(&mut out, 1).await;
+    assert_eq!(
+        r[0]["outcome"], "done",
+        "a new pod, not a duplicate: {}",
+        r[0]
+    );
+    assert_eq!(r[0]["pod_uid"], "uid-2");
+
+    // One slot is left: then skips write no Event either.
+    kube.add_pods("shop", "late", 2);
+    publish(&client, pod_alert("Critical", "shop", "late-0", None)).await;
+    publish(&client, pod_alert("Critical", "shop", "late-1", None)).await;
+    let r = results(&mut out, 2).await;
+    assert_eq!(r[0]["outcome"], "done", "{}", r[0]);
+    assert_eq!(r[1]["reason"], "rate_limited", "{}", r[1]);
+    assert_eq!(kube.deletes().len(), 4);
+    let events = kube.events();
+    assert_eq!(events.len(), 4, "Events only for actions: {events:?}");
+    assert!(events.iter().all(|e| e["reason"] == "FalcoNatsActed"));
+    responder.stop().await;
+}
+
+/// Item 20: after someone deletes the isolation NetworkPolicy, the next
+/// `isolate-pod` recreates it instead of only labelling.
+#[tokio::test]
+async fn isolation_recreates_a_deleted_network_policy() {
+    let nats = NatsServer::start();
+    let kube = FakeKube::start().await.unwrap();
+    kube.add_pod("shop", "a", "uid-a", Some("ReplicaSet"));
+    kube.add_pod("shop", "b", "uid-b", Some("ReplicaSet"));
+    let client = nats.client().await;
+    let mut out = client.subscribe("falco.response.>").await.unwrap();
+    let mut opts = options(&nats, &kube);
+    opts.policy = Policy::parse(
+        "policy.yaml",
+        "rules:\n  - name: contain\n    actions: [{action: isolate-pod}]\n",
+    )
+    .unwrap();
+    let responder = Responder::start(opts).await;
+    publish(&client, pod_alert("Critical", "shop", "a", None)).await;
+    assert_eq!(results(&mut out, 1).await[0]["outcome"], "done");
+    assert_eq!(kube.network_policies().len(), 1);
+    kube.remove_network_policies();
+    publish(&client, pod_alert("Critical", "shop", "b", None)).await;
+    assert_eq!(results(&mut out, 1).await[0]["outcome"], "done");
+    assert_eq!(kube.network_policies().len(), 1, "recreated");
+    responder.stop().await;
+}
+
+/// Item 21: a durable consumer deleted under the responder is recreated;
+/// the responder goes on instead of exiting 0.
+#[tokio::test]
+async fn a_deleted_durable_consumer_is_recreated() {
+    let nats = NatsServer::start();
+    let kube = FakeKube::start().await.unwrap();
+    kube.add_pod("shop", "a", "uid-a", Some("ReplicaSet"));
+    kube.add_pod("shop", "b", "uid-b", Some("ReplicaSet"));
+    let client = nats.client().await;
+    let mut out = client.subscribe("falco.response.>").await.unwrap();
+    let (js, opts) = jetstream_responder(&nats, &kube, Duration::from_secs(5), 5).await;
+    let responder = Responder::start(opts).await;
+    js_publish(&js, pod_alert("Critical", "shop", "a", None)).await;
+    assert_eq!(results(&mut out, 1).await[0]["outcome"], "done");
+    js.get_stream("FALCO")
+        .await
+        .unwrap()
+        .delete_consumer("responders")
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(!responder.task.is_finished(), "the responder goes on");
+    js_publish(&js, pod_alert("Critical", "shop", "b", None)).await;
+    // The recreated consumer reads the stream from its start again: the
+    // first alert is a duplicate within the dedup window.
+    let r = results(&mut out, 2).await;
+    assert_eq!(
+        (&r[0]["pod"], &r[0]["reason"]),
+        (&json!("a"), &json!("duplicate"))
+    );
+    assert_eq!(
+        (&r[1]["pod"], &r[1]["outcome"]),
+        (&json!("b"), &json!("done"))
+    );
+    assert_eq!(kube.deletes().len(), 2);
+    responder.stop().await;
+}

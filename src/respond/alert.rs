@@ -220,6 +220,6 @@ mod tests {
         )
         .unwrap();
         let err = a.pod().unwrap_err().to_string();
-        assert!(err.len() < 120 && err.contains("..."), "{err}");
+        assert!(err.len() < 140 && err.contains("..."), "{err}");
     }
 }

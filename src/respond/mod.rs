@@ -148,7 +148,7 @@ fn base_decision(subject: &str, received: Instant) -> Decision {
 /// One action's decision, with what it leads to.
 struct ActionResult {
     decision: Decision,
-    /// The pod as the API named it, and the Event to record on it.
+    /// The pod as the API named it, and the Event it calls for.
     event: Option<(PodRef, EventKind)>,
     /// A transient failure that another delivery may fix.
     transient: bool,
@@ -235,7 +235,12 @@ impl Responder {
                         r.decision.reason, delivery.attempt
                     );
                 }
-                let event = r.event.as_ref().map(|(pod, kind)| (pod, *kind));
+                // At most one Event per pod and reason within the dedup window.
+                let event = r
+                    .event
+                    .as_ref()
+                    .filter(|(pod, kind)| self.rails.first_event(pod, kind.reason()))
+                    .map(|(pod, kind)| (pod, *kind));
                 self.audit.record(&r.decision, event).await;
                 handled.decisions.push(r.decision);
             }
@@ -340,7 +345,7 @@ impl Responder {
             Verdict::Done => {
                 d.outcome = Outcome::Done;
                 d.reason = what;
-                result.event = self.event(target, EventKind::Acted);
+                result.event = Some((target, EventKind::Acted));
             }
             Verdict::Gone => {
                 d.outcome = Outcome::Gone;
@@ -356,18 +361,10 @@ impl Responder {
                 d.outcome = Outcome::Failed;
                 d.reason = reason;
                 result.transient = transient;
-                result.event = self.event(target, EventKind::Failed);
+                result.event = Some((target, EventKind::Failed));
             }
         }
         result
-    }
-
-    /// The Event for a decision, unless one with this reason was written
-    /// for the pod within the dedup window.
-    fn event(&self, pod: PodRef, kind: EventKind) -> Option<(PodRef, EventKind)> {
-        self.rails
-            .first_event(&pod.namespace, &pod.name, kind.reason())
-            .then_some((pod, kind))
     }
 
     /// Reads the pod, applies the rails that need it, and acts. `pod` is
@@ -628,9 +625,13 @@ impl Consume<'_> {
             };
             // Pull no more than can be handled at once: an alert waiting in
             // a buffer past the ack wait would be delivered twice.
+            // Short pulls with heartbeats: a consumer deleted under us (which
+            // older servers do not announce) shows as missed heartbeats.
             let mut messages = match consumer
                 .stream()
                 .max_messages_per_batch(self.concurrency)
+                .expires(Duration::from_secs(10))
+                .heartbeat(Duration::from_secs(2))
                 .messages()
                 .await
             {
@@ -654,9 +655,10 @@ impl Consume<'_> {
                         Some(Err(e)) if matches!(
                             e.kind(),
                             consumer::pull::MessagesErrorKind::ConsumerDeleted
+                                | consumer::pull::MessagesErrorKind::MissingHeartbeat
                                 | consumer::pull::MessagesErrorKind::RequestLimitExceeded
                         ) => {
-                            tracing::warn!(error = %e, durable = %params.durable, "the durable consumer is gone; recreating it");
+                            tracing::warn!(error = %e, durable = %params.durable, "the durable consumer is gone or silent; finding or recreating it");
                             self.subscribed.set(false);
                             continue 'consumer;
                         }

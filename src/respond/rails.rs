@@ -12,6 +12,8 @@ use std::time::{Duration, Instant};
 
 use k8s_openapi::api::core::v1::Pod;
 
+use super::alert::PodRef;
+
 /// Namespaces protected unless configured otherwise.
 pub const DEFAULT_PROTECTED: &[&str] = &["kube-system", "kube-public", "falco"];
 
@@ -82,7 +84,7 @@ pub struct DedupKey {
 pub struct Rails {
     config: RailsConfig,
     recent_actions: Recent<DedupKey>,
-    recent_events: Recent<(String, String, &'static str)>,
+    recent_events: Recent<(String, String, Option<String>, &'static str)>,
     owner_skips: Mutex<HashMap<(String, String), (Instant, SkipReason)>>,
     destructive: Mutex<VecDeque<Instant>>,
 }
@@ -193,10 +195,15 @@ impl Rails {
     }
 
     /// Whether a Kubernetes Event with this reason may be written for the
-    /// pod: at most one per pod and reason within the dedup window.
-    pub fn first_event(&self, namespace: &str, pod: &str, reason: &'static str) -> bool {
+    /// pod: at most one per pod (name and UID) and reason within the dedup window.
+    pub fn first_event(&self, pod: &PodRef, reason: &'static str) -> bool {
         self.recent_events.claim(
-            (namespace.to_owned(), pod.to_owned(), reason),
+            (
+                pod.namespace.clone(),
+                pod.name.clone(),
+                pod.uid.clone(),
+                reason,
+            ),
             self.config.dedup_window,
         )
     }
@@ -323,8 +330,14 @@ mod tests {
         assert!(r.claim(key(Some("uid-2"))), "a recreated pod is a new pod");
         r.release(&key(Some("uid-1")));
         assert!(r.claim(key(Some("uid-1"))), "released claims can be taken");
-        assert!(r.first_event("shop", "db-0", "FalcoNatsFailed"));
-        assert!(!r.first_event("shop", "db-0", "FalcoNatsFailed"));
-        assert!(r.first_event("shop", "db-0", "FalcoNatsActed"));
+        let pod = |uid: &str| PodRef {
+            namespace: "shop".into(),
+            name: "db-0".into(),
+            uid: Some(uid.into()),
+        };
+        assert!(r.first_event(&pod("uid-1"), "FalcoNatsFailed"));
+        assert!(!r.first_event(&pod("uid-1"), "FalcoNatsFailed"));
+        assert!(r.first_event(&pod("uid-1"), "FalcoNatsActed"));
+        assert!(r.first_event(&pod("uid-2"), "FalcoNatsActed"));
     }
 }

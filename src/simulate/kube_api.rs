@@ -41,6 +41,9 @@ pub struct FakeState {
     pub requests: Vec<(String, String)>,
     /// Added before every answer, to make calls take time.
     pub latency: std::time::Duration,
+    /// Requests of this method answered with this status, this many times
+    /// more (an API server in trouble).
+    pub failing: Option<(String, u16, usize)>,
     next: u64,
 }
 
@@ -152,6 +155,17 @@ impl KubeApi {
         self.lock().latency = latency;
     }
 
+    /// Answers the next `times` requests of `method` with `code` and a
+    /// `Status` body, as an API server in trouble does (500, 503, 429).
+    pub fn fail_next(&self, method: &str, code: u16, times: usize) {
+        self.lock().failing = Some((method.to_owned(), code, times));
+    }
+
+    /// Deletes every NetworkPolicy (as an operator might).
+    pub fn remove_network_policies(&self) {
+        self.lock().network_policies.clear();
+    }
+
     pub fn has_pod(&self, namespace: &str, name: &str) -> bool {
         self.lock()
             .pods
@@ -209,11 +223,35 @@ async fn handle(
         .lock()
         .unwrap_or_else(|poisoned| poisoned.into_inner());
     st.requests.push((method.to_string(), path.clone()));
+    let parts: Vec<&str> = path.trim_matches('/').split('/').collect();
     let auth = headers.get("authorization").and_then(|v| v.to_str().ok());
     if auth != Some(&format!("Bearer {TOKEN}")) {
         return status(401, "Unauthorized", "Unauthorized".into());
     }
-    let parts: Vec<&str> = path.trim_matches('/').split('/').collect();
+    if let Some((failing, code, left)) = &mut st.failing {
+        if *failing == method.as_str() && *left > 0 {
+            *left -= 1;
+            let code = *code;
+            if let ("DELETE", ["api", "v1", "namespaces", ns, "pods", name]) =
+                (method.as_str(), parts.as_slice())
+            {
+                let call = DeleteCall {
+                    namespace: (*ns).to_owned(),
+                    name: (*name).to_owned(),
+                    grace_period_seconds: None,
+                    uid_precondition: None,
+                    status: code,
+                    at: std::time::Instant::now(),
+                };
+                st.deletes.push(call);
+            }
+            return status(
+                code,
+                "InternalError",
+                format!("the server is failing ({code})"),
+            );
+        }
+    }
     match (method.as_str(), parts.as_slice()) {
         ("GET", ["api", "v1", "namespaces", ns, "pods", name]) => {
             match st.pods.get(&((*ns).into(), (*name).into())) {
