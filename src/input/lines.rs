@@ -55,6 +55,24 @@ impl<R: AsyncRead + Unpin> LineReader<R> {
         }
     }
 
+    /// The next line already in the buffer, reading nothing more: for a
+    /// shutdown, which queues what was read before stopping. A last line
+    /// without its newline is not complete and stays (see [`Self::partial`]).
+    pub fn next_buffered_line(&mut self) -> Option<Line> {
+        let line = self.take_line();
+        if line.is_none() {
+            // take_line may have started skipping an oversized line: that
+            // is no line to return either.
+            self.skipping = None;
+        }
+        line
+    }
+
+    /// Bytes of an incomplete last line held in the buffer.
+    pub fn partial(&self) -> usize {
+        self.buf.len()
+    }
+
     /// A line from the buffer if one is complete (or is known to be oversized).
     fn take_line(&mut self) -> Option<Line> {
         if let Some(pos) = memchr::memchr(b'\n', &self.buf[self.scanned..]) {
@@ -74,7 +92,10 @@ impl<R: AsyncRead + Unpin> LineReader<R> {
             return Some(Line::Complete(line.freeze()));
         }
         self.scanned = self.buf.len();
-        if self.skipping.is_some() || self.buf.len() > self.max_line {
+        // One byte more than the limit may still be a line at the limit
+        // whose `\r\n` has not arrived whole: the `\r` is not part of it.
+        let room = self.max_line + usize::from(self.buf.last() == Some(&b'\r'));
+        if self.skipping.is_some() || self.buf.len() > room {
             // No newline yet and over the limit: drop what we hold and skip on.
             let held = self.buf.len();
             *self.skipping.get_or_insert(0) += held;
@@ -137,6 +158,50 @@ mod tests {
                 Line::Oversized(200_000)
             ]
         );
+    }
+
+    /// A line of exactly the limit ending in CRLF is accepted wherever a
+    /// read ends, here between the `\r` and the `\n`.
+    #[tokio::test]
+    async fn a_crlf_line_at_the_limit_passes_whatever_the_reads() {
+        let at = "c".repeat(1000);
+        let reader = chunked_reader(&[format!("{at}\r").as_bytes(), b"\nnext\n"]);
+        let mut lines = LineReader::new(reader, 1000);
+        assert_eq!(lines.next_line().await.unwrap(), Some(complete(&at)));
+        assert_eq!(lines.next_line().await.unwrap(), Some(complete("next")));
+        // Two bytes over (no CR) is still oversized.
+        let over = "d".repeat(1001);
+        let reader = chunked_reader(&[over.as_bytes(), b"\r\nok\n"]);
+        let mut lines = LineReader::new(reader, 1000);
+        assert_eq!(lines.next_line().await.unwrap(), Some(Line::Oversized(1002)));
+        assert_eq!(lines.next_line().await.unwrap(), Some(complete("ok")));
+    }
+
+    /// Complete lines already read are given out at shutdown; a partial
+    /// last line is not.
+    #[tokio::test]
+    async fn buffered_lines_are_given_out_without_reading() {
+        let reader = chunked_reader(&[b"a\nb\nc\npart"]);
+        let mut lines = LineReader::new(reader, 100);
+        assert_eq!(lines.next_line().await.unwrap(), Some(complete("a")));
+        assert_eq!(lines.next_buffered_line(), Some(complete("b")));
+        assert_eq!(lines.next_buffered_line(), Some(complete("c")));
+        assert_eq!(lines.next_buffered_line(), None);
+        assert_eq!(lines.partial(), 4);
+    }
+
+    /// A reader that returns each chunk from its own read call.
+    fn chunked_reader(chunks: &[&[u8]]) -> impl AsyncRead + Unpin {
+        let (mut tx, rx) = tokio::io::duplex(1 << 20);
+        let chunks: Vec<Vec<u8>> = chunks.iter().map(|c| c.to_vec()).collect();
+        tokio::spawn(async move {
+            use tokio::io::AsyncWriteExt;
+            for chunk in chunks {
+                tx.write_all(&chunk).await.unwrap();
+                tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+            }
+        });
+        rx
     }
 
     #[tokio::test]
