@@ -121,3 +121,45 @@ async fn fifo_input_refuses_a_regular_file_and_a_missing_fifo() {
         assert!(err.to_string().contains(expected), "{err}");
     }
 }
+
+/// Issue 9, item 8: SIGTERM while complete lines still sit in the line
+/// reader's buffer (the queue holds one alert, JetStream is not there yet):
+/// every line read is queued and published once JetStream is back within
+/// the drain timeout.
+#[tokio::test]
+async fn sigterm_queues_every_line_already_read() {
+    const TOTAL: u64 = 40;
+    let mut nats = NatsServer::start_without_jetstream();
+    let dir = tempfile::tempdir().unwrap();
+    let fifo = dir.path().join("nats");
+    let mut options = grpc_options(&fifo, &nats.url());
+    options.input = InputOptions::Fifo(FifoOptions {
+        path: fifo.clone(),
+        create: true,
+        max_line: 64 * 1024,
+    });
+    options.queue_size = 1;
+    options.publish.jetstream = Some(jetstream_options());
+    let bridge = RunningBridge::start(options).await;
+    wait_for("the bridge to be ready", WAIT, || async {
+        bridge.get("/readyz").await.0 == 200
+    })
+    .await;
+    let mut factory = AlertFactory::new("node-f", false);
+    let all: String = (0..TOTAL).map(|_| factory.next_json() + "\n").collect();
+    let writer_fifo = fifo.clone();
+    std::thread::spawn(move || write_session(&writer_fifo, &[all.as_bytes()]))
+        .join()
+        .unwrap();
+    wait_for("the lines to be read", WAIT, || async {
+        bridge.metric("falco_nats_alerts_received_total{input=\"fifo\"}").await >= 1.0
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    bridge.shutdown.cancel();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    nats.jetstream = true;
+    nats.restart();
+    bridge.stop().await.unwrap();
+    assert_stream_holds_each_once(&nats.url(), "FALCO", TOTAL, WAIT).await;
+}

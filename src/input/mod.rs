@@ -54,7 +54,9 @@ pub enum LinesEnd {
 }
 
 /// Reads one JSON alert per line from `reader` into `sink` until the input
-/// ends or `shutdown`; a line over `max_line` is rejected and the next one read.
+/// ends or `shutdown`; a line over `max_line` is rejected and the next one
+/// read. On shutdown, the complete lines already read (up to a buffer's
+/// worth) are queued before returning: nothing read is thrown away.
 pub async fn pump_lines<R: AsyncRead + Unpin>(
     reader: R,
     max_line: usize,
@@ -65,19 +67,49 @@ pub async fn pump_lines<R: AsyncRead + Unpin>(
     loop {
         let line = tokio::select! {
             line = lines.next_line() => line?,
-            _ = shutdown.cancelled() => return Ok(LinesEnd::Stopped),
+            _ = shutdown.cancelled() => break,
         };
-        match line {
-            Some(Line::Complete(raw)) => {
-                if sink.send_json(raw).await.is_err() {
-                    return Ok(LinesEnd::Stopped);
-                }
-            }
-            Some(Line::Oversized(size)) => sink.reject(&AlertError::TooLarge {
+        let Some(line) = line else {
+            return Ok(LinesEnd::EndOfInput);
+        };
+        if forward(line, max_line, sink).await.is_err() {
+            return Ok(LinesEnd::Stopped);
+        }
+    }
+    let mut queued = 0usize;
+    while let Some(line) = lines.next_buffered_line() {
+        if forward(line, max_line, sink).await.is_err() {
+            break;
+        }
+        queued += 1;
+    }
+    if queued > 0 {
+        tracing::info!(
+            input = sink.input(),
+            lines = queued,
+            "queued the lines read before the shutdown"
+        );
+    }
+    if lines.partial() > 0 {
+        tracing::warn!(
+            input = sink.input(),
+            bytes = lines.partial(),
+            "shutdown in the middle of a line: its start is dropped"
+        );
+    }
+    Ok(LinesEnd::Stopped)
+}
+
+/// Hands one line to the sink (or rejects it as oversized).
+async fn forward(line: Line, max_line: usize, sink: &AlertSink) -> Result<(), QueueClosed> {
+    match line {
+        Line::Complete(raw) => sink.send_json(raw).await,
+        Line::Oversized(size) => {
+            sink.reject(&AlertError::TooLarge {
                 size,
                 limit: max_line,
-            }),
-            None => return Ok(LinesEnd::EndOfInput),
+            });
+            Ok(())
         }
     }
 }

@@ -51,6 +51,8 @@ pub struct NatsServer {
     store: TempDir,
     child: Option<Child>,
     extra_args: Vec<String>,
+    /// Started with `-js` (the default).
+    pub jetstream: bool,
 }
 
 impl NatsServer {
@@ -70,21 +72,34 @@ impl NatsServer {
             store: tempfile::tempdir().expect("temp dir"),
             child: None,
             extra_args: extra.iter().map(|s| s.to_string()).collect(),
+            jetstream: true,
+        };
+        server.spawn();
+        server
+    }
+
+    /// A server without JetStream (until [`Self::restart`] after setting
+    /// `jetstream`).
+    pub fn start_without_jetstream() -> Self {
+        let mut server = NatsServer {
+            port: free_port(),
+            store: tempfile::tempdir().expect("temp dir"),
+            child: None,
+            extra_args: Vec::new(),
+            jetstream: false,
         };
         server.spawn();
         server
     }
 
     fn spawn(&mut self) {
-        let child = Command::new(nats_server_bin())
-            .args([
-                "-a",
-                "127.0.0.1",
-                "-p",
-                &self.port.to_string(),
-                "-js",
-                "-sd",
-            ])
+        let mut command = Command::new(nats_server_bin());
+        command.args(["-a", "127.0.0.1", "-p", &self.port.to_string()]);
+        if self.jetstream {
+            command.arg("-js");
+        }
+        let child = command
+            .arg("-sd")
             .arg(self.store.path())
             .args(&self.extra_args)
             .stdout(Stdio::null())
