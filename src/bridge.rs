@@ -15,10 +15,11 @@ use tokio_util::sync::CancellationToken;
 use crate::input::fifo::{FifoInput, FifoOptions};
 use crate::input::grpc::{GrpcInput, GrpcOptions};
 use crate::input::http::{http_routes, HttpOptions};
-use crate::input::stdin::StdinInput;
+use crate::input::stdin::{self, StdinInput};
 use crate::input::{AlertSink, InputError};
 use crate::output::{
     connect, ConnectionWatch, DeliveryLedger, NatsError, NatsOptions, PublishOptions, Publisher,
+    StreamMismatch,
 };
 use crate::priority::Priority;
 use crate::telemetry::health::{self, Readiness, TlsError};
@@ -79,13 +80,15 @@ pub enum BridgeError {
     #[error(transparent)]
     Nats(#[from] NatsError),
     #[error(
-        "{pending} alerts were still unpublished when the drain timeout of {timeout:?} ran out"
+        "{pending} alerts read were not confirmed by NATS when the drain timeout of {timeout:?} ran out"
     )]
     DrainTimeout { pending: i64, timeout: Duration },
     #[error(transparent)]
     Tls(#[from] TlsError),
     #[error("--input http needs the --listen address")]
     HttpWithoutListener,
+    #[error(transparent)]
+    Stream(#[from] StreamMismatch),
 }
 
 /// Runs the bridge until `shutdown` is cancelled (or the input fails),
@@ -105,7 +108,7 @@ pub async fn run(
         reconnects: metrics.nats_reconnects.clone(),
         permission_denied: metrics.permission_denied.clone(),
         denied: Default::default(),
-        ledger: DeliveryLedger::new(metrics.possibly_lost.clone()),
+        ledger: DeliveryLedger::new(metrics.possibly_lost.clone(), metrics.unconfirmed.clone()),
     };
     let denied = watch.denied.clone();
     let ledger = watch.ledger.clone();
@@ -137,17 +140,23 @@ pub async fn run(
         input_ready,
     );
 
+    // The HTTP server stops with the input when it is the input (after
+    // half the drain timeout, connections still open are closed), else
+    // once everything is published.
     let http_stop = CancellationToken::new();
     let mut router = health::router(readiness, Arc::new(registry));
     if let InputOptions::Http(http_options) = &options.input {
         router = router.merge(http_routes(sink.clone(), http_options.clone()));
     }
+    let grace = options.drain_timeout / 2;
     let mut http = listener.map(|listener| {
-        let stop = http_stop.clone();
-        match acceptor {
-            Some(acceptor) => tokio::spawn(health::serve_tls(listener, router, acceptor, stop)),
-            None => tokio::spawn(health::serve(listener, router, stop)),
-        }
+        tokio::spawn(health::serve(
+            listener,
+            router,
+            acceptor,
+            http_stop.clone(),
+            grace,
+        ))
     });
     // Once shutdown starts, the input and the output share one deadline.
     let deadline = CancellationToken::new();
@@ -166,7 +175,7 @@ pub async fn run(
             InputOptions::Grpc(o) => GrpcInput::new(o, sink).run(input_stop).await,
             InputOptions::Fifo(o) => FifoInput::new(o, sink).run(input_stop).await,
             InputOptions::Stdin { max_line } => {
-                StdinInput::new(tokio::io::stdin(), max_line, sink)
+                StdinInput::new(stdin::open(), max_line, sink)
                     .run(input_stop)
                     .await
             }
@@ -183,31 +192,48 @@ pub async fn run(
             }
         }
     };
+    // The input runs until shutdown; the output ends before it only when
+    // it cannot publish at all.
+    let mut output_result = None;
     let input_result = tokio::select! {
         result = input => Some(result),
         _ = deadline.cancelled() => None,
+        result = &mut output => {
+            output_result = Some(result);
+            None
+        }
     };
     if let Some(Err(e)) = &input_result {
         tracing::error!(input = input_name, error = %e, "input failed");
     }
     // An input that stopped by itself starts the shutdown too.
     shutdown.cancel();
-    tracing::info!("input stopped; publishing what was read");
-
-    let drained = tokio::select! {
-        _ = &mut output => input_result.is_some(),
-        _ = deadline.cancelled() => false,
+    let drained = match output_result.take() {
+        Some(early) => Some(early),
+        None => {
+            tracing::info!("input stopped; publishing what was read");
+            tokio::select! {
+                result = &mut output => Some(result),
+                _ = deadline.cancelled() => None,
+            }
+        }
     };
     http_stop.cancel();
     if let Some(http) = http {
         let _ = http.await;
     }
     deadline.cancel();
-    let Some(input_result) = input_result.filter(|_| drained) else {
-        output.abort();
-        let pending = metrics.queue_depth.get();
+    match &drained {
+        Some(Ok(Err(mismatch))) => return Err(BridgeError::Stream(mismatch.clone())),
+        Some(Ok(Ok(()))) => {}
+        Some(Err(join)) => tracing::error!(error = %join, "the publisher stopped unexpectedly"),
+        None => output.abort(),
+    }
+    let Some(input_result) = input_result.filter(|_| drained.is_some()) else {
+        // Exactly what was read and not confirmed: queued, in flight, or
+        // in the client's buffer.
         return Err(BridgeError::DrainTimeout {
-            pending,
+            pending: metrics.unconfirmed.get(),
             timeout: options.drain_timeout,
         });
     };

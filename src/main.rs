@@ -27,7 +27,13 @@ fn main() -> ExitCode {
         .enable_all()
         .build()
         .context("cannot start the async runtime")
-        .and_then(|runtime| runtime.block_on(run(cli)));
+        .and_then(|runtime| {
+            let result = runtime.block_on(run(cli));
+            // A blocking read of a terminal or file on standard input
+            // cannot be interrupted: do not wait for it.
+            runtime.shutdown_timeout(std::time::Duration::from_millis(100));
+            result
+        });
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

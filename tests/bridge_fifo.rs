@@ -152,7 +152,10 @@ async fn sigterm_queues_every_line_already_read() {
         .join()
         .unwrap();
     wait_for("the lines to be read", WAIT, || async {
-        bridge.metric("falco_nats_alerts_received_total{input=\"fifo\"}").await >= 1.0
+        bridge
+            .metric("falco_nats_alerts_received_total{input=\"fifo\"}")
+            .await
+            >= 1.0
     })
     .await;
     tokio::time::sleep(Duration::from_millis(200)).await;

@@ -173,7 +173,10 @@ mod tests {
         let over = "d".repeat(1001);
         let reader = chunked_reader(&[over.as_bytes(), b"\r\nok\n"]);
         let mut lines = LineReader::new(reader, 1000);
-        assert_eq!(lines.next_line().await.unwrap(), Some(Line::Oversized(1002)));
+        assert_eq!(
+            lines.next_line().await.unwrap(),
+            Some(Line::Oversized(1002))
+        );
         assert_eq!(lines.next_line().await.unwrap(), Some(complete("ok")));
     }
 

@@ -164,8 +164,10 @@ impl AlertSink {
             return Ok(());
         }
         self.metrics.queue_depth.inc();
+        self.metrics.unconfirmed.inc();
         self.tx.send(event).await.map_err(|_| {
             self.metrics.queue_depth.dec();
+            self.metrics.unconfirmed.dec();
             QueueClosed
         })
     }

@@ -18,6 +18,7 @@ use std::time::Duration;
 
 use async_nats::Client;
 use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::gauge::Gauge;
 
 use crate::output::publisher::round_trip;
 
@@ -34,13 +35,18 @@ struct Inner {
     handed: AtomicU64,
     confirmed: Mutex<u64>,
     possibly_lost: Counter,
+    /// Alerts read and not yet confirmed: lowered by what is confirmed,
+    /// or counted as possibly lost.
+    unconfirmed: Gauge,
 }
 
 impl DeliveryLedger {
-    /// A ledger that adds what it considers lost to `possibly_lost`.
-    pub fn new(possibly_lost: Counter) -> Self {
+    /// A ledger that adds what it considers lost to `possibly_lost`, and
+    /// takes what is confirmed or lost off `unconfirmed`.
+    pub fn new(possibly_lost: Counter, unconfirmed: Gauge) -> Self {
         DeliveryLedger(Arc::new(Inner {
             possibly_lost,
+            unconfirmed,
             ..Inner::default()
         }))
     }
@@ -59,7 +65,10 @@ impl DeliveryLedger {
     /// The server received the first `mark` alerts.
     pub fn confirm(&self, mark: u64) {
         if let Ok(mut confirmed) = self.0.confirmed.lock() {
-            *confirmed = (*confirmed).max(mark);
+            if mark > *confirmed {
+                self.0.unconfirmed.dec_by(gauge_delta(mark - *confirmed));
+                *confirmed = mark;
+            }
         }
     }
 
@@ -79,6 +88,7 @@ impl DeliveryLedger {
         let at_risk = handed.saturating_sub(*confirmed);
         *confirmed = handed;
         self.0.possibly_lost.inc_by(at_risk);
+        self.0.unconfirmed.dec_by(gauge_delta(at_risk));
         at_risk
     }
 
@@ -97,6 +107,10 @@ impl DeliveryLedger {
     }
 }
 
+fn gauge_delta(n: u64) -> i64 {
+    i64::try_from(n).unwrap_or(i64::MAX)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -104,7 +118,9 @@ mod tests {
     #[test]
     fn counts_what_was_unconfirmed_when_the_connection_dropped() {
         let lost = Counter::default();
-        let ledger = DeliveryLedger::new(lost.clone());
+        let unconfirmed = Gauge::default();
+        let ledger = DeliveryLedger::new(lost.clone(), unconfirmed.clone());
+        unconfirmed.set(20);
         for _ in 0..10 {
             ledger.handed();
         }
@@ -122,5 +138,10 @@ mod tests {
         }
         assert_eq!(ledger.disconnected(), 3);
         assert_eq!(lost.get(), 10);
+        assert_eq!(
+            unconfirmed.get(),
+            0,
+            "every alert confirmed or counted lost"
+        );
     }
 }

@@ -9,5 +9,7 @@ pub mod subject;
 
 pub use connection::{connect, ConnectionWatch, DeniedSubjects, NatsError, NatsOptions};
 pub use ledger::{DeliveryLedger, CONFIRM_EVERY};
-pub use publisher::{alert_headers, round_trip, JetStreamOptions, PublishOptions, Publisher};
+pub use publisher::{
+    alert_headers, round_trip, JetStreamOptions, PublishOptions, Publisher, StreamMismatch,
+};
 pub use subject::SubjectTemplate;

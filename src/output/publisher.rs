@@ -15,7 +15,7 @@ use crate::backoff::Backoff;
 use crate::event::FalcoEvent;
 use crate::output::connection::DeniedSubjects;
 use crate::output::ledger::DeliveryLedger;
-use crate::output::subject::SubjectTemplate;
+use crate::output::subject::{covers, SubjectTemplate};
 use crate::telemetry::metrics::BridgeMetrics;
 
 /// Header names carried by every alert message.
@@ -107,20 +107,38 @@ impl Publisher {
     }
 
     /// Publishes until `alerts` is closed and empty, then waits for every
-    /// acknowledgement (JetStream) and flushes the connection.
-    pub async fn run(self, alerts: mpsc::Receiver<FalcoEvent>) {
-        let (client, published) = match self {
-            Publisher::Core(p) => p.run(alerts).await,
-            Publisher::JetStream(p) => p.run(alerts).await,
+    /// acknowledgement (JetStream) and for the server to confirm it has
+    /// everything published (core). Fails only when an existing stream
+    /// cannot take the alerts.
+    pub async fn run(self, alerts: mpsc::Receiver<FalcoEvent>) -> Result<(), StreamMismatch> {
+        let (client, published, ledger) = match self {
+            Publisher::Core(p) => {
+                let ledger = p.ledger.clone();
+                let (client, published) = p.run(alerts).await;
+                (client, published, Some(ledger))
+            }
+            Publisher::JetStream(p) => {
+                let (client, published) = p.run(alerts).await?;
+                (client, published, None)
+            }
         };
-        // Nothing to flush when nothing was published (and NATS may never
-        // have been reachable: a flush would wait for it).
+        // Nothing to confirm when nothing was published (and NATS may never
+        // have been reachable: a round trip would wait for it).
         if published == 0 {
-            return;
+            return Ok(());
         }
-        if let Err(e) = round_trip(&client).await {
-            tracing::warn!(error = %e, "cannot confirm that NATS received the last alerts");
+        let mark = ledger.as_ref().map(DeliveryLedger::mark);
+        match round_trip(&client).await {
+            Ok(()) => {
+                if let (Some(ledger), Some(mark)) = (ledger, mark) {
+                    ledger.confirm(mark);
+                }
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot confirm that NATS received the last alerts")
+            }
         }
+        Ok(())
     }
 }
 
@@ -206,15 +224,17 @@ impl CorePublisher {
                     async_nats::client::PublishErrorKind::MaxPayloadExceeded
                 ) =>
             {
+                self.metrics.unconfirmed.dec();
                 self.metrics
                     .rejected
                     .get_or_create(&[("reason", "too_large_for_nats")])
                     .inc();
-                tracing::error!(rule = %event.rule, error = %e, "alert is larger than the NATS server's max_payload; dropped");
+                tracing::error!(rule = ?event.rule, error = %e, "alert is larger than the NATS server's max_payload; dropped");
             }
             Err(e) => {
+                self.metrics.unconfirmed.dec();
                 self.metrics.publish_failures.inc();
-                tracing::error!(rule = %event.rule, error = %e, "publish failed; alert lost");
+                tracing::error!(rule = ?event.rule, error = %e, "publish failed; alert lost");
             }
         }
     }
@@ -235,14 +255,17 @@ impl JetStreamPublisher {
         }
     }
 
-    async fn run(self, mut alerts: mpsc::Receiver<FalcoEvent>) -> (Client, u64) {
+    async fn run(
+        self,
+        mut alerts: mpsc::Receiver<FalcoEvent>,
+    ) -> Result<(Client, u64), StreamMismatch> {
         let mut count = 0u64;
         // Shared by every in-flight publish: only needed again if the stream vanishes.
         let config = Arc::new(self.stream_config());
         // Wait for the stream, unless the input stops with nothing to publish.
         tokio::select! {
-            _ = ensure_stream(&self.context, &config) => {}
-            _ = closed_and_empty(&alerts) => return (self.client, 0),
+            ready = ensure_stream(&self.context, &config, &self.subject) => ready?,
+            _ = closed_and_empty(&alerts) => return Ok((self.client, 0)),
         }
         let max = self.options.max_inflight.max(1);
         let mut inflight = FuturesUnordered::new();
@@ -268,7 +291,7 @@ impl JetStreamPublisher {
             }
         }
         while inflight.next().await.is_some() {}
-        (self.client, count)
+        Ok((self.client, count))
     }
 }
 
@@ -279,18 +302,52 @@ async fn closed_and_empty(alerts: &mpsc::Receiver<FalcoEvent>) {
     }
 }
 
-/// Creates the stream if it is missing, retrying until NATS answers.
-async fn ensure_stream(context: &jetstream::Context, config: &stream::Config) {
+/// An existing stream that does not take every subject the template makes:
+/// publishing there could never succeed, so the bridge does not start.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("JetStream stream {stream:?} exists with subjects {existing:?}, which do not cover {missing:?} made by --subject {template}: add them to the stream (nats stream edit {stream} --subjects ...), or choose another --stream or --subject")]
+pub struct StreamMismatch {
+    pub stream: String,
+    pub existing: Vec<String>,
+    pub missing: Vec<String>,
+    pub template: String,
+}
+
+/// Creates the stream if it is missing, retrying until NATS answers, and
+/// checks that an existing one covers every subject the template makes.
+async fn ensure_stream(
+    context: &jetstream::Context,
+    config: &stream::Config,
+    template: &SubjectTemplate,
+) -> Result<(), StreamMismatch> {
     let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(5));
     loop {
-        match context.get_or_create_stream(config.clone()).await {
-            Ok(mut stream) => {
-                let subjects = match stream.info().await {
-                    Ok(info) => info.config.subjects.join(","),
-                    Err(_) => config.subjects.join(","),
-                };
-                tracing::info!(stream = %config.name, %subjects, "JetStream stream ready");
-                return;
+        let info: Result<Vec<String>, async_nats::Error> =
+            match context.get_or_create_stream(config.clone()).await {
+                Ok(mut stream) => match stream.info().await {
+                    Ok(info) => Ok(info.config.subjects.clone()),
+                    Err(e) => Err(e.into()),
+                },
+                Err(e) => Err(e.into()),
+            };
+        match info {
+            Ok(existing) => {
+                let missing: Vec<String> = config
+                    .subjects
+                    .iter()
+                    .filter(|s| !existing.iter().any(|f| covers(f, s)))
+                    .cloned()
+                    .collect();
+                if !missing.is_empty() {
+                    return Err(StreamMismatch {
+                        stream: config.name.clone(),
+                        existing,
+                        missing,
+                        template: template.to_string(),
+                    });
+                }
+                tracing::info!(stream = %config.name, subjects = %existing.join(","), "JetStream stream ready");
+                return Ok(());
             }
             Err(e) => {
                 let delay = backoff.next_delay();
@@ -301,8 +358,47 @@ async fn ensure_stream(context: &jetstream::Context, config: &stream::Config) {
     }
 }
 
+/// Why JetStream refused an alert for good, as a `rejected` reason; `None`
+/// when a retry may succeed (a time-out, no stream leader yet, an outage).
+fn permanent_refusal(e: &jetstream::context::PublishError) -> Option<&'static str> {
+    use async_nats::jetstream::context::PublishErrorKind;
+    use async_nats::jetstream::ErrorCode;
+    match e.kind() {
+        PublishErrorKind::MaxPayloadExceeded => Some("too_large_for_nats"),
+        PublishErrorKind::WrongLastMessageId | PublishErrorKind::WrongLastSequence => {
+            Some("refused_by_stream")
+        }
+        PublishErrorKind::Other => {
+            let api = std::error::Error::source(e)?.downcast_ref::<jetstream::Error>()?;
+            match api.error_code() {
+                ErrorCode::STREAM_MESSAGE_EXCEEDS_MAXIMUM => Some("too_large_for_stream"),
+                ErrorCode::STREAM_NOT_MATCH => Some("refused_by_stream"),
+                // Other client errors: the same message will be refused again.
+                _ if (400..500).contains(&api.code()) && ![408, 429].contains(&api.code()) => {
+                    Some("refused_by_stream")
+                }
+                _ => None,
+            }
+        }
+        _ => None,
+    }
+}
+
+/// Whether the stream exists and does not take `subject` (someone edited
+/// it since the start); `false` when it is missing or cannot be read.
+async fn stream_refuses(context: &jetstream::Context, name: &str, subject: &str) -> bool {
+    let Ok(mut stream) = context.get_stream(name).await else {
+        return false;
+    };
+    match stream.info().await {
+        Ok(info) => !info.config.subjects.iter().any(|f| covers(f, subject)),
+        Err(_) => false,
+    }
+}
+
 /// Publishes one alert to JetStream until the stream acknowledges it, with
 /// the same `Nats-Msg-Id` each time so the stream keeps exactly one copy.
+/// An alert the stream refuses for good is counted, logged and dropped.
 async fn publish_until_acked(
     context: jetstream::Context,
     config: Arc<stream::Config>,
@@ -316,6 +412,12 @@ async fn publish_until_acked(
     let payload: Bytes = event.payload;
     let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(5));
     let mut attempt = 0u32;
+    let drop_alert = |reason: &'static str, error: &dyn std::fmt::Display| {
+        metrics.unconfirmed.dec();
+        metrics.publish_failures.inc();
+        metrics.rejected.get_or_create(&[("reason", reason)]).inc();
+        tracing::error!(%subject, rule = ?event.rule, reason, error = %error, "JetStream refuses this alert for good; dropped, not retried");
+    };
     loop {
         attempt += 1;
         let result = match context
@@ -325,47 +427,39 @@ async fn publish_until_acked(
             Ok(ack) => ack.await,
             Err(e) => Err(e),
         };
-        match result {
+        let e = match result {
             Ok(ack) => {
                 if ack.duplicate {
                     metrics.duplicates.inc();
                 }
+                metrics.unconfirmed.dec();
                 metrics.published.inc();
                 metrics
                     .publish_latency
                     .observe(event.received_at.elapsed().as_secs_f64());
                 return;
             }
-            Err(e) if e.kind() == PublishErrorKind::MaxPayloadExceeded => {
-                metrics
-                    .rejected
-                    .get_or_create(&[("reason", "too_large_for_nats")])
-                    .inc();
-                tracing::error!(rule = %event.rule, error = %e, "alert is larger than the NATS server's max_payload; dropped");
-                return;
-            }
-            Err(e) if denied.contains(&subject) => {
-                metrics.publish_failures.inc();
-                metrics
-                    .rejected
-                    .get_or_create(&[("reason", "permission_denied")])
-                    .inc();
-                tracing::error!(%subject, rule = %event.rule, error = %e, "NATS refuses this subject to this user; alert dropped, not retried");
-                return;
-            }
-            Err(e) => {
-                metrics.publish_failures.inc();
-                if e.kind() == PublishErrorKind::StreamNotFound {
-                    // The server lost the stream (a fresh store): make it again.
-                    let _ = context.get_or_create_stream((*config).clone()).await;
-                }
-                let delay = backoff.next_delay();
-                if attempt == 1 || attempt.is_multiple_of(10) {
-                    tracing::warn!(rule = %event.rule, attempt, error = %e, ?delay, "JetStream publish not acknowledged; retrying");
-                }
-                tokio::time::sleep(delay).await;
-            }
+            Err(e) => e,
+        };
+        if let Some(reason) = permanent_refusal(&e) {
+            return drop_alert(reason, &e);
         }
+        if denied.contains(&subject) {
+            return drop_alert("permission_denied", &e);
+        }
+        if e.kind() == PublishErrorKind::StreamNotFound {
+            if stream_refuses(&context, &config.name, &subject).await {
+                return drop_alert("subject_not_in_stream", &e);
+            }
+            // The server lost the stream (a fresh store): make it again.
+            let _ = context.get_or_create_stream((*config).clone()).await;
+        }
+        metrics.publish_failures.inc();
+        let delay = backoff.next_delay();
+        if attempt == 1 || attempt.is_multiple_of(10) {
+            tracing::warn!(rule = ?event.rule, attempt, error = %e, ?delay, "JetStream publish not acknowledged; retrying");
+        }
+        tokio::time::sleep(delay).await;
     }
 }
 

@@ -163,6 +163,22 @@ fn push_token(out: &mut String, value: &str) {
     }
 }
 
+/// Whether the subject filter `filter` (with `*` and `>` wildcards) takes
+/// every subject `subject` stands for (itself possibly with `*` tokens).
+pub fn covers(filter: &str, subject: &str) -> bool {
+    let mut f = filter.split('.');
+    let mut s = subject.split('.');
+    loop {
+        match (f.next(), s.next()) {
+            (Some(">"), Some(_)) => return true,
+            (Some("*"), Some(t)) if t != ">" => {}
+            (Some(a), Some(b)) if a == b && a != "*" && a != ">" => {}
+            (None, None) => return true,
+            _ => return false,
+        }
+    }
+}
+
 /// `value` as one subject token (see the module docs).
 pub fn slug(value: &str) -> String {
     let mut out = String::with_capacity(value.len());
@@ -251,6 +267,22 @@ mod tests {
                 "{bad}"
             );
         }
+    }
+
+    #[test]
+    fn filters_cover_subjects() {
+        assert!(covers("falco.>", "falco.critical.*"));
+        assert!(covers("falco.*.*", "falco.critical.*"));
+        assert!(covers("falco.critical.*", "falco.critical.*"));
+        assert!(covers("FALCO", "FALCO"));
+        assert!(!covers("falco.critical.*", "falco.error.*"));
+        assert!(
+            !covers("falco.*.rule", "falco.error.*"),
+            "a literal does not take every rule"
+        );
+        assert!(!covers("falco.*", "falco.critical.*"));
+        assert!(!covers("falco.>", "falco"));
+        assert!(!covers("falco.*.*.*", "falco.critical.*"));
     }
 
     #[test]

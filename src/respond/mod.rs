@@ -481,7 +481,9 @@ pub async fn run(
         tokio::spawn(health::serve(
             l,
             health::router(readiness, Arc::new(registry)),
+            None,
             http_stop.clone(),
+            Duration::from_secs(1),
         ))
     });
     tracing::info!(

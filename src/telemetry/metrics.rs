@@ -40,6 +40,9 @@ pub struct BridgeMetrics {
     pub nats_connected: Gauge,
     /// Alerts between the input and NATS.
     pub queue_depth: Gauge,
+    /// Alerts read and not yet confirmed by NATS (JetStream: acknowledged;
+    /// core: confirmed by a round trip), nor given up on.
+    pub unconfirmed: Gauge,
     /// Time from receiving an alert to publishing it (JetStream: to its ack).
     pub publish_latency: Histogram,
 }
@@ -61,6 +64,7 @@ impl BridgeMetrics {
             input_connected: Gauge::default(),
             nats_connected: Gauge::default(),
             queue_depth: Gauge::default(),
+            unconfirmed: Gauge::default(),
             publish_latency: Histogram::new(exponential_buckets(0.000_05, 2.0, 18)),
         };
         let r = registry.sub_registry_with_prefix("falco_nats");
@@ -128,6 +132,11 @@ impl BridgeMetrics {
             "queue_depth",
             "Alerts waiting between input and NATS",
             m.queue_depth.clone(),
+        );
+        r.register(
+            "alerts_unconfirmed",
+            "Alerts read and not yet confirmed by NATS (nor given up on)",
+            m.unconfirmed.clone(),
         );
         r.register(
             "publish_latency_seconds",
