@@ -338,3 +338,136 @@ async fn tail_prints_the_expected_line_for_a_known_alert() {
     );
     child.kill().await.unwrap();
 }
+
+/// Issue 9, item 9: SIGTERM with standard input open and quiet: the bridge
+/// exits at once (not when the next line arrives), with every line it read
+/// published.
+#[tokio::test]
+async fn stdin_exits_promptly_on_sigterm() {
+    let nats = NatsServer::start();
+    let client = nats.client().await;
+    let mut sub = client.subscribe("falco.>").await.unwrap();
+    client.flush().await.unwrap();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_falco-nats"))
+        .args([
+            "bridge",
+            "--input",
+            "stdin",
+            "--listen",
+            "off",
+            "-s",
+            &nats.url(),
+        ])
+        .env("RUST_LOG", "warn")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut stdin = child.stdin.take().unwrap();
+    let mut factory = AlertFactory::new("node-s", false);
+    for _ in 0..5 {
+        writeln!(stdin, "{}", factory.next_json()).unwrap();
+    }
+    stdin.flush().unwrap();
+    receive(&mut sub, 5, WAIT).await;
+    let pid = nix::unistd::Pid::from_raw(child.id() as i32);
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).unwrap();
+    let started = std::time::Instant::now();
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        if started.elapsed() > Duration::from_secs(5) {
+            let _ = child.kill();
+            panic!("the bridge did not exit within 5 s of SIGTERM with stdin open");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert!(status.success(), "{status:?}");
+    drop(stdin);
+}
+
+/// Issue 9, item 18: clients holding half a request open do not hold up
+/// the shutdown: they are closed at the grace deadline (half the drain
+/// timeout), and the bridge stops cleanly.
+#[tokio::test]
+async fn half_open_http_requests_do_not_hold_up_the_shutdown() {
+    use tokio::io::AsyncWriteExt;
+    let nats = NatsServer::start();
+    let mut options = http_options(&nats, None);
+    options.drain_timeout = Duration::from_secs(2);
+    let bridge = RunningBridge::start(options).await;
+    wait_for("ready", WAIT, || async {
+        bridge.get("/readyz").await.0 == 200
+    })
+    .await;
+    let mut headers_only = tokio::net::TcpStream::connect(bridge.http).await.unwrap();
+    headers_only
+        .write_all(b"POST / HTTP/1.1\r\nHost: x\r\nContent-Le")
+        .await
+        .unwrap();
+    let mut half_body = tokio::net::TcpStream::connect(bridge.http).await.unwrap();
+    half_body
+        .write_all(b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n{\"rule\":")
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let started = std::time::Instant::now();
+    bridge.stop().await.unwrap();
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "stopped after {:?}",
+        started.elapsed()
+    );
+}
+
+/// Issue 9, item 4: a 5,000-character rule and hostname cannot make a
+/// publish exceed the server's limits: the subject tokens are cut (with a
+/// digest) and the headers bounded; the connection never drops.
+#[tokio::test]
+async fn huge_rule_and_hostname_are_published_without_dropping_the_connection() {
+    let nats = NatsServer::start();
+    let client = nats.client().await;
+    let mut sub = client.subscribe(">").await.unwrap();
+    client.flush().await.unwrap();
+    let mut options = http_options(&nats, None);
+    options.publish.subject = "falco.{hostname}.{priority}.{rule}".parse().unwrap();
+    if let InputOptions::Http(http) = &mut options.input {
+        http.max_body = 64 * 1024;
+    }
+    let bridge = RunningBridge::start(options).await;
+    wait_for("ready", WAIT, || async {
+        bridge.get("/readyz").await.0 == 200
+    })
+    .await;
+    let rule = "Evil rule ".repeat(500);
+    let alert = serde_json::json!({
+        "hostname": "h".repeat(5000), "output": "x", "priority": "Critical",
+        "rule": rule, "source": "syscall", "tags": [], "time": "2026-11-25T00:00:00.000000000Z",
+    })
+    .to_string();
+    for _ in 0..2 {
+        assert_eq!(
+            http_post(bridge.http, &[JSON], alert.as_bytes()).await.0,
+            200
+        );
+    }
+    let good = AlertFactory::new("node-h", false).next_json();
+    assert_eq!(
+        http_post(bridge.http, &[JSON], good.as_bytes()).await.0,
+        200
+    );
+    let got = receive(&mut sub, 3, WAIT).await;
+    assert!(got[0].subject.len() < 400, "{}", got[0].subject.len());
+    assert!(
+        got[0].subject.starts_with("falco.hhhh"),
+        "{}",
+        got[0].subject
+    );
+    assert_eq!(got[0].payload, alert.as_bytes());
+    let headers = got[0].headers.as_ref().unwrap();
+    assert!(headers.get("Falco-Rule").unwrap().as_str().len() <= 1024);
+    assert_eq!(got[2].payload, good.as_bytes());
+    assert_eq!(bridge.metric("falco_nats_nats_reconnects_total").await, 0.0);
+    bridge.stop().await.unwrap();
+}

@@ -102,3 +102,134 @@ async fn sigterm_publishes_everything_read_then_exits_zero() {
     assert_eq!(unique, (1..=read).collect());
     eprintln!("read {read} of {TOTAL} before SIGTERM; {left_in_falco} stay queued in Falco");
 }
+
+/// Issue 9, item 10: at the drain timeout the error counts exactly the
+/// alerts read and not confirmed: here every one, NATS being down.
+#[tokio::test]
+async fn drain_timeout_counts_every_alert_not_confirmed() {
+    use falco_nats::bridge::{BridgeError, InputOptions};
+    use falco_nats::input::fifo::FifoOptions;
+    use std::io::Write;
+    let mut nats = NatsServer::start();
+    nats.kill();
+    let dir = tempfile::tempdir().unwrap();
+    let fifo = dir.path().join("nats");
+    let mut options = grpc_options(&fifo, &nats.url());
+    options.input = InputOptions::Fifo(FifoOptions {
+        path: fifo.clone(),
+        create: true,
+        max_line: 64 * 1024,
+    });
+    options.drain_timeout = Duration::from_secs(1);
+    let bridge = RunningBridge::start(options).await;
+    wait_for("the FIFO", WAIT, || async { fifo.exists() }).await;
+    let mut factory = AlertFactory::new("node-d", false);
+    let all: String = (0..5).map(|_| factory.next_json() + "\n").collect();
+    let path = fifo.clone();
+    tokio::task::spawn_blocking(move || {
+        let mut f = std::fs::OpenOptions::new().write(true).open(path).unwrap();
+        f.write_all(all.as_bytes()).unwrap();
+    })
+    .await
+    .unwrap();
+    wait_for("five alerts read", WAIT, || async {
+        bridge
+            .metric("falco_nats_alerts_received_total{input=\"fifo\"}")
+            .await
+            >= 5.0
+    })
+    .await;
+    match bridge.stop().await {
+        Err(BridgeError::DrainTimeout { pending, .. }) => assert_eq!(pending, 5),
+        other => panic!("expected a drain timeout, got {other:?}"),
+    }
+}
+
+/// Issue 9, item 11: alerts the stream can never take (over its
+/// `max_msg_size`) are dropped and counted, not retried forever: 256 of
+/// them do not stall the ones behind.
+#[tokio::test]
+async fn poison_alerts_are_dropped_and_the_rest_stored() {
+    use falco_nats::bridge::InputOptions;
+    use falco_nats::input::http::HttpOptions;
+    let nats = NatsServer::start();
+    let js = async_nats::jetstream::new(nats.client().await);
+    js.create_stream(async_nats::jetstream::stream::Config {
+        name: "FALCO".into(),
+        subjects: vec!["falco.>".into()],
+        max_message_size: 2048,
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let mut options = grpc_options(std::path::Path::new("/unused"), &nats.url());
+    options.input = InputOptions::Http(HttpOptions {
+        max_body: 64 * 1024,
+        token: None,
+    });
+    options.publish.jetstream = Some(jetstream_options());
+    let bridge = RunningBridge::start(options).await;
+    wait_for("ready", WAIT, || async {
+        bridge.get("/readyz").await.0 == 200
+    })
+    .await;
+    let mut factory = AlertFactory::new("node-p", false);
+    for _ in 0..256 {
+        let mut alert: serde_json::Value = serde_json::from_str(&factory.next_json()).unwrap();
+        alert["output"] = "p".repeat(4096).into();
+        let (code, _) = http_post(bridge.http, &[], alert.to_string().as_bytes()).await;
+        assert_eq!(code, 200);
+    }
+    for _ in 0..10 {
+        let (code, _) = http_post(bridge.http, &[], factory.next_json().as_bytes()).await;
+        assert_eq!(code, 200);
+    }
+    wait_for("the good alerts stored", WAIT, || async {
+        stream_count(&nats.url(), "FALCO").await >= 10
+    })
+    .await;
+    wait_for("the poison counted", WAIT, || async {
+        bridge
+            .metric("falco_nats_alerts_rejected_total{reason=\"too_large_for_stream\"}")
+            .await
+            == 256.0
+    })
+    .await;
+    assert_eq!(bridge.metric("falco_nats_alerts_unconfirmed").await, 0.0);
+    bridge.stop().await.unwrap();
+    assert_eq!(stream_count(&nats.url(), "FALCO").await, 10);
+}
+
+/// Issue 9, item 11: an existing stream that does not take the template's
+/// subjects is a clear error at start, not a retry loop.
+#[tokio::test]
+async fn a_stream_that_does_not_cover_the_subjects_stops_the_bridge() {
+    use falco_nats::bridge::BridgeError;
+    let nats = NatsServer::start();
+    let js = async_nats::jetstream::new(nats.client().await);
+    js.create_stream(async_nats::jetstream::stream::Config {
+        name: "FALCO".into(),
+        subjects: vec!["falco.critical.*".into()],
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let mut options = grpc_options(&dir.path().join("falco.sock"), &nats.url());
+    options.publish.jetstream = Some(jetstream_options());
+    let bridge = RunningBridge::start(options).await;
+    let result = tokio::time::timeout(WAIT, bridge.task)
+        .await
+        .expect("the bridge stops by itself")
+        .unwrap();
+    match result {
+        Err(e @ BridgeError::Stream(_)) => {
+            let text = e.to_string();
+            assert!(
+                text.contains("falco.error.*") && text.contains("nats stream edit"),
+                "{text}"
+            );
+        }
+        other => panic!("expected a stream error, got {other:?}"),
+    }
+}

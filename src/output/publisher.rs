@@ -176,13 +176,22 @@ pub fn alert_headers(event: &FalcoEvent) -> HeaderMap {
     headers
 }
 
+/// Longest header value, in bytes: a consumer filters on these, and no
+/// alert field may make a message grow without bound.
+pub const MAX_HEADER_VALUE: usize = 1024;
+
 /// Header values may not hold control characters (a CR or LF would end the
-/// header): they become spaces.
+/// header): they become spaces. Values are cut at [`MAX_HEADER_VALUE`] bytes
+/// (on a character boundary).
 fn header_value(value: &str) -> String {
-    value
-        .chars()
-        .map(|c| if c.is_control() { ' ' } else { c })
-        .collect()
+    let mut out = String::with_capacity(value.len().min(MAX_HEADER_VALUE));
+    for c in value.chars() {
+        if out.len() + c.len_utf8() > MAX_HEADER_VALUE {
+            break;
+        }
+        out.push(if c.is_control() { ' ' } else { c });
+    }
+    out
 }
 
 impl CorePublisher {
@@ -493,5 +502,8 @@ mod tests {
             h.get(header::MSG_ID).map(|v| v.to_string()),
             Some(event.msg_id())
         );
+        let long = header_value(&"é".repeat(5000));
+        assert!(long.len() <= MAX_HEADER_VALUE && long.len() >= MAX_HEADER_VALUE - 1);
+        assert!(long.chars().all(|c| c == 'é'));
     }
 }

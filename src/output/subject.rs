@@ -4,7 +4,10 @@
 //! existing `falco.critical.>` subscribers keep working; `FALCO` is the flat
 //! subject of the 2018 proof of concept. Every placeholder value is made a
 //! safe subject token: lower-cased, each run of characters outside `[a-z0-9]`
-//! replaced by one `_`, leading and trailing `_` trimmed, `unknown` if empty.
+//! replaced by one `_`, leading and trailing `_` trimmed, `unknown` if empty,
+//! and at most [`MAX_TOKEN`] bytes: a longer token is cut and ends with a
+//! digest of the whole, so distinct long names stay distinct and no subject
+//! comes near the server's 4,096-byte control line, whatever an alert holds.
 
 use std::fmt;
 use std::str::FromStr;
@@ -14,6 +17,13 @@ use crate::priority::Priority;
 
 /// The default subject template.
 pub const DEFAULT_SUBJECT: &str = "falco.{priority}.{rule}";
+
+/// Longest subject token a placeholder becomes, in bytes.
+pub const MAX_TOKEN: usize = 128;
+
+/// Longest subject template, in bytes: with four placeholders at
+/// [`MAX_TOKEN`], a subject stays far below the server's control-line limit.
+pub const MAX_TEMPLATE: usize = 1024;
 
 /// A parsed subject template.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -42,6 +52,8 @@ pub enum SubjectError {
     Unclosed(String),
     #[error("subject template {0:?} has an empty token, whitespace or a wildcard")]
     InvalidToken(String),
+    #[error("subject template is longer than {MAX_TEMPLATE} bytes")]
+    TooLong,
 }
 
 impl FromStr for SubjectTemplate {
@@ -50,6 +62,9 @@ impl FromStr for SubjectTemplate {
     fn from_str(template: &str) -> Result<Self, Self::Err> {
         if template.is_empty() {
             return Err(SubjectError::Empty);
+        }
+        if template.len() > MAX_TEMPLATE {
+            return Err(SubjectError::TooLong);
         }
         let bad_token = template
             .split('.')
@@ -161,6 +176,12 @@ fn push_token(out: &mut String, value: &str) {
     if out.len() == start {
         out.push_str("unknown");
     }
+    if out.len() - start > MAX_TOKEN {
+        // The token is ASCII: any byte index is a character boundary.
+        let digest = xxhash_rust::xxh3::xxh3_64(&out.as_bytes()[start..]) as u32;
+        out.truncate(start + MAX_TOKEN - 9);
+        out.push_str(&format!("_{digest:08x}"));
+    }
 }
 
 /// Whether the subject filter `filter` (with `*` and `>` wildcards) takes
@@ -214,6 +235,19 @@ mod tests {
         assert_eq!(slug("node-1.example.com"), "node_1_example_com");
         assert_eq!(slug("***"), "unknown");
         assert_eq!(slug(""), "unknown");
+    }
+
+    #[test]
+    fn long_values_make_bounded_distinct_tokens() {
+        let a = slug(&"Rule ".repeat(1000));
+        let b = slug(&format!("{}x", "Rule ".repeat(1000)));
+        assert_eq!(a.len(), MAX_TOKEN);
+        assert_eq!(b.len(), MAX_TOKEN);
+        assert_ne!(a, b);
+        assert!(a.starts_with("rule_rule_"), "{a}");
+        assert_eq!(slug(&"r".repeat(MAX_TOKEN)), "r".repeat(MAX_TOKEN));
+        let long = "x".repeat(MAX_TEMPLATE + 1);
+        assert_eq!(long.parse::<SubjectTemplate>(), Err(SubjectError::TooLong));
     }
 
     #[test]
