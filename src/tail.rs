@@ -1,7 +1,13 @@
 //! `falco-nats tail`: a Falco-aware `nats sub`. Prints each alert on one
 //! readable line (time, priority in colour, rule, namespace/pod, the output
-//! text), or the raw JSON with `--json`.
+//! text), or the raw JSON with `--json`; the responder's decisions (only
+//! those on the result subjects) below the alerts.
+//!
+//! Every string in an alert is written by whoever controls the watched
+//! container: control characters (C0, DEL, C1) are printed escaped, never
+//! raw, so an alert cannot retitle, clear or otherwise drive the terminal.
 
+use std::borrow::Cow;
 use std::io::{IsTerminal, Write};
 
 use clap::{Args, ValueEnum};
@@ -42,6 +48,14 @@ pub struct TailArgs {
     /// Exit after this many alerts (0: never)
     #[arg(long, env = "FALCO_NATS_TAIL_COUNT", default_value_t = 0)]
     pub count: u64,
+    /// Subject prefix of the responder's results: only messages there are
+    /// printed as decisions
+    #[arg(
+        long,
+        env = "FALCO_NATS_RESULT_SUBJECT",
+        default_value = "falco.response"
+    )]
+    pub result_subject: String,
 }
 
 /// Why `tail` stopped.
@@ -84,13 +98,15 @@ pub async fn run<W: Write>(
             _ = shutdown.cancelled() => break,
         };
         let Some(message) = message else { break };
+        let is_result = is_under(message.subject.as_str(), &args.result_subject);
         let line = if args.json {
-            alert_priority(&message.payload)
-                .filter(|p| *p >= args.min_priority)
-                .map(|_| String::from_utf8_lossy(&message.payload).into_owned())
-        } else {
+            let wanted = is_result
+                || alert_priority(&message.payload).is_some_and(|p| p >= args.min_priority);
+            wanted.then(|| escape_json_controls(&String::from_utf8_lossy(&message.payload)))
+        } else if is_result {
             format_decision(&message.payload, color)
-                .or_else(|| format_alert(&message.payload, args.min_priority, color))
+        } else {
+            format_alert(&message.payload, args.min_priority, color)
         };
         if let Some(line) = line {
             writeln!(out, "{line}")?;
@@ -102,6 +118,45 @@ pub async fn run<W: Write>(
         }
     }
     Ok(())
+}
+
+/// Whether `subject` is `prefix` or below it.
+fn is_under(subject: &str, prefix: &str) -> bool {
+    subject
+        .strip_prefix(prefix)
+        .is_some_and(|rest| rest.is_empty() || rest.starts_with('.'))
+}
+
+/// `s` with every control character (C0, DEL, C1) escaped as Rust writes
+/// it (`\u{1b}`, `\n`): safe to print on a terminal.
+pub fn clean(s: &str) -> Cow<'_, str> {
+    if !s.chars().any(char::is_control) {
+        return Cow::Borrowed(s);
+    }
+    let mut out = String::with_capacity(s.len() + 8);
+    for c in s.chars() {
+        if c.is_control() {
+            out.extend(c.escape_default());
+        } else {
+            out.push(c);
+        }
+    }
+    Cow::Owned(out)
+}
+
+/// A JSON text with control characters as `\uXXXX` escapes: the same JSON
+/// where they sat inside strings (C1 and DEL may stand there raw), and
+/// nothing a terminal acts on.
+pub fn escape_json_controls(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    for c in text.chars() {
+        if c.is_control() {
+            out.push_str(&format!("\\u{:04x}", u32::from(c)));
+        } else {
+            out.push(c);
+        }
+    }
+    out
 }
 
 fn alert_priority(payload: &[u8]) -> Option<Priority> {
@@ -123,10 +178,6 @@ fn paint(priority: Priority) -> &'static str {
 /// or is below `min_priority`.
 pub fn format_alert(payload: &[u8], min_priority: Priority, color: bool) -> Option<String> {
     let v: Value = serde_json::from_slice(payload).ok()?;
-    if v.get("outcome").is_some() {
-        // A responder's decision, not an alert.
-        return None;
-    }
     let priority: Priority = v.get("priority")?.as_str()?.parse().ok()?;
     if priority < min_priority {
         return None;
@@ -156,8 +207,12 @@ pub fn format_alert(payload: &[u8], min_priority: Priority, color: bool) -> Opti
         ("", "")
     };
     Some(format!(
-        "{time} {on}{:<13}{off} {rule} [{place}] {text}",
-        priority.as_str()
+        "{} {on}{:<13}{off} {} [{}] {}",
+        clean(time),
+        priority.as_str(),
+        clean(rule),
+        clean(&place),
+        clean(text)
     ))
 }
 
@@ -182,7 +237,12 @@ pub fn format_decision(payload: &[u8], color: bool) -> Option<String> {
         (true, _) => ("\x1b[35m", "\x1b[0m"),
     };
     Some(format!(
-        "  -> {on}{action} {outcome}{off} [{place}] {reason} (rule: {rule})"
+        "  -> {on}{} {}{off} [{}] {} (rule: {})",
+        clean(action),
+        clean(outcome),
+        clean(&place),
+        clean(reason),
+        clean(rule)
     ))
 }
 
@@ -214,6 +274,38 @@ mod tests {
             format_alert(d, Priority::Debug, false).is_none(),
             "a decision is not an alert"
         );
+        assert!(is_under("falco.response.delete_pod", "falco.response"));
+        assert!(!is_under("falco.responsex.a", "falco.response"));
+        assert!(!is_under("falco.critical.x", "falco.response"));
+    }
+
+    /// Issue 9, item 3: an alert's output carrying terminal escapes (retitle,
+    /// clear screen, an 8-bit CSI) is printed escaped, coloured or not.
+    #[test]
+    fn control_characters_never_reach_the_terminal() {
+        let evil = serde_json::json!({
+            "hostname": "node\u{7}", "output": "12:00:00.0: Critical pwned \u{1b}]0;owned\u{7}\u{1b}[2J\u{9b}31m\u{7f}\nFORGED",
+            "output_fields": {"k8s.ns.name": "shop\u{1b}[8m", "k8s.pod.name": "web"},
+            "priority": "Critical", "rule": "Rule\r\u{1b}[1A", "time": "t\u{1b}",
+        })
+        .to_string();
+        for color in [false, true] {
+            let line = format_alert(evil.as_bytes(), Priority::Debug, color).unwrap();
+            let printed = if color {
+                line.replace("\x1b[1;31m", "").replace("\x1b[0m", "")
+            } else {
+                line.clone()
+            };
+            assert!(!printed.chars().any(char::is_control), "{line:?}");
+            assert!(printed.contains("\\u{1b}]0;owned\\u{7}"), "{printed}");
+        }
+        let decision = serde_json::json!({"action": "delete-pod\u{1b}[2J", "outcome": "done", "reason": "r\n", "namespace": "a", "pod": "b"}).to_string();
+        let line = format_decision(decision.as_bytes(), false).unwrap();
+        assert!(!line.chars().any(char::is_control), "{line:?}");
+        let json = escape_json_controls("{\"o\":\"\u{9b}2J\u{7f}\"}");
+        assert_eq!(json, "{\"o\":\"\\u009b2J\\u007f\"}");
+        let back: Value = serde_json::from_str(&json).unwrap();
+        assert_eq!(back["o"], "\u{9b}2J\u{7f}");
     }
 
     #[test]
