@@ -192,15 +192,26 @@ pub async fn run(
             }
         }
     };
-    // The input runs until shutdown; the output ends before it only when
-    // it cannot publish at all.
-    let mut output_result = None;
-    let input_result = tokio::select! {
-        result = input => Some(result),
+    // The input runs until shutdown. The output ends before it only when it
+    // cannot publish at all (or, with the HTTP input, once the server that
+    // holds the queue has stopped, on the way to the input's own end).
+    let mut input = Box::pin(input);
+    let mut drained = None;
+    let mut input_result = tokio::select! {
+        biased;
+        result = &mut input => Some(result),
         _ = deadline.cancelled() => None,
         result = &mut output => {
-            output_result = Some(result);
-            None
+            let failed = matches!(result, Ok(Err(_)) | Err(_));
+            drained = Some(result);
+            if failed {
+                None
+            } else {
+                tokio::select! {
+                    result = &mut input => Some(result),
+                    _ = deadline.cancelled() => None,
+                }
+            }
         }
     };
     if let Some(Err(e)) = &input_result {
@@ -208,16 +219,15 @@ pub async fn run(
     }
     // An input that stopped by itself starts the shutdown too.
     shutdown.cancel();
-    let drained = match output_result.take() {
-        Some(early) => Some(early),
-        None => {
-            tracing::info!("input stopped; publishing what was read");
-            tokio::select! {
-                result = &mut output => Some(result),
-                _ = deadline.cancelled() => None,
-            }
-        }
-    };
+    // Done with the input (which may hold the HTTP server).
+    drop(input);
+    if drained.is_none() && input_result.is_some() {
+        tracing::info!("input stopped; publishing what was read");
+        drained = tokio::select! {
+            result = &mut output => Some(result),
+            _ = deadline.cancelled() => None,
+        };
+    }
     http_stop.cancel();
     if let Some(http) = http {
         let _ = http.await;
@@ -229,7 +239,7 @@ pub async fn run(
         Some(Err(join)) => tracing::error!(error = %join, "the publisher stopped unexpectedly"),
         None => output.abort(),
     }
-    let Some(input_result) = input_result.filter(|_| drained.is_some()) else {
+    let Some(input_result) = input_result.take().filter(|_| drained.is_some()) else {
         // Exactly what was read and not confirmed: queued, in flight, or
         // in the client's buffer.
         return Err(BridgeError::DrainTimeout {

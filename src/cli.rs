@@ -54,7 +54,7 @@ pub enum Command {
     /// Act on alerts from NATS: delete, label or isolate the offending pod under a policy
     Respond(Box<RespondArgs>),
     /// Print alerts from NATS, one readable line each
-    Tail(crate::tail::TailArgs),
+    Tail(Box<crate::tail::TailArgs>),
 }
 
 /// Where the bridge reads alerts.
@@ -130,9 +130,17 @@ pub struct BridgeArgs {
     /// Largest accepted HTTP body in bytes (--input http); larger ones get 413
     #[arg(long, env = "FALCO_NATS_MAX_BODY", default_value_t = DEFAULT_MAX_BODY)]
     pub max_body: usize,
-    /// Bearer token HTTP senders must present (--input http)
+    /// Bearer token HTTP senders must present (--input http); Falco's own
+    /// http_output cannot send one (use TLS client certificates there)
     #[arg(long, env = "FALCO_NATS_HTTP_TOKEN", hide_env_values = true)]
     pub http_token: Option<String>,
+    /// File holding the bearer token (a mounted Secret)
+    #[arg(
+        long,
+        env = "FALCO_NATS_HTTP_TOKEN_FILE",
+        conflicts_with = "http_token"
+    )]
+    pub http_token_file: Option<PathBuf>,
     /// TLS certificate chain (PEM) for the --listen address
     #[arg(long, env = "FALCO_NATS_TLS_CERT", requires = "tls_key")]
     pub tls_cert: Option<PathBuf>,
@@ -198,7 +206,7 @@ impl BridgeArgs {
             }),
             InputKind::Http => InputOptions::Http(HttpOptions {
                 max_body: self.max_body,
-                token: self.http_token,
+                token: http_token(self.http_token, self.http_token_file.as_deref())?,
             }),
             InputKind::Stdin => InputOptions::Stdin {
                 max_line: self.max_line,
@@ -225,6 +233,31 @@ impl BridgeArgs {
             drain_timeout: self.drain_timeout,
             tls,
         })
+    }
+}
+
+/// The HTTP input's bearer token, from the flag or a file. An empty one is
+/// an error: it must not silently turn authentication off.
+fn http_token(
+    flag: Option<String>,
+    file: Option<&std::path::Path>,
+) -> Result<Option<String>, InputError> {
+    let token = match (flag, file) {
+        (Some(token), _) => Some((token, "--http-token (FALCO_NATS_HTTP_TOKEN)")),
+        (None, Some(path)) => {
+            let text = std::fs::read_to_string(path).map_err(|source| InputError::Io {
+                what: path.display().to_string(),
+                source,
+            })?;
+            let token = text.trim_end_matches(['\r', '\n']).to_owned();
+            Some((token, "the --http-token-file"))
+        }
+        (None, None) => None,
+    };
+    match token {
+        Some((t, what)) if t.is_empty() => Err(InputError::EmptyToken(what)),
+        Some((t, _)) => Ok(Some(t)),
+        None => Ok(None),
     }
 }
 
@@ -504,6 +537,41 @@ mod tests {
         let opts = args.into_options().unwrap();
         assert!(opts.publish.jetstream.is_none());
         assert_eq!(opts.min_priority, Priority::Debug);
+    }
+
+    /// Issue 9, item 5: an empty token refuses to start instead of turning
+    /// authentication off; a token file works.
+    #[test]
+    fn http_tokens_and_secrets() {
+        let parse = |args: &[&str]| {
+            let mut all = vec!["falco-nats", "bridge", "--input", "http"];
+            all.extend_from_slice(args);
+            let Command::Bridge(args) = Cli::try_parse_from(all).unwrap().command else {
+                panic!("not bridge")
+            };
+            (*args).into_options()
+        };
+        let err = parse(&["--http-token", ""]).unwrap_err().to_string();
+        assert!(err.contains("empty"), "{err}");
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("token");
+        std::fs::write(&file, "s3cret\n").unwrap();
+        let opts = parse(&["--http-token-file", file.to_str().unwrap()]).unwrap();
+        match opts.input {
+            InputOptions::Http(h) => assert_eq!(h.token.as_deref(), Some("s3cret")),
+            other => panic!("{other:?}"),
+        }
+        std::fs::write(&file, "\n").unwrap();
+        assert!(parse(&["--http-token-file", file.to_str().unwrap()]).is_err());
+        assert!(Cli::try_parse_from([
+            "falco-nats",
+            "bridge",
+            "--http-token",
+            "a",
+            "--http-token-file",
+            "b"
+        ])
+        .is_err());
     }
 
     #[test]

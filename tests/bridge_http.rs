@@ -471,3 +471,67 @@ async fn huge_rule_and_hostname_are_published_without_dropping_the_connection() 
     assert_eq!(bridge.metric("falco_nats_nats_reconnects_total").await, 0.0);
     bridge.stop().await.unwrap();
 }
+
+/// Issue 9, item 5: the token is checked before the body is read (a wrong
+/// token with a 2 MiB body gets 401, not 413), and HTTP/2 is not served.
+#[tokio::test]
+async fn the_token_comes_before_the_body_and_http2_is_not_spoken() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let nats = NatsServer::start();
+    let bridge = RunningBridge::start(http_options(&nats, Some("right"))).await;
+    wait_for("ready", WAIT, || async {
+        bridge.get("/readyz").await.0 == 200
+    })
+    .await;
+    let big = vec![b'x'; 2 * 1024 * 1024];
+    let (status, _) = http_post(bridge.http, &[("Authorization", "Bearer wrong")], &big).await;
+    assert_eq!(status, 401);
+    let (status, _) = http_post(bridge.http, &[("Authorization", "Bearer right")], &big).await;
+    assert_eq!(status, 413);
+
+    let mut h2 = tokio::net::TcpStream::connect(bridge.http).await.unwrap();
+    h2.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\x00\x00\x00\x04\x00\x00\x00\x00\x00")
+        .await
+        .unwrap();
+    let mut answer = Vec::new();
+    let _ = tokio::time::timeout(WAIT, h2.read_to_end(&mut answer)).await;
+    assert!(
+        answer.is_empty() || answer.starts_with(b"HTTP/1.1 "),
+        "answered HTTP/2: {answer:?}"
+    );
+    bridge.stop().await.unwrap();
+}
+
+/// Issue 9, item 5: secrets given in the environment (a NATS URL with a
+/// password, the password, the tokens) never show in `--help`, and an
+/// unreadable server URL's error masks its credentials.
+#[tokio::test]
+async fn secrets_never_show_in_help_or_errors() {
+    let secrets = [
+        ("NATS_URL", "nats://alice:url-secret@bad host:4222"),
+        ("NATS_PASSWORD", "password-secret"),
+        ("NATS_TOKEN", "token-secret"),
+        ("FALCO_NATS_HTTP_TOKEN", "http-secret"),
+    ];
+    for sub in ["bridge", "respond", "tail"] {
+        let out = Command::new(env!("CARGO_BIN_EXE_falco-nats"))
+            .args([sub, "--help"])
+            .envs(secrets)
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(out.status.success());
+        for (_, secret) in secrets {
+            assert!(!text.contains(secret), "{sub} --help shows {secret}");
+        }
+    }
+    let out = Command::new(env!("CARGO_BIN_EXE_falco-nats"))
+        .args(["tail", "--count", "1"])
+        .env("NATS_URL", secrets[0].1)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(text.contains("invalid NATS server URL"), "{text}");
+    assert!(!text.contains("url-secret"), "{text}");
+}

@@ -955,3 +955,53 @@ async fn a_deleted_durable_consumer_is_recreated() {
     assert_eq!(kube.deletes().len(), 2);
     responder.stop().await;
 }
+
+/// Issue 9, item 6: a rule with a newline cannot forge a log line: text
+/// logs quote and escape what came from the alert.
+#[tokio::test]
+async fn alert_text_cannot_forge_log_lines() {
+    use std::sync::{Arc, Mutex};
+    #[derive(Clone, Default)]
+    struct Captured(Arc<Mutex<Vec<u8>>>);
+    impl std::io::Write for Captured {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(buf);
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+    let captured = Captured::default();
+    let writer = captured.clone();
+    let subscriber = tracing_subscriber::fmt()
+        .with_ansi(false)
+        .with_max_level(tracing::Level::DEBUG)
+        .with_writer(move || writer.clone())
+        .finish();
+    let _guard = tracing::subscriber::set_default(subscriber);
+
+    let nats = NatsServer::start();
+    let kube = FakeKube::start().await.unwrap();
+    kube.add_pod("shop", "web", "u-web", Some("ReplicaSet"));
+    let client = nats.client().await;
+    let mut out = client.subscribe("falco.response.>").await.unwrap();
+    let responder = Responder::start(options(&nats, &kube)).await;
+    let forged = "Drop\n2026-11-25T00:00:00.000000Z  INFO falco_nats::respond::audit: response action=\"delete-pod\" outcome=\"done\" namespace=\"kube-system\" pod=\"coredns\"";
+    let fields = json!({"k8s.ns.name": "shop", "k8s.pod.name": "web"});
+    publish(&client, alert("Critical", forged, fields.clone())).await;
+    publish(&client, alert("Warning", forged, fields)).await;
+    results(&mut out, 2).await;
+    responder.stop().await;
+    let text = String::from_utf8(captured.0.lock().unwrap().clone()).unwrap();
+    assert!(
+        text.contains("Drop\\n2026"),
+        "the rule is logged escaped: {text}"
+    );
+    for line in text.lines() {
+        assert!(
+            !line.starts_with("2026-11-25T00:00:00.000000Z"),
+            "a forged log line: {line}"
+        );
+    }
+}

@@ -5,11 +5,11 @@
 //! and `/metrics`. Answers 200 once the alert is queued (waiting while the
 //! queue is full), 400 with the reason for a body that is not a Falco alert,
 //! 413 above `--max-body`, 415 for a compressed body, and 401 without the
-//! bearer token when one is configured. What Falco sent is what NATS gets.
+//! bearer token when one is configured: the token is checked before a byte
+//! of the body is read. What Falco sent is what NATS gets.
 
-use axum::body::Bytes;
-use axum::extract::{DefaultBodyLimit, State};
-use axum::http::{header, HeaderMap, StatusCode};
+use axum::extract::{Request, State};
+use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::post;
 use axum::Router;
@@ -32,17 +32,19 @@ pub struct HttpOptions {
 struct Receiver {
     sink: AlertSink,
     token: Option<String>,
+    max_body: usize,
 }
 
-/// The alert-receiving route, to merge into the probe router.
+/// The alert-receiving route, to merge into the probe router. An empty
+/// token is refused before this (the command line says so).
 pub fn http_routes(sink: AlertSink, options: HttpOptions) -> Router {
     sink.set_connected(true);
     Router::new()
         .route("/", post(receive))
-        .layer(DefaultBodyLimit::max(options.max_body))
         .with_state(Receiver {
             sink,
-            token: options.token.filter(|t| !t.is_empty()),
+            token: options.token,
+            max_body: options.max_body,
         })
 }
 
@@ -50,7 +52,9 @@ fn text(status: StatusCode, message: String) -> Response {
     (status, message + "\n").into_response()
 }
 
-async fn receive(State(rx): State<Receiver>, headers: HeaderMap, body: Bytes) -> Response {
+async fn receive(State(rx): State<Receiver>, request: Request) -> Response {
+    let (parts, body) = request.into_parts();
+    let headers = parts.headers;
     if let Some(token) = &rx.token {
         let given = headers
             .get(header::AUTHORIZATION)
@@ -75,6 +79,22 @@ async fn receive(State(rx): State<Receiver>, headers: HeaderMap, body: Bytes) ->
             format!("Content-Encoding {encoding} is not supported: set Falco's http_output.compress_uploads: false"),
         );
     }
+    let too_large = || {
+        text(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            format!("body larger than --max-body ({} bytes)", rx.max_body),
+        )
+    };
+    let declared = headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > rx.max_body as u64) {
+        return too_large();
+    }
+    let Ok(body) = axum::body::to_bytes(body, rx.max_body).await else {
+        return too_large();
+    };
     match crate::event::FalcoEvent::from_json(body) {
         Ok(event) => match rx.sink.send(event).await {
             Ok(()) => text(StatusCode::OK, "queued".into()),

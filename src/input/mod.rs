@@ -37,6 +37,8 @@ pub enum InputError {
         path: std::path::PathBuf,
         source: nix::Error,
     },
+    #[error("{0} is empty: give a token, or leave the flag out to accept alerts without one")]
+    EmptyToken(&'static str),
     #[error("cannot read {what}: {source}")]
     Io {
         what: String,

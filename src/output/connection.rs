@@ -16,12 +16,14 @@ use crate::telemetry::health::ReadyFlag;
 /// Where and how to connect, named as the `nats` CLI names them.
 #[derive(Debug, Clone, Args)]
 pub struct NatsOptions {
-    /// NATS server URLs, comma separated
+    /// NATS server URLs, comma separated (credentials in a URL are taken out
+    /// of it and never printed)
     #[arg(
         short = 's',
         long = "server",
         env = "NATS_URL",
-        default_value = "nats://127.0.0.1:4222"
+        default_value = "nats://127.0.0.1:4222",
+        hide_env_values = true
     )]
     pub server: String,
     /// User credentials file (JWT and NKey seed)
@@ -36,9 +38,15 @@ pub struct NatsOptions {
     /// Password
     #[arg(long, env = "NATS_PASSWORD", hide_env_values = true)]
     pub password: Option<String>,
+    /// File holding the password (a mounted Secret)
+    #[arg(long, env = "NATS_PASSWORD_FILE", conflicts_with = "password")]
+    pub password_file: Option<PathBuf>,
     /// Authentication token
     #[arg(long, env = "NATS_TOKEN", hide_env_values = true)]
     pub token: Option<String>,
+    /// File holding the authentication token (a mounted Secret)
+    #[arg(long, env = "NATS_TOKEN_FILE", conflicts_with = "token")]
+    pub token_file: Option<PathBuf>,
     /// TLS client certificate file
     #[arg(long, env = "NATS_CERT")]
     pub tlscert: Option<PathBuf>,
@@ -60,11 +68,14 @@ pub struct NatsOptions {
 /// A NATS set-up error: bad flags or unreadable credentials.
 #[derive(Debug, thiserror::Error)]
 pub enum NatsError {
+    /// `url` has any credentials masked.
     #[error("invalid NATS server URL {url:?}: {source}")]
     BadUrl {
         url: String,
         source: async_nats::Error,
     },
+    #[error("{what} is empty: give a value, or leave it out")]
+    EmptySecret { what: &'static str },
     #[error("cannot read {what} file {path:?}: {source}")]
     ReadFile {
         what: &'static str,
@@ -131,7 +142,9 @@ impl NatsOptions {
             nkey: None,
             user: None,
             password: None,
+            password_file: None,
             token: None,
+            token_file: None,
             tlscert: None,
             tlskey: None,
             tlsca: None,
@@ -139,21 +152,48 @@ impl NatsOptions {
         }
     }
 
-    fn servers(&self) -> Result<Vec<ServerAddr>, NatsError> {
-        self.server
+    /// The server addresses, without credentials, and the credentials the
+    /// URLs held (`user:password@` or `token@`): async-nats and its logs
+    /// never see them in an address.
+    fn servers(&self) -> Result<(Vec<ServerAddr>, Option<UrlCredentials>), NatsError> {
+        let mut credentials = None;
+        let mut servers = Vec::new();
+        for url in self
+            .server
             .split(',')
             .map(str::trim)
             .filter(|s| !s.is_empty())
-            .map(|url| {
-                url.parse::<ServerAddr>().map_err(|e| NatsError::BadUrl {
-                    url: url.to_owned(),
-                    source: e.into(),
-                })
-            })
-            .collect()
+        {
+            let bad = |source: async_nats::Error| NatsError::BadUrl {
+                url: mask_credentials(url),
+                source,
+            };
+            let addr = url.parse::<ServerAddr>().map_err(|e| bad(e.into()))?;
+            if !addr.has_user_pass() {
+                servers.push(addr);
+                continue;
+            }
+            let found = match (addr.username(), addr.password()) {
+                (Some(user), Some(password)) => {
+                    UrlCredentials::UserPassword(percent_decode(user), percent_decode(password))
+                }
+                (Some(token), None) => UrlCredentials::Token(percent_decode(token)),
+                _ => UrlCredentials::None,
+            };
+            credentials.get_or_insert(found);
+            let mut bare = addr.into_inner();
+            // Removing the user part of a nats:// URL cannot fail.
+            let _ = bare.set_password(None);
+            let _ = bare.set_username("");
+            servers.push(ServerAddr::from_url(bare).map_err(|e| bad(e.into()))?);
+        }
+        Ok((servers, credentials))
     }
 
-    async fn connect_options(&self) -> Result<ConnectOptions, NatsError> {
+    async fn connect_options(
+        &self,
+        from_url: Option<UrlCredentials>,
+    ) -> Result<ConnectOptions, NatsError> {
         let mut opts = ConnectOptions::new();
         if let Some(path) = &self.creds {
             opts = opts
@@ -166,25 +206,33 @@ impl NatsOptions {
                 })?;
         }
         if let Some(path) = &self.nkey {
-            let seed =
-                tokio::fs::read_to_string(path)
-                    .await
-                    .map_err(|source| NatsError::ReadFile {
-                        what: "NKey seed",
-                        path: path.clone(),
-                        source,
-                    })?;
-            opts = opts.nkey(seed.trim().to_owned());
+            let seed = read_secret("NKey seed", path).await?;
+            opts = opts.nkey(seed);
         }
-        match (&self.user, &self.password) {
-            (Some(user), Some(password)) => {
-                opts = opts.user_and_password(user.clone(), password.clone())
-            }
+        let password = match (&self.password, &self.password_file) {
+            (Some(p), _) => Some(non_empty("--password", p.clone())?),
+            (None, Some(path)) => Some(read_secret("password", path).await?),
+            (None, None) => None,
+        };
+        let token = match (&self.token, &self.token_file) {
+            (Some(t), _) => Some(non_empty("--token", t.clone())?),
+            (None, Some(path)) => Some(read_secret("token", path).await?),
+            (None, None) => None,
+        };
+        match (&self.user, password) {
+            (Some(user), Some(password)) => opts = opts.user_and_password(user.clone(), password),
             (Some(_), None) => return Err(NatsError::UserWithoutPassword),
+            (None, _) if token.is_none() => match from_url {
+                Some(UrlCredentials::UserPassword(user, password)) => {
+                    opts = opts.user_and_password(user, password)
+                }
+                Some(UrlCredentials::Token(t)) => opts = opts.token(t),
+                _ => {}
+            },
             _ => {}
         }
-        if let Some(token) = &self.token {
-            opts = opts.token(token.clone());
+        if let Some(token) = token {
+            opts = opts.token(token);
         }
         match (&self.tlscert, &self.tlskey) {
             (Some(cert), Some(key)) => {
@@ -202,14 +250,75 @@ impl NatsOptions {
     }
 }
 
+/// Credentials found in a server URL.
+#[derive(Clone)]
+enum UrlCredentials {
+    UserPassword(String, String),
+    Token(String),
+    None,
+}
+
+/// A secret from a file (a mounted Secret): its content less the trailing
+/// newline; an empty one is an error.
+async fn read_secret(what: &'static str, path: &std::path::Path) -> Result<String, NatsError> {
+    let text = tokio::fs::read_to_string(path)
+        .await
+        .map_err(|source| NatsError::ReadFile {
+            what,
+            path: path.to_owned(),
+            source,
+        })?;
+    non_empty(what, text.trim_end_matches(['\r', '\n']).to_owned())
+}
+
+fn non_empty(what: &'static str, value: String) -> Result<String, NatsError> {
+    if value.is_empty() {
+        return Err(NatsError::EmptySecret { what });
+    }
+    Ok(value)
+}
+
+/// `url` with whatever stands between `://` and `@` replaced by `***`.
+pub fn mask_credentials(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_owned();
+    };
+    let host_start = rest.find(['/', '?', '#']).unwrap_or(rest.len());
+    match rest[..host_start].rfind('@') {
+        Some(at) => format!("{scheme}://***@{}", &rest[at + 1..]),
+        None => url.to_owned(),
+    }
+}
+
+/// Decodes `%XX` escapes in a URL's user part (a password may hold `@`).
+fn percent_decode(s: &str) -> String {
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let hex = |b: u8| (b as char).to_digit(16);
+        if bytes[i] == b'%' && i + 2 < bytes.len() {
+            if let (Some(h), Some(l)) = (hex(bytes[i + 1]), hex(bytes[i + 2])) {
+                // Two hex digits make one byte: h * 16 + l < 256.
+                out.push((h * 16 + l) as u8);
+                i += 3;
+                continue;
+            }
+        }
+        out.push(bytes[i]);
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
 /// Opens the one long-lived connection. It returns at once and connects in
 /// the background, retrying the first connection and every reconnection
 /// forever; `watch` follows the state.
 pub async fn connect(options: &NatsOptions, watch: ConnectionWatch) -> Result<Client, NatsError> {
-    let servers = options.servers()?;
+    let (servers, from_url) = options.servers()?;
     let connected_before = Arc::new(AtomicBool::new(false));
     let client = options
-        .connect_options()
+        .connect_options(from_url)
         .await?
         .retry_on_initial_connect()
         .max_reconnects(None)
@@ -266,6 +375,41 @@ pub async fn connect(options: &NatsOptions, watch: ConnectionWatch) -> Result<Cl
 
 #[cfg(test)]
 mod tests {
+    use super::*;
+
+    #[test]
+    fn credentials_leave_the_urls_and_are_never_shown() {
+        let options = NatsOptions::for_server(
+            "nats://alice:s3cr%40t@127.0.0.1:4222, nats://127.0.0.1:4223,tls://tok@nats:4443",
+        );
+        let (servers, creds) = options.servers().unwrap();
+        let shown: Vec<String> = servers.iter().map(|s| format!("{s:?}")).collect();
+        assert!(
+            shown
+                .iter()
+                .all(|s| !s.contains("alice") && !s.contains("s3cr") && !s.contains("tok@")),
+            "{shown:?}"
+        );
+        assert_eq!(servers.len(), 3);
+        match creds {
+            Some(UrlCredentials::UserPassword(u, p)) => {
+                assert_eq!((u.as_str(), p.as_str()), ("alice", "s3cr@t"))
+            }
+            _ => panic!("user and password expected"),
+        }
+        assert_eq!(
+            mask_credentials("nats://alice:secret@nats:4222/x"),
+            "nats://***@nats:4222/x"
+        );
+        assert_eq!(mask_credentials("nats://nats:4222"), "nats://nats:4222");
+        let err = NatsOptions::for_server("nats://alice:secret@bad host:4222")
+            .servers()
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(!err.contains("secret"), "{err}");
+    }
+
     #[test]
     fn reads_the_denied_subject() {
         assert_eq!(

@@ -151,7 +151,8 @@ impl BridgeMetrics {
         self.rejected
             .get_or_create(&[("reason", err.reason())])
             .inc();
-        tracing::error!(input, reason = err.reason(), error = %err, "alert rejected");
+        // Quoted and escaped: the error may quote what the alert held.
+        tracing::error!(input, reason = err.reason(), error = ?err.to_string(), "alert rejected");
     }
 }
 
