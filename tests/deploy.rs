@@ -296,3 +296,50 @@ fn falco_fragments_agree_with_their_bridge() {
 fn the_shipped_policy_is_valid() {
     falco_nats::respond::policy::Policy::load(&deploy_dir().join("base/policy.yaml")).unwrap();
 }
+
+/// deploy/nats-users.sh makes every Secret the manifests name, in the
+/// namespace that names it, and its output validates.
+#[test]
+fn the_nats_user_secrets_are_made_by_the_script() {
+    let out = Command::new(deploy_dir().join("nats-users.sh"))
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("secrets.yaml");
+    std::fs::write(&file, &out.stdout).unwrap();
+    validate(std::slice::from_ref(&file));
+    let made: BTreeSet<(String, String)> = documents(&file)
+        .iter()
+        .map(|d| {
+            (
+                d["metadata"]["namespace"].as_str().unwrap().to_owned(),
+                d["metadata"]["name"].as_str().unwrap().to_owned(),
+            )
+        })
+        .collect();
+    let mut wanted = BTreeSet::new();
+    for f in resource_files() {
+        for doc in documents(&f) {
+            let ns = doc["metadata"]["namespace"]
+                .as_str()
+                .unwrap_or("")
+                .to_owned();
+            let text = serde_json::to_string(&doc).unwrap();
+            for piece in text.split("\"secretName\":\"").skip(1) {
+                wanted.insert((ns.clone(), piece.split('"').next().unwrap().to_owned()));
+            }
+            for piece in text.split("\"secretKeyRef\":{").skip(1) {
+                let name = piece.split("\"name\":\"").nth(1).unwrap();
+                wanted.insert((ns.clone(), name.split('"').next().unwrap().to_owned()));
+            }
+        }
+    }
+    assert!(wanted.len() >= 4, "{wanted:?}");
+    for w in &wanted {
+        assert!(
+            made.contains(w),
+            "{w:?} is not made by nats-users.sh: {made:?}"
+        );
+    }
+}

@@ -56,6 +56,10 @@ pub struct NatsOptions {
     /// TLS certificate authority chain file
     #[arg(long, env = "NATS_CA")]
     pub tlsca: Option<PathBuf>,
+    /// Prefix of this connection's reply subjects, so a user's permissions
+    /// can allow its own inbox only (e.g. _INBOX_bridge)
+    #[arg(long, env = "NATS_INBOX_PREFIX", default_value = "_INBOX")]
+    pub inbox_prefix: String,
     /// Name of the connection, as the server's monitoring shows it
     #[arg(
         long = "connection-name",
@@ -145,6 +149,7 @@ impl NatsOptions {
             password_file: None,
             token: None,
             token_file: None,
+            inbox_prefix: "_INBOX".into(),
             tlscert: None,
             tlskey: None,
             tlsca: None,
@@ -246,7 +251,9 @@ impl NatsOptions {
         if let Some(ca) = &self.tlsca {
             opts = opts.add_root_certificates(ca.clone()).require_tls(true);
         }
-        Ok(opts.name(&self.connection_name))
+        Ok(opts
+            .name(&self.connection_name)
+            .custom_inbox_prefix(&self.inbox_prefix))
     }
 }
 

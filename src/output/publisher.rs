@@ -160,7 +160,7 @@ pub async fn round_trip(client: &Client) -> Result<(), String> {
     match tokio::time::timeout(Duration::from_secs(5), echo.next()).await {
         Ok(Some(_)) => Ok(()),
         Ok(None) => Err("the connection closed".into()),
-        Err(_) => Err("no answer from the server within 5 s (may this user publish and subscribe to _INBOX.>?)".into()),
+        Err(_) => Err("no answer from the server within 5 s (may this user publish and subscribe to its own inbox, --inbox-prefix.>?)".into()),
     }
 }
 

@@ -53,6 +53,8 @@ pub struct NatsServer {
     extra_args: Vec<String>,
     /// Started with `-js` (the default).
     pub jetstream: bool,
+    /// Environment of the server process (a configuration's `$VARIABLES`).
+    pub env: Vec<(String, String)>,
 }
 
 impl NatsServer {
@@ -67,12 +69,21 @@ impl NatsServer {
 
     /// Starts on `port` with extra arguments.
     pub fn start_on(port: u16, extra: &[&str]) -> Self {
+        Self::start_with_env(port, extra, &[])
+    }
+
+    /// Starts on `port` with extra arguments and environment variables.
+    pub fn start_with_env(port: u16, extra: &[&str], env: &[(&str, &str)]) -> Self {
         let mut server = NatsServer {
             port,
             store: tempfile::tempdir().expect("temp dir"),
             child: None,
             extra_args: extra.iter().map(|s| s.to_string()).collect(),
             jetstream: true,
+            env: env
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
         };
         server.spawn();
         server
@@ -87,6 +98,7 @@ impl NatsServer {
             child: None,
             extra_args: Vec::new(),
             jetstream: false,
+            env: Vec::new(),
         };
         server.spawn();
         server
@@ -99,6 +111,7 @@ impl NatsServer {
             command.arg("-js");
         }
         let child = command
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
             .arg("-sd")
             .arg(self.store.path())
             .args(&self.extra_args)

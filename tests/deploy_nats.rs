@@ -1,0 +1,236 @@
+//! The NATS that deploy/ ships, run for real: its configuration (users,
+//! permissions, inbox prefixes) from deploy/base/nats.yaml, its passwords
+//! from deploy/nats-users.sh, the bridge and the responder with the
+//! settings their manifests give them. Only the bridge may publish alerts,
+//! only the responder results; readers and strangers are refused.
+
+mod support;
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use async_nats::ConnectOptions;
+use falco_nats::bridge::InputOptions;
+use falco_nats::input::http::HttpOptions;
+use falco_nats::output::NatsOptions;
+use falco_nats::respond::Subscription;
+use falco_nats::simulate::alerts::AlertFactory;
+use serde::Deserialize;
+use serde_json::Value;
+use support::fake_kube::KubeApi;
+use support::*;
+
+const WAIT: Duration = Duration::from_secs(15);
+
+fn deploy() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy")
+}
+
+fn yaml_docs(text: &str) -> Vec<Value> {
+    serde_norway::Deserializer::from_str(text)
+        .map(|d| Value::deserialize(d).unwrap())
+        .filter(|v| !v.is_null())
+        .collect()
+}
+
+/// The passwords deploy/nats-users.sh makes, by Secret name (the bridge's
+/// twice, in two namespaces, the same).
+fn passwords() -> BTreeMap<String, String> {
+    let out = Command::new(deploy().join("nats-users.sh"))
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let mut by_name = BTreeMap::new();
+    for doc in yaml_docs(&String::from_utf8(out.stdout).unwrap()) {
+        assert_eq!(doc["kind"], "Secret");
+        let name = doc["metadata"]["name"].as_str().unwrap().to_owned();
+        let password = doc["stringData"]["password"].as_str().unwrap().to_owned();
+        assert!(password.len() >= 32, "{password}");
+        if let Some(before) = by_name.insert(name, password.clone()) {
+            assert_eq!(before, password, "one password per user");
+        }
+    }
+    by_name
+}
+
+/// The shipped nats.conf, on a test's own ports and store (in `dir`).
+fn shipped_config(dir: &Path) -> PathBuf {
+    let text = std::fs::read_to_string(deploy().join("base/nats.yaml")).unwrap();
+    let config = yaml_docs(&text)
+        .into_iter()
+        .find(|d| d["kind"] == "ConfigMap")
+        .unwrap();
+    let conf = config["data"]["nats.conf"]
+        .as_str()
+        .unwrap()
+        .replace("http_port: 8222\n", "")
+        // The test server's own -sd flag gives the store.
+        .replace("store_dir: /data\n", "");
+    let path = dir.join("nats.conf");
+    std::fs::write(&path, conf).unwrap();
+    path
+}
+
+/// NATS options for one of the shipped users, as its manifest sets them.
+fn user(url: &str, name: &str, password: &str, dir: &Path) -> NatsOptions {
+    let file = dir.join(format!("{name}.password"));
+    std::fs::write(&file, format!("{password}\n")).unwrap();
+    let mut options = NatsOptions::for_server(url);
+    options.user = Some(name.into());
+    options.password_file = Some(file);
+    options.inbox_prefix = format!("_INBOX_{name}");
+    options
+}
+
+async fn client_as(url: &str, name: &str, password: &str) -> async_nats::Client {
+    ConnectOptions::with_user_and_password(name.into(), password.into())
+        .custom_inbox_prefix(format!("_INBOX_{name}"))
+        .connect(url)
+        .await
+        .unwrap()
+}
+
+#[tokio::test]
+async fn the_shipped_nats_lets_each_user_do_its_job_and_nothing_else() {
+    let dir = tempfile::tempdir().unwrap();
+    let pw = passwords();
+    let conf = shipped_config(dir.path());
+    let nats = NatsServer::start_with_env(
+        free_port(),
+        &["-c", conf.to_str().unwrap()],
+        &[
+            ("NATS_BRIDGE_PASSWORD", &pw["nats-user-bridge"]),
+            ("NATS_RESPOND_PASSWORD", &pw["nats-user-respond"]),
+            ("NATS_READER_PASSWORD", &pw["nats-user-reader"]),
+        ],
+    );
+    let url = nats.url();
+
+    // Nobody without a user gets in, nor with a wrong password.
+    assert!(async_nats::connect(&url).await.is_err());
+    assert!(
+        ConnectOptions::with_user_and_password("bridge".into(), "guess".into())
+            .connect(&url)
+            .await
+            .is_err()
+    );
+
+    let reader = client_as(&url, "reader", &pw["nats-user-reader"]).await;
+    let mut seen = reader.subscribe("falco.>").await.unwrap();
+    reader.flush().await.unwrap();
+
+    let kube = KubeApi::start().await.unwrap();
+    kube.add_pod("shop", "web", "u-web", Some("ReplicaSet"));
+    kube.add_pod("shop", "victim", "u-victim", Some("ReplicaSet"));
+
+    // The bridge, as the overlays run it: JetStream, user bridge.
+    let mut bridge_options = grpc_options(Path::new("/unused"), &url);
+    bridge_options.input = InputOptions::Http(HttpOptions {
+        max_body: 64 * 1024,
+        token: None,
+    });
+    bridge_options.publish.jetstream = Some(jetstream_options());
+    bridge_options.nats = user(&url, "bridge", &pw["nats-user-bridge"], dir.path());
+    let bridge = RunningBridge::start(bridge_options).await;
+    wait_for("the bridge ready", WAIT, || async {
+        bridge.get("/readyz").await.0 == 200
+    })
+    .await;
+    // The stream exists once the bridge made it: the responder may start.
+    let mut factory = AlertFactory::new("node-1", false);
+    let quiet = factory.next_json();
+    assert_eq!(http_post(bridge.http, &[], quiet.as_bytes()).await.0, 200);
+    receive(&mut seen, 1, WAIT).await;
+
+    // The responder, as respond.yaml runs it: the durable consumer, user respond.
+    let mut respond_options = respond_options(&url, &kubeconfig(&kube));
+    respond_options.nats = user(&url, "respond", &pw["nats-user-respond"], dir.path());
+    respond_options.subscription = Subscription::JetStream {
+        stream: "FALCO".into(),
+        durable: "falco-nats-respond".into(),
+        subject: "falco.>".into(),
+        ack_wait: Duration::from_secs(30),
+        max_deliver: 5,
+    };
+    let stop = tokio_util::sync::CancellationToken::new();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let probes = listener.local_addr().unwrap();
+    let responder = tokio::spawn(falco_nats::respond::run(
+        respond_options,
+        Some(listener),
+        stop.clone(),
+    ));
+    wait_for("the responder ready", WAIT, || async {
+        http_get(probes, "/readyz").await.0 == 200
+    })
+    .await;
+    // Its decision about the first alert.
+    let first = receive(&mut seen, 1, WAIT).await;
+    assert!(first[0].subject.starts_with("falco.response."));
+
+    // Forgeries: an alert naming a pod from the reader and from the
+    // responder; a decision from the bridge. None may reach anyone.
+    let forged_alert = serde_json::json!({
+        "hostname": "x", "output": "forged", "priority": "Critical",
+        "rule": "Drop and execute new binary in container", "source": "syscall",
+        "output_fields": {"k8s.ns.name": "shop", "k8s.pod.name": "victim"},
+        "tags": [], "time": "2026-11-25T00:00:00.000000000Z",
+    })
+    .to_string();
+    let subject = "falco.critical.drop_and_execute_new_binary_in_container";
+    for (name, secret) in [
+        ("reader", "nats-user-reader"),
+        ("respond", "nats-user-respond"),
+    ] {
+        let forger = client_as(&url, name, &pw[secret]).await;
+        forger
+            .publish(subject, forged_alert.clone().into())
+            .await
+            .unwrap();
+        forger.flush().await.unwrap();
+    }
+    let bridge_user = client_as(&url, "bridge", &pw["nats-user-bridge"]).await;
+    bridge_user
+        .publish("falco.response.delete_pod", "{\"forged\":true}".into())
+        .await
+        .unwrap();
+    bridge_user.flush().await.unwrap();
+
+    // A real alert through the bridge still deletes its pod.
+    let mut real: Value = serde_json::from_str(&forged_alert).unwrap();
+    real["output_fields"]["k8s.pod.name"] = "web".into();
+    real["output"] = "real".into();
+    assert_eq!(
+        http_post(bridge.http, &[], real.to_string().as_bytes())
+            .await
+            .0,
+        200
+    );
+    let got = receive(&mut seen, 2, WAIT).await;
+    assert_eq!(got[0].subject.as_str(), subject);
+    assert_eq!(
+        serde_json::from_slice::<Value>(&got[0].payload).unwrap()["output"],
+        "real"
+    );
+    let decision: Value = serde_json::from_slice(&got[1].payload).unwrap();
+    assert_eq!(
+        (&decision["pod"], &decision["outcome"]),
+        (&"web".into(), &"done".into())
+    );
+    assert_quiet(&mut seen, Duration::from_millis(500)).await;
+    assert!(
+        kube.has_pod("shop", "victim"),
+        "no forged alert was acted on"
+    );
+    assert!(!kube.has_pod("shop", "web"));
+
+    stop.cancel();
+    tokio::time::timeout(WAIT, responder)
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    bridge.stop().await.unwrap();
+}
