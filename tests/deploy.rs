@@ -39,7 +39,10 @@ fn documents(path: &Path) -> Vec<Value> {
 }
 
 fn is_resource(doc: &Value) -> bool {
-    doc.get("apiVersion").is_some() && doc.get("kind").is_some() && doc["kind"] != "Kustomization"
+    doc.get("apiVersion").is_some()
+        && doc.get("kind").is_some()
+        && doc["kind"] != "Kustomization"
+        && doc["kind"] != "Component"
 }
 
 /// Files holding Kubernetes resources (not kustomizations, policies or Falco fragments).
@@ -96,7 +99,11 @@ fn kustomizations_reference_what_exists_and_render_when_kubectl_is_here() {
         .iter()
         .filter(|f| f.ends_with("kustomization.yaml"))
         .collect();
-    assert_eq!(kustomizations.len(), 4, "base and three overlays");
+    assert_eq!(
+        kustomizations.len(),
+        5,
+        "base, three overlays and the namespaced-RBAC component"
+    );
     let mut referenced = BTreeSet::new();
     for k in &kustomizations {
         let dir = k.parent().unwrap();
@@ -342,4 +349,33 @@ fn the_nats_user_secrets_are_made_by_the_script() {
             "{w:?} is not made by nats-users.sh: {made:?}"
         );
     }
+}
+
+/// The namespaced-RBAC component: its Role grants what the ClusterRole
+/// grants, and the flag it adds is one the responder accepts.
+#[test]
+fn the_namespaced_rbac_component_matches_the_cluster_role() {
+    let component = deploy_dir().join("components/namespaced-rbac");
+    let role = documents(&component.join("role.yaml"))
+        .into_iter()
+        .find(|d| d["kind"] == "Role")
+        .unwrap();
+    let cluster_role = documents(&deploy_dir().join("base/respond-rbac.yaml"))
+        .into_iter()
+        .find(|d| d["kind"] == "ClusterRole")
+        .unwrap();
+    assert_eq!(role["rules"], cluster_role["rules"]);
+    let kustomization = &documents(&component.join("kustomization.yaml"))[0];
+    let patches = serde_json::to_string(&kustomization["patches"]).unwrap();
+    let flag = patches
+        .split("value: ")
+        .nth(1)
+        .unwrap()
+        .split(['\\', '"'])
+        .next()
+        .unwrap();
+    assert!(flag.starts_with("--only-namespace="), "{flag}");
+    let ns = flag.trim_start_matches("--only-namespace=");
+    assert_eq!(role["metadata"]["namespace"], ns);
+    Cli::try_parse_from(["falco-nats", "respond", flag]).unwrap();
 }
