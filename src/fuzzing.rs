@@ -57,3 +57,38 @@ pub fn policy(data: &[u8]) {
         Err(e) => assert!(!e.to_string().is_empty()),
     }
 }
+
+/// The responder's reading of an alert's pod: any bytes give no pod, an
+/// error, or a pod whose namespace and name hold nothing a request path
+/// could be bent with (only `[a-z0-9.-]`, within Kubernetes' lengths).
+pub fn alert_pod(data: &[u8]) {
+    let Ok(alert) = crate::respond::alert::Alert::from_json(data) else {
+        return;
+    };
+    if let Ok(Some(pod)) = alert.pod() {
+        let path_safe = |s: &str, max: usize| {
+            !s.is_empty()
+                && s.len() <= max
+                && s.bytes()
+                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'.')
+                && !s.contains("..")
+        };
+        assert!(path_safe(&pod.namespace, 63) && !pod.namespace.contains('.'));
+        assert!(path_safe(&pod.name, 253));
+        if let Some(uid) = &pod.uid {
+            assert!(uid.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-'));
+        }
+    }
+}
+
+/// What `tail` prints of an alert: never a control character, whatever
+/// the alert holds (colour codes aside, which `tail` writes itself).
+pub fn tail_line(data: &[u8]) {
+    use crate::priority::Priority;
+    if let Some(line) = crate::tail::format_alert(data, Priority::Debug, false) {
+        assert!(!line.chars().any(char::is_control), "{line:?}");
+    }
+    if let Some(line) = crate::tail::format_decision(data, false) {
+        assert!(!line.chars().any(char::is_control), "{line:?}");
+    }
+}

@@ -1,4 +1,4 @@
-//! A short fuzz run in `cargo test`: the three fuzz targets' properties
+//! A short fuzz run in `cargo test`: the fuzz targets' properties
 //! (`falco_nats::fuzzing`) over seeded random mutations of valid inputs.
 //! It is not coverage-guided (that is `cargo +nightly fuzz`, see the
 //! README); it runs on stable, in CI, and a failure prints the input and the
@@ -51,6 +51,18 @@ const INTERESTING: &[&[u8]] = &[
     b"\xc3\x28",
     b"\xe2\x82",
     b"priority",
+    b"k8s.ns.name",
+    b"k8s.pod.name",
+    b"/",
+    b"#",
+    b"?",
+    b"..",
+    b"%2F",
+    b"\\u001b[2J",
+    b"\\u009b",
+    b"\xc2\x9b",
+    b"\x7f",
+    b"\xd1\x95",
     b"Critical",
     b"output_fields",
     b"- ",
@@ -167,4 +179,37 @@ fn policy_parser_survives_mutated_policies() {
             .to_vec(),
     ];
     run("policy", &seeds, fuzzing::policy);
+}
+
+/// Alerts naming pods, some already hostile.
+fn pod_alerts() -> Vec<Vec<u8>> {
+    let alert = |ns: &str, pod: &str| {
+        serde_json::json!({
+            "output": "12:00:00.0: Critical x", "priority": "Critical", "rule": "r",
+            "output_fields": {"k8s.ns.name": ns, "k8s.pod.name": pod, "k8s.pod.uid": "0f1e-2d"},
+            "time": "t", "hostname": "h",
+        })
+        .to_string()
+        .into_bytes()
+    };
+    vec![
+        alert("shop", "web-7d9c.v2"),
+        alert("kube-system/pods/coredns#", "x"),
+        alert("shop", "web\u{1b}[2J"),
+    ]
+}
+
+#[test]
+fn alert_pod_names_stay_path_safe() {
+    run("alert_pod", &pod_alerts(), fuzzing::alert_pod);
+}
+
+#[test]
+fn tail_prints_no_control_characters() {
+    let mut seeds = pod_alerts();
+    seeds.push(
+        br#"{"action":"delete-pod","outcome":"done","reason":"r","namespace":"a","pod":"b"}"#
+            .to_vec(),
+    );
+    run("tail_line", &seeds, fuzzing::tail_line);
 }
