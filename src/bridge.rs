@@ -159,16 +159,7 @@ pub async fn run(
         ))
     });
     // Once shutdown starts, the input and the output share one deadline.
-    let deadline = CancellationToken::new();
-    tokio::spawn({
-        let (shutdown, deadline, timeout) =
-            (shutdown.clone(), deadline.clone(), options.drain_timeout);
-        async move {
-            shutdown.cancelled().await;
-            tokio::time::sleep(timeout).await;
-            deadline.cancel();
-        }
-    });
+    let deadline = crate::drain::deadline_after(&shutdown, options.drain_timeout);
     let input_stop = shutdown.child_token();
     let input = async {
         match options.input {

@@ -9,6 +9,7 @@ pub mod backoff;
 pub mod bridge;
 pub mod cli;
 pub mod convert;
+pub mod drain;
 pub mod event;
 #[doc(hidden)]
 pub mod fuzzing;

@@ -33,21 +33,10 @@ async fn fifo_survives_writer_reopen_oversized_and_non_json_lines() {
     let nats = NatsServer::start();
     let dir = tempfile::tempdir().unwrap();
     let fifo = dir.path().join("nats");
-    let client = nats.client().await;
-    let mut sub = client.subscribe("falco.>").await.unwrap();
-    client.flush().await.unwrap();
+    let (_client, mut sub) = nats.subscribed("falco.>").await;
 
-    let mut options = grpc_options(&fifo, &nats.url());
-    options.input = InputOptions::Fifo(FifoOptions {
-        path: fifo.clone(),
-        create: true,
-        max_line: 4096,
-    });
-    let bridge = RunningBridge::start(options).await;
-    wait_for("the bridge to be ready", WAIT, || async {
-        bridge.get("/readyz").await.0 == 200
-    })
-    .await;
+    let options = fifo_options(&fifo, &nats.url(), 4096);
+    let bridge = RunningBridge::start_ready(options).await;
 
     let mut factory = AlertFactory::new("node-f", false);
     let lines: Vec<String> = (0..6).map(|_| factory.next_json() + "\n").collect();
@@ -132,32 +121,17 @@ async fn sigterm_queues_every_line_already_read() {
     let mut nats = NatsServer::start_without_jetstream();
     let dir = tempfile::tempdir().unwrap();
     let fifo = dir.path().join("nats");
-    let mut options = grpc_options(&fifo, &nats.url());
-    options.input = InputOptions::Fifo(FifoOptions {
-        path: fifo.clone(),
-        create: true,
-        max_line: 64 * 1024,
-    });
+    let mut options = fifo_options(&fifo, &nats.url(), 64 * 1024);
     options.queue_size = 1;
     options.publish.jetstream = Some(jetstream_options());
-    let bridge = RunningBridge::start(options).await;
-    wait_for("the bridge to be ready", WAIT, || async {
-        bridge.get("/readyz").await.0 == 200
-    })
-    .await;
+    let bridge = RunningBridge::start_ready(options).await;
     let mut factory = AlertFactory::new("node-f", false);
     let all: String = (0..TOTAL).map(|_| factory.next_json() + "\n").collect();
     let writer_fifo = fifo.clone();
     std::thread::spawn(move || write_session(&writer_fifo, &[all.as_bytes()]))
         .join()
         .unwrap();
-    wait_for("the lines to be read", WAIT, || async {
-        bridge
-            .metric("falco_nats_alerts_received_total{input=\"fifo\"}")
-            .await
-            >= 1.0
-    })
-    .await;
+    bridge.wait_received("fifo", 1.0).await;
     tokio::time::sleep(Duration::from_millis(200)).await;
     bridge.shutdown.cancel();
     tokio::time::sleep(Duration::from_millis(300)).await;

@@ -30,14 +30,8 @@ fn http_options(nats: &NatsServer, token: Option<&str>) -> falco_nats::bridge::B
 #[tokio::test]
 async fn http_alerts_arrive_unchanged_and_bad_bodies_are_refused() {
     let nats = NatsServer::start();
-    let client = nats.client().await;
-    let mut sub = client.subscribe("falco.>").await.unwrap();
-    client.flush().await.unwrap();
-    let bridge = RunningBridge::start(http_options(&nats, None)).await;
-    wait_for("ready", WAIT, || async {
-        bridge.get("/readyz").await.0 == 200
-    })
-    .await;
+    let (_client, mut sub) = nats.subscribed("falco.>").await;
+    let bridge = RunningBridge::start_ready(http_options(&nats, None)).await;
 
     let mut factory = AlertFactory::new("node-h", false);
     let alerts: Vec<String> = (0..4).map(|_| factory.next_json()).collect();
@@ -121,9 +115,7 @@ async fn http_alerts_arrive_unchanged_and_bad_bodies_are_refused() {
 #[tokio::test]
 async fn http_bearer_token() {
     let nats = NatsServer::start();
-    let client = nats.client().await;
-    let mut sub = client.subscribe("falco.>").await.unwrap();
-    client.flush().await.unwrap();
+    let (_client, mut sub) = nats.subscribed("falco.>").await;
     let bridge = RunningBridge::start(http_options(&nats, Some("s3cret"))).await;
     wait_for("ready", WAIT, || async {
         bridge.get("/readyz").await.0 == 200
@@ -173,9 +165,7 @@ async fn http_over_tls() {
     std::fs::write(&cert_path, cert.cert.pem()).unwrap();
     std::fs::write(&key_path, cert.signing_key.serialize_pem()).unwrap();
 
-    let client = nats.client().await;
-    let mut sub = client.subscribe("falco.>").await.unwrap();
-    client.flush().await.unwrap();
+    let (_client, mut sub) = nats.subscribed("falco.>").await;
     let mut options = http_options(&nats, None);
     options.tls = Some(TlsFiles {
         cert: cert_path,
@@ -222,26 +212,8 @@ async fn http_over_tls() {
 #[tokio::test]
 async fn stdin_lines_in_alerts_out_and_eof_drains() {
     let nats = NatsServer::start();
-    let client = nats.client().await;
-    let mut sub = client.subscribe("falco.>").await.unwrap();
-    client.flush().await.unwrap();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_falco-nats"))
-        .args([
-            "bridge",
-            "--input",
-            "stdin",
-            "--listen",
-            "off",
-            "--max-line",
-            "4096",
-            "-s",
-            &nats.url(),
-        ])
-        .env("RUST_LOG", "warn")
-        .stdin(Stdio::piped())
-        .stdout(Stdio::null())
-        .spawn()
-        .unwrap();
+    let (_client, mut sub) = nats.subscribed("falco.>").await;
+    let mut child = stdin_bridge(&nats.url(), &["--max-line", "4096"]);
     let mut factory = AlertFactory::new("node-s", false);
     let alerts: Vec<String> = (0..300).map(|_| factory.next_json()).collect();
     let mut stdin = child.stdin.take().unwrap();
@@ -345,24 +317,8 @@ async fn tail_prints_the_expected_line_for_a_known_alert() {
 #[tokio::test]
 async fn stdin_exits_promptly_on_sigterm() {
     let nats = NatsServer::start();
-    let client = nats.client().await;
-    let mut sub = client.subscribe("falco.>").await.unwrap();
-    client.flush().await.unwrap();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_falco-nats"))
-        .args([
-            "bridge",
-            "--input",
-            "stdin",
-            "--listen",
-            "off",
-            "-s",
-            &nats.url(),
-        ])
-        .env("RUST_LOG", "warn")
-        .stdin(Stdio::piped())
-        .stdout(Stdio::null())
-        .spawn()
-        .unwrap();
+    let (_client, mut sub) = nats.subscribed("falco.>").await;
+    let mut child = stdin_bridge(&nats.url(), &[]);
     let mut stdin = child.stdin.take().unwrap();
     let mut factory = AlertFactory::new("node-s", false);
     for _ in 0..5 {
@@ -396,11 +352,7 @@ async fn half_open_http_requests_do_not_hold_up_the_shutdown() {
     let nats = NatsServer::start();
     let mut options = http_options(&nats, None);
     options.drain_timeout = Duration::from_secs(2);
-    let bridge = RunningBridge::start(options).await;
-    wait_for("ready", WAIT, || async {
-        bridge.get("/readyz").await.0 == 200
-    })
-    .await;
+    let bridge = RunningBridge::start_ready(options).await;
     let mut headers_only = tokio::net::TcpStream::connect(bridge.http).await.unwrap();
     headers_only
         .write_all(b"POST / HTTP/1.1\r\nHost: x\r\nContent-Le")
@@ -435,11 +387,7 @@ async fn huge_rule_and_hostname_are_published_without_dropping_the_connection() 
     if let InputOptions::Http(http) = &mut options.input {
         http.max_body = 64 * 1024;
     }
-    let bridge = RunningBridge::start(options).await;
-    wait_for("ready", WAIT, || async {
-        bridge.get("/readyz").await.0 == 200
-    })
-    .await;
+    let bridge = RunningBridge::start_ready(options).await;
     let rule = "Evil rule ".repeat(500);
     let alert = serde_json::json!({
         "hostname": "h".repeat(5000), "output": "x", "priority": "Critical",

@@ -58,9 +58,7 @@ async fn sigterm_publishes_everything_read_then_exits_zero() {
         falco.push(factory.next_response());
     }
 
-    let client = nats.client().await;
-    let mut sub = client.subscribe("falco.>").await.unwrap();
-    client.flush().await.unwrap();
+    let (_client, mut sub) = nats.subscribed("falco.>").await;
     let mut child = Command::new(env!("CARGO_BIN_EXE_falco-nats"))
         .args([
             "bridge",
@@ -107,19 +105,13 @@ async fn sigterm_publishes_everything_read_then_exits_zero() {
 /// alerts read and not confirmed: here every one, NATS being down.
 #[tokio::test]
 async fn drain_timeout_counts_every_alert_not_confirmed() {
-    use falco_nats::bridge::{BridgeError, InputOptions};
-    use falco_nats::input::fifo::FifoOptions;
+    use falco_nats::bridge::BridgeError;
     use std::io::Write;
     let mut nats = NatsServer::start();
     nats.kill();
     let dir = tempfile::tempdir().unwrap();
     let fifo = dir.path().join("nats");
-    let mut options = grpc_options(&fifo, &nats.url());
-    options.input = InputOptions::Fifo(FifoOptions {
-        path: fifo.clone(),
-        create: true,
-        max_line: 64 * 1024,
-    });
+    let mut options = fifo_options(&fifo, &nats.url(), 64 * 1024);
     options.drain_timeout = Duration::from_secs(1);
     let bridge = RunningBridge::start(options).await;
     wait_for("the FIFO", WAIT, || async { fifo.exists() }).await;
@@ -132,13 +124,7 @@ async fn drain_timeout_counts_every_alert_not_confirmed() {
     })
     .await
     .unwrap();
-    wait_for("five alerts read", WAIT, || async {
-        bridge
-            .metric("falco_nats_alerts_received_total{input=\"fifo\"}")
-            .await
-            >= 5.0
-    })
-    .await;
+    bridge.wait_received("fifo", 5.0).await;
     match bridge.stop().await {
         Err(BridgeError::DrainTimeout { pending, .. }) => assert_eq!(pending, 5),
         other => panic!("expected a drain timeout, got {other:?}"),
@@ -168,11 +154,7 @@ async fn poison_alerts_are_dropped_and_the_rest_stored() {
         token: None,
     });
     options.publish.jetstream = Some(jetstream_options());
-    let bridge = RunningBridge::start(options).await;
-    wait_for("ready", WAIT, || async {
-        bridge.get("/readyz").await.0 == 200
-    })
-    .await;
+    let bridge = RunningBridge::start_ready(options).await;
     let mut factory = AlertFactory::new("node-p", false);
     for _ in 0..256 {
         let mut alert: serde_json::Value = serde_json::from_str(&factory.next_json()).unwrap();

@@ -133,11 +133,7 @@ async fn the_shipped_nats_lets_each_user_do_its_job_and_nothing_else() {
     });
     bridge_options.publish.jetstream = Some(jetstream_options());
     bridge_options.nats = user(&url, "bridge", &pw["nats-user-bridge"], dir.path());
-    let bridge = RunningBridge::start(bridge_options).await;
-    wait_for("the bridge ready", WAIT, || async {
-        bridge.get("/readyz").await.0 == 200
-    })
-    .await;
+    let bridge = RunningBridge::start_ready(bridge_options).await;
     // The stream exists once the bridge made it: the responder may start.
     let mut factory = AlertFactory::new("node-1", false);
     let quiet = factory.next_json();

@@ -17,6 +17,34 @@ use tokio_util::sync::CancellationToken;
 
 const WAIT: Duration = Duration::from_secs(15);
 
+/// A nats-server, the Kubernetes API stand-in, a client, and a
+/// subscription to the responder's results: what every test starts with.
+struct Scene {
+    nats: NatsServer,
+    kube: FakeKube,
+    client: async_nats::Client,
+    out: async_nats::Subscriber,
+}
+
+impl Scene {
+    async fn start() -> Self {
+        let nats = NatsServer::start();
+        let kube = FakeKube::start().await.unwrap();
+        let (client, out) = nats.subscribed("falco.response.>").await;
+        Scene {
+            nats,
+            kube,
+            client,
+            out,
+        }
+    }
+}
+
+/// A policy from YAML text.
+fn policy(yaml: &str) -> Policy {
+    Policy::parse("policy.yaml", yaml).unwrap()
+}
+
 fn options(nats: &NatsServer, kube: &FakeKube) -> RespondOptions {
     respond_options(&nats.url(), &kubeconfig(kube))
 }
@@ -93,12 +121,14 @@ async fn results(sub: &mut async_nats::Subscriber, n: usize) -> Vec<Value> {
 
 #[tokio::test]
 async fn critical_alert_deletes_exactly_that_pod_in_exactly_its_namespace() {
-    let nats = NatsServer::start();
-    let kube = FakeKube::start().await.unwrap();
+    let Scene {
+        nats,
+        kube,
+        client,
+        mut out,
+    } = Scene::start().await;
     kube.add_pod("shop", "web", "uid-shop-web", Some("ReplicaSet"));
     kube.add_pod("other", "web", "uid-other-web", Some("ReplicaSet"));
-    let client = nats.client().await;
-    let mut out = client.subscribe("falco.response.>").await.unwrap();
     let responder = Responder::start(options(&nats, &kube)).await;
 
     publish(
@@ -137,15 +167,17 @@ async fn critical_alert_deletes_exactly_that_pod_in_exactly_its_namespace() {
 
 #[tokio::test]
 async fn safety_rails_skip_and_say_why() {
-    let nats = NatsServer::start();
-    let kube = FakeKube::start().await.unwrap();
+    let Scene {
+        nats,
+        kube,
+        client,
+        mut out,
+    } = Scene::start().await;
     kube.add_pod("kube-system", "coredns", "u1", Some("ReplicaSet"));
     kube.add_pod("elsewhere", "api", "u2", Some("ReplicaSet"));
     kube.add_pod("shop", "node-agent", "u3", Some("DaemonSet"));
     kube.add_pod("shop", "web", "u4", Some("ReplicaSet"));
     kube.add_pod("responders", "me", "u5", Some("ReplicaSet"));
-    let client = nats.client().await;
-    let mut out = client.subscribe("falco.response.>").await.unwrap();
     let mut opts = options(&nats, &kube);
     opts.rails.only_namespaces = Some(
         [
@@ -222,11 +254,13 @@ async fn safety_rails_skip_and_say_why() {
 #[tokio::test]
 async fn an_alert_storm_cannot_exceed_the_rate_limit() {
     const PODS: usize = 1000;
-    let nats = NatsServer::start();
-    let kube = FakeKube::start().await.unwrap();
+    let Scene {
+        nats,
+        kube,
+        client,
+        mut out,
+    } = Scene::start().await;
     kube.add_pods("shop", "web", PODS);
-    let client = nats.client().await;
-    let mut out = client.subscribe("falco.response.>").await.unwrap();
     let mut opts = options(&nats, &kube);
     opts.rails.max_actions_per_minute = 10;
     let responder = Responder::start(opts).await;
@@ -258,17 +292,15 @@ async fn an_alert_storm_cannot_exceed_the_rate_limit() {
 
 #[tokio::test]
 async fn dry_run_writes_nothing_and_says_what_it_would_do() {
-    let nats = NatsServer::start();
-    let kube = FakeKube::start().await.unwrap();
+    let Scene {
+        nats,
+        kube,
+        client,
+        mut out,
+    } = Scene::start().await;
     kube.add_pod("shop", "web", "u1", Some("ReplicaSet"));
-    let client = nats.client().await;
-    let mut out = client.subscribe("falco.response.>").await.unwrap();
     let mut opts = options(&nats, &kube);
-    opts.policy = Policy::parse(
-        "policy.yaml",
-        "rules:\n  - name: all\n    match: {priority: '>=Notice'}\n    actions:\n      - action: delete-pod\n        grace_period_seconds: 3\n      - action: isolate-pod\n      - action: label-pod\n        labels: {quarantine: 'true'}\n",
-    )
-    .unwrap();
+    opts.policy = policy("rules:\n  - name: all\n    match: {priority: '>=Notice'}\n    actions:\n      - action: delete-pod\n        grace_period_seconds: 3\n      - action: isolate-pod\n      - action: label-pod\n        labels: {quarantine: 'true'}\n");
     opts.dry_run = true;
     let responder = Responder::start(opts).await;
     publish(&client, pod_alert("Critical", "shop", "web", Some("u1"))).await;
@@ -296,19 +328,17 @@ async fn dry_run_writes_nothing_and_says_what_it_would_do() {
 
 #[tokio::test]
 async fn label_isolate_gone_and_replaced() {
-    let nats = NatsServer::start();
-    let kube = FakeKube::start().await.unwrap();
+    let Scene {
+        nats,
+        kube,
+        client,
+        mut out,
+    } = Scene::start().await;
     for name in ["a", "b", "c"] {
         kube.add_pod("shop", name, &format!("uid-{name}"), Some("ReplicaSet"));
     }
-    let client = nats.client().await;
-    let mut out = client.subscribe("falco.response.>").await.unwrap();
     let mut opts = options(&nats, &kube);
-    opts.policy = Policy::parse(
-        "policy.yaml",
-        "rules:\n  - name: contain\n    match: {priority: '>=Critical'}\n    actions:\n      - action: isolate-pod\n      - action: label-pod\n        labels: {falco: seen}\n",
-    )
-    .unwrap();
+    opts.policy = policy("rules:\n  - name: contain\n    match: {priority: '>=Critical'}\n    actions:\n      - action: isolate-pod\n      - action: label-pod\n        labels: {falco: seen}\n");
     let responder = Responder::start(opts).await;
     publish(&client, pod_alert("Critical", "shop", "a", Some("uid-a"))).await;
     publish(&client, pod_alert("Critical", "shop", "b", None)).await;
@@ -374,11 +404,13 @@ async fn label_isolate_gone_and_replaced() {
 #[tokio::test]
 async fn two_replicas_in_a_queue_group_handle_each_alert_once() {
     const PODS: usize = 100;
-    let nats = NatsServer::start();
-    let kube = FakeKube::start().await.unwrap();
+    let Scene {
+        nats,
+        kube,
+        client,
+        mut out,
+    } = Scene::start().await;
     kube.add_pods("shop", "web", PODS);
-    let client = nats.client().await;
-    let mut out = client.subscribe("falco.response.>").await.unwrap();
     let one = Responder::start(options(&nats, &kube)).await;
     let two = Responder::start(options(&nats, &kube)).await;
     for i in 0..PODS {
@@ -481,8 +513,12 @@ async fn end_to_end_from_falco_through_the_bridge_to_a_deleted_pod() {
     use falco_nats::simulate::alerts::{AlertFactory, PODS};
     use falco_nats::simulate::falco_grpc::MockFalco;
 
-    let nats = NatsServer::start();
-    let kube = FakeKube::start().await.unwrap();
+    let Scene {
+        nats,
+        kube,
+        client: _client,
+        mut out,
+    } = Scene::start().await;
     for p in PODS {
         kube.add_pod(p.namespace, p.name, p.uid, Some("ReplicaSet"));
     }
@@ -490,8 +526,6 @@ async fn end_to_end_from_falco_through_the_bridge_to_a_deleted_pod() {
     let socket = dir.path().join("falco.sock");
     let mut falco = MockFalco::new(&socket);
     falco.start().await.unwrap();
-    let client = nats.client().await;
-    let mut out = client.subscribe("falco.response.>").await.unwrap();
     let responder = Responder::start(options(&nats, &kube)).await;
     let bridge = RunningBridge::start(grpc_options(&socket, &nats.url())).await;
 
@@ -535,12 +569,14 @@ async fn end_to_end_from_falco_through_the_bridge_to_a_deleted_pod() {
 /// policy or API call (kube joins path segments without encoding them).
 #[tokio::test]
 async fn crafted_names_never_reach_the_api() {
-    let nats = NatsServer::start();
-    let kube = FakeKube::start().await.unwrap();
+    let Scene {
+        nats,
+        kube,
+        client,
+        mut out,
+    } = Scene::start().await;
     kube.add_pod("kube-system", "coredns-abc", "u-dns", Some("ReplicaSet"));
     kube.add_pod("shop", "web", "u-web", Some("ReplicaSet"));
-    let client = nats.client().await;
-    let mut out = client.subscribe("falco.response.>").await.unwrap();
     let responder = Responder::start(options(&nats, &kube)).await;
 
     let long_label = "a".repeat(64);
@@ -646,12 +682,14 @@ async fn js_publish(js: &jetstream::Context, payload: Vec<u8>) {
 /// the last delivery it is terminated with one `failed` decision.
 #[tokio::test]
 async fn transient_failures_are_retried_then_terminated() {
-    let nats = NatsServer::start();
-    let kube = FakeKube::start().await.unwrap();
+    let Scene {
+        nats,
+        kube,
+        client: _client,
+        mut out,
+    } = Scene::start().await;
     kube.add_pod("shop", "web", "u-web", Some("ReplicaSet"));
     kube.add_pod("shop", "api", "u-api", Some("ReplicaSet"));
-    let client = nats.client().await;
-    let mut out = client.subscribe("falco.response.>").await.unwrap();
     let (js, opts) = jetstream_responder(&nats, &kube, Duration::from_secs(5), 3).await;
     let responder = Responder::start(opts).await;
 
@@ -704,11 +742,13 @@ async fn transient_failures_are_retried_then_terminated() {
 /// recovers when the API does.
 #[tokio::test]
 async fn a_hung_kubernetes_api_times_out_and_makes_the_responder_unready() {
-    let nats = NatsServer::start();
-    let kube = FakeKube::start().await.unwrap();
+    let Scene {
+        nats,
+        kube,
+        client,
+        mut out,
+    } = Scene::start().await;
     kube.add_pod("shop", "web", "u-web", Some("ReplicaSet"));
-    let client = nats.client().await;
-    let mut out = client.subscribe("falco.response.>").await.unwrap();
     let mut opts = options(&nats, &kube);
     opts.kube_timeout = Duration::from_millis(500);
     opts.drain_timeout = Duration::from_secs(2);
@@ -781,12 +821,14 @@ async fn shutdown_while_nats_is_down_respects_the_drain_timeout() {
 #[tokio::test]
 async fn jetstream_never_handles_an_alert_twice_under_a_slow_api() {
     const PODS: usize = 60;
-    let nats = NatsServer::start();
-    let kube = FakeKube::start().await.unwrap();
+    let Scene {
+        nats,
+        kube,
+        client: _client,
+        mut out,
+    } = Scene::start().await;
     kube.add_pods("shop", "web", PODS);
     kube.set_latency(Duration::from_millis(40));
-    let client = nats.client().await;
-    let mut out = client.subscribe("falco.response.>").await.unwrap();
     let (js, mut opts) = jetstream_responder(&nats, &kube, Duration::from_secs(1), 5).await;
     opts.concurrency = 4;
     for i in 0..PODS {
@@ -814,21 +856,19 @@ async fn jetstream_never_handles_an_alert_twice_under_a_slow_api() {
 /// name (new UID) is not a duplicate.
 #[tokio::test]
 async fn dry_runs_skips_and_recreated_pods_under_the_rails() {
-    let nats = NatsServer::start();
-    let kube = FakeKube::start().await.unwrap();
+    let Scene {
+        nats,
+        kube,
+        client,
+        mut out,
+    } = Scene::start().await;
     kube.add_pods("shop", "dry", 5);
     kube.add_pod("shop", "db-0", "uid-1", Some("StatefulSet"));
     kube.add_pod("shop", "web", "u-web", Some("ReplicaSet"));
     kube.add_pod("shop", "agent", "u-agent", Some("DaemonSet"));
-    let client = nats.client().await;
-    let mut out = client.subscribe("falco.response.>").await.unwrap();
     let mut opts = options(&nats, &kube);
     opts.rails.max_actions_per_minute = 4;
-    opts.policy = Policy::parse(
-        "policy.yaml",
-        "rules:\n  - name: rehearse\n    match: {rules: [Rehearsal]}\n    dry_run: true\n    actions: [{action: delete-pod}]\n  - name: kill\n    match: {priority: '>=Critical'}\n    actions: [{action: delete-pod}]\n",
-    )
-    .unwrap();
+    opts.policy = policy("rules:\n  - name: rehearse\n    match: {rules: [Rehearsal]}\n    dry_run: true\n    actions: [{action: delete-pod}]\n  - name: kill\n    match: {priority: '>=Critical'}\n    actions: [{action: delete-pod}]\n");
     let responder = Responder::start(opts).await;
 
     // Five dry runs leave the budget of four untouched.
@@ -895,18 +935,16 @@ async fn dry_runs_skips_and_recreated_pods_under_the_rails() {
 /// `isolate-pod` recreates it instead of only labelling.
 #[tokio::test]
 async fn isolation_recreates_a_deleted_network_policy() {
-    let nats = NatsServer::start();
-    let kube = FakeKube::start().await.unwrap();
+    let Scene {
+        nats,
+        kube,
+        client,
+        mut out,
+    } = Scene::start().await;
     kube.add_pod("shop", "a", "uid-a", Some("ReplicaSet"));
     kube.add_pod("shop", "b", "uid-b", Some("ReplicaSet"));
-    let client = nats.client().await;
-    let mut out = client.subscribe("falco.response.>").await.unwrap();
     let mut opts = options(&nats, &kube);
-    opts.policy = Policy::parse(
-        "policy.yaml",
-        "rules:\n  - name: contain\n    actions: [{action: isolate-pod}]\n",
-    )
-    .unwrap();
+    opts.policy = policy("rules:\n  - name: contain\n    actions: [{action: isolate-pod}]\n");
     let responder = Responder::start(opts).await;
     publish(&client, pod_alert("Critical", "shop", "a", None)).await;
     assert_eq!(results(&mut out, 1).await[0]["outcome"], "done");
@@ -922,12 +960,14 @@ async fn isolation_recreates_a_deleted_network_policy() {
 /// the responder goes on instead of exiting 0.
 #[tokio::test]
 async fn a_deleted_durable_consumer_is_recreated() {
-    let nats = NatsServer::start();
-    let kube = FakeKube::start().await.unwrap();
+    let Scene {
+        nats,
+        kube,
+        client: _client,
+        mut out,
+    } = Scene::start().await;
     kube.add_pod("shop", "a", "uid-a", Some("ReplicaSet"));
     kube.add_pod("shop", "b", "uid-b", Some("ReplicaSet"));
-    let client = nats.client().await;
-    let mut out = client.subscribe("falco.response.>").await.unwrap();
     let (js, opts) = jetstream_responder(&nats, &kube, Duration::from_secs(5), 5).await;
     let responder = Responder::start(opts).await;
     js_publish(&js, pod_alert("Critical", "shop", "a", None)).await;
@@ -981,11 +1021,13 @@ async fn alert_text_cannot_forge_log_lines() {
         .finish();
     let _guard = tracing::subscriber::set_default(subscriber);
 
-    let nats = NatsServer::start();
-    let kube = FakeKube::start().await.unwrap();
+    let Scene {
+        nats,
+        kube,
+        client,
+        mut out,
+    } = Scene::start().await;
     kube.add_pod("shop", "web", "u-web", Some("ReplicaSet"));
-    let client = nats.client().await;
-    let mut out = client.subscribe("falco.response.>").await.unwrap();
     let responder = Responder::start(options(&nats, &kube)).await;
     let forged = "Drop\n2026-11-25T00:00:00.000000Z  INFO falco_nats::respond::audit: response action=\"delete-pod\" outcome=\"done\" namespace=\"kube-system\" pod=\"coredns\"";
     let fields = json!({"k8s.ns.name": "shop", "k8s.pod.name": "web"});

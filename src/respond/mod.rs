@@ -506,16 +506,7 @@ pub async fn run(
     };
     // Once shutdown starts, finishing the alerts in hand and publishing
     // their results share one deadline.
-    let deadline = CancellationToken::new();
-    tokio::spawn({
-        let (shutdown, deadline, timeout) =
-            (shutdown.clone(), deadline.clone(), options.drain_timeout);
-        async move {
-            shutdown.cancelled().await;
-            tokio::time::sleep(timeout).await;
-            deadline.cancel();
-        }
-    });
+    let deadline = crate::drain::deadline_after(&shutdown, options.drain_timeout);
     let consume = Consume {
         client: &client,
         responder: &responder,

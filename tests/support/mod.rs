@@ -154,6 +154,18 @@ impl NatsServer {
             .await
             .expect("connect to test nats-server")
     }
+
+    /// A client subscribed to `subject`, the subscription confirmed by the
+    /// server.
+    pub async fn subscribed(&self, subject: &str) -> (async_nats::Client, Subscriber) {
+        let client = self.client().await;
+        let sub = client
+            .subscribe(subject.to_owned())
+            .await
+            .expect("subscribe");
+        client.flush().await.expect("flush");
+        (client, sub)
+    }
 }
 
 impl Drop for NatsServer {
@@ -180,6 +192,27 @@ impl RunningBridge {
             task,
             http,
         }
+    }
+
+    /// Starts the bridge and waits until `/readyz` says ready.
+    pub async fn start_ready(options: BridgeOptions) -> Self {
+        let bridge = Self::start(options).await;
+        wait_for(
+            "the bridge to be ready",
+            Duration::from_secs(10),
+            || async { bridge.get("/readyz").await.0 == 200 },
+        )
+        .await;
+        bridge
+    }
+
+    /// Waits until `input` has read at least `n` alerts.
+    pub async fn wait_received(&self, input: &str, n: f64) {
+        let series = format!("falco_nats_alerts_received_total{{input=\"{input}\"}}");
+        wait_for("alerts to be read", Duration::from_secs(10), || async {
+            self.metric(&series).await >= n
+        })
+        .await;
     }
 
     /// Stops the bridge and returns how it ended.
@@ -287,6 +320,32 @@ pub fn grpc_options(socket: &Path, url: &str) -> BridgeOptions {
         drain_timeout: Duration::from_secs(20),
         tls: None,
     }
+}
+
+/// Bridge options for a FIFO at `path` (created), lines up to `max_line`,
+/// and core NATS at `url`.
+pub fn fifo_options(path: &Path, url: &str, max_line: usize) -> BridgeOptions {
+    BridgeOptions {
+        input: InputOptions::Fifo(falco_nats::input::fifo::FifoOptions {
+            path: path.to_owned(),
+            create: true,
+            max_line,
+        }),
+        ..grpc_options(path, url)
+    }
+}
+
+/// The bridge binary reading standard input (piped), publishing to `url`,
+/// with `extra` arguments; stdout is discarded, logs at `warn`.
+pub fn stdin_bridge(url: &str, extra: &[&str]) -> Child {
+    Command::new(env!("CARGO_BIN_EXE_falco-nats"))
+        .args(["bridge", "--input", "stdin", "--listen", "off", "-s", url])
+        .args(extra)
+        .env("RUST_LOG", "warn")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .spawn()
+        .expect("start the bridge")
 }
 
 /// Receives `n` messages, failing after `timeout` without one.
