@@ -104,9 +104,12 @@ impl Cluster {
                 .await
                 .map_err(|e| ClusterError::Config(e.to_string()))?,
         };
-        config.connect_timeout = Some(timeout);
-        config.read_timeout = Some(timeout);
-        config.write_timeout = Some(timeout);
+        // The client's own limits, a little later than the one each call
+        // has (`call`), which is then the one that says what happened.
+        let transport = timeout + Duration::from_secs(1);
+        config.connect_timeout = Some(transport);
+        config.read_timeout = Some(transport);
+        config.write_timeout = Some(transport);
         let client = Client::try_from(config)?;
         ready.set(true);
         Ok(Cluster {
