@@ -1047,3 +1047,29 @@ async fn alert_text_cannot_forge_log_lines() {
         );
     }
 }
+
+/// Issue 10, item 6: a grace period out of range is a policy error with its
+/// line (`respond --check` fails), never a silent immediate kill.
+#[test]
+fn respond_check_refuses_an_out_of_range_grace_period() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("policy.yaml");
+    for seconds in ["4294967296", "-1"] {
+        std::fs::write(
+            &path,
+            format!("rules:\n  - name: a\n    actions:\n      - action: delete-pod\n        grace_period_seconds: {seconds}\n"),
+        )
+        .unwrap();
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_falco-nats"))
+            .args(["respond", "--check"])
+            .arg(&path)
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{err}");
+        assert!(
+            err.contains("policy.yaml:4:") && err.contains("out of range"),
+            "{err}"
+        );
+    }
+}

@@ -409,10 +409,7 @@ impl Responder {
         let result = match action {
             ActionSpec::DeletePod {
                 grace_period_seconds,
-            } => {
-                let grace = u32::try_from(*grace_period_seconds).unwrap_or(0);
-                self.cluster.delete_pod(pod, grace).await
-            }
+            } => self.cluster.delete_pod(pod, *grace_period_seconds).await,
             ActionSpec::LabelPod { labels } => self.cluster.label_pod(pod, labels).await,
             ActionSpec::IsolatePod { labels } => self.cluster.isolate_pod(pod, labels).await,
             ActionSpec::Log => Ok(Applied::Done),

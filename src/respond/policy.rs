@@ -80,9 +80,10 @@ pub struct Match {
 pub enum ActionSpec {
     /// Delete the pod, with the pod's UID as a precondition when the alert has it.
     DeletePod {
-        /// Seconds the pod gets to stop; 0 kills it at once.
-        #[serde(default)]
-        grace_period_seconds: i64,
+        /// Seconds the pod gets to stop; 0 kills it at once. Negative or
+        /// out-of-range values are policy errors, never a silent 0.
+        #[serde(default, deserialize_with = "grace_period")]
+        grace_period_seconds: u32,
     },
     /// Add labels to the pod (a merge patch).
     LabelPod {
@@ -126,6 +127,17 @@ impl ActionSpec {
     pub fn needs_pod(&self) -> bool {
         !matches!(self, ActionSpec::Log)
     }
+}
+
+/// A grace period: seconds from 0 to 4,294,967,295, said so when out of range.
+fn grace_period<'de, D: serde::Deserializer<'de>>(d: D) -> Result<u32, D::Error> {
+    let seconds = i64::deserialize(d)?;
+    u32::try_from(seconds).map_err(|_| {
+        serde::de::Error::custom(format!(
+            "grace_period_seconds {seconds} is out of range (0 to {})",
+            u32::MAX
+        ))
+    })
 }
 
 fn one_or_many<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<String>, D::Error> {
@@ -423,17 +435,6 @@ impl Policy {
             }
             for action in &rule.actions {
                 match action {
-                    ActionSpec::DeletePod {
-                        grace_period_seconds,
-                    } if *grace_period_seconds < 0 => {
-                        return Err(error(
-                            &rule.name,
-                            format!(
-                                "rule {:?}: grace_period_seconds must not be negative",
-                                rule.name
-                            ),
-                        ));
-                    }
                     ActionSpec::LabelPod { labels } | ActionSpec::IsolatePod { labels } => {
                         if labels.is_empty() {
                             return Err(error(
@@ -646,6 +647,9 @@ rules:
             ("rules:\n  - name: a\n    actions: [{action: log}]\n  - name: a\n    actions: [{action: log}]\n", 2, "twice"),
             ("rules:\n  - name: a\n    actions:\n      - action: label-pod\n        labels: {\"bad key!\": x}\n", 2, "invalid label"),
             ("rules: [\n", 2, ""),
+            // Too large for a grace period: an error, never an immediate kill.
+            ("rules:\n  - name: a\n    actions:\n      - action: delete-pod\n        grace_period_seconds: 4294967296\n", 4, "grace_period_seconds 4294967296 is out of range"),
+            ("rules:\n  - name: a\n    actions:\n      - action: delete-pod\n        grace_period_seconds: -1\n", 4, "grace_period_seconds -1 is out of range"),
         ];
         for (text, line, needle) in cases {
             let err = Policy::parse("p.yaml", text).unwrap_err();
