@@ -17,9 +17,9 @@ use crate::input::grpc::{GrpcInput, GrpcOptions};
 use crate::input::http::{http_routes, HttpOptions};
 use crate::input::stdin::{self, StdinInput};
 use crate::input::{AlertSink, InputError};
-use crate::output::{
-    connect, ConnectionWatch, DeliveryLedger, NatsError, NatsOptions, PublishOptions, Publisher,
-    StreamMismatch,
+use crate::nats::{
+    connect, ConnectionMetrics, ConnectionWatch, DeliveryLedger, NatsError, NatsOptions,
+    PublishOptions, Publisher, StreamMismatch,
 };
 use crate::priority::Priority;
 use crate::telemetry::health::{self, Readiness, TlsError};
@@ -104,14 +104,9 @@ pub async fn run(
     let input_ready = readiness.check("input");
     let watch = ConnectionWatch {
         ready: readiness.check("nats"),
-        connected: metrics.nats_connected.clone(),
-        reconnects: metrics.nats_reconnects.clone(),
-        permission_denied: metrics.permission_denied.clone(),
-        denied: Default::default(),
+        metrics: ConnectionMetrics::register(&mut registry),
         ledger: DeliveryLedger::new(metrics.possibly_lost.clone(), metrics.unconfirmed.clone()),
     };
-    let denied = watch.denied.clone();
-    let ledger = watch.ledger.clone();
     let acceptor = match &options.tls {
         Some(files) => Some(health::tls_acceptor(&files.cert, &files.key)?),
         None => None,
@@ -119,16 +114,10 @@ pub async fn run(
     if matches!(options.input, InputOptions::Http(_)) && listener.is_none() {
         return Err(BridgeError::HttpWithoutListener);
     }
-    let client = connect(&options.nats, watch).await?;
+    let connection = connect(&options.nats, watch).await?;
 
     let (tx, rx) = mpsc::channel(options.queue_size.max(1));
-    let publisher = Publisher::new(
-        client,
-        options.publish.clone(),
-        metrics.clone(),
-        denied,
-        ledger,
-    );
+    let publisher = Publisher::new(connection, options.publish.clone(), metrics.clone());
     let mut output = tokio::spawn(publisher.run(rx));
 
     let input_name = options.input.name();

@@ -14,8 +14,8 @@ use crate::input::fifo::{FifoOptions, DEFAULT_FIFO, DEFAULT_MAX_LINE};
 use crate::input::grpc::{socket_path, GrpcMethod, GrpcOptions, DEFAULT_SOCKET};
 use crate::input::http::{HttpOptions, DEFAULT_MAX_BODY};
 use crate::input::InputError;
-use crate::output::subject::DEFAULT_SUBJECT;
-use crate::output::{JetStreamOptions, NatsOptions, PublishOptions, SubjectTemplate};
+use crate::nats::subject::DEFAULT_SUBJECT;
+use crate::nats::{JetStreamOptions, NatsOptions, PublishOptions, SubjectTemplate};
 use crate::priority::Priority;
 use crate::respond::policy::{Policy, PolicyError};
 use crate::respond::rails::{RailsConfig, DEFAULT_PROTECTED};
@@ -90,7 +90,7 @@ pub(crate) fn parse_priority(s: &str) -> Result<Priority, String> {
 
 fn parse_subject(s: &str) -> Result<SubjectTemplate, String> {
     s.parse()
-        .map_err(|e: crate::output::subject::SubjectError| e.to_string())
+        .map_err(|e: crate::nats::subject::SubjectError| e.to_string())
 }
 
 #[derive(Debug, Clone, Args)]

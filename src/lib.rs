@@ -14,7 +14,7 @@ pub mod event;
 #[doc(hidden)]
 pub mod fuzzing;
 pub mod input;
-pub mod output;
+pub mod nats;
 pub mod priority;
 pub mod proto;
 pub mod respond;

@@ -15,7 +15,7 @@ use futures_util::StreamExt;
 use serde_json::Value;
 use tokio_util::sync::CancellationToken;
 
-use crate::output::{connect, ConnectionWatch, NatsError, NatsOptions};
+use crate::nats::{connect, ConnectionWatch, NatsError, NatsOptions};
 use crate::priority::Priority;
 
 /// When to colour the output.
@@ -83,7 +83,9 @@ pub async fn run<W: Write>(
         ColorChoice::Never => false,
         ColorChoice::Auto => std::io::stdout().is_terminal(),
     };
-    let client = connect(&args.nats, ConnectionWatch::default()).await?;
+    let client = connect(&args.nats, ConnectionWatch::default())
+        .await?
+        .client;
     let mut sub = client
         .subscribe(args.subject.clone())
         .await

@@ -9,7 +9,7 @@ use std::time::Duration;
 use falco_nats::bridge::InputOptions;
 use falco_nats::convert::event_from_response;
 use falco_nats::input::grpc::GrpcMethod;
-use falco_nats::output::subject::slug;
+use falco_nats::nats::subject::slug;
 use falco_nats::proto::outputs::Response;
 use falco_nats::simulate::alerts::AlertFactory;
 use falco_nats::simulate::falco_grpc::MockFalco;

@@ -14,7 +14,7 @@ use std::time::Duration;
 use async_nats::ConnectOptions;
 use falco_nats::bridge::InputOptions;
 use falco_nats::input::http::HttpOptions;
-use falco_nats::output::NatsOptions;
+use falco_nats::nats::NatsOptions;
 use falco_nats::respond::Subscription;
 use falco_nats::simulate::alerts::AlertFactory;
 use serde::Deserialize;

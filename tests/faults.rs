@@ -156,7 +156,7 @@ async fn nats_permissions_both_work_and_a_refused_publish_is_reported_not_retrie
     // JetStream: the refused alerts are dropped and reported, not retried forever.
     let mut js = with_user(grpc_options(&socket, &server), "bridge", "bridgepw");
     js.publish.subject = "alerts.{priority}".parse().unwrap();
-    js.publish.jetstream = Some(falco_nats::output::JetStreamOptions {
+    js.publish.jetstream = Some(falco_nats::nats::JetStreamOptions {
         stream: "ALERTS".into(),
         duplicate_window: Duration::from_secs(60),
         max_age: Duration::ZERO,

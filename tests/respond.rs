@@ -761,6 +761,14 @@ async fn a_hung_kubernetes_api_times_out_and_makes_the_responder_unready() {
     })
     .await;
 
+    // The connection's state shows in the responder's metrics too.
+    let (_, metrics) = http_get(http, "/metrics").await;
+    assert_eq!(
+        metric_value(&metrics, "falco_nats_nats_connected"),
+        1.0,
+        "{metrics}"
+    );
+
     kube.set_latency(Duration::from_secs(3600));
     publish(&client, pod_alert("Critical", "shop", "web", None)).await;
     let r = results(&mut out, 1).await;

@@ -11,7 +11,7 @@ use serde::Serialize;
 
 use super::alert::PodRef;
 use super::cluster::Cluster;
-use crate::output::subject::slug;
+use crate::nats::subject::slug;
 
 /// The result of one decision.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]

@@ -26,7 +26,7 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 use crate::backoff::Backoff;
-use crate::output::{connect, ConnectionWatch, NatsError, NatsOptions};
+use crate::nats::{connect, ConnectionMetrics, ConnectionWatch, NatsError, NatsOptions};
 use crate::telemetry::health::{self, Readiness, ReadyFlag};
 use alert::{Alert, PodRef};
 use audit::{Audit, Decision, EventKind, Outcome, RespondMetrics};
@@ -458,6 +458,7 @@ pub async fn run(
     let readiness = Readiness::default();
     let watch = ConnectionWatch {
         ready: readiness.check("nats"),
+        metrics: ConnectionMetrics::register(&mut registry),
         ..ConnectionWatch::default()
     };
     // Ready once NATS is connected and the alerts' subscription is in place,
@@ -472,7 +473,7 @@ pub async fn run(
         )
         .await?,
     );
-    let client = connect(&options.nats, watch).await?;
+    let client = connect(&options.nats, watch).await?.client;
     let http_stop = CancellationToken::new();
     let http = listener.map(|l| {
         tokio::spawn(health::serve(
@@ -533,7 +534,7 @@ pub async fn run(
         }
     };
     tokio::select! {
-        confirmed = crate::output::round_trip(&client) => {
+        confirmed = crate::nats::round_trip(&client) => {
             if let Err(e) = confirmed {
                 tracing::warn!(error = %e, "cannot confirm that NATS received the last results");
             }
@@ -578,7 +579,7 @@ impl Consume<'_> {
             .await
             .map_err(|e| RespondError::Subscribe(e.to_string()))?;
         // Ready only once the server has the subscription.
-        match crate::output::round_trip(self.client).await {
+        match crate::nats::round_trip(self.client).await {
             Ok(()) => self.subscribed.set(true),
             Err(e) => tracing::warn!(error = %e, "cannot confirm the subscription yet"),
         }

@@ -27,17 +27,11 @@ pub struct BridgeMetrics {
     pub filtered: Counter,
     /// Input reconnects, by input.
     pub input_reconnects: Family<Label, Counter>,
-    /// NATS reconnects.
-    pub nats_reconnects: Counter,
-    /// Publishes the NATS server refused for lack of permission.
-    pub permission_denied: Counter,
     /// Core NATS: alerts published but not confirmed by the server when the
     /// connection dropped (an upper bound of what was lost).
     pub possibly_lost: Counter,
     /// 1 while the input is connected.
     pub input_connected: Gauge,
-    /// 1 while NATS is connected.
-    pub nats_connected: Gauge,
     /// Alerts between the input and NATS.
     pub queue_depth: Gauge,
     /// Alerts read and not yet confirmed by NATS (JetStream: acknowledged;
@@ -58,11 +52,8 @@ impl BridgeMetrics {
             rejected: Family::default(),
             filtered: Counter::default(),
             input_reconnects: Family::default(),
-            nats_reconnects: Counter::default(),
-            permission_denied: Counter::default(),
             possibly_lost: Counter::default(),
             input_connected: Gauge::default(),
-            nats_connected: Gauge::default(),
             queue_depth: Gauge::default(),
             unconfirmed: Gauge::default(),
             publish_latency: Histogram::new(exponential_buckets(0.000_05, 2.0, 18)),
@@ -104,16 +95,6 @@ impl BridgeMetrics {
             m.input_reconnects.clone(),
         );
         r.register(
-            "nats_reconnects",
-            "Reconnects to NATS",
-            m.nats_reconnects.clone(),
-        );
-        r.register(
-            "nats_permission_denied",
-            "Publishes the NATS server refused for lack of permission",
-            m.permission_denied.clone(),
-        );
-        r.register(
             "alerts_possibly_lost",
             "Core NATS: alerts published but not yet confirmed by the server when the connection dropped (an upper bound of what was lost)",
             m.possibly_lost.clone(),
@@ -122,11 +103,6 @@ impl BridgeMetrics {
             "input_connected",
             "1 while the input is connected",
             m.input_connected.clone(),
-        );
-        r.register(
-            "nats_connected",
-            "1 while NATS is connected",
-            m.nats_connected.clone(),
         );
         r.register(
             "queue_depth",

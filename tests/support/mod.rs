@@ -21,7 +21,7 @@ use tokio_util::sync::CancellationToken;
 
 use falco_nats::bridge::{self, BridgeError, BridgeOptions, InputOptions};
 use falco_nats::input::grpc::{GrpcMethod, GrpcOptions};
-use falco_nats::output::{NatsOptions, PublishOptions, SubjectTemplate};
+use falco_nats::nats::{NatsOptions, PublishOptions, SubjectTemplate};
 use falco_nats::priority::Priority;
 
 /// A free TCP port on loopback.
@@ -458,8 +458,8 @@ pub async fn stream_count(url: &str, stream: &str) -> u64 {
 }
 
 /// JetStream publishing to the stream `FALCO`, as the bridge's defaults.
-pub fn jetstream_options() -> falco_nats::output::JetStreamOptions {
-    falco_nats::output::JetStreamOptions {
+pub fn jetstream_options() -> falco_nats::nats::JetStreamOptions {
+    falco_nats::nats::JetStreamOptions {
         stream: "FALCO".into(),
         duplicate_window: Duration::from_secs(120),
         max_age: Duration::ZERO,

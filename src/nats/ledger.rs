@@ -13,14 +13,14 @@
 //! are sent after the reconnect.)
 
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use async_nats::Client;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::gauge::Gauge;
 
-use crate::output::publisher::round_trip;
+use crate::nats::round_trip::round_trip;
 
 /// How often the count of published alerts is confirmed by an echo.
 pub const CONFIRM_EVERY: Duration = Duration::from_millis(100);
@@ -33,7 +33,8 @@ pub struct DeliveryLedger(Arc<Inner>);
 #[derive(Default)]
 struct Inner {
     handed: AtomicU64,
-    confirmed: Mutex<u64>,
+    /// Handed-over alerts known received or counted lost: only grows.
+    confirmed: AtomicU64,
     possibly_lost: Counter,
     /// Alerts read and not yet confirmed: lowered by what is confirmed,
     /// or counted as possibly lost.
@@ -64,29 +65,24 @@ impl DeliveryLedger {
 
     /// The server received the first `mark` alerts.
     pub fn confirm(&self, mark: u64) {
-        if let Ok(mut confirmed) = self.0.confirmed.lock() {
-            if mark > *confirmed {
-                self.0.unconfirmed.dec_by(gauge_delta(mark - *confirmed));
-                *confirmed = mark;
-            }
+        let before = self.0.confirmed.fetch_max(mark, Ordering::AcqRel);
+        if mark > before {
+            self.0.unconfirmed.dec_by(gauge_delta(mark - before));
         }
     }
 
     /// How many alerts are confirmed.
     pub fn confirmed(&self) -> u64 {
-        self.0.confirmed.lock().map(|c| *c).unwrap_or(0)
+        self.0.confirmed.load(Ordering::Acquire)
     }
 
     /// The connection dropped: what was handed over since the last
     /// confirmation may be lost. Returns that number, also added to the
     /// counter.
     pub fn disconnected(&self) -> u64 {
-        let Ok(mut confirmed) = self.0.confirmed.lock() else {
-            return 0;
-        };
         let handed = self.0.handed.load(Ordering::Acquire);
-        let at_risk = handed.saturating_sub(*confirmed);
-        *confirmed = handed;
+        let before = self.0.confirmed.fetch_max(handed, Ordering::AcqRel);
+        let at_risk = handed.saturating_sub(before);
         self.0.possibly_lost.inc_by(at_risk);
         self.0.unconfirmed.dec_by(gauge_delta(at_risk));
         at_risk

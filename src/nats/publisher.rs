@@ -13,9 +13,10 @@ use tokio::sync::mpsc;
 
 use crate::backoff::Backoff;
 use crate::event::FalcoEvent;
-use crate::output::connection::DeniedSubjects;
-use crate::output::ledger::DeliveryLedger;
-use crate::output::subject::{covers, SubjectTemplate};
+use crate::nats::connection::{DeniedSubjects, NatsConnection};
+use crate::nats::ledger::DeliveryLedger;
+use crate::nats::round_trip::round_trip;
+use crate::nats::subject::{covers, SubjectTemplate};
 use crate::telemetry::metrics::BridgeMetrics;
 
 /// Header names carried by every alert message.
@@ -76,16 +77,19 @@ pub struct JetStreamPublisher {
 }
 
 impl Publisher {
-    /// `denied` lists the subjects the server refused (from the connection's
-    /// events): JetStream stops retrying alerts for those. `ledger` (core
-    /// NATS) counts what a dropped connection may have lost.
+    /// Publishes on `connection`: JetStream stops retrying alerts on the
+    /// subjects the server refused to it; core NATS has its ledger count what
+    /// a dropped connection may have lost.
     pub fn new(
-        client: Client,
+        connection: NatsConnection,
         options: PublishOptions,
         metrics: BridgeMetrics,
-        denied: DeniedSubjects,
-        ledger: DeliveryLedger,
     ) -> Self {
+        let NatsConnection {
+            client,
+            denied,
+            ledger,
+        } = connection;
         match options.jetstream {
             None => Publisher::Core(CorePublisher {
                 client,
@@ -139,28 +143,6 @@ impl Publisher {
             }
         }
         Ok(())
-    }
-}
-
-/// Waits until the server has processed everything published so far on this
-/// connection: a message to our own inbox comes back only after the server
-/// handled what was sent before it. (`Client::flush` alone can return while
-/// the connection still buffers data the socket did not take yet.)
-pub async fn round_trip(client: &Client) -> Result<(), String> {
-    let inbox = client.new_inbox();
-    let mut echo = client
-        .subscribe(inbox.clone())
-        .await
-        .map_err(|e| e.to_string())?;
-    client
-        .publish(inbox, Bytes::new())
-        .await
-        .map_err(|e| e.to_string())?;
-    client.flush().await.map_err(|e| e.to_string())?;
-    match tokio::time::timeout(Duration::from_secs(5), echo.next()).await {
-        Ok(Some(_)) => Ok(()),
-        Ok(None) => Err("the connection closed".into()),
-        Err(_) => Err("no answer from the server within 5 s (may this user publish and subscribe to its own inbox, --inbox-prefix.>?)".into()),
     }
 }
 

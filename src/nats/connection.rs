@@ -9,8 +9,9 @@ use async_nats::{Client, ConnectOptions, Event, ServerAddr, ServerError};
 use clap::Args;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
 
-use crate::output::ledger::DeliveryLedger;
+use crate::nats::ledger::DeliveryLedger;
 use crate::telemetry::health::ReadyFlag;
 
 /// Where and how to connect, named as the `nats` CLI names them.
@@ -94,17 +95,52 @@ pub enum NatsError {
     Connect(#[from] async_nats::ConnectError),
 }
 
-/// What a connection reports to: a readiness check, metrics, and the
-/// subjects the server refused.
+/// The connection's state as metrics: the same for every subcommand.
 #[derive(Clone, Default)]
-pub struct ConnectionWatch {
-    pub ready: ReadyFlag,
+pub struct ConnectionMetrics {
+    /// 1 while connected.
     pub connected: Gauge,
     pub reconnects: Counter,
     /// Publishes the server refused for lack of permission.
     pub permission_denied: Counter,
+}
+
+impl ConnectionMetrics {
+    /// Creates the metrics and registers them under `falco_nats_nats_`.
+    pub fn register(registry: &mut Registry) -> Self {
+        let m = ConnectionMetrics::default();
+        let r = registry.sub_registry_with_prefix("falco_nats_nats");
+        r.register(
+            "connected",
+            "1 while NATS is connected",
+            m.connected.clone(),
+        );
+        r.register("reconnects", "Reconnects to NATS", m.reconnects.clone());
+        r.register(
+            "permission_denied",
+            "Publishes the NATS server refused for lack of permission",
+            m.permission_denied.clone(),
+        );
+        m
+    }
+}
+
+/// What a connection reports to: a readiness check, its metrics, and (core
+/// NATS publishing) the ledger of what a dropped connection may have lost.
+#[derive(Clone, Default)]
+pub struct ConnectionWatch {
+    pub ready: ReadyFlag,
+    pub metrics: ConnectionMetrics,
+    pub ledger: DeliveryLedger,
+}
+
+/// The one long-lived connection, with what publishing on it needs.
+#[derive(Clone)]
+pub struct NatsConnection {
+    pub client: Client,
+    /// Subjects the server refused to this user.
     pub denied: DeniedSubjects,
-    /// Core NATS: counts what a dropped connection may have lost.
+    /// Core NATS: what the server confirmed, and what a drop may have lost.
     pub ledger: DeliveryLedger,
 }
 
@@ -113,16 +149,19 @@ pub struct ConnectionWatch {
 pub struct DeniedSubjects(Arc<Mutex<HashSet<String>>>);
 
 impl DeniedSubjects {
+    fn set(&self) -> std::sync::MutexGuard<'_, HashSet<String>> {
+        self.0
+            .lock()
+            .expect("no code panics while holding the denied-subjects lock")
+    }
+
     pub fn contains(&self, subject: &str) -> bool {
-        self.0.lock().map(|s| s.contains(subject)).unwrap_or(false)
+        self.set().contains(subject)
     }
 
     /// Records a refused subject; `true` the first time.
     fn insert(&self, subject: &str) -> bool {
-        self.0
-            .lock()
-            .map(|mut s| s.insert(subject.to_owned()))
-            .unwrap_or(false)
+        self.set().insert(subject.to_owned())
     }
 }
 
@@ -321,9 +360,15 @@ fn percent_decode(s: &str) -> String {
 /// Opens the one long-lived connection. It returns at once and connects in
 /// the background, retrying the first connection and every reconnection
 /// forever; `watch` follows the state.
-pub async fn connect(options: &NatsOptions, watch: ConnectionWatch) -> Result<Client, NatsError> {
+pub async fn connect(
+    options: &NatsOptions,
+    watch: ConnectionWatch,
+) -> Result<NatsConnection, NatsError> {
     let (servers, from_url) = options.servers()?;
     let connected_before = Arc::new(AtomicBool::new(false));
+    let denied = DeniedSubjects::default();
+    let ledger = watch.ledger.clone();
+    let events_denied = denied.clone();
     let client = options
         .connect_options(from_url)
         .await?
@@ -331,20 +376,21 @@ pub async fn connect(options: &NatsOptions, watch: ConnectionWatch) -> Result<Cl
         .max_reconnects(None)
         .event_callback(move |event| {
             let watch = watch.clone();
+            let denied = events_denied.clone();
             let connected_before = connected_before.clone();
             async move {
                 match event {
                     Event::Connected => {
                         watch.ready.set(true);
-                        watch.connected.set(1);
+                        watch.metrics.connected.set(1);
                         tracing::info!("connected to NATS");
                         if connected_before.swap(true, Ordering::Relaxed) {
-                            watch.reconnects.inc();
+                            watch.metrics.reconnects.inc();
                         }
                     }
                     Event::Disconnected => {
                         watch.ready.set(false);
-                        watch.connected.set(0);
+                        watch.metrics.connected.set(0);
                         let at_risk = watch.ledger.disconnected();
                         if at_risk > 0 {
                             tracing::warn!(possibly_lost = at_risk, "disconnected from NATS; reconnecting (alerts published since the server last confirmed may be lost: counted in falco_nats_alerts_possibly_lost_total)");
@@ -354,7 +400,7 @@ pub async fn connect(options: &NatsOptions, watch: ConnectionWatch) -> Result<Cl
                     }
                     Event::Closed => {
                         watch.ready.set(false);
-                        watch.connected.set(0);
+                        watch.metrics.connected.set(0);
                         tracing::info!("NATS connection closed");
                     }
                     // Failed reconnect attempts: the disconnect was logged already.
@@ -362,8 +408,8 @@ pub async fn connect(options: &NatsOptions, watch: ConnectionWatch) -> Result<Cl
                     Event::ServerError(ServerError::Other(message)) => {
                         match denied_publish_subject(&message) {
                             Some(subject) => {
-                                watch.permission_denied.inc();
-                                if watch.denied.insert(subject) {
+                                watch.metrics.permission_denied.inc();
+                                if denied.insert(subject) {
                                     tracing::error!(%subject, "NATS refused a publish: the user has no permission for this subject (check --subject and the user's publish permissions)");
                                 }
                             }
@@ -377,7 +423,11 @@ pub async fn connect(options: &NatsOptions, watch: ConnectionWatch) -> Result<Cl
         })
         .connect(servers)
         .await?;
-    Ok(client)
+    Ok(NatsConnection {
+        client,
+        denied,
+        ledger,
+    })
 }
 
 #[cfg(test)]
