@@ -106,7 +106,7 @@ fn source_name(response: &mut Response) -> String {
         1 => "k8s_audit",
         2 => "internal",
         3 => "plugin",
-        _ => "syscall",
+        _ => crate::event::DEFAULT_SOURCE,
     }
     .to_owned()
 }

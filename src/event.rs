@@ -12,6 +12,9 @@ use serde::Deserialize;
 
 use crate::priority::{Priority, PriorityError};
 
+/// The source Falco gives an alert that names none: its system-call source.
+pub const DEFAULT_SOURCE: &str = "syscall";
+
 /// One Falco alert.
 #[derive(Debug, Clone)]
 pub struct FalcoEvent {
@@ -112,7 +115,7 @@ impl FalcoEvent {
         let source = head
             .source
             .map(Cow::into_owned)
-            .unwrap_or_else(|| "syscall".to_owned());
+            .unwrap_or_else(|| DEFAULT_SOURCE.to_owned());
         Ok(FalcoEvent {
             payload,
             priority,

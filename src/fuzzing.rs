@@ -62,7 +62,7 @@ pub fn policy(data: &[u8]) {
 /// error, or a pod whose namespace and name hold nothing a request path
 /// could be bent with (only `[a-z0-9.-]`, within Kubernetes' lengths).
 pub fn alert_pod(data: &[u8]) {
-    let Ok(alert) = crate::respond::alert::Alert::from_json(data) else {
+    let Ok(alert) = crate::alert::Alert::from_json(data) else {
         return;
     };
     if let Ok(Some(pod)) = alert.pod() {

@@ -5,10 +5,12 @@
 
 #![forbid(unsafe_code)]
 
+pub mod alert;
 pub mod backoff;
 pub mod bridge;
 pub mod cli;
 pub mod convert;
+pub mod decision;
 pub mod drain;
 pub mod event;
 #[doc(hidden)]

@@ -1081,3 +1081,28 @@ fn respond_check_refuses_an_out_of_range_grace_period() {
         );
     }
 }
+
+/// A `log` action about a pod is reported, and writes nothing to
+/// Kubernetes (no Event either).
+#[tokio::test]
+async fn a_log_action_writes_nothing_to_kubernetes() {
+    let Scene {
+        nats,
+        kube,
+        client,
+        mut out,
+    } = Scene::start().await;
+    kube.add_pod("shop", "web", "u-web", Some("ReplicaSet"));
+    let mut opts = options(&nats, &kube);
+    opts.policy = policy("rules:\n  - name: watch\n    actions: [{action: log}]\n");
+    let responder = Responder::start(opts).await;
+    publish(&client, pod_alert("Critical", "shop", "web", None)).await;
+    let r = results(&mut out, 1).await;
+    assert_eq!(
+        (&r[0]["action"], &r[0]["outcome"]),
+        (&json!("log"), &json!("done"))
+    );
+    assert_eq!(r[0]["pod"], "web");
+    assert_eq!(kube.requests(), vec![], "no request reached the API");
+    responder.stop().await;
+}

@@ -18,7 +18,7 @@ use kube::config::{KubeConfigOptions, Kubeconfig};
 use kube::{Client, Config};
 use serde_json::json;
 
-use super::alert::PodRef;
+use crate::alert::PodRef;
 use crate::telemetry::health::ReadyFlag;
 
 /// What happened to a pod action.

@@ -9,7 +9,6 @@
 //! a delivery limit. Alerts are handled a bounded number at a time, and no
 //! more are pulled than that, so none waits past the ack wait in a buffer.
 
-pub mod alert;
 pub mod audit;
 pub mod cluster;
 pub mod policy;
@@ -25,14 +24,16 @@ use prometheus_client::registry::Registry;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
+use crate::alert::{Alert, PodRef};
 use crate::backoff::Backoff;
+use crate::decision::{Action, Decision, NoAction, Outcome};
 use crate::nats::{connect, ConnectionMetrics, ConnectionWatch, NatsError, NatsOptions};
 use crate::telemetry::health::{self, Readiness, ReadyFlag};
-use alert::{Alert, PodRef};
-use audit::{Audit, Decision, EventKind, Outcome, RespondMetrics};
+use crate::telemetry::metrics::RespondMetrics;
+use audit::Audit;
 use cluster::{Applied, CallError, Cluster, ClusterError};
 use policy::{ActionSpec, Policy, PolicyRule};
-use rails::{DedupKey, Rails, RailsConfig, SkipReason};
+use rails::{DedupKey, Rails, RailsConfig, Refusal};
 
 /// Where alerts come from.
 #[derive(Debug, Clone)]
@@ -109,14 +110,6 @@ pub enum Settle {
     Term,
 }
 
-/// The decisions made about one alert, and how to settle it.
-#[derive(Debug)]
-pub struct Handled {
-    /// The decisions published (not those held back for a retry).
-    pub decisions: Vec<Decision>,
-    pub settle: Settle,
-}
-
 /// Decides and acts on alerts.
 pub struct Responder {
     policy: Policy,
@@ -126,51 +119,25 @@ pub struct Responder {
     audit: Audit,
 }
 
-fn base_decision(subject: &str, received: Instant) -> Decision {
-    Decision {
-        action: "none",
-        outcome: Outcome::Skipped,
-        reason: String::new(),
-        policy_rule: None,
-        rule: None,
-        priority: None,
-        namespace: None,
-        pod: None,
-        pod_uid: None,
-        hostname: None,
-        alert_time: None,
-        subject: subject.to_owned(),
-        dry_run: false,
-        latency_ms: received.elapsed().as_secs_f64() * 1000.0,
-    }
-}
-
-/// One action's decision, with what it leads to.
-struct ActionResult {
-    decision: Decision,
-    /// The pod as the API named it, and the Event it calls for.
-    event: Option<(PodRef, EventKind)>,
-    /// A transient failure that another delivery may fix.
-    transient: bool,
-}
-
-impl ActionResult {
-    fn quiet(decision: Decision) -> Self {
-        ActionResult {
-            decision,
-            event: None,
-            transient: false,
-        }
-    }
-}
-
-/// How carrying an action out ended, once the rails let it through.
-enum Verdict {
+/// How carrying out one action ended: the decision in data, before it is
+/// written up. The claim on the pod is kept for `Done`, `DryRun` and
+/// `Gone`, and given back for the rest.
+#[derive(Debug)]
+pub enum Verdict {
+    /// The action needs no pod (`log`).
+    Logged,
+    /// Decided against before any rail.
+    NoAction(NoAction),
+    /// Refused by a rail.
+    Refused(Refusal),
     Done,
     DryRun,
     Gone,
     Replaced,
-    Failed { reason: String, transient: bool },
+    Failed {
+        reason: String,
+        transient: bool,
+    },
 }
 
 impl Verdict {
@@ -180,11 +147,43 @@ impl Verdict {
             transient: e.is_transient(),
         }
     }
+
+    /// Whether another delivery may turn this into something else.
+    fn is_transient(&self) -> bool {
+        matches!(
+            self,
+            Verdict::Failed {
+                transient: true,
+                ..
+            }
+        )
+    }
+
+    /// Writes the verdict into `d`: outcome and reason.
+    fn write(self, d: &mut Decision, action: &ActionSpec) {
+        let what = describe(action);
+        let (outcome, reason) = match self {
+            Verdict::Logged if d.dry_run => (Outcome::DryRun, "logged".to_owned()),
+            Verdict::Logged => (Outcome::Done, "logged".to_owned()),
+            Verdict::NoAction(why) => (Outcome::Skipped, why.as_str().to_owned()),
+            Verdict::Refused(why) => (Outcome::Skipped, why.as_str().to_owned()),
+            Verdict::Done => (Outcome::Done, what),
+            Verdict::DryRun => (Outcome::DryRun, format!("would {what}")),
+            Verdict::Gone => (Outcome::Gone, "the pod no longer exists".to_owned()),
+            Verdict::Replaced => (
+                Outcome::Replaced,
+                "the pod was replaced (UID differs); not touched".to_owned(),
+            ),
+            Verdict::Failed { reason, .. } => (Outcome::Failed, reason),
+        };
+        d.outcome = outcome;
+        d.reason = reason;
+    }
 }
 
 impl Responder {
     /// Handles one alert: decides, acts, and publishes the decisions.
-    pub async fn handle(&self, subject: &str, payload: &[u8], delivery: Delivery) -> Handled {
+    pub async fn handle(&self, subject: &str, payload: &[u8], delivery: Delivery) -> Settle {
         let received = Instant::now();
         if delivery.attempt <= 1 {
             self.audit.metrics.alerts.inc();
@@ -192,193 +191,110 @@ impl Responder {
         let alert = match Alert::from_json(payload) {
             Ok(alert) => alert,
             Err(e) => {
-                let mut d = base_decision(subject, received);
-                d.reason = format!("{}: {e}", SkipReason::Malformed.as_str());
-                return self.only(d).await;
+                let mut d = Decision::new(Action::None, subject);
+                d.reason = format!("{}: {e}", NoAction::Malformed.as_str());
+                return self.only(d, received).await;
             }
         };
         // Names are checked before any rail, policy or API call.
         let pod = match alert.pod() {
             Ok(pod) => pod,
             Err(e) => {
-                let mut d = self.decision_for(&alert, None, None, subject, received);
-                d.reason = format!("{}: {e}", SkipReason::InvalidName.as_str());
-                return self.only(d).await;
+                let mut d = decision_for(&alert, None, None, subject, self.dry_run);
+                d.reason = format!("{}: {e}", NoAction::InvalidName.as_str());
+                return self.only(d, received).await;
             }
         };
         let rules = self.policy.evaluate(&alert);
         if rules.is_empty() {
-            let mut d = self.decision_for(&alert, pod.as_ref(), None, subject, received);
-            d.reason = SkipReason::NoPolicyMatch.as_str().to_owned();
-            return self.only(d).await;
+            let mut d = decision_for(&alert, pod.as_ref(), None, subject, self.dry_run);
+            d.reason = NoAction::NoPolicyMatch.as_str().to_owned();
+            return self.only(d, received).await;
         }
-        let mut handled = Handled {
-            decisions: Vec::new(),
-            settle: Settle::Ack,
-        };
+        let mut settle = Settle::Ack;
         for rule in rules {
             for action in &rule.actions {
-                let base = self.decision_for(&alert, pod.as_ref(), Some(rule), subject, received);
-                let mut r = self.apply(&alert, pod.as_ref(), action, base).await;
-                r.decision.latency_ms = received.elapsed().as_secs_f64() * 1000.0;
-                if r.transient && !delivery.last {
+                let mut d = decision_for(&alert, pod.as_ref(), Some(rule), subject, self.dry_run);
+                d.action = action.kind();
+                // The pod the action is about (none for `log`, which writes no Event).
+                let mut target = pod.clone().filter(|_| action.needs_pod());
+                let verdict = self
+                    .decide(&alert, target.as_mut(), action, d.dry_run)
+                    .await;
+                if verdict.is_transient() && !delivery.last {
                     // Not final: the decision is made again on the next delivery.
                     self.audit.metrics.retries.inc();
-                    tracing::warn!(action = r.decision.action, attempt = delivery.attempt, reason = ?r.decision.reason, "transient failure; the alert will be delivered again");
-                    handled.settle = Settle::Retry;
+                    tracing::warn!(action = action.name(), attempt = delivery.attempt, verdict = ?verdict, "transient failure; the alert will be delivered again");
+                    settle = Settle::Retry;
                     continue;
                 }
-                if r.transient && handled.settle == Settle::Ack {
-                    handled.settle = Settle::Term;
-                    r.decision.reason = format!(
-                        "{} (delivery {}, the last)",
-                        r.decision.reason, delivery.attempt
-                    );
+                let last_failure = verdict.is_transient();
+                verdict.write(&mut d, action);
+                if last_failure {
+                    d.reason = format!("{} (delivery {}, the last)", d.reason, delivery.attempt);
+                    if settle == Settle::Ack {
+                        settle = Settle::Term;
+                    }
                 }
-                // At most one Event per pod and reason within the dedup window.
-                let event = r
-                    .event
-                    .as_ref()
-                    .filter(|(pod, kind)| self.rails.first_event(pod, kind.reason()))
-                    .map(|(pod, kind)| (pod, *kind));
-                self.audit.record(&r.decision, event).await;
-                handled.decisions.push(r.decision);
+                // Results and Events name the pod as the API answered for it.
+                if let Some(target) = &target {
+                    d.namespace = Some(target.namespace.clone());
+                    d.pod = Some(target.name.clone());
+                    d.pod_uid.clone_from(&target.uid);
+                }
+                d.latency_ms = received.elapsed().as_secs_f64() * 1000.0;
+                self.audit.record(&d, target.as_ref()).await;
             }
         }
-        handled
+        settle
     }
 
     /// Records a single decision about an alert that leads to no action.
-    async fn only(&self, d: Decision) -> Handled {
+    async fn only(&self, mut d: Decision, received: Instant) -> Settle {
+        d.latency_ms = received.elapsed().as_secs_f64() * 1000.0;
         self.audit.record(&d, None).await;
-        Handled {
-            decisions: vec![d],
-            settle: Settle::Ack,
-        }
+        Settle::Ack
     }
 
-    fn decision_for(
+    /// Decides on one action and carries it out: the rails before and after
+    /// reading the pod, then the API call. `pod` is updated to what the API
+    /// answered.
+    async fn decide(
         &self,
         alert: &Alert,
-        pod: Option<&PodRef>,
-        rule: Option<&PolicyRule>,
-        subject: &str,
-        received: Instant,
-    ) -> Decision {
-        Decision {
-            policy_rule: rule.map(|r| r.name.clone()),
-            rule: Some(alert.rule.clone()),
-            priority: Some(alert.priority.as_str().to_owned()),
-            namespace: pod.map(|p| p.namespace.clone()),
-            pod: pod.map(|p| p.name.clone()),
-            pod_uid: pod.and_then(|p| p.uid.clone()),
-            hostname: Some(alert.hostname.clone()).filter(|h| !h.is_empty()),
-            alert_time: Some(alert.time.clone()).filter(|t| !t.is_empty()),
-            dry_run: self.dry_run || rule.is_some_and(|r| r.dry_run),
-            ..base_decision(subject, received)
-        }
-    }
-
-    /// Decides on and carries out one action.
-    async fn apply(
-        &self,
-        alert: &Alert,
-        pod: Option<&PodRef>,
-        action: &ActionSpec,
-        mut d: Decision,
-    ) -> ActionResult {
-        d.action = action.name();
-        let dry_run = d.dry_run;
-        let skip = |mut d: Decision, reason: SkipReason| {
-            d.outcome = Outcome::Skipped;
-            d.reason = reason.as_str().to_owned();
-            ActionResult::quiet(d)
-        };
-        if !action.needs_pod() {
-            d.outcome = if dry_run {
-                Outcome::DryRun
-            } else {
-                Outcome::Done
-            };
-            d.reason = "logged".into();
-            return ActionResult::quiet(d);
-        }
-        let Some(pod) = pod else {
-            return skip(d, SkipReason::NoPod);
-        };
-        if let Err(reason) = self.rails.check_namespace(&pod.namespace) {
-            return skip(d, reason);
-        }
-        if let Some(reason) = self.rails.cached_owner_skip(&pod.namespace, &pod.name) {
-            return skip(d, reason);
-        }
-        let key = DedupKey {
-            namespace: pod.namespace.clone(),
-            pod: pod.name.clone(),
-            uid: pod.uid.clone(),
-            rule: alert.rule.clone(),
-            action: action.name(),
-        };
-        if !self.rails.claim(key.clone()) {
-            return skip(d, SkipReason::Duplicate);
-        }
-        let mut target = pod.clone();
-        let verdict = match self.carry_out(&mut target, action, dry_run).await {
-            Ok(verdict) => verdict,
-            Err(reason) => {
-                self.rails.release(&key);
-                return skip(d, reason);
-            }
-        };
-        // Results and Events name the object the API answered for.
-        d.namespace = Some(target.namespace.clone());
-        d.pod = Some(target.name.clone());
-        d.pod_uid.clone_from(&target.uid);
-        let what = describe(action);
-        let mut result = ActionResult::quiet(d);
-        let d = &mut result.decision;
-        match verdict {
-            Verdict::DryRun => {
-                d.outcome = Outcome::DryRun;
-                d.reason = format!("would {what}");
-            }
-            Verdict::Done => {
-                d.outcome = Outcome::Done;
-                d.reason = what;
-                result.event = Some((target, EventKind::Acted));
-            }
-            Verdict::Gone => {
-                d.outcome = Outcome::Gone;
-                d.reason = "the pod no longer exists".into();
-            }
-            Verdict::Replaced => {
-                self.rails.release(&key);
-                d.outcome = Outcome::Replaced;
-                d.reason = "the pod was replaced (UID differs); not touched".into();
-            }
-            Verdict::Failed { reason, transient } => {
-                self.rails.release(&key);
-                d.outcome = Outcome::Failed;
-                d.reason = reason;
-                result.transient = transient;
-                result.event = Some((target, EventKind::Failed));
-            }
-        }
-        result
-    }
-
-    /// Reads the pod, applies the rails that need it, and acts. `pod` is
-    /// updated to what the API answered with.
-    async fn carry_out(
-        &self,
-        pod: &mut PodRef,
+        pod: Option<&mut PodRef>,
         action: &ActionSpec,
         dry_run: bool,
-    ) -> Result<Verdict, SkipReason> {
+    ) -> Verdict {
+        if !action.needs_pod() {
+            return Verdict::Logged;
+        }
+        let Some(pod) = pod else {
+            return Verdict::NoAction(NoAction::NoPod);
+        };
+        let key = match self.rails.admit(pod, &alert.rule, action.kind()) {
+            Ok(key) => key,
+            Err(refusal) => return Verdict::Refused(refusal),
+        };
+        let verdict = self.execute(pod, &key, action, dry_run).await;
+        if !matches!(verdict, Verdict::Done | Verdict::DryRun | Verdict::Gone) {
+            self.rails.release(&key);
+        }
+        verdict
+    }
+
+    /// Reads the pod, asks the rails, and acts.
+    async fn execute(
+        &self,
+        pod: &mut PodRef,
+        key: &DedupKey,
+        action: &ActionSpec,
+        dry_run: bool,
+    ) -> Verdict {
         let found = match self.cluster.get_pod(pod).await {
-            Ok(None) => return Ok(Verdict::Gone),
+            Ok(None) => return Verdict::Gone,
             Ok(Some(found)) => found,
-            Err(e) => return Ok(Verdict::failed("cannot read the pod: ", &e)),
+            Err(e) => return Verdict::failed("cannot read the pod: ", &e),
         };
         if let Some(namespace) = &found.metadata.namespace {
             pod.namespace.clone_from(namespace);
@@ -391,20 +307,14 @@ impl Responder {
         if pod.uid.is_none() {
             pod.uid.clone_from(&found.metadata.uid);
         }
-        if let Err(reason) = self.rails.check_owner(&found) {
-            self.rails
-                .cache_owner_skip(&pod.namespace, &pod.name, reason);
-            return Err(reason);
-        }
-        if action.is_destructive() {
-            if dry_run {
-                self.rails.would_get_slot()?;
-            } else {
-                self.rails.take_destructive_slot()?;
-            }
+        if let Err(refusal) = self
+            .rails
+            .permit(key, &found, action.is_destructive(), dry_run)
+        {
+            return Verdict::Refused(refusal);
         }
         if dry_run {
-            return Ok(Verdict::DryRun);
+            return Verdict::DryRun;
         }
         let result = match action {
             ActionSpec::DeletePod {
@@ -414,12 +324,34 @@ impl Responder {
             ActionSpec::IsolatePod { labels } => self.cluster.isolate_pod(pod, labels).await,
             ActionSpec::Log => Ok(Applied::Done),
         };
-        Ok(match result {
+        match result {
             Ok(Applied::Done) => Verdict::Done,
             Ok(Applied::Gone) => Verdict::Gone,
             Ok(Applied::Replaced) => Verdict::Replaced,
             Err(e) => Verdict::failed("", &e),
-        })
+        }
+    }
+}
+
+/// The decision about an alert, before any verdict: what the alert says.
+fn decision_for(
+    alert: &Alert,
+    pod: Option<&PodRef>,
+    rule: Option<&PolicyRule>,
+    subject: &str,
+    dry_run: bool,
+) -> Decision {
+    Decision {
+        policy_rule: rule.map(|r| r.name.clone()),
+        rule: Some(alert.rule.clone()),
+        priority: Some(alert.priority),
+        namespace: pod.map(|p| p.namespace.clone()),
+        pod: pod.map(|p| p.name.clone()),
+        pod_uid: pod.and_then(|p| p.uid.clone()),
+        hostname: Some(alert.hostname.clone()).filter(|h| !h.is_empty()),
+        alert_time: Some(alert.time.clone()).filter(|t| !t.is_empty()),
+        dry_run: dry_run || rule.is_some_and(|r| r.dry_run),
+        ..Decision::new(Action::None, subject)
     }
 }
 
@@ -490,6 +422,7 @@ pub async fn run(
         concurrency = options.concurrency,
         "responder starting"
     );
+    let event_window = options.rails.dedup_window;
     let responder = Responder {
         policy: options.policy,
         rails: Rails::new(options.rails),
@@ -500,6 +433,8 @@ pub async fn run(
             prefix: options.result_prefix.clone(),
             metrics,
             cluster,
+            event_window,
+            recent_events: Default::default(),
         },
     };
     // Once shutdown starts, finishing the alerts in hand and publishing
@@ -693,7 +628,7 @@ impl Consume<'_> {
             let mut progress = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
             loop {
                 tokio::select! {
-                    handled = &mut work => break handled.settle,
+                    settle = &mut work => break settle,
                     _ = progress.tick() => {
                         if let Err(e) = message.ack_with(AckKind::Progress).await {
                             tracing::debug!(error = %e, "cannot extend the ack wait");
@@ -785,4 +720,69 @@ impl Consume<'_> {
 pub fn retry_delay(attempt: u32) -> Duration {
     let doublings = attempt.saturating_sub(1).min(6);
     (Duration::from_millis(500) * 2u32.pow(doublings)).min(Duration::from_secs(30))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use audit::event_reason;
+
+    /// Each verdict's outcome and reason, and which of them get an Event:
+    /// decided in data, without NATS or the Kubernetes API.
+    #[test]
+    fn verdicts_write_decisions_and_only_acts_and_failures_get_events() {
+        let delete = ActionSpec::DeletePod {
+            grace_period_seconds: 0,
+        };
+        let cases = [
+            (Verdict::Logged, "done", "logged"),
+            (
+                Verdict::NoAction(NoAction::NoPod),
+                "skipped",
+                "no_pod_in_alert",
+            ),
+            (
+                Verdict::Refused(Refusal::RateLimited),
+                "skipped",
+                "rate_limited",
+            ),
+            (Verdict::Done, "done", "delete the pod (grace period 0s)"),
+            (
+                Verdict::DryRun,
+                "dry_run",
+                "would delete the pod (grace period 0s)",
+            ),
+            (Verdict::Gone, "gone", "the pod no longer exists"),
+            (
+                Verdict::Replaced,
+                "replaced",
+                "the pod was replaced (UID differs); not touched",
+            ),
+            (
+                Verdict::Failed {
+                    reason: "boom".into(),
+                    transient: true,
+                },
+                "failed",
+                "boom",
+            ),
+        ];
+        let mut with_events = Vec::new();
+        for (verdict, outcome, reason) in cases {
+            let mut d = Decision::new(Action::DeletePod, "falco.critical.x");
+            verdict.write(&mut d, &delete);
+            assert_eq!((d.outcome.as_str(), d.reason.as_str()), (outcome, reason));
+            if event_reason(d.outcome).is_some() {
+                with_events.push(outcome);
+            }
+        }
+        assert_eq!(with_events, ["done", "done", "failed"]);
+        let mut dry = Decision::new(Action::Log, "s");
+        dry.dry_run = true;
+        Verdict::Logged.write(&mut dry, &ActionSpec::Log);
+        assert_eq!(dry.outcome, Outcome::DryRun);
+        assert_eq!(retry_delay(1), Duration::from_millis(500));
+        assert_eq!(retry_delay(3), Duration::from_secs(2));
+        assert_eq!(retry_delay(50), Duration::from_secs(30));
+    }
 }

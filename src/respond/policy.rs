@@ -28,7 +28,8 @@ use std::path::Path;
 
 use serde::Deserialize;
 
-use super::alert::Alert;
+use crate::alert::Alert;
+use crate::decision::Action;
 use crate::priority::Priority;
 
 /// A validated policy.
@@ -105,14 +106,19 @@ pub fn quarantine_labels() -> BTreeMap<String, String> {
 }
 
 impl ActionSpec {
+    /// Which action this is.
+    pub fn kind(&self) -> Action {
+        match self {
+            ActionSpec::DeletePod { .. } => Action::DeletePod,
+            ActionSpec::LabelPod { .. } => Action::LabelPod,
+            ActionSpec::IsolatePod { .. } => Action::IsolatePod,
+            ActionSpec::Log => Action::Log,
+        }
+    }
+
     /// The action's name, as written in policies and result subjects.
     pub fn name(&self) -> &'static str {
-        match self {
-            ActionSpec::DeletePod { .. } => "delete-pod",
-            ActionSpec::LabelPod { .. } => "label-pod",
-            ActionSpec::IsolatePod { .. } => "isolate-pod",
-            ActionSpec::Log => "log",
-        }
+        self.kind().as_str()
     }
 
     /// Whether the action removes or cuts off a workload (rate limited).

@@ -1,18 +1,16 @@
-//! Safety rails: what the responder refuses to touch, and how often it may act.
-//!
-//! The rails' memory (recent actions, recent Events, owner look-ups, the rate
-//! limit's window) sits behind mutexes that no code holds across a panic
-//! point; should one be poisoned all the same, its data is still a plain
-//! map, so it is used as it is.
+//! Safety rails: what the responder refuses to touch, and how often it may
+//! act. No I/O here: [`Rails::admit`] decides before the pod is read,
+//! [`Rails::permit`] once it is; both are unit-tested below.
 
 use std::collections::{BTreeSet, HashMap, VecDeque};
 use std::hash::Hash;
-use std::sync::{Mutex, MutexGuard, PoisonError};
+use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use k8s_openapi::api::core::v1::Pod;
 
-use super::alert::PodRef;
+use crate::alert::PodRef;
+use crate::decision::Action;
 
 /// Namespaces protected unless configured otherwise.
 pub const DEFAULT_PROTECTED: &[&str] = &["kube-system", "kube-public", "falco"];
@@ -21,13 +19,11 @@ pub const DEFAULT_PROTECTED: &[&str] = &["kube-system", "kube-public", "falco"];
 /// so a storm of alerts about such a pod does not read it from the API each time.
 pub const OWNER_CACHE_TTL: Duration = Duration::from_secs(30);
 
-/// Why an action was not taken. Each has a short name for results and metrics.
+/// Why the rails refused an action. Each has a short name for results and
+/// metrics. (Reasons that come before the rails are
+/// [`crate::decision::NoAction`].)
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum SkipReason {
-    Malformed,
-    InvalidName,
-    NoPolicyMatch,
-    NoPod,
+pub enum Refusal {
     ProtectedNamespace,
     NamespaceNotAllowed,
     DaemonSetPod,
@@ -36,19 +32,15 @@ pub enum SkipReason {
     RateLimited,
 }
 
-impl SkipReason {
+impl Refusal {
     pub fn as_str(self) -> &'static str {
         match self {
-            SkipReason::Malformed => "malformed_alert",
-            SkipReason::InvalidName => "invalid_name",
-            SkipReason::NoPolicyMatch => "no_policy_match",
-            SkipReason::NoPod => "no_pod_in_alert",
-            SkipReason::ProtectedNamespace => "protected_namespace",
-            SkipReason::NamespaceNotAllowed => "namespace_not_allowed",
-            SkipReason::DaemonSetPod => "daemonset_pod",
-            SkipReason::StaticPod => "static_pod",
-            SkipReason::Duplicate => "duplicate",
-            SkipReason::RateLimited => "rate_limited",
+            Refusal::ProtectedNamespace => "protected_namespace",
+            Refusal::NamespaceNotAllowed => "namespace_not_allowed",
+            Refusal::DaemonSetPod => "daemonset_pod",
+            Refusal::StaticPod => "static_pod",
+            Refusal::Duplicate => "duplicate",
+            Refusal::RateLimited => "rate_limited",
         }
     }
 }
@@ -77,28 +69,29 @@ pub struct DedupKey {
     pub pod: String,
     pub uid: Option<String>,
     pub rule: String,
-    pub action: &'static str,
+    pub action: Action,
 }
 
 /// The rails, with their memory of recent actions.
 pub struct Rails {
     config: RailsConfig,
     recent_actions: Recent<DedupKey>,
-    recent_events: Recent<(String, String, Option<String>, &'static str)>,
-    owner_skips: Mutex<HashMap<(String, String), (Instant, SkipReason)>>,
+    owner_skips: Mutex<HashMap<(String, String), (Instant, Refusal)>>,
     destructive: Mutex<VecDeque<Instant>>,
 }
 
 /// Keys seen within a window, pruned as the map grows.
-struct Recent<K>(Mutex<HashMap<K, Instant>>);
+pub struct Recent<K>(Mutex<HashMap<K, Instant>>);
 
-impl<K: Eq + Hash> Recent<K> {
-    fn new() -> Self {
+impl<K: Eq + Hash> Default for Recent<K> {
+    fn default() -> Self {
         Recent(Mutex::default())
     }
+}
 
+impl<K: Eq + Hash> Recent<K> {
     /// Records `key` unless it was recorded within `window`; `true` when recorded.
-    fn claim(&self, key: K, window: Duration) -> bool {
+    pub fn claim(&self, key: K, window: Duration) -> bool {
         let mut map = lock(&self.0);
         if map.get(&key).is_some_and(|t| t.elapsed() < window) {
             return false;
@@ -115,38 +108,80 @@ impl<K: Eq + Hash> Recent<K> {
     }
 }
 
+/// The rails' locks guard plain maps and are never held across anything
+/// that can panic: a poisoned one is a bug.
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(PoisonError::into_inner)
+    m.lock().expect("no code panics while holding a rails lock")
 }
 
 impl Rails {
     pub fn new(config: RailsConfig) -> Self {
         Rails {
             config,
-            recent_actions: Recent::new(),
-            recent_events: Recent::new(),
+            recent_actions: Recent::default(),
             owner_skips: Mutex::default(),
             destructive: Mutex::default(),
         }
     }
 
-    pub fn config(&self) -> &RailsConfig {
-        &self.config
+    /// Before the pod is read: its namespace, an owner refusal remembered,
+    /// and the dedup claim. The claim returned is held until
+    /// [`Rails::release`]d.
+    pub fn admit(&self, pod: &PodRef, rule: &str, action: Action) -> Result<DedupKey, Refusal> {
+        self.check_namespace(&pod.namespace)?;
+        if let Some(refusal) = self.cached_owner_skip(&pod.namespace, &pod.name) {
+            return Err(refusal);
+        }
+        let key = DedupKey {
+            namespace: pod.namespace.clone(),
+            pod: pod.name.clone(),
+            uid: pod.uid.clone(),
+            rule: rule.to_owned(),
+            action,
+        };
+        if !self.claim(key.clone()) {
+            return Err(Refusal::Duplicate);
+        }
+        Ok(key)
     }
 
-    pub fn check_namespace(&self, namespace: &str) -> Result<(), SkipReason> {
+    /// Once the pod is read: its owner, then the rate limit for a
+    /// destructive action (a dry run only looks). A refusal gives the claim
+    /// back; an owner refusal is remembered.
+    pub fn permit(
+        &self,
+        key: &DedupKey,
+        found: &Pod,
+        destructive: bool,
+        dry_run: bool,
+    ) -> Result<(), Refusal> {
+        let result = self.check_owner(found).inspect_err(|refusal| {
+            self.cache_owner_skip(&key.namespace, &key.pod, *refusal);
+        });
+        let result = result.and_then(|()| match (destructive, dry_run) {
+            (false, _) => Ok(()),
+            (true, true) => self.would_get_slot(),
+            (true, false) => self.take_destructive_slot(),
+        });
+        if result.is_err() {
+            self.release(key);
+        }
+        result
+    }
+
+    pub fn check_namespace(&self, namespace: &str) -> Result<(), Refusal> {
         if self.config.protected_namespaces.contains(namespace) {
-            return Err(SkipReason::ProtectedNamespace);
+            return Err(Refusal::ProtectedNamespace);
         }
         match &self.config.only_namespaces {
-            Some(only) if !only.contains(namespace) => Err(SkipReason::NamespaceNotAllowed),
+            Some(only) if !only.contains(namespace) => Err(Refusal::NamespaceNotAllowed),
             _ => Ok(()),
         }
     }
 
     /// Refuses pods of DaemonSets (a deleted one comes straight back, and
     /// may be node infrastructure) and static pods (the API cannot delete them).
-    pub fn check_owner(&self, pod: &Pod) -> Result<(), SkipReason> {
+    pub fn check_owner(&self, pod: &Pod) -> Result<(), Refusal> {
         let owners = pod.metadata.owner_references.as_deref().unwrap_or_default();
         let is_static = owners.iter().any(|o| o.kind == "Node")
             || pod
@@ -155,23 +190,23 @@ impl Rails {
                 .as_ref()
                 .is_some_and(|a| a.contains_key("kubernetes.io/config.mirror"));
         if is_static && !self.config.allow_static_pods {
-            return Err(SkipReason::StaticPod);
+            return Err(Refusal::StaticPod);
         }
         if owners.iter().any(|o| o.kind == "DaemonSet") && !self.config.allow_daemonset_pods {
-            return Err(SkipReason::DaemonSetPod);
+            return Err(Refusal::DaemonSetPod);
         }
         Ok(())
     }
 
     /// An owner-based refusal of this pod seen within [`OWNER_CACHE_TTL`].
-    pub fn cached_owner_skip(&self, namespace: &str, pod: &str) -> Option<SkipReason> {
+    pub fn cached_owner_skip(&self, namespace: &str, pod: &str) -> Option<Refusal> {
         let skips = lock(&self.owner_skips);
         let (at, reason) = skips.get(&(namespace.to_owned(), pod.to_owned()))?;
         (at.elapsed() < OWNER_CACHE_TTL).then_some(*reason)
     }
 
     /// Remembers an owner-based refusal for [`OWNER_CACHE_TTL`].
-    pub fn cache_owner_skip(&self, namespace: &str, pod: &str, reason: SkipReason) {
+    pub fn cache_owner_skip(&self, namespace: &str, pod: &str, reason: Refusal) {
         let mut skips = lock(&self.owner_skips);
         if skips.len() >= 10_000 {
             skips.retain(|_, (t, _)| t.elapsed() < OWNER_CACHE_TTL);
@@ -194,27 +229,13 @@ impl Rails {
         self.recent_actions.forget(key);
     }
 
-    /// Whether a Kubernetes Event with this reason may be written for the
-    /// pod: at most one per pod (name and UID) and reason within the dedup window.
-    pub fn first_event(&self, pod: &PodRef, reason: &'static str) -> bool {
-        self.recent_events.claim(
-            (
-                pod.namespace.clone(),
-                pod.name.clone(),
-                pod.uid.clone(),
-                reason,
-            ),
-            self.config.dedup_window,
-        )
-    }
-
     /// Takes a slot for a destructive action, or refuses when the last
     /// minute had `max_actions_per_minute` already.
-    pub fn take_destructive_slot(&self) -> Result<(), SkipReason> {
+    pub fn take_destructive_slot(&self) -> Result<(), Refusal> {
         let mut recent = lock(&self.destructive);
         Self::prune(&mut recent);
         if recent.len() >= self.config.max_actions_per_minute as usize {
-            return Err(SkipReason::RateLimited);
+            return Err(Refusal::RateLimited);
         }
         recent.push_back(Instant::now());
         Ok(())
@@ -222,11 +243,11 @@ impl Rails {
 
     /// Whether a destructive action would get a slot now, without taking
     /// one: a dry run uses up nothing.
-    pub fn would_get_slot(&self) -> Result<(), SkipReason> {
+    pub fn would_get_slot(&self) -> Result<(), Refusal> {
         let mut recent = lock(&self.destructive);
         Self::prune(&mut recent);
         if recent.len() >= self.config.max_actions_per_minute as usize {
-            return Err(SkipReason::RateLimited);
+            return Err(Refusal::RateLimited);
         }
         Ok(())
     }
@@ -273,7 +294,7 @@ mod tests {
             pod: "db-0".into(),
             uid: uid.map(str::to_owned),
             rule: "rule".into(),
-            action: "delete-pod",
+            action: Action::DeletePod,
         }
     }
 
@@ -282,11 +303,11 @@ mod tests {
         let r = rails(1);
         assert_eq!(
             r.check_namespace("kube-system"),
-            Err(SkipReason::ProtectedNamespace)
+            Err(Refusal::ProtectedNamespace)
         );
         assert_eq!(
             r.check_namespace("other"),
-            Err(SkipReason::NamespaceNotAllowed)
+            Err(Refusal::NamespaceNotAllowed)
         );
         assert_eq!(r.check_namespace("shop"), Ok(()));
     }
@@ -296,16 +317,16 @@ mod tests {
         let r = rails(1);
         assert_eq!(
             r.check_owner(&owned_by("DaemonSet")),
-            Err(SkipReason::DaemonSetPod)
+            Err(Refusal::DaemonSetPod)
         );
-        assert_eq!(r.check_owner(&owned_by("Node")), Err(SkipReason::StaticPod));
+        assert_eq!(r.check_owner(&owned_by("Node")), Err(Refusal::StaticPod));
         assert_eq!(r.check_owner(&owned_by("ReplicaSet")), Ok(()));
         assert_eq!(r.check_owner(&Pod::default()), Ok(()));
         assert_eq!(r.cached_owner_skip("shop", "agent"), None);
-        r.cache_owner_skip("shop", "agent", SkipReason::DaemonSetPod);
+        r.cache_owner_skip("shop", "agent", Refusal::DaemonSetPod);
         assert_eq!(
             r.cached_owner_skip("shop", "agent"),
-            Some(SkipReason::DaemonSetPod)
+            Some(Refusal::DaemonSetPod)
         );
     }
 
@@ -318,8 +339,8 @@ mod tests {
         for _ in 0..3 {
             assert_eq!(r.take_destructive_slot(), Ok(()));
         }
-        assert_eq!(r.take_destructive_slot(), Err(SkipReason::RateLimited));
-        assert_eq!(r.would_get_slot(), Err(SkipReason::RateLimited));
+        assert_eq!(r.take_destructive_slot(), Err(Refusal::RateLimited));
+        assert_eq!(r.would_get_slot(), Err(Refusal::RateLimited));
     }
 
     #[test]
@@ -330,14 +351,100 @@ mod tests {
         assert!(r.claim(key(Some("uid-2"))), "a recreated pod is a new pod");
         r.release(&key(Some("uid-1")));
         assert!(r.claim(key(Some("uid-1"))), "released claims can be taken");
-        let pod = |uid: &str| PodRef {
-            namespace: "shop".into(),
-            name: "db-0".into(),
-            uid: Some(uid.into()),
-        };
-        assert!(r.first_event(&pod("uid-1"), "FalcoNatsFailed"));
-        assert!(!r.first_event(&pod("uid-1"), "FalcoNatsFailed"));
-        assert!(r.first_event(&pod("uid-1"), "FalcoNatsActed"));
-        assert!(r.first_event(&pod("uid-2"), "FalcoNatsActed"));
+    }
+}
+
+#[cfg(test)]
+mod decision_tests {
+    //! The rails as one decision: admit, then permit, without NATS or the API.
+    use super::*;
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference;
+
+    fn rails(max: u32) -> Rails {
+        Rails::new(RailsConfig {
+            protected_namespaces: DEFAULT_PROTECTED.iter().map(|s| s.to_string()).collect(),
+            only_namespaces: None,
+            allow_daemonset_pods: false,
+            allow_static_pods: false,
+            dedup_window: Duration::from_secs(60),
+            max_actions_per_minute: max,
+        })
+    }
+
+    fn pod(ns: &str, name: &str, uid: Option<&str>) -> PodRef {
+        PodRef {
+            namespace: ns.into(),
+            name: name.into(),
+            uid: uid.map(str::to_owned),
+        }
+    }
+
+    fn owned(kind: &str) -> Pod {
+        let mut p = Pod::default();
+        p.metadata.owner_references = Some(vec![OwnerReference {
+            kind: kind.into(),
+            ..OwnerReference::default()
+        }]);
+        p
+    }
+
+    #[test]
+    fn admit_then_permit() {
+        let r = rails(1);
+        let web = pod("shop", "web", Some("u1"));
+        assert_eq!(
+            r.admit(&pod("kube-system", "dns", None), "rule", Action::DeletePod),
+            Err(Refusal::ProtectedNamespace)
+        );
+        let key = r.admit(&web, "rule", Action::DeletePod).unwrap();
+        assert_eq!(
+            r.admit(&web, "rule", Action::DeletePod),
+            Err(Refusal::Duplicate),
+            "claimed"
+        );
+        assert!(
+            r.admit(&web, "rule", Action::LabelPod).is_ok(),
+            "another action"
+        );
+        assert!(r.admit(&web, "other rule", Action::DeletePod).is_ok());
+        assert!(r
+            .admit(&pod("shop", "web", Some("u2")), "rule", Action::DeletePod)
+            .is_ok());
+        // A dry run looks at the budget; the real action takes it.
+        assert_eq!(r.permit(&key, &owned("ReplicaSet"), true, true), Ok(()));
+        assert_eq!(r.permit(&key, &owned("ReplicaSet"), true, false), Ok(()));
+        let next = r
+            .admit(&pod("shop", "api", None), "rule", Action::DeletePod)
+            .unwrap();
+        assert_eq!(
+            r.permit(&next, &owned("ReplicaSet"), true, false),
+            Err(Refusal::RateLimited)
+        );
+        assert!(
+            r.admit(&pod("shop", "api", None), "rule", Action::DeletePod)
+                .is_ok(),
+            "a refused action gives its claim back"
+        );
+        // Non-destructive actions need no slot.
+        let label = r
+            .admit(&pod("shop", "api", None), "rule", Action::LabelPod)
+            .unwrap();
+        assert_eq!(r.permit(&label, &owned("ReplicaSet"), false, false), Ok(()));
+    }
+
+    #[test]
+    fn owner_refusals_are_remembered() {
+        let r = rails(10);
+        let agent = pod("shop", "agent", None);
+        let key = r.admit(&agent, "rule", Action::DeletePod).unwrap();
+        assert_eq!(
+            r.permit(&key, &owned("DaemonSet"), true, false),
+            Err(Refusal::DaemonSetPod)
+        );
+        assert_eq!(
+            r.admit(&agent, "another rule", Action::DeletePod),
+            Err(Refusal::DaemonSetPod),
+            "known without reading the pod again"
+        );
     }
 }

@@ -1,4 +1,6 @@
-//! Prometheus metrics of the bridge, in the OpenMetrics text format.
+//! Prometheus metrics of the bridge and of the responder, in the
+//! OpenMetrics text format. (The NATS connection's own are
+//! [`crate::nats::ConnectionMetrics`], the same for every subcommand.)
 
 use prometheus_client::encoding::text::encode;
 use prometheus_client::metrics::counter::Counter;
@@ -129,6 +131,55 @@ impl BridgeMetrics {
             .inc();
         // Quoted and escaped: the error may quote what the alert held.
         tracing::error!(input, reason = err.reason(), error = ?err.to_string(), "alert rejected");
+    }
+}
+
+/// The responder's metrics.
+#[derive(Clone)]
+pub struct RespondMetrics {
+    pub alerts: Counter,
+    pub decisions: Family<[(&'static str, &'static str); 2], Counter>,
+    pub latency: Histogram,
+    pub event_failures: Counter,
+    pub retries: Counter,
+}
+
+impl RespondMetrics {
+    pub fn new(registry: &mut Registry) -> Self {
+        let m = RespondMetrics {
+            alerts: Counter::default(),
+            decisions: Family::default(),
+            latency: Histogram::new(exponential_buckets(0.0005, 2.0, 16)),
+            event_failures: Counter::default(),
+            retries: Counter::default(),
+        };
+        let r = registry.sub_registry_with_prefix("falco_nats_respond");
+        r.register(
+            "alerts",
+            "Alerts received by the responder",
+            m.alerts.clone(),
+        );
+        r.register(
+            "decisions",
+            "Decisions, by action and outcome",
+            m.decisions.clone(),
+        );
+        r.register(
+            "decision_latency_seconds",
+            "Time from receiving an alert to a decision",
+            m.latency.clone(),
+        );
+        r.register(
+            "event_failures",
+            "Kubernetes Events that could not be recorded",
+            m.event_failures.clone(),
+        );
+        r.register(
+            "retries",
+            "Alerts handed back to JetStream for another delivery after a transient failure",
+            m.retries.clone(),
+        );
+        m
     }
 }
 

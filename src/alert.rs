@@ -1,61 +1,55 @@
-//! [`Alert`]: the parts of a Falco JSON alert that the responder decides on.
+//! [`Alert`]: a Falco alert as its readers take it off NATS (the responder,
+//! `tail`), typed once. The bridge's side is [`crate::event::FalcoEvent`],
+//! which keeps the JSON as it came.
 
 use std::collections::BTreeMap;
 
 use serde::Deserialize;
 use serde_json::Value;
 
+use crate::event::DEFAULT_SOURCE;
 use crate::priority::Priority;
 
-/// A Falco alert as the responder reads it off NATS.
-#[derive(Debug, Clone)]
+/// A Falco alert read from its JSON.
+#[derive(Debug, Clone, Deserialize)]
 pub struct Alert {
     pub rule: String,
     pub priority: Priority,
+    #[serde(default)]
+    pub output: String,
+    #[serde(default, deserialize_with = "null_as_default")]
     pub tags: Vec<String>,
+    #[serde(default = "default_source")]
     pub source: String,
+    #[serde(default)]
     pub hostname: String,
+    #[serde(default)]
     pub time: String,
+    #[serde(default, deserialize_with = "null_as_default")]
     pub output_fields: BTreeMap<String, Value>,
 }
 
 /// A message that is not a Falco alert.
 #[derive(Debug, thiserror::Error)]
-pub enum MalformedAlert {
-    #[error("not a JSON Falco alert: {0}")]
-    Json(#[from] serde_json::Error),
-    #[error(transparent)]
-    Priority(#[from] crate::priority::PriorityError),
+#[error("not a JSON Falco alert: {0}")]
+pub struct MalformedAlert(#[from] serde_json::Error);
+
+fn default_source() -> String {
+    DEFAULT_SOURCE.to_owned()
 }
 
-#[derive(Deserialize)]
-struct Raw {
-    rule: String,
-    priority: String,
-    #[serde(default)]
-    tags: Option<Vec<String>>,
-    #[serde(default)]
-    source: Option<String>,
-    #[serde(default)]
-    hostname: Option<String>,
-    #[serde(default)]
-    time: Option<String>,
-    #[serde(default)]
-    output_fields: Option<BTreeMap<String, Value>>,
+/// `null` reads as the empty value, as a missing key does.
+fn null_as_default<'de, D, T>(d: D) -> Result<T, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    T: Default + Deserialize<'de>,
+{
+    Ok(Option::<T>::deserialize(d)?.unwrap_or_default())
 }
 
 impl Alert {
     pub fn from_json(payload: &[u8]) -> Result<Self, MalformedAlert> {
-        let raw: Raw = serde_json::from_slice(payload)?;
-        Ok(Alert {
-            priority: raw.priority.parse()?,
-            rule: raw.rule,
-            tags: raw.tags.unwrap_or_default(),
-            source: raw.source.unwrap_or_else(|| "syscall".into()),
-            hostname: raw.hostname.unwrap_or_default(),
-            time: raw.time.unwrap_or_default(),
-            output_fields: raw.output_fields.unwrap_or_default(),
-        })
+        Ok(serde_json::from_slice(payload)?)
     }
 
     /// An `output_fields` value as text; `None` when missing or `null`.
@@ -177,7 +171,7 @@ mod tests {
         );
         assert_eq!(a.field("proc.pid").as_deref(), Some("42"));
         assert_eq!(a.field("x"), None);
-        assert_eq!(a.source, "syscall");
+        assert_eq!(a.source, DEFAULT_SOURCE);
     }
 
     #[test]
