@@ -25,6 +25,10 @@ use crate::priority::Priority;
 use crate::telemetry::health::{self, Readiness, TlsError};
 use crate::telemetry::metrics::BridgeMetrics;
 
+/// The bridge's default `--listen` address. falcosidekick uses 2801-2803
+/// and Falco's own web server 8765, so falco-nats takes 2810.
+pub const DEFAULT_LISTEN: &str = "0.0.0.0:2810";
+
 /// Which input the bridge reads.
 #[derive(Debug, Clone)]
 pub enum InputOptions {

@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
-use crate::bridge::{BridgeOptions, InputOptions, TlsFiles};
+use crate::bridge::{self, BridgeOptions, InputOptions, TlsFiles};
 use crate::input::fifo::{FifoOptions, DEFAULT_FIFO, DEFAULT_MAX_LINE};
 use crate::input::grpc::{socket_path, GrpcMethod, GrpcOptions, DEFAULT_SOCKET};
 use crate::input::http::{HttpOptions, DEFAULT_MAX_BODY};
@@ -19,9 +19,9 @@ use crate::nats::{JetStreamOptions, NatsOptions, PublishOptions, SubjectTemplate
 use crate::priority::Priority;
 use crate::respond::policy::{Policy, PolicyError};
 use crate::respond::rails::{RailsConfig, DEFAULT_PROTECTED};
-use crate::respond::{RespondOptions, Subscription};
+use crate::respond::{self, RespondOptions, Subscription, DEFAULT_RESULT_SUBJECT};
 use crate::simulate::{SimulateOptions, SimulateOutput};
-use crate::telemetry::health::DEFAULT_LISTEN;
+use crate::tail::{ColorChoice, TailOptions};
 use crate::telemetry::logging::LogFormat;
 
 /// Carries Falco's alerts onto NATS, and acts on them.
@@ -54,7 +54,7 @@ pub enum Command {
     /// Act on alerts from NATS: delete, label or isolate the offending pod under a policy
     Respond(Box<RespondArgs>),
     /// Print alerts from NATS, one readable line each
-    Tail(Box<crate::tail::TailArgs>),
+    Tail(Box<TailArgs>),
 }
 
 /// Where the bridge reads alerts.
@@ -78,21 +78,6 @@ fn listen_address(value: &str) -> Option<&str> {
     }
 }
 
-fn parse_duration(s: &str) -> Result<Duration, String> {
-    humantime::parse_duration(s).map_err(|e| e.to_string())
-}
-
-/// Parses a `--min-priority` value (Falco's names and short forms).
-pub(crate) fn parse_priority(s: &str) -> Result<Priority, String> {
-    s.parse()
-        .map_err(|e: crate::priority::PriorityError| e.to_string())
-}
-
-fn parse_subject(s: &str) -> Result<SubjectTemplate, String> {
-    s.parse()
-        .map_err(|e: crate::nats::subject::SubjectError| e.to_string())
-}
-
 #[derive(Debug, Clone, Args)]
 pub struct BridgeArgs {
     /// Where alerts come from
@@ -111,10 +96,10 @@ pub struct BridgeArgs {
     )]
     pub grpc_method: GrpcMethod,
     /// How often to poll Falco while it is quiet (fast while alerts flow)
-    #[arg(long, env = "FALCO_NATS_GRPC_POLL_INTERVAL", value_parser = parse_duration, default_value = "10ms")]
+    #[arg(long, env = "FALCO_NATS_GRPC_POLL_INTERVAL", value_parser = humantime::parse_duration, default_value = "10ms")]
     pub grpc_poll_interval: Duration,
     /// Longest wait between reconnects to Falco
-    #[arg(long, env = "FALCO_NATS_RECONNECT_MAX", value_parser = parse_duration, default_value = "10s")]
+    #[arg(long, env = "FALCO_NATS_RECONNECT_MAX", value_parser = humantime::parse_duration, default_value = "10s")]
     pub reconnect_max: Duration,
 
     /// The FIFO Falco's file_output writes to
@@ -152,10 +137,10 @@ pub struct BridgeArgs {
     pub nats: NatsOptions,
 
     /// Subject template: {priority}, {rule}, {hostname}, {source}; FALCO for the 2018 flat subject
-    #[arg(long, env = "FALCO_NATS_SUBJECT", value_parser = parse_subject, default_value = DEFAULT_SUBJECT)]
+    #[arg(long, env = "FALCO_NATS_SUBJECT", default_value = DEFAULT_SUBJECT)]
     pub subject: SubjectTemplate,
     /// Drop alerts below this priority (Falco's `priority` setting)
-    #[arg(long, env = "FALCO_NATS_MIN_PRIORITY", value_parser = parse_priority, default_value = "debug")]
+    #[arg(long, env = "FALCO_NATS_MIN_PRIORITY", default_value = "debug")]
     pub min_priority: Priority,
 
     /// Publish to JetStream, acknowledged and retried until stored
@@ -165,10 +150,10 @@ pub struct BridgeArgs {
     #[arg(long, env = "FALCO_NATS_STREAM", default_value = "FALCO")]
     pub stream: String,
     /// JetStream duplicate window (drops re-published alerts within it)
-    #[arg(long, env = "FALCO_NATS_DUPLICATE_WINDOW", value_parser = parse_duration, default_value = "2m")]
+    #[arg(long, env = "FALCO_NATS_DUPLICATE_WINDOW", value_parser = humantime::parse_duration, default_value = "2m")]
     pub duplicate_window: Duration,
     /// Age limit of a stream the bridge creates (0s: unlimited)
-    #[arg(long, env = "FALCO_NATS_STREAM_MAX_AGE", value_parser = parse_duration, default_value = "7days")]
+    #[arg(long, env = "FALCO_NATS_STREAM_MAX_AGE", value_parser = humantime::parse_duration, default_value = "7days")]
     pub stream_max_age: Duration,
     /// JetStream publishes awaiting acknowledgement at most
     #[arg(long, env = "FALCO_NATS_MAX_INFLIGHT", default_value_t = 256)]
@@ -178,10 +163,10 @@ pub struct BridgeArgs {
     #[arg(long, env = "FALCO_NATS_QUEUE_SIZE", default_value_t = 1024)]
     pub queue_size: usize,
     /// On SIGTERM, longest time to publish what was already read
-    #[arg(long, env = "FALCO_NATS_DRAIN_TIMEOUT", value_parser = parse_duration, default_value = "20s")]
+    #[arg(long, env = "FALCO_NATS_DRAIN_TIMEOUT", value_parser = humantime::parse_duration, default_value = "20s")]
     pub drain_timeout: Duration,
     /// Address of /healthz, /readyz and /metrics ("off" to disable)
-    #[arg(long, env = "FALCO_NATS_LISTEN", default_value = DEFAULT_LISTEN)]
+    #[arg(long, env = "FALCO_NATS_LISTEN", default_value = bridge::DEFAULT_LISTEN)]
     pub listen: String,
 }
 
@@ -285,7 +270,7 @@ pub struct RespondArgs {
     #[arg(long, env = "FALCO_NATS_DURABLE", default_value = "falco-nats-respond")]
     pub durable: String,
     /// How long JetStream waits for an acknowledgement before redelivering
-    #[arg(long, env = "FALCO_NATS_ACK_WAIT", value_parser = parse_duration, default_value = "60s")]
+    #[arg(long, env = "FALCO_NATS_ACK_WAIT", value_parser = humantime::parse_duration, default_value = "60s")]
     pub ack_wait: Duration,
     /// Deliveries of one alert at most: after a transient failure (the API's
     /// 5xx, a time-out) JetStream delivers it again, until this many
@@ -295,10 +280,10 @@ pub struct RespondArgs {
     #[arg(long, env = "FALCO_NATS_CONCURRENCY", default_value_t = 8)]
     pub concurrency: usize,
     /// Longest wait for one Kubernetes API call
-    #[arg(long, env = "FALCO_NATS_KUBE_TIMEOUT", value_parser = parse_duration, default_value = "10s")]
+    #[arg(long, env = "FALCO_NATS_KUBE_TIMEOUT", value_parser = humantime::parse_duration, default_value = "10s")]
     pub kube_timeout: Duration,
     /// On SIGTERM, longest time to finish the alerts in hand and publish their results
-    #[arg(long, env = "FALCO_NATS_DRAIN_TIMEOUT", value_parser = parse_duration, default_value = "10s")]
+    #[arg(long, env = "FALCO_NATS_DRAIN_TIMEOUT", value_parser = humantime::parse_duration, default_value = "10s")]
     pub drain_timeout: Duration,
 
     /// Policy file (YAML); without one: delete the pod on priority >= Critical
@@ -331,7 +316,7 @@ pub struct RespondArgs {
     #[arg(long, env = "FALCO_NATS_ALLOW_STATIC_PODS")]
     pub allow_static_pods: bool,
     /// One action per pod, rule and action within this window
-    #[arg(long, env = "FALCO_NATS_DEDUP_WINDOW", value_parser = parse_duration, default_value = "10m")]
+    #[arg(long, env = "FALCO_NATS_DEDUP_WINDOW", value_parser = humantime::parse_duration, default_value = "10m")]
     pub dedup_window: Duration,
     /// Destructive actions (delete, isolate) per minute at most, cluster-wide for this replica
     #[arg(long, env = "FALCO_NATS_MAX_ACTIONS_PER_MINUTE", default_value_t = 10)]
@@ -340,14 +325,14 @@ pub struct RespondArgs {
     #[arg(
         long,
         env = "FALCO_NATS_RESULT_SUBJECT",
-        default_value = "falco.response"
+        default_value = DEFAULT_RESULT_SUBJECT
     )]
     pub result_subject: String,
     /// Kubeconfig file (default: KUBECONFIG, ~/.kube/config, then in-cluster)
     #[arg(long, env = "KUBECONFIG")]
     pub kubeconfig: Option<PathBuf>,
     /// Address of /healthz, /readyz and /metrics ("off" to disable)
-    #[arg(long, env = "FALCO_NATS_LISTEN", default_value = "0.0.0.0:2811")]
+    #[arg(long, env = "FALCO_NATS_LISTEN", default_value = respond::DEFAULT_LISTEN)]
     pub listen: String,
 }
 
@@ -410,6 +395,50 @@ impl RespondArgs {
             concurrency: self.concurrency,
             drain_timeout: self.drain_timeout,
         })
+    }
+}
+
+/// `tail` settings.
+#[derive(Debug, Clone, Args)]
+pub struct TailArgs {
+    #[command(flatten)]
+    pub nats: NatsOptions,
+    /// Subject to subscribe to
+    #[arg(long, env = "FALCO_NATS_SUBJECT", default_value = "falco.>")]
+    pub subject: String,
+    /// Print the raw JSON of each alert
+    #[arg(long, env = "FALCO_NATS_TAIL_JSON")]
+    pub json: bool,
+    /// Print only alerts at or above this priority
+    #[arg(long, env = "FALCO_NATS_MIN_PRIORITY", default_value = "debug")]
+    pub min_priority: Priority,
+    /// Colour the priority
+    #[arg(long, env = "FALCO_NATS_COLOR", value_enum, default_value_t)]
+    pub color: ColorChoice,
+    /// Exit after this many alerts (0: never)
+    #[arg(long, env = "FALCO_NATS_TAIL_COUNT", default_value_t = 0)]
+    pub count: u64,
+    /// Subject prefix of the responder's results: only messages there are
+    /// printed as decisions
+    #[arg(
+        long,
+        env = "FALCO_NATS_RESULT_SUBJECT",
+        default_value = DEFAULT_RESULT_SUBJECT
+    )]
+    pub result_subject: String,
+}
+
+impl From<TailArgs> for TailOptions {
+    fn from(a: TailArgs) -> Self {
+        TailOptions {
+            nats: a.nats,
+            subject: a.subject,
+            json: a.json,
+            min_priority: a.min_priority,
+            color: a.color,
+            count: a.count,
+            result_subject: a.result_subject,
+        }
     }
 }
 

@@ -84,11 +84,12 @@ pub fn alert_pod(data: &[u8]) {
 /// What `tail` prints of an alert: never a control character, whatever
 /// the alert holds (colour codes aside, which `tail` writes itself).
 pub fn tail_line(data: &[u8]) {
-    use crate::priority::Priority;
-    if let Some(line) = crate::tail::format_alert(data, Priority::Debug, false) {
+    if let Ok(alert) = crate::alert::Alert::from_json(data) {
+        let line = crate::tail::format_alert(&alert, false);
         assert!(!line.chars().any(char::is_control), "{line:?}");
     }
-    if let Some(line) = crate::tail::format_decision(data, false) {
+    if let Ok(decision) = crate::decision::Decision::from_json(data) {
+        let line = crate::tail::format_decision(&decision, false);
         assert!(!line.chars().any(char::is_control), "{line:?}");
     }
 }

@@ -63,7 +63,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             falco_nats::respond::run(options, listener, shutdown).await?;
         }
         Command::Tail(args) => {
-            falco_nats::tail::run(*args, std::io::stdout().lock(), shutdown).await?;
+            falco_nats::tail::run((*args).into(), std::io::stdout().lock(), shutdown).await?;
         }
         Command::Simulate(args) => {
             falco_nats::simulate::run(args.into_options()?, shutdown).await?;

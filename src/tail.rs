@@ -1,7 +1,8 @@
 //! `falco-nats tail`: a Falco-aware `nats sub`. Prints each alert on one
 //! readable line (time, priority in colour, rule, namespace/pod, the output
 //! text), or the raw JSON with `--json`; the responder's decisions (only
-//! those on the result subjects) below the alerts.
+//! those on the result subjects) below the alerts. Alerts and decisions are
+//! read with the same types the responder writes them with.
 //!
 //! Every string in an alert is written by whoever controls the watched
 //! container: control characters (C0, DEL, C1) are printed escaped, never
@@ -10,51 +11,37 @@
 use std::borrow::Cow;
 use std::io::{IsTerminal, Write};
 
-use clap::{Args, ValueEnum};
+use clap::ValueEnum;
 use futures_util::StreamExt;
-use serde_json::Value;
 use tokio_util::sync::CancellationToken;
 
+use crate::alert::Alert;
+use crate::decision::{Decision, Outcome};
 use crate::nats::{connect, ConnectionWatch, NatsError, NatsOptions};
 use crate::priority::Priority;
 
 /// When to colour the output.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Default)]
 pub enum ColorChoice {
-    /// When standard output is a terminal.
+    /// When the output is a terminal.
     #[default]
     Auto,
     Always,
     Never,
 }
 
-/// `tail` settings.
-#[derive(Debug, Clone, Args)]
-pub struct TailArgs {
-    #[command(flatten)]
+/// What `tail` subscribes to and how it prints.
+#[derive(Debug, Clone)]
+pub struct TailOptions {
     pub nats: NatsOptions,
-    /// Subject to subscribe to
-    #[arg(long, env = "FALCO_NATS_SUBJECT", default_value = "falco.>")]
     pub subject: String,
-    /// Print the raw JSON of each alert
-    #[arg(long, env = "FALCO_NATS_TAIL_JSON")]
+    /// The raw JSON instead of a readable line.
     pub json: bool,
-    /// Print only alerts at or above this priority
-    #[arg(long, env = "FALCO_NATS_MIN_PRIORITY", value_parser = crate::cli::parse_priority, default_value = "debug")]
     pub min_priority: Priority,
-    /// Colour the priority
-    #[arg(long, env = "FALCO_NATS_COLOR", value_enum, default_value_t)]
     pub color: ColorChoice,
-    /// Exit after this many alerts (0: never)
-    #[arg(long, env = "FALCO_NATS_TAIL_COUNT", default_value_t = 0)]
+    /// Stop after this many lines (0: never).
     pub count: u64,
-    /// Subject prefix of the responder's results: only messages there are
-    /// printed as decisions
-    #[arg(
-        long,
-        env = "FALCO_NATS_RESULT_SUBJECT",
-        default_value = "falco.response"
-    )]
+    /// Messages below this subject are decisions; the others are alerts.
     pub result_subject: String,
 }
 
@@ -63,34 +50,36 @@ pub struct TailArgs {
 pub enum TailError {
     #[error(transparent)]
     Nats(#[from] NatsError),
-    #[error("cannot subscribe to {subject:?}: {source}")]
+    #[error("cannot subscribe to {subject:?}")]
     Subscribe {
         subject: String,
+        #[source]
         source: async_nats::SubscribeError,
     },
-    #[error("cannot write to standard output: {0}")]
+    #[error("cannot write the output")]
     Write(#[from] std::io::Error),
 }
 
-/// Subscribes and prints until `shutdown` (or `--count` alerts).
-pub async fn run<W: Write>(
-    args: TailArgs,
+/// Subscribes and prints to `out` until `shutdown` (or `count` lines);
+/// colours when asked, or (auto) when `out` is a terminal.
+pub async fn run<W: Write + IsTerminal>(
+    options: TailOptions,
     mut out: W,
     shutdown: CancellationToken,
 ) -> Result<(), TailError> {
-    let color = match args.color {
+    let color = match options.color {
         ColorChoice::Always => true,
         ColorChoice::Never => false,
-        ColorChoice::Auto => std::io::stdout().is_terminal(),
+        ColorChoice::Auto => out.is_terminal(),
     };
-    let client = connect(&args.nats, ConnectionWatch::default())
+    let client = connect(&options.nats, ConnectionWatch::default())
         .await?
         .client;
     let mut sub = client
-        .subscribe(args.subject.clone())
+        .subscribe(options.subject.clone())
         .await
         .map_err(|source| TailError::Subscribe {
-            subject: args.subject.clone(),
+            subject: options.subject.clone(),
             source,
         })?;
     let mut printed = 0u64;
@@ -100,21 +89,28 @@ pub async fn run<W: Write>(
             _ = shutdown.cancelled() => break,
         };
         let Some(message) = message else { break };
-        let is_result = is_under(message.subject.as_str(), &args.result_subject);
-        let line = if args.json {
-            let wanted = is_result
-                || alert_priority(&message.payload).is_some_and(|p| p >= args.min_priority);
-            wanted.then(|| escape_json_controls(&String::from_utf8_lossy(&message.payload)))
-        } else if is_result {
-            format_decision(&message.payload, color)
-        } else {
-            format_alert(&message.payload, args.min_priority, color)
+        let is_result = is_under(message.subject.as_str(), &options.result_subject);
+        let line = match (options.json, is_result) {
+            (true, true) => Some(escape_json_controls(&String::from_utf8_lossy(
+                &message.payload,
+            ))),
+            (true, false) => Alert::from_json(&message.payload)
+                .ok()
+                .filter(|a| a.priority >= options.min_priority)
+                .map(|_| escape_json_controls(&String::from_utf8_lossy(&message.payload))),
+            (false, true) => Decision::from_json(&message.payload)
+                .ok()
+                .map(|d| format_decision(&d, color)),
+            (false, false) => Alert::from_json(&message.payload)
+                .ok()
+                .filter(|a| a.priority >= options.min_priority)
+                .map(|a| format_alert(&a, color)),
         };
         if let Some(line) = line {
             writeln!(out, "{line}")?;
             out.flush()?;
             printed += 1;
-            if args.count != 0 && printed >= args.count {
+            if options.count != 0 && printed >= options.count {
                 break;
             }
         }
@@ -161,11 +157,6 @@ pub fn escape_json_controls(text: &str) -> String {
     out
 }
 
-fn alert_priority(payload: &[u8]) -> Option<Priority> {
-    let v: Value = serde_json::from_slice(payload).ok()?;
-    v.get("priority")?.as_str()?.parse().ok()
-}
-
 fn paint(priority: Priority) -> &'static str {
     match priority {
         Priority::Emergency | Priority::Alert | Priority::Critical => "\x1b[1;31m",
@@ -176,76 +167,60 @@ fn paint(priority: Priority) -> &'static str {
     }
 }
 
-/// One readable line for a Falco alert; `None` for what is not an alert
-/// or is below `min_priority`.
-pub fn format_alert(payload: &[u8], min_priority: Priority, color: bool) -> Option<String> {
-    let v: Value = serde_json::from_slice(payload).ok()?;
-    let priority: Priority = v.get("priority")?.as_str()?.parse().ok()?;
-    if priority < min_priority {
-        return None;
-    }
-    let rule = v.get("rule")?.as_str()?;
-    let time = v.get("time").and_then(Value::as_str).unwrap_or("-");
-    let fields = v.get("output_fields");
-    let field = |k: &str| fields.and_then(|f| f.get(k)).and_then(Value::as_str);
-    let place = match (field("k8s.ns.name"), field("k8s.pod.name")) {
+/// One readable line for a Falco alert.
+pub fn format_alert(alert: &Alert, color: bool) -> String {
+    let place = match (alert.field("k8s.ns.name"), alert.field("k8s.pod.name")) {
         (Some(ns), Some(pod)) => format!("{ns}/{pod}"),
-        _ => v
-            .get("hostname")
-            .and_then(Value::as_str)
-            .unwrap_or("-")
-            .to_owned(),
+        _ if alert.hostname.is_empty() => "-".to_owned(),
+        _ => alert.hostname.clone(),
     };
     // Falco's output starts with "<time>: <Priority> "; the line shows both already.
-    let output = v.get("output").and_then(Value::as_str).unwrap_or("");
-    let text = output
+    let text = alert
+        .output
         .split_once(": ")
-        .and_then(|(_, rest)| rest.strip_prefix(priority.as_str()))
+        .and_then(|(_, rest)| rest.strip_prefix(alert.priority.as_str()))
         .map(str::trim_start)
-        .unwrap_or(output);
+        .unwrap_or(&alert.output);
+    let time = if alert.time.is_empty() {
+        "-"
+    } else {
+        &alert.time
+    };
     let (on, off) = if color {
-        (paint(priority), "\x1b[0m")
+        (paint(alert.priority), "\x1b[0m")
     } else {
         ("", "")
     };
-    Some(format!(
+    format!(
         "{} {on}{:<13}{off} {} [{}] {}",
         clean(time),
-        priority.as_str(),
-        clean(rule),
+        alert.priority.as_str(),
+        clean(&alert.rule),
         clean(&place),
         clean(text)
-    ))
+    )
 }
 
-/// One readable line for a responder's decision (`falco.response.*`).
-pub fn format_decision(payload: &[u8], color: bool) -> Option<String> {
-    let v: Value = serde_json::from_slice(payload).ok()?;
-    let action = v.get("action")?.as_str()?;
-    let outcome = v.get("outcome")?.as_str()?;
-    let reason = v.get("reason").and_then(Value::as_str).unwrap_or("");
-    let place = match (
-        v.get("namespace").and_then(Value::as_str),
-        v.get("pod").and_then(Value::as_str),
-    ) {
+/// One readable line for a responder's decision.
+pub fn format_decision(d: &Decision, color: bool) -> String {
+    let place = match (&d.namespace, &d.pod) {
         (Some(ns), Some(pod)) => format!("{ns}/{pod}"),
         _ => "-".into(),
     };
-    let rule = v.get("rule").and_then(Value::as_str).unwrap_or("-");
-    let (on, off) = match (color, outcome) {
+    let (on, off) = match (color, d.outcome) {
         (false, _) => ("", ""),
-        (true, "done") => ("\x1b[1;35m", "\x1b[0m"),
-        (true, "failed") => ("\x1b[1;31m", "\x1b[0m"),
+        (true, Outcome::Done) => ("\x1b[1;35m", "\x1b[0m"),
+        (true, Outcome::Failed) => ("\x1b[1;31m", "\x1b[0m"),
         (true, _) => ("\x1b[35m", "\x1b[0m"),
     };
-    Some(format!(
+    format!(
         "  -> {on}{} {}{off} [{}] {} (rule: {})",
-        clean(action),
-        clean(outcome),
+        d.action.as_str(),
+        d.outcome.as_str(),
         clean(&place),
-        clean(reason),
-        clean(rule)
-    ))
+        clean(&d.reason),
+        clean(d.rule.as_deref().unwrap_or("-"))
+    )
 }
 
 #[cfg(test)]
@@ -254,13 +229,17 @@ mod tests {
 
     const ALERT: &str = r#"{"hostname":"node-1","output":"13:44:05.478445995: Critical Executing binary not part of base image (proc=xmrig)","output_fields":{"k8s.ns.name":"shop","k8s.pod.name":"web-1"},"priority":"Critical","rule":"Drop and execute new binary in container","source":"syscall","tags":[],"time":"2023-05-25T13:44:05.478445995Z"}"#;
 
+    fn alert(json: &str) -> Alert {
+        Alert::from_json(json.as_bytes()).unwrap()
+    }
+
     #[test]
     fn prints_one_readable_line() {
         assert_eq!(
-            format_alert(ALERT.as_bytes(), Priority::Debug, false).unwrap(),
+            format_alert(&alert(ALERT), false),
             "2023-05-25T13:44:05.478445995Z Critical      Drop and execute new binary in container [shop/web-1] Executing binary not part of base image (proc=xmrig)"
         );
-        let coloured = format_alert(ALERT.as_bytes(), Priority::Debug, true).unwrap();
+        let coloured = format_alert(&alert(ALERT), true);
         assert!(coloured.contains("\x1b[1;31mCritical"));
     }
 
@@ -268,17 +247,27 @@ mod tests {
     fn prints_decisions() {
         let d = br#"{"action":"delete-pod","outcome":"dry_run","reason":"would delete the pod (grace period 0s)","namespace":"shop","pod":"web-1","rule":"Drop and execute new binary in container"}"#;
         assert_eq!(
-            format_decision(d, false).unwrap(),
+            format_decision(&Decision::from_json(d).unwrap(), false),
             "  -> delete-pod dry_run [shop/web-1] would delete the pod (grace period 0s) (rule: Drop and execute new binary in container)"
         );
-        assert!(format_decision(ALERT.as_bytes(), false).is_none());
         assert!(
-            format_alert(d, Priority::Debug, false).is_none(),
-            "a decision is not an alert"
+            Decision::from_json(ALERT.as_bytes()).is_err(),
+            "an alert is not a decision"
         );
+        assert!(Alert::from_json(d).is_err(), "a decision is not an alert");
         assert!(is_under("falco.response.delete_pod", "falco.response"));
         assert!(!is_under("falco.responsex.a", "falco.response"));
         assert!(!is_under("falco.critical.x", "falco.response"));
+    }
+
+    #[test]
+    fn internal_alerts_show_the_host() {
+        let internal = r#"{"hostname":"node-1","output":"Falco internal: syscall event drop","output_fields":{},"priority":"Debug","rule":"Falco internal: syscall event drop","time":"t"}"#;
+        let line = format_alert(&alert(internal), false);
+        assert!(
+            line.contains("[node-1] Falco internal: syscall event drop"),
+            "{line}"
+        );
     }
 
     /// Issue 9, item 3: an alert's output carrying terminal escapes (retitle,
@@ -292,7 +281,7 @@ mod tests {
         })
         .to_string();
         for color in [false, true] {
-            let line = format_alert(evil.as_bytes(), Priority::Debug, color).unwrap();
+            let line = format_alert(&alert(&evil), color);
             let printed = if color {
                 line.replace("\x1b[1;31m", "").replace("\x1b[0m", "")
             } else {
@@ -301,25 +290,12 @@ mod tests {
             assert!(!printed.chars().any(char::is_control), "{line:?}");
             assert!(printed.contains("\\u{1b}]0;owned\\u{7}"), "{printed}");
         }
-        let decision = serde_json::json!({"action": "delete-pod\u{1b}[2J", "outcome": "done", "reason": "r\n", "namespace": "a", "pod": "b"}).to_string();
-        let line = format_decision(decision.as_bytes(), false).unwrap();
+        let decision = serde_json::json!({"action": "delete-pod", "outcome": "done", "reason": "r\u{1b}[2J\n", "namespace": "a\u{9b}", "pod": "b"}).to_string();
+        let line = format_decision(&Decision::from_json(decision.as_bytes()).unwrap(), false);
         assert!(!line.chars().any(char::is_control), "{line:?}");
         let json = escape_json_controls("{\"o\":\"\u{9b}2J\u{7f}\"}");
         assert_eq!(json, "{\"o\":\"\\u009b2J\\u007f\"}");
-        let back: Value = serde_json::from_str(&json).unwrap();
+        let back: serde_json::Value = serde_json::from_str(&json).unwrap();
         assert_eq!(back["o"], "\u{9b}2J\u{7f}");
-    }
-
-    #[test]
-    fn filters_and_skips_non_alerts() {
-        assert!(format_alert(ALERT.as_bytes(), Priority::Emergency, false).is_none());
-        assert!(format_alert(b"not json", Priority::Debug, false).is_none());
-        assert!(format_alert(br#"{"action":"delete-pod"}"#, Priority::Debug, false).is_none());
-        let internal = r#"{"hostname":"node-1","output":"Falco internal: syscall event drop","output_fields":{},"priority":"Debug","rule":"Falco internal: syscall event drop","time":"t"}"#;
-        let line = format_alert(internal.as_bytes(), Priority::Debug, false).unwrap();
-        assert!(
-            line.contains("[node-1] Falco internal: syscall event drop"),
-            "{line}"
-        );
     }
 }

@@ -35,6 +35,12 @@ use cluster::{Applied, CallError, Cluster, ClusterError};
 use policy::{ActionSpec, Policy, PolicyRule};
 use rails::{DedupKey, Rails, RailsConfig, Refusal};
 
+/// The responder's default `--listen` address (the bridge's plus one).
+pub const DEFAULT_LISTEN: &str = "0.0.0.0:2811";
+
+/// The default prefix of result subjects: `falco.response.<action>`.
+pub const DEFAULT_RESULT_SUBJECT: &str = "falco.response";
+
 /// Where alerts come from.
 #[derive(Debug, Clone)]
 pub enum Subscription {

@@ -24,10 +24,6 @@ use tokio::task::JoinSet;
 use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 
-/// The default `--listen` address. falcosidekick uses 2801-2803 and Falco's
-/// own web server 8765, so falco-nats takes 2810.
-pub const DEFAULT_LISTEN: &str = "0.0.0.0:2810";
-
 /// A set of named readiness checks; `/readyz` passes when all are up.
 #[derive(Clone, Default)]
 pub struct Readiness {
