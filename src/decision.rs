@@ -63,7 +63,7 @@ impl Outcome {
 }
 
 /// Why an alert led to no action before any rail was consulted (the rails'
-/// own reasons are [`crate::respond::rails::Refusal`]).
+/// own reasons are `Refusal`, in the responder's rails).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum NoAction {
     /// Not a Falco alert.
