@@ -107,12 +107,18 @@ impl fmt::Display for SubjectTemplate {
     }
 }
 
+/// [`DEFAULT_SUBJECT`], built as its parts (a test checks it parses the same).
 impl Default for SubjectTemplate {
     fn default() -> Self {
-        DEFAULT_SUBJECT.parse().unwrap_or_else(|_| SubjectTemplate {
-            source: "FALCO".into(),
-            parts: vec![Part::Literal("FALCO".into())],
-        })
+        SubjectTemplate {
+            source: DEFAULT_SUBJECT.to_owned(),
+            parts: vec![
+                Part::Literal("falco.".into()),
+                Part::Priority,
+                Part::Literal(".".into()),
+                Part::Rule,
+            ],
+        }
     }
 }
 
@@ -253,6 +259,7 @@ mod tests {
     #[test]
     fn renders_the_default_template() {
         let t = SubjectTemplate::default();
+        assert_eq!(Ok(t.clone()), DEFAULT_SUBJECT.parse::<SubjectTemplate>());
         let ev = event(
             Priority::Notice,
             "Terminal shell in container",

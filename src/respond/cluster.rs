@@ -57,14 +57,21 @@ impl CallError {
 /// Why the Kubernetes client could not be set up.
 #[derive(Debug, thiserror::Error)]
 pub enum ClusterError {
-    #[error("cannot read kubeconfig {path:?}: {source}")]
-    Kubeconfig {
+    #[error("cannot read kubeconfig {path:?}")]
+    ReadKubeconfig {
         path: String,
+        #[source]
         source: kube::config::KubeconfigError,
     },
-    #[error("cannot configure the Kubernetes client: {0}")]
-    Config(String),
-    #[error("cannot create the Kubernetes client: {0}")]
+    #[error("cannot configure the Kubernetes client from {path:?}")]
+    Kubeconfig {
+        path: String,
+        #[source]
+        source: kube::config::KubeconfigError,
+    },
+    #[error("cannot find a Kubernetes configuration (KUBECONFIG, ~/.kube/config, or in-cluster)")]
+    Infer(#[source] kube::config::InferConfigError),
+    #[error("cannot create the Kubernetes client")]
     Client(#[from] kube::Error),
 }
 
@@ -92,17 +99,18 @@ impl Cluster {
         let mut config = match kubeconfig {
             Some(path) => {
                 let kc =
-                    Kubeconfig::read_from(path).map_err(|source| ClusterError::Kubeconfig {
+                    Kubeconfig::read_from(path).map_err(|source| ClusterError::ReadKubeconfig {
                         path: path.display().to_string(),
                         source,
                     })?;
                 Config::from_custom_kubeconfig(kc, &KubeConfigOptions::default())
                     .await
-                    .map_err(|e| ClusterError::Config(e.to_string()))?
+                    .map_err(|source| ClusterError::Kubeconfig {
+                        path: path.display().to_string(),
+                        source,
+                    })?
             }
-            None => Config::infer()
-                .await
-                .map_err(|e| ClusterError::Config(e.to_string()))?,
+            None => Config::infer().await.map_err(ClusterError::Infer)?,
         };
         // The client's own limits, a little later than the one each call
         // has (`call`), which is then the one that says what happened.

@@ -84,8 +84,12 @@ pub enum RespondError {
     Nats(#[from] NatsError),
     #[error(transparent)]
     Cluster(#[from] ClusterError),
-    #[error("cannot subscribe: {0}")]
-    Subscribe(String),
+    #[error("cannot subscribe to {subject:?}")]
+    Subscribe {
+        subject: String,
+        #[source]
+        source: async_nats::SubscribeError,
+    },
 }
 
 /// Which delivery of an alert this is. Core NATS delivers once; JetStream
@@ -491,6 +495,15 @@ pub async fn run(
     result
 }
 
+/// Why the durable consumer is not there yet (retried).
+#[derive(Debug, thiserror::Error)]
+enum ConsumerError {
+    #[error("cannot find the stream")]
+    Stream(#[source] jetstream::context::GetStreamError),
+    #[error("cannot find or create the consumer")]
+    Consumer(#[source] jetstream::stream::ConsumerError),
+}
+
 /// The durable consumer's settings.
 struct DurableParams {
     stream: String,
@@ -518,7 +531,10 @@ impl Consume<'_> {
             .client
             .queue_subscribe(subject.clone(), queue.clone())
             .await
-            .map_err(|e| RespondError::Subscribe(e.to_string()))?;
+            .map_err(|source| RespondError::Subscribe {
+                subject: subject.clone(),
+                source,
+            })?;
         // Ready only once the server has the subscription.
         match crate::nats::round_trip(self.client).await {
             Ok(()) => self.subscribed.set(true),
@@ -679,11 +695,11 @@ impl Consume<'_> {
                 let stream = js
                     .get_stream(&params.stream)
                     .await
-                    .map_err(|e| e.to_string())?;
+                    .map_err(ConsumerError::Stream)?;
                 stream
                     .get_or_create_consumer(&params.durable, config.clone())
                     .await
-                    .map_err(|e| e.to_string())
+                    .map_err(ConsumerError::Consumer)
             };
             match attempt.await {
                 Ok(c) => {
@@ -696,7 +712,7 @@ impl Consume<'_> {
                 }
                 Err(e) => {
                     let delay = backoff.next_delay();
-                    tracing::warn!(stream = %params.stream, durable = %params.durable, error = %e, ?delay, "JetStream consumer not available; retrying");
+                    tracing::warn!(stream = %params.stream, durable = %params.durable, error = %crate::telemetry::logging::chain(&e), ?delay, "JetStream consumer not available; retrying");
                     tokio::select! {
                         _ = tokio::time::sleep(delay) => {}
                         _ = self.shutdown.cancelled() => return None,

@@ -178,8 +178,29 @@ pub enum Comparator {
     Le,
 }
 
+/// A policy text that does not say what it must: the message names the text.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum PolicyTextError {
+    #[error(transparent)]
+    Priority(#[from] crate::priority::PriorityError),
+    #[error("condition {0:?}: {CONDITION_HELP}")]
+    Condition(String),
+    #[error("condition {0:?} names no field")]
+    NoField(String),
+    #[error("a list must be in parentheses: {0:?}")]
+    NotAList(String),
+    #[error("empty list")]
+    EmptyList,
+    #[error("invalid label prefix in {0:?}")]
+    LabelPrefix(String),
+    #[error("invalid label key {0:?}")]
+    LabelKey(String),
+    #[error("invalid label value {value:?} for {key:?}")]
+    LabelValue { key: String, value: String },
+}
+
 impl TryFrom<String> for PriorityMatch {
-    type Error = String;
+    type Error = PolicyTextError;
 
     fn try_from(s: String) -> Result<Self, Self::Error> {
         let t = s.trim();
@@ -195,7 +216,7 @@ impl TryFrom<String> for PriorityMatch {
         .iter()
         .find_map(|(p, op)| t.strip_prefix(p).map(|rest| (*op, rest)))
         .unwrap_or((Comparator::Eq, t));
-        let priority = rest.trim().parse::<Priority>().map_err(|e| e.to_string())?;
+        let priority = rest.trim().parse::<Priority>()?;
         Ok(PriorityMatch { op, priority })
     }
 }
@@ -246,34 +267,34 @@ fn unquote(s: &str) -> String {
     s.to_owned()
 }
 
-fn parse_list(s: &str) -> Result<Vec<String>, String> {
+fn parse_list(s: &str) -> Result<Vec<String>, PolicyTextError> {
     let s = s.trim();
     let inner = s
         .strip_prefix('(')
         .and_then(|r| r.strip_suffix(')'))
-        .ok_or_else(|| format!("a list must be in parentheses: {s:?}"))?;
+        .ok_or_else(|| PolicyTextError::NotAList(s.to_owned()))?;
     let items: Vec<String> = inner
         .split(',')
         .map(unquote)
         .filter(|v| !v.is_empty())
         .collect();
     if items.is_empty() {
-        return Err("empty list".into());
+        return Err(PolicyTextError::EmptyList);
     }
     Ok(items)
 }
 
 impl TryFrom<String> for Condition {
-    type Error = String;
+    type Error = PolicyTextError;
 
     fn try_from(s: String) -> Result<Self, Self::Error> {
         let t = s.trim();
         let (field, rest) = t
             .split_once(|c: char| c.is_whitespace() || c == '=' || c == '!')
             .map(|(f, _)| (f, t[f.len()..].trim_start()))
-            .ok_or_else(|| format!("condition {t:?}: {CONDITION_HELP}"))?;
+            .ok_or_else(|| PolicyTextError::Condition(t.to_owned()))?;
         if field.is_empty() {
-            return Err(format!("condition {t:?} names no field"));
+            return Err(PolicyTextError::NoField(t.to_owned()));
         }
         let word = |w: &str| -> Option<&str> {
             let r = rest.strip_prefix(w)?;
@@ -296,7 +317,7 @@ impl TryFrom<String> for Condition {
         } else if let Some(r) = rest.strip_prefix("==").or_else(|| rest.strip_prefix('=')) {
             FieldTest::Equals(unquote(r))
         } else {
-            return Err(format!("condition {t:?}: {CONDITION_HELP}"));
+            return Err(PolicyTextError::Condition(t.to_owned()));
         };
         Ok(Condition {
             field: field.to_owned(),
@@ -503,7 +524,7 @@ fn line_of(text: &str, name: &str) -> Option<usize> {
 
 /// Kubernetes label rules: an optional DNS prefix and `/`, a name of at most
 /// 63 characters; values of at most 63 characters; alphanumerics, `-_.`.
-fn check_label(key: &str, value: &str) -> Result<(), String> {
+fn check_label(key: &str, value: &str) -> Result<(), PolicyTextError> {
     let ok_chars = |s: &str| {
         s.chars()
             .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
@@ -515,17 +536,20 @@ fn check_label(key: &str, value: &str) -> Result<(), String> {
     let name = match key.split_once('/') {
         Some((prefix, name)) => {
             if prefix.is_empty() || prefix.len() > 253 || !ok_chars(prefix) {
-                return Err(format!("invalid label prefix in {key:?}"));
+                return Err(PolicyTextError::LabelPrefix(key.to_owned()));
             }
             name
         }
         None => key,
     };
     if name.is_empty() || name.len() > 63 || !ok_chars(name) || !ok_ends(name) {
-        return Err(format!("invalid label key {key:?}"));
+        return Err(PolicyTextError::LabelKey(key.to_owned()));
     }
     if value.len() > 63 || !ok_chars(value) || (!value.is_empty() && !ok_ends(value)) {
-        return Err(format!("invalid label value {value:?} for {key:?}"));
+        return Err(PolicyTextError::LabelValue {
+            key: key.to_owned(),
+            value: value.to_owned(),
+        });
     }
     Ok(())
 }
