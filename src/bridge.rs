@@ -22,8 +22,8 @@ use crate::nats::{
     PublishOptions, Publisher, StreamMismatch,
 };
 use crate::priority::Priority;
-use crate::telemetry::health::{self, Readiness, TlsError};
-use crate::telemetry::metrics::BridgeMetrics;
+use crate::telemetry::health::{self, Readiness};
+use crate::telemetry::metrics::{BridgeMetrics, QueueDepth};
 
 /// The bridge's default `--listen` address. falcosidekick uses 2801-2803
 /// and Falco's own web server 8765, so falco-nats takes 2810.
@@ -88,7 +88,7 @@ pub enum BridgeError {
     )]
     DrainTimeout { pending: i64, timeout: Duration },
     #[error(transparent)]
-    Tls(#[from] TlsError),
+    Tls(#[from] crate::server::TlsError),
     #[error("--input http needs the --listen address")]
     HttpWithoutListener,
     #[error(transparent)]
@@ -112,7 +112,7 @@ pub async fn run(
         ledger: DeliveryLedger::new(metrics.possibly_lost.clone(), metrics.unconfirmed.clone()),
     };
     let acceptor = match &options.tls {
-        Some(files) => Some(health::tls_acceptor(&files.cert, &files.key)?),
+        Some(files) => Some(crate::server::tls_acceptor(&files.cert, &files.key)?),
         None => None,
     };
     if matches!(options.input, InputOptions::Http(_)) && listener.is_none() {
@@ -121,6 +121,7 @@ pub async fn run(
     let connection = connect(&options.nats, watch).await?;
 
     let (tx, rx) = mpsc::channel(options.queue_size.max(1));
+    registry.register_collector(Box::new(QueueDepth(tx.downgrade())));
     let publisher = Publisher::new(connection, options.publish.clone(), metrics.clone());
     let mut output = tokio::spawn(publisher.run(rx));
 
@@ -143,7 +144,7 @@ pub async fn run(
     }
     let grace = options.drain_timeout / 2;
     let mut http = listener.map(|listener| {
-        tokio::spawn(health::serve(
+        tokio::spawn(crate::server::serve(
             listener,
             router,
             acceptor,

@@ -20,6 +20,7 @@ pub mod nats;
 pub mod priority;
 pub mod proto;
 pub mod respond;
+pub mod server;
 pub mod simulate;
 pub mod tail;
 pub mod telemetry;

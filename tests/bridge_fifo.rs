@@ -133,6 +133,8 @@ async fn sigterm_queues_every_line_already_read() {
         .unwrap();
     bridge.wait_received("fifo", 1.0).await;
     tokio::time::sleep(Duration::from_millis(200)).await;
+    // The queue (of one) is full, read from the queue itself.
+    assert_eq!(bridge.metric("falco_nats_queue_depth").await, 1.0);
     bridge.shutdown.cancel();
     tokio::time::sleep(Duration::from_millis(300)).await;
     nats.jetstream = true;

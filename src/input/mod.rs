@@ -165,10 +165,8 @@ impl AlertSink {
             self.metrics.filtered.inc();
             return Ok(());
         }
-        self.metrics.queue_depth.inc();
         self.metrics.unconfirmed.inc();
         self.tx.send(event).await.map_err(|_| {
-            self.metrics.queue_depth.dec();
             self.metrics.unconfirmed.dec();
             QueueClosed
         })

@@ -1,6 +1,9 @@
 //! The NATS side: connection flags in the style of the `nats` CLI, one
 //! long-lived connection that reconnects forever, and the [`Publisher`] that
 //! turns alerts into messages (core NATS or JetStream).
+//!
+//! Dependencies run one way: `publisher` → `connection` → `ledger` →
+//! `round_trip`; `subject` stands alone.
 
 mod connection;
 mod ledger;
@@ -9,10 +12,9 @@ mod round_trip;
 pub mod subject;
 
 pub use connection::{
-    connect, ConnectionMetrics, ConnectionWatch, DeniedSubjects, NatsConnection, NatsError,
-    NatsOptions,
+    connect, ConnectionMetrics, ConnectionWatch, NatsConnection, NatsError, NatsOptions,
 };
-pub use ledger::{DeliveryLedger, CONFIRM_EVERY};
-pub use publisher::{alert_headers, JetStreamOptions, PublishOptions, Publisher, StreamMismatch};
-pub use round_trip::{round_trip, RoundTripError, ROUND_TRIP_TIMEOUT};
+pub use ledger::DeliveryLedger;
+pub use publisher::{JetStreamOptions, PublishOptions, Publisher, StreamMismatch};
+pub use round_trip::{round_trip, RoundTripError};
 pub use subject::SubjectTemplate;

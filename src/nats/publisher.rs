@@ -193,7 +193,6 @@ impl CorePublisher {
     }
 
     async fn publish(&self, event: FalcoEvent) {
-        self.metrics.queue_depth.dec();
         let subject = self.subject.render(&event);
         let headers = alert_headers(&event);
         let received_at = event.received_at;
@@ -267,7 +266,6 @@ impl JetStreamPublisher {
                 next = alerts.recv(), if inflight.len() < max => match next {
                     Some(event) => {
                         count += 1;
-                        self.metrics.queue_depth.dec();
                         inflight.push(publish_until_acked(
                             self.context.clone(),
                             Arc::clone(&config),

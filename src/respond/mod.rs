@@ -418,7 +418,7 @@ pub async fn run(
     let client = connect(&options.nats, watch).await?.client;
     let http_stop = CancellationToken::new();
     let http = listener.map(|l| {
-        tokio::spawn(health::serve(
+        tokio::spawn(crate::server::serve(
             l,
             health::router(readiness, Arc::new(registry)),
             None,

@@ -215,7 +215,10 @@ async fn handle(
     body: Bytes,
 ) -> Response {
     let path = uri.path().to_owned();
-    let latency = state.lock().map(|s| s.latency).unwrap_or_default();
+    let latency = state
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+        .latency;
     if !latency.is_zero() {
         tokio::time::sleep(latency).await;
     }

@@ -2,7 +2,13 @@
 //! OpenMetrics text format. (The NATS connection's own are
 //! [`crate::nats::ConnectionMetrics`], the same for every subcommand.)
 
+use prometheus_client::collector::Collector;
 use prometheus_client::encoding::text::encode;
+use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
+use prometheus_client::metrics::gauge::ConstGauge;
+use tokio::sync::mpsc;
+
+use crate::event::FalcoEvent;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
@@ -34,8 +40,6 @@ pub struct BridgeMetrics {
     pub possibly_lost: Counter,
     /// 1 while the input is connected.
     pub input_connected: Gauge,
-    /// Alerts between the input and NATS.
-    pub queue_depth: Gauge,
     /// Alerts read and not yet confirmed by NATS (JetStream: acknowledged;
     /// core: confirmed by a round trip), nor given up on.
     pub unconfirmed: Gauge,
@@ -56,7 +60,6 @@ impl BridgeMetrics {
             input_reconnects: Family::default(),
             possibly_lost: Counter::default(),
             input_connected: Gauge::default(),
-            queue_depth: Gauge::default(),
             unconfirmed: Gauge::default(),
             publish_latency: Histogram::new(exponential_buckets(0.000_05, 2.0, 18)),
         };
@@ -105,11 +108,6 @@ impl BridgeMetrics {
             "input_connected",
             "1 while the input is connected",
             m.input_connected.clone(),
-        );
-        r.register(
-            "queue_depth",
-            "Alerts waiting between input and NATS",
-            m.queue_depth.clone(),
         );
         r.register(
             "alerts_unconfirmed",
@@ -180,6 +178,29 @@ impl RespondMetrics {
             m.retries.clone(),
         );
         m
+    }
+}
+
+/// `falco_nats_queue_depth`: the alerts waiting between input and NATS,
+/// read from the queue itself at each scrape (nothing counts them by hand).
+/// It holds the queue weakly: the queue still closes when its senders go.
+#[derive(Debug)]
+pub struct QueueDepth(pub mpsc::WeakSender<FalcoEvent>);
+
+impl Collector for QueueDepth {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let depth = self
+            .0
+            .upgrade()
+            .map_or(0, |tx| tx.max_capacity() - tx.capacity());
+        let gauge = ConstGauge::new(i64::try_from(depth).unwrap_or(i64::MAX));
+        let metric = encoder.encode_descriptor(
+            "falco_nats_queue_depth",
+            "Alerts waiting between input and NATS",
+            None,
+            gauge.metric_type(),
+        )?;
+        gauge.encode(metric)
     }
 }
 
