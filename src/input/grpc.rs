@@ -334,56 +334,86 @@ impl Poller {
             .store(micros.max(1), Ordering::Relaxed);
     }
 
-    /// Microseconds since the last alert, if there was one.
-    fn since_last_alert(&self) -> Option<u64> {
-        let last = self.state.last_alert.load(Ordering::Relaxed);
-        let now = self.state.started.elapsed().as_micros() as u64;
-        (last != 0).then(|| now.saturating_sub(last))
-    }
-
     /// Stops polling and closes the request stream.
     fn stop(&self) {
         self.state.stop.cancel();
     }
 
-    /// The poll interval for now: fast right after alerts, slow when quiet.
-    fn interval(&self) -> Duration {
-        match self.since_last_alert() {
-            Some(us) if us < HOT_FOR.as_micros() as u64 => HOT_POLL,
-            Some(us) if us < ACTIVE_FOR.as_micros() as u64 => ACTIVE_POLL,
-            _ => self.idle,
+    /// What the poller knows now, in microseconds since it started.
+    fn clock(&self, last_request: u64) -> PollClock {
+        PollClock {
+            now: micros(self.state.started.elapsed()),
+            last_request,
+            last_alert: self.state.last_alert.load(Ordering::Relaxed),
+            waiting_since: self.state.waiting_since.load(Ordering::Relaxed),
         }
-    }
-
-    /// Whether Falco may still be sending: the input has not waited
-    /// [`QUIET`] for it (and has not even started waiting while busy).
-    fn busy(&self) -> bool {
-        let since = self.state.waiting_since.load(Ordering::Relaxed);
-        let now = self.state.started.elapsed().as_micros() as u64;
-        since == 0 || now.saturating_sub(since) < QUIET.as_micros() as u64
     }
 
     /// Polls until stopped or the call is gone; runs on its own thread.
     fn run(self, requests: mpsc::Sender<Request>) {
         let _ = requests.try_send(Request {});
-        let mut last_request = Instant::now();
+        let mut last_request = micros(self.state.started.elapsed());
         loop {
-            let interval = self.interval();
-            let nap = interval
-                .saturating_sub(last_request.elapsed())
-                .clamp(NAP_MIN, NAP_MAX);
-            std::thread::sleep(nap);
+            match next_poll(self.idle, &self.clock(last_request)) {
+                PollStep::Sleep(nap) => std::thread::sleep(nap),
+                PollStep::Send => {
+                    // A full request buffer means Falco has requests enough.
+                    let _ = requests.try_send(Request {});
+                    last_request = micros(self.state.started.elapsed());
+                }
+            }
             if self.state.stop.is_cancelled() || requests.is_closed() {
                 return;
             }
-            if last_request.elapsed() < interval || self.busy() {
-                continue;
-            }
-            // A full request buffer means Falco has requests enough.
-            let _ = requests.try_send(Request {});
-            last_request = Instant::now();
         }
     }
+}
+
+fn micros(d: Duration) -> u64 {
+    u64::try_from(d.as_micros()).unwrap_or(u64::MAX)
+}
+
+/// The poller's view of time, in microseconds since it started.
+#[derive(Debug, Clone, Copy)]
+struct PollClock {
+    now: u64,
+    /// When it last sent a request.
+    last_request: u64,
+    /// When the last alert came (0: none yet).
+    last_alert: u64,
+    /// When the input began waiting for Falco to send (0: busy with an alert).
+    waiting_since: u64,
+}
+
+/// What the poller does next.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum PollStep {
+    Send,
+    Sleep(Duration),
+}
+
+/// The poller's timing decision, a pure function of its clock: poll every
+/// [`HOT_POLL`] for [`HOT_FOR`] after an alert, every [`ACTIVE_POLL`] until
+/// [`ACTIVE_FOR`], then every `idle`; but never while the input has not yet
+/// waited [`QUIET`] for Falco; sleep between [`NAP_MIN`] and [`NAP_MAX`].
+fn next_poll(idle: Duration, clock: &PollClock) -> PollStep {
+    let since_alert = (clock.last_alert != 0).then(|| clock.now.saturating_sub(clock.last_alert));
+    let interval = match since_alert {
+        Some(us) if us < micros(HOT_FOR) => HOT_POLL,
+        Some(us) if us < micros(ACTIVE_FOR) => ACTIVE_POLL,
+        _ => idle,
+    };
+    let since_request = Duration::from_micros(clock.now.saturating_sub(clock.last_request));
+    let busy =
+        clock.waiting_since == 0 || clock.now.saturating_sub(clock.waiting_since) < micros(QUIET);
+    if since_request >= interval && !busy {
+        return PollStep::Send;
+    }
+    PollStep::Sleep(
+        interval
+            .saturating_sub(since_request)
+            .clamp(NAP_MIN, NAP_MAX),
+    )
 }
 
 /// Asks Falco for its version and logs it, warning about the gRPC removal.
@@ -408,6 +438,70 @@ async fn log_version(channel: Channel) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn clock(now: u64, last_request: u64, last_alert: u64, waiting_since: u64) -> PollClock {
+        PollClock {
+            now,
+            last_request,
+            last_alert,
+            waiting_since,
+        }
+    }
+
+    const IDLE: Duration = Duration::from_millis(10);
+
+    #[test]
+    fn polls_fast_after_an_alert_once_the_input_waits() {
+        // 300 µs after an alert, the last poll 300 µs ago, waiting 250 µs.
+        assert_eq!(
+            next_poll(IDLE, &clock(10_300, 10_000, 10_000, 10_050)),
+            PollStep::Send
+        );
+        // The same, but the input waited only 100 µs: Falco may still be sending.
+        assert_eq!(
+            next_poll(IDLE, &clock(10_300, 10_000, 10_000, 10_200)),
+            PollStep::Sleep(NAP_MIN)
+        );
+        // Busy with an alert: never a poll.
+        assert_eq!(
+            next_poll(IDLE, &clock(90_000, 10_000, 10_000, 0)),
+            PollStep::Sleep(NAP_MIN)
+        );
+        // Not yet due: sleeps what is left, at least NAP_MIN.
+        assert_eq!(
+            next_poll(IDLE, &clock(10_100, 10_000, 10_000, 10_000)),
+            PollStep::Sleep(Duration::from_micros(150))
+        );
+    }
+
+    #[test]
+    fn slows_down_as_falco_goes_quiet() {
+        // 500 ms after the last alert: every ACTIVE_POLL (1 ms).
+        let at = 600_000;
+        assert_eq!(
+            next_poll(IDLE, &clock(at, at - 400, at - 500_000, at - 1_000)),
+            PollStep::Sleep(Duration::from_micros(600))
+        );
+        assert_eq!(
+            next_poll(IDLE, &clock(at, at - 1_000, at - 500_000, at - 1_000)),
+            PollStep::Send
+        );
+        // Two seconds after it, or with no alert yet: every `idle`.
+        let at = 3_000_000;
+        assert_eq!(
+            next_poll(IDLE, &clock(at, at - 2_000, at - 2_000_000, at - 2_000)),
+            PollStep::Sleep(Duration::from_millis(8))
+        );
+        assert_eq!(
+            next_poll(IDLE, &clock(at, at - 10_000, 0, 1)),
+            PollStep::Send
+        );
+        // A long idle interval still wakes every NAP_MAX to check for a stop.
+        assert_eq!(
+            next_poll(Duration::from_secs(1), &clock(at, at, 0, 1)),
+            PollStep::Sleep(NAP_MAX)
+        );
+    }
 
     #[test]
     fn parses_socket_addresses() {
