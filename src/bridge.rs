@@ -10,12 +10,13 @@ use std::time::Duration;
 use prometheus_client::registry::Registry;
 use tokio::net::TcpListener;
 use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 use crate::input::fifo::{FifoInput, FifoOptions};
 use crate::input::grpc::{GrpcInput, GrpcOptions};
 use crate::input::http::{http_routes, HttpOptions};
-use crate::input::stdin::{self, StdinInput};
+use crate::input::stdin::{self, StdinInput, StdinOptions};
 use crate::input::{AlertSink, InputError};
 use crate::nats::{
     connect, ConnectionMetrics, ConnectionWatch, DeliveryLedger, NatsError, NatsOptions,
@@ -36,10 +37,8 @@ pub enum InputOptions {
     Fifo(FifoOptions),
     /// `POST /` on the `--listen` address.
     Http(HttpOptions),
-    /// Lines on standard input, up to this many bytes each.
-    Stdin {
-        max_line: usize,
-    },
+    /// Lines on standard input.
+    Stdin(StdinOptions),
 }
 
 impl InputOptions {
@@ -48,7 +47,7 @@ impl InputOptions {
             InputOptions::Grpc(_) => "grpc",
             InputOptions::Fifo(_) => "fifo",
             InputOptions::Http(_) => "http",
-            InputOptions::Stdin { .. } => "stdin",
+            InputOptions::Stdin(_) => "stdin",
         }
     }
 }
@@ -111,7 +110,7 @@ pub async fn run(
         metrics: ConnectionMetrics::register(&mut registry),
         ledger: DeliveryLedger::new(metrics.possibly_lost.clone(), metrics.unconfirmed.clone()),
     };
-    let acceptor = match &options.tls {
+    let tls = match &options.tls {
         Some(files) => Some(crate::server::tls_acceptor(&files.cert, &files.key)?),
         None => None,
     };
@@ -119,12 +118,10 @@ pub async fn run(
         return Err(BridgeError::HttpWithoutListener);
     }
     let connection = connect(&options.nats, watch).await?;
-
     let (tx, rx) = mpsc::channel(options.queue_size.max(1));
     registry.register_collector(Box::new(QueueDepth(tx.downgrade())));
     let publisher = Publisher::new(connection, options.publish.clone(), metrics.clone());
-    let mut output = tokio::spawn(publisher.run(rx));
-
+    let output = tokio::spawn(publisher.run(rx));
     let input_name = options.input.name();
     let sink = AlertSink::new(
         tx,
@@ -134,104 +131,193 @@ pub async fn run(
         input_ready,
     );
 
-    // The HTTP server stops with the input when it is the input (after
-    // half the drain timeout, connections still open are closed), else
-    // once everything is published.
-    let http_stop = CancellationToken::new();
-    let mut router = health::router(readiness, Arc::new(registry));
-    if let InputOptions::Http(http_options) = &options.input {
-        router = router.merge(http_routes(sink.clone(), http_options.clone()));
-    }
+    // One server on --listen: the probes, and with the HTTP input its route,
+    // in which case the server is the input and stops with it (connections
+    // still open after half the drain timeout are closed).
+    let probes = health::router(readiness, Arc::new(registry));
     let grace = options.drain_timeout / 2;
-    let mut http = listener.map(|listener| {
-        tokio::spawn(crate::server::serve(
-            listener,
-            router,
-            acceptor,
-            http_stop.clone(),
-            grace,
-        ))
-    });
-    // Once shutdown starts, the input and the output share one deadline.
+    let (input, server) = match Input::reader(options.input, sink) {
+        Ok(input) => (input, Some(Listen::start(listener, probes, tls, grace))),
+        Err(http) => {
+            let (http, sink) = *http;
+            let router = probes.merge(http_routes(sink, http));
+            (
+                Input::Http(Listen::start(listener, router, tls, grace)),
+                None,
+            )
+        }
+    };
     let deadline = crate::drain::deadline_after(&shutdown, options.drain_timeout);
-    let input_stop = shutdown.child_token();
-    let input = async {
-        match options.input {
-            InputOptions::Grpc(o) => GrpcInput::new(o, sink).run(input_stop).await,
-            InputOptions::Fifo(o) => FifoInput::new(o, sink).run(input_stop).await,
-            InputOptions::Stdin { max_line } => {
-                StdinInput::new(stdin::open(), max_line, sink)
-                    .run(input_stop)
-                    .await
+    let ended = drive(input, output, &shutdown, &deadline).await;
+    if let Some(server) = server {
+        server.stop().await;
+    }
+    deadline.cancel();
+    ended.into_result(input_name, metrics.unconfirmed.get(), options.drain_timeout)
+}
+
+/// The `--listen` server, if there is one.
+struct Listen {
+    stop: CancellationToken,
+    task: Option<JoinHandle<std::io::Result<()>>>,
+}
+
+impl Listen {
+    fn start(
+        listener: Option<TcpListener>,
+        router: axum::Router,
+        tls: Option<tokio_rustls::TlsAcceptor>,
+        grace: Duration,
+    ) -> Self {
+        let stop = CancellationToken::new();
+        let task = listener.map(|listener| {
+            tokio::spawn(crate::server::serve(
+                listener,
+                router,
+                tls,
+                stop.clone(),
+                grace,
+            ))
+        });
+        Listen { stop, task }
+    }
+
+    /// Stops serving (after the grace period) and waits for it.
+    async fn stop(self) {
+        self.stop.cancel();
+        if let Some(task) = self.task {
+            let _ = task.await;
+        }
+    }
+}
+
+/// The input the bridge reads.
+enum Input {
+    Grpc(GrpcInput),
+    Fifo(FifoInput),
+    Stdin(StdinInput<std::pin::Pin<Box<dyn tokio::io::AsyncRead + Send>>>),
+    /// The HTTP server holds the queue's sender; stopping it closes the queue.
+    Http(Listen),
+}
+
+impl Input {
+    /// An input that reads by itself; the HTTP input's options (and the
+    /// sink) come back, to be served on the `--listen` server.
+    fn reader(
+        options: InputOptions,
+        sink: AlertSink,
+    ) -> Result<Self, Box<(HttpOptions, AlertSink)>> {
+        Ok(match options {
+            InputOptions::Grpc(o) => Input::Grpc(GrpcInput::new(o, sink)),
+            InputOptions::Fifo(o) => Input::Fifo(FifoInput::new(o, sink)),
+            InputOptions::Stdin(o) => {
+                Input::Stdin(StdinInput::new(stdin::open(), o.max_line, sink))
             }
-            InputOptions::Http(_) => {
-                // The server holds the sink; stopping it (after the requests
-                // under way) closes the queue.
-                drop(sink);
-                input_stop.cancelled().await;
-                http_stop.cancel();
-                if let Some(server) = http.take() {
-                    let _ = server.await;
-                }
+            InputOptions::Http(o) => return Err(Box::new((o, sink))),
+        })
+    }
+
+    /// Reads until `stop` (or the input ends or fails).
+    async fn run(self, stop: CancellationToken) -> Result<(), InputError> {
+        match self {
+            Input::Grpc(input) => input.run(stop).await,
+            Input::Fifo(input) => input.run(stop).await,
+            Input::Stdin(input) => input.run(stop).await,
+            Input::Http(server) => {
+                stop.cancelled().await;
+                server.stop().await;
                 Ok(())
             }
         }
+    }
+}
+
+/// How the input and the output ended.
+struct Ended {
+    /// `None` when the deadline came first, or the output failed first.
+    input: Option<Result<(), InputError>>,
+    /// `None` when the deadline came first.
+    output: Option<Result<Result<(), StreamMismatch>, tokio::task::JoinError>>,
+}
+
+/// Runs the input until shutdown (or its end), then lets the output
+/// publish what was read, both within the drain deadline. The output ends
+/// before the input only when it cannot publish at all (or, with the HTTP
+/// input, once the server that holds the queue has stopped).
+async fn drive(
+    input: Input,
+    mut output: JoinHandle<Result<(), StreamMismatch>>,
+    shutdown: &CancellationToken,
+    deadline: &CancellationToken,
+) -> Ended {
+    let mut reading = Box::pin(input.run(shutdown.child_token()));
+    let mut ended = Ended {
+        input: None,
+        output: None,
     };
-    // The input runs until shutdown. The output ends before it only when it
-    // cannot publish at all (or, with the HTTP input, once the server that
-    // holds the queue has stopped, on the way to the input's own end).
-    let mut input = Box::pin(input);
-    let mut drained = None;
-    let mut input_result = tokio::select! {
+    tokio::select! {
         biased;
-        result = &mut input => Some(result),
-        _ = deadline.cancelled() => None,
+        result = &mut reading => ended.input = Some(result),
+        _ = deadline.cancelled() => {}
         result = &mut output => {
             let failed = matches!(result, Ok(Err(_)) | Err(_));
-            drained = Some(result);
-            if failed {
-                None
-            } else {
+            ended.output = Some(result);
+            if !failed {
                 tokio::select! {
-                    result = &mut input => Some(result),
-                    _ = deadline.cancelled() => None,
+                    result = &mut reading => ended.input = Some(result),
+                    _ = deadline.cancelled() => {}
                 }
             }
         }
-    };
-    if let Some(Err(e)) = &input_result {
-        tracing::error!(input = input_name, error = %e, "input failed");
     }
+    drop(reading);
     // An input that stopped by itself starts the shutdown too.
     shutdown.cancel();
-    // Done with the input (which may hold the HTTP server).
-    drop(input);
-    if drained.is_none() && input_result.is_some() {
+    if ended.output.is_none() && ended.input.is_some() {
         tracing::info!("input stopped; publishing what was read");
-        drained = tokio::select! {
-            result = &mut output => Some(result),
-            _ = deadline.cancelled() => None,
+        tokio::select! {
+            result = &mut output => ended.output = Some(result),
+            _ = deadline.cancelled() => {}
+        }
+    }
+    if ended.output.is_none() {
+        output.abort();
+    }
+    ended
+}
+
+impl Ended {
+    /// The bridge's result: the input's, unless the output could not
+    /// publish or the drain deadline left `unconfirmed` alerts behind.
+    fn into_result(
+        self,
+        input_name: &str,
+        unconfirmed: i64,
+        timeout: Duration,
+    ) -> Result<(), BridgeError> {
+        if let Some(Err(e)) = &self.input {
+            tracing::error!(input = input_name, error = %e, "input failed");
+        }
+        match self.output {
+            Some(Ok(Err(mismatch))) => return Err(BridgeError::Stream(mismatch)),
+            Some(Err(join)) => tracing::error!(error = %join, "the publisher stopped unexpectedly"),
+            Some(Ok(Ok(()))) => {}
+            None => {
+                // Exactly what was read and not confirmed: queued, in
+                // flight, or in the client's buffer.
+                return Err(BridgeError::DrainTimeout {
+                    pending: unconfirmed,
+                    timeout,
+                });
+            }
+        }
+        let Some(input) = self.input else {
+            return Err(BridgeError::DrainTimeout {
+                pending: unconfirmed,
+                timeout,
+            });
         };
+        tracing::info!("bridge stopped");
+        input.map_err(Into::into)
     }
-    http_stop.cancel();
-    if let Some(http) = http {
-        let _ = http.await;
-    }
-    deadline.cancel();
-    match &drained {
-        Some(Ok(Err(mismatch))) => return Err(BridgeError::Stream(mismatch.clone())),
-        Some(Ok(Ok(()))) => {}
-        Some(Err(join)) => tracing::error!(error = %join, "the publisher stopped unexpectedly"),
-        None => output.abort(),
-    }
-    let Some(input_result) = input_result.take().filter(|_| drained.is_some()) else {
-        // Exactly what was read and not confirmed: queued, in flight, or
-        // in the client's buffer.
-        return Err(BridgeError::DrainTimeout {
-            pending: metrics.unconfirmed.get(),
-            timeout: options.drain_timeout,
-        });
-    };
-    tracing::info!("bridge stopped");
-    input_result.map_err(Into::into)
 }

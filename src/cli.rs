@@ -13,6 +13,7 @@ use crate::bridge::{self, BridgeOptions, InputOptions, TlsFiles};
 use crate::input::fifo::{FifoOptions, DEFAULT_FIFO, DEFAULT_MAX_LINE};
 use crate::input::grpc::{socket_path, GrpcMethod, GrpcOptions, DEFAULT_SOCKET};
 use crate::input::http::{HttpOptions, DEFAULT_MAX_BODY};
+use crate::input::stdin::StdinOptions;
 use crate::input::InputError;
 use crate::nats::subject::DEFAULT_SUBJECT;
 use crate::nats::{JetStreamOptions, NatsOptions, PublishOptions, SubjectTemplate};
@@ -193,9 +194,9 @@ impl BridgeArgs {
                 max_body: self.max_body,
                 token: http_token(self.http_token, self.http_token_file.as_deref())?,
             }),
-            InputKind::Stdin => InputOptions::Stdin {
+            InputKind::Stdin => InputOptions::Stdin(StdinOptions {
                 max_line: self.max_line,
-            },
+            }),
         };
         let tls = match (self.tls_cert, self.tls_key) {
             (Some(cert), Some(key)) => Some(TlsFiles { cert, key }),

@@ -12,6 +12,13 @@ use tokio_util::sync::CancellationToken;
 
 use super::{pump_lines, AlertSink, InputError, LinesEnd};
 
+/// Standard-input settings.
+#[derive(Debug, Clone)]
+pub struct StdinOptions {
+    /// Longest accepted line in bytes.
+    pub max_line: usize,
+}
+
 /// Standard input as an async reader. A pipe (what Falco's `program_output`
 /// gives) is read without blocking, so a shutdown stops the read at once and
 /// no line is read after it. Anything else (a file, a terminal) falls back
