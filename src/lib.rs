@@ -2,6 +2,37 @@
 //!
 //! The library holds every component; `main.rs` only parses the command line
 //! and calls into it, so tests start the real thing in-process.
+//!
+//! # Layout
+//!
+//! | module | job |
+//! | --- | --- |
+//! | [`cli`] | the command line: subcommands, flags, their environment variables |
+//! | [`bridge`] | `bridge`: one input, a bounded queue, one publisher, the drain on shutdown |
+//! | [`input`] | the inputs (`grpc`, `fifo`, `http`, `stdin`) and the [`input::AlertSink`] they fill |
+//! | [`proto`], [`convert`] | Falco's gRPC API, and its responses turned into Falco's JSON |
+//! | [`event`] | [`event::FalcoEvent`]: an alert on the bridge's side, its JSON kept as it came |
+//! | [`nats`] | connection flags, the one connection, subjects, the publisher (core or JetStream) |
+//! | [`alert`], [`decision`] | the read side: an alert and a responder's decision as typed values |
+//! | [`respond`] | `respond`: policy, rails, the Kubernetes calls, and the audit of every decision |
+//! | [`tail`] | `tail`: alerts and decisions printed readably |
+//! | [`simulate`] | a Falco stand-in (gRPC, FIFO) and a Kubernetes API stand-in |
+//! | [`server`], [`telemetry`], [`drain`] | the `--listen` server, probes, metrics, logs; the shutdown deadline |
+//! | [`priority`], [`backoff`] | Falco's priorities; reconnect back-off |
+//!
+//! One alert from an input to NATS: an input reads a line, a body or a gRPC
+//! response ([`convert`] makes the JSON) → [`event::FalcoEvent::from_json`]
+//! → [`input::AlertSink::send`] (filter, queue) → [`nats::Publisher`]
+//! (subject from [`nats::subject::SubjectTemplate`], headers, publish or
+//! JetStream ack).
+//!
+//! From NATS to a decision: [`respond`] takes the message →
+//! [`alert::Alert::from_json`] and [`alert::Alert::pod`] (names checked) →
+//! [`respond::policy::Policy::evaluate`] → per action,
+//! [`respond::rails::Rails::admit`], a read of the pod,
+//! [`respond::rails::Rails::permit`], the API call → a
+//! [`respond::Verdict`] written into a [`decision::Decision`] →
+//! [`respond::audit::Audit::record`] (NATS result, metric, log, Event).
 
 #![forbid(unsafe_code)]
 
