@@ -11,6 +11,7 @@ use prometheus_client::registry::Registry;
 use tokio::net::TcpListener;
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
+
 use tokio_util::sync::CancellationToken;
 
 use crate::input::fifo::{FifoInput, FifoOptions};
@@ -23,6 +24,7 @@ use crate::nats::{
     PublishOptions, Publisher, StreamMismatch,
 };
 use crate::priority::Priority;
+use crate::server::Listen;
 use crate::telemetry::health::{self, Readiness};
 use crate::telemetry::metrics::{BridgeMetrics, QueueDepth};
 
@@ -154,41 +156,6 @@ pub async fn run(
     }
     deadline.cancel();
     ended.into_result(input_name, metrics.unconfirmed.get(), options.drain_timeout)
-}
-
-/// The `--listen` server, if there is one.
-struct Listen {
-    stop: CancellationToken,
-    task: Option<JoinHandle<std::io::Result<()>>>,
-}
-
-impl Listen {
-    fn start(
-        listener: Option<TcpListener>,
-        router: axum::Router,
-        tls: Option<tokio_rustls::TlsAcceptor>,
-        grace: Duration,
-    ) -> Self {
-        let stop = CancellationToken::new();
-        let task = listener.map(|listener| {
-            tokio::spawn(crate::server::serve(
-                listener,
-                router,
-                tls,
-                stop.clone(),
-                grace,
-            ))
-        });
-        Listen { stop, task }
-    }
-
-    /// Stops serving (after the grace period) and waits for it.
-    async fn stop(self) {
-        self.stop.cancel();
-        if let Some(task) = self.task {
-            let _ = task.await;
-        }
-    }
 }
 
 /// The input the bridge reads.

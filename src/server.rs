@@ -19,6 +19,48 @@ use tokio::task::JoinSet;
 use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 
+/// Serves one connection (after its TLS handshake, with `tls`) until it
+/// ends or the graceful shutdown closes it.
+async fn connection(
+    tcp: tokio::net::TcpStream,
+    peer: std::net::SocketAddr,
+    router: Router,
+    tls: Option<TlsAcceptor>,
+    watcher: hyper_util::server::graceful::Watcher,
+) {
+    let service = TowerToHyperService::new(router);
+    let mut builder = auto::Builder::new(TokioExecutor::new()).http1_only();
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(HEADER_READ_TIMEOUT);
+    let result = match tls {
+        None => {
+            let conn = builder.serve_connection(TokioIo::new(tcp), service);
+            watcher.watch(conn.into_owned()).await
+        }
+        Some(acceptor) => {
+            let handshake = tokio::time::timeout(HEADER_READ_TIMEOUT, acceptor.accept(tcp)).await;
+            let stream = match handshake {
+                Ok(Ok(stream)) => stream,
+                Ok(Err(e)) => {
+                    tracing::debug!(%peer, error = %e, "TLS handshake failed");
+                    return;
+                }
+                Err(_) => {
+                    tracing::debug!(%peer, "TLS handshake timed out");
+                    return;
+                }
+            };
+            let conn = builder.serve_connection(TokioIo::new(stream), service);
+            watcher.watch(conn.into_owned()).await
+        }
+    };
+    if let Err(e) = result {
+        tracing::debug!(%peer, error = %e, "connection ended with an error");
+    }
+}
+
 /// Small answers go out at once: Falco waits for each before its next POST.
 fn no_delay(tcp: &tokio::net::TcpStream) {
     if let Err(e) = tcp.set_nodelay(true) {
@@ -66,6 +108,35 @@ pub fn tls_acceptor(cert: &Path, key: &Path) -> Result<TlsAcceptor, TlsError> {
     Ok(TlsAcceptor::from(Arc::new(config)))
 }
 
+/// The `--listen` server of a subcommand, if it has one: started, and
+/// stopped when the subcommand is done.
+pub struct Listen {
+    stop: CancellationToken,
+    task: Option<tokio::task::JoinHandle<std::io::Result<()>>>,
+}
+
+impl Listen {
+    pub fn start(
+        listener: Option<TcpListener>,
+        router: Router,
+        tls: Option<TlsAcceptor>,
+        grace: Duration,
+    ) -> Self {
+        let stop = CancellationToken::new();
+        let task = listener
+            .map(|listener| tokio::spawn(serve(listener, router, tls, stop.clone(), grace)));
+        Listen { stop, task }
+    }
+
+    /// Stops serving (after the grace period) and waits for it.
+    pub async fn stop(self) {
+        self.stop.cancel();
+        if let Some(task) = self.task {
+            let _ = task.await;
+        }
+    }
+}
+
 /// How long a client may take to send a request's headers. Falco sends a
 /// whole request at once; a client that does not is cut off.
 pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
@@ -97,42 +168,13 @@ pub async fn serve(
             _ = stop.cancelled() => break,
         };
         no_delay(&tcp);
-        let service = TowerToHyperService::new(router.clone());
-        let watcher = graceful.watcher();
-        let tls = tls.clone();
-        connections.spawn(async move {
-            let mut builder = auto::Builder::new(TokioExecutor::new()).http1_only();
-            builder
-                .http1()
-                .timer(TokioTimer::new())
-                .header_read_timeout(HEADER_READ_TIMEOUT);
-            let result = match tls {
-                None => {
-                    let conn = builder.serve_connection(TokioIo::new(tcp), service);
-                    watcher.watch(conn.into_owned()).await
-                }
-                Some(acceptor) => {
-                    let handshake =
-                        tokio::time::timeout(HEADER_READ_TIMEOUT, acceptor.accept(tcp)).await;
-                    let stream = match handshake {
-                        Ok(Ok(stream)) => stream,
-                        Ok(Err(e)) => {
-                            tracing::debug!(%peer, error = %e, "TLS handshake failed");
-                            return;
-                        }
-                        Err(_) => {
-                            tracing::debug!(%peer, "TLS handshake timed out");
-                            return;
-                        }
-                    };
-                    let conn = builder.serve_connection(TokioIo::new(stream), service);
-                    watcher.watch(conn.into_owned()).await
-                }
-            };
-            if let Err(e) = result {
-                tracing::debug!(%peer, error = %e, "connection ended with an error");
-            }
-        });
+        connections.spawn(connection(
+            tcp,
+            peer,
+            router.clone(),
+            tls.clone(),
+            graceful.watcher(),
+        ));
     }
     drop(listener);
     tokio::select! {

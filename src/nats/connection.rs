@@ -378,48 +378,7 @@ pub async fn connect(
             let watch = watch.clone();
             let denied = events_denied.clone();
             let connected_before = connected_before.clone();
-            async move {
-                match event {
-                    Event::Connected => {
-                        watch.ready.set(true);
-                        watch.metrics.connected.set(1);
-                        tracing::info!("connected to NATS");
-                        if connected_before.swap(true, Ordering::Relaxed) {
-                            watch.metrics.reconnects.inc();
-                        }
-                    }
-                    Event::Disconnected => {
-                        watch.ready.set(false);
-                        watch.metrics.connected.set(0);
-                        let at_risk = watch.ledger.disconnected();
-                        if at_risk > 0 {
-                            tracing::warn!(possibly_lost = at_risk, "disconnected from NATS; reconnecting (alerts published since the server last confirmed may be lost: counted in falco_nats_alerts_possibly_lost_total)");
-                        } else {
-                            tracing::warn!("disconnected from NATS; reconnecting");
-                        }
-                    }
-                    Event::Closed => {
-                        watch.ready.set(false);
-                        watch.metrics.connected.set(0);
-                        tracing::info!("NATS connection closed");
-                    }
-                    // Failed reconnect attempts: the disconnect was logged already.
-                    Event::ClientError(e) => tracing::debug!(error = %e, "NATS client error"),
-                    Event::ServerError(ServerError::Other(message)) => {
-                        match denied_publish_subject(&message) {
-                            Some(subject) => {
-                                watch.metrics.permission_denied.inc();
-                                if denied.insert(subject) {
-                                    tracing::error!(%subject, "NATS refused a publish: the user has no permission for this subject (check --subject and the user's publish permissions)");
-                                }
-                            }
-                            None => tracing::error!(error = %message, "NATS server error"),
-                        }
-                    }
-                    Event::ServerError(e) => tracing::error!(error = %e, "NATS server error"),
-                    other => tracing::warn!(event = %other, "NATS connection event"),
-                }
-            }
+            async move { on_event(event, &watch, &denied, &connected_before) }
         })
         .connect(servers)
         .await?;
@@ -428,6 +387,54 @@ pub async fn connect(
         denied,
         ledger,
     })
+}
+
+/// Follows the connection's events: readiness, metrics, the ledger on a
+/// drop, and the subjects the server refuses.
+fn on_event(
+    event: Event,
+    watch: &ConnectionWatch,
+    denied: &DeniedSubjects,
+    connected_before: &AtomicBool,
+) {
+    match event {
+        Event::Connected => {
+            watch.ready.set(true);
+            watch.metrics.connected.set(1);
+            tracing::info!("connected to NATS");
+            if connected_before.swap(true, Ordering::Relaxed) {
+                watch.metrics.reconnects.inc();
+            }
+        }
+        Event::Disconnected => {
+            watch.ready.set(false);
+            watch.metrics.connected.set(0);
+            let at_risk = watch.ledger.disconnected();
+            if at_risk > 0 {
+                tracing::warn!(possibly_lost = at_risk, "disconnected from NATS; reconnecting (alerts published since the server last confirmed may be lost: counted in falco_nats_alerts_possibly_lost_total)");
+            } else {
+                tracing::warn!("disconnected from NATS; reconnecting");
+            }
+        }
+        Event::Closed => {
+            watch.ready.set(false);
+            watch.metrics.connected.set(0);
+            tracing::info!("NATS connection closed");
+        }
+        // Failed reconnect attempts: the disconnect was logged already.
+        Event::ClientError(e) => tracing::debug!(error = %e, "NATS client error"),
+        Event::ServerError(ServerError::Other(message)) => match denied_publish_subject(&message) {
+            Some(subject) => {
+                watch.metrics.permission_denied.inc();
+                if denied.insert(subject) {
+                    tracing::error!(%subject, "NATS refused a publish: the user has no permission for this subject (check --subject and the user's publish permissions)");
+                }
+            }
+            None => tracing::error!(error = %message, "NATS server error"),
+        },
+        Event::ServerError(e) => tracing::error!(error = %e, "NATS server error"),
+        other => tracing::warn!(event = %other, "NATS connection event"),
+    }
 }
 
 #[cfg(test)]

@@ -78,36 +78,41 @@ impl Audit {
             }
             Err(e) => tracing::warn!(error = %e, "cannot encode the response result"),
         }
-        let event = pod
-            .zip(event_reason(decision.outcome))
-            .filter(|(pod, reason)| {
-                self.recent_events
-                    .claim(((*pod).clone(), reason), self.event_window)
-            });
-        if let Some((pod, reason)) = event {
-            let message = format!(
-                "falco-nats {} {}: {} (Falco rule {:?}, {}, policy rule {:?})",
-                action,
-                decision.outcome.as_str(),
-                decision.reason,
-                rule,
-                decision.priority.map_or("-", |p| p.as_str()),
-                decision.policy_rule.as_deref().unwrap_or("-"),
-            );
-            if let Err(e) = self
-                .cluster
-                .record_event(
-                    pod,
-                    decision.outcome == Outcome::Failed,
-                    reason,
-                    action,
-                    &message,
-                )
-                .await
-            {
-                self.metrics.event_failures.inc();
-                tracing::warn!(error = %e, namespace = ns, pod = pod_name, "cannot record a Kubernetes Event");
-            }
+        if let Some(pod) = pod {
+            self.event(decision, pod).await;
+        }
+    }
+
+    /// The Kubernetes Event a decision calls for on `pod`, if any: at most
+    /// one per pod and reason within the window.
+    async fn event(&self, decision: &Decision, pod: &PodRef) {
+        let Some(reason) = event_reason(decision.outcome) else {
+            return;
+        };
+        if !self
+            .recent_events
+            .claim((pod.clone(), reason), self.event_window)
+        {
+            return;
+        }
+        let action = decision.action.as_str();
+        let message = format!(
+            "falco-nats {} {}: {} (Falco rule {:?}, {}, policy rule {:?})",
+            action,
+            decision.outcome.as_str(),
+            decision.reason,
+            decision.rule.as_deref().unwrap_or("-"),
+            decision.priority.map_or("-", |p| p.as_str()),
+            decision.policy_rule.as_deref().unwrap_or("-"),
+        );
+        let warning = decision.outcome == Outcome::Failed;
+        let written = self
+            .cluster
+            .record_event(pod, warning, reason, action, &message)
+            .await;
+        if let Err(e) = written {
+            self.metrics.event_failures.inc();
+            tracing::warn!(error = %e, namespace = %pod.namespace, pod = %pod.name, "cannot record a Kubernetes Event");
         }
     }
 }

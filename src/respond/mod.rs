@@ -28,6 +28,7 @@ use crate::alert::{Alert, PodRef};
 use crate::backoff::Backoff;
 use crate::decision::{Action, Decision, NoAction, Outcome};
 use crate::nats::{connect, ConnectionMetrics, ConnectionWatch, NatsError, NatsOptions};
+use crate::server::Listen;
 use crate::telemetry::health::{self, Readiness, ReadyFlag};
 use crate::telemetry::metrics::RespondMetrics;
 use audit::Audit;
@@ -224,39 +225,66 @@ impl Responder {
         let mut settle = Settle::Ack;
         for rule in rules {
             for action in &rule.actions {
-                let mut d = decision_for(&alert, pod.as_ref(), Some(rule), subject, self.dry_run);
-                d.action = action.kind();
-                // The pod the action is about (none for `log`, which writes no Event).
-                let mut target = pod.clone().filter(|_| action.needs_pod());
-                let verdict = self
-                    .decide(&alert, target.as_mut(), action, d.dry_run)
+                let step = self
+                    .act(
+                        &alert,
+                        pod.as_ref(),
+                        (rule, action),
+                        subject,
+                        delivery,
+                        received,
+                    )
                     .await;
-                if verdict.is_transient() && !delivery.last {
-                    // Not final: the decision is made again on the next delivery.
-                    self.audit.metrics.retries.inc();
-                    tracing::warn!(action = action.name(), attempt = delivery.attempt, verdict = ?verdict, "transient failure; the alert will be delivered again");
-                    settle = Settle::Retry;
-                    continue;
-                }
-                let last_failure = verdict.is_transient();
-                verdict.write(&mut d, action);
-                if last_failure {
-                    d.reason = format!("{} (delivery {}, the last)", d.reason, delivery.attempt);
-                    if settle == Settle::Ack {
-                        settle = Settle::Term;
-                    }
-                }
-                // Results and Events name the pod as the API answered for it.
-                if let Some(target) = &target {
-                    d.namespace = Some(target.namespace.clone());
-                    d.pod = Some(target.name.clone());
-                    d.pod_uid.clone_from(&target.uid);
-                }
-                d.latency_ms = received.elapsed().as_secs_f64() * 1000.0;
-                self.audit.record(&d, target.as_ref()).await;
+                settle = match (settle, step) {
+                    (Settle::Retry, _) | (_, Settle::Retry) => Settle::Retry,
+                    (Settle::Term, _) | (_, Settle::Term) => Settle::Term,
+                    _ => Settle::Ack,
+                };
             }
         }
         settle
+    }
+
+    /// Decides one action, and records the decision unless a transient
+    /// failure leaves it to the next delivery.
+    async fn act(
+        &self,
+        alert: &Alert,
+        pod: Option<&PodRef>,
+        (rule, action): (&PolicyRule, &ActionSpec),
+        subject: &str,
+        delivery: Delivery,
+        received: Instant,
+    ) -> Settle {
+        let mut d = decision_for(alert, pod, Some(rule), subject, self.dry_run);
+        d.action = action.kind();
+        // The pod the action is about (none for `log`, which writes no Event).
+        let mut target = pod.cloned().filter(|_| action.needs_pod());
+        let verdict = self.decide(alert, target.as_mut(), action, d.dry_run).await;
+        let transient = verdict.is_transient();
+        if transient && !delivery.last {
+            // Not final: the decision is made again on the next delivery.
+            self.audit.metrics.retries.inc();
+            tracing::warn!(action = action.name(), attempt = delivery.attempt, verdict = ?verdict, "transient failure; the alert will be delivered again");
+            return Settle::Retry;
+        }
+        verdict.write(&mut d, action);
+        if transient {
+            d.reason = format!("{} (delivery {}, the last)", d.reason, delivery.attempt);
+        }
+        // Results and Events name the pod as the API answered for it.
+        if let Some(target) = &target {
+            d.namespace = Some(target.namespace.clone());
+            d.pod = Some(target.name.clone());
+            d.pod_uid.clone_from(&target.uid);
+        }
+        d.latency_ms = received.elapsed().as_secs_f64() * 1000.0;
+        self.audit.record(&d, target.as_ref()).await;
+        if transient {
+            Settle::Term
+        } else {
+            Settle::Ack
+        }
     }
 
     /// Records a single decision about an alert that leads to no action.
@@ -407,45 +435,31 @@ pub async fn run(
     // and while the Kubernetes API answers.
     let subscribed = readiness.check("subscription");
     let kube_ready = readiness.check("kubernetes");
-    let cluster = Arc::new(
-        Cluster::connect(
-            options.kubeconfig.as_deref(),
-            options.kube_timeout,
-            kube_ready,
-        )
-        .await?,
-    );
+    let kubeconfig = options.kubeconfig.as_deref();
+    let cluster = Arc::new(Cluster::connect(kubeconfig, options.kube_timeout, kube_ready).await?);
     let client = connect(&options.nats, watch).await?.client;
-    let http_stop = CancellationToken::new();
-    let http = listener.map(|l| {
-        tokio::spawn(crate::server::serve(
-            l,
-            health::router(readiness, Arc::new(registry)),
-            None,
-            http_stop.clone(),
-            Duration::from_secs(1),
-        ))
-    });
+    let router = health::router(readiness, Arc::new(registry));
+    let server = Listen::start(listener, router, None, Duration::from_secs(1));
     tracing::info!(
         rules = options.policy.rules.len(),
         dry_run = options.dry_run,
         concurrency = options.concurrency,
         "responder starting"
     );
-    let event_window = options.rails.dedup_window;
+    let audit = Audit {
+        client: client.clone(),
+        prefix: options.result_prefix.clone(),
+        metrics,
+        cluster: cluster.clone(),
+        event_window: options.rails.dedup_window,
+        recent_events: Default::default(),
+    };
     let responder = Responder {
         policy: options.policy,
         rails: Rails::new(options.rails),
-        cluster: cluster.clone(),
+        cluster,
         dry_run: options.dry_run,
-        audit: Audit {
-            client: client.clone(),
-            prefix: options.result_prefix.clone(),
-            metrics,
-            cluster,
-            event_window,
-            recent_events: Default::default(),
-        },
+        audit,
     };
     // Once shutdown starts, finishing the alerts in hand and publishing
     // their results share one deadline.
@@ -459,40 +473,25 @@ pub async fn run(
         shutdown: &shutdown,
         deadline: &deadline,
     };
-    let result = match options.subscription {
-        Subscription::Core { subject, queue } => consume.core(subject, queue).await,
-        Subscription::JetStream {
-            stream,
-            durable,
-            subject,
-            ack_wait,
-            max_deliver,
-        } => {
-            let params = DurableParams {
-                stream,
-                durable,
-                subject,
-                ack_wait,
-                max_deliver: max_deliver.max(1),
-            };
-            consume.jetstream(&params).await
-        }
-    };
+    let result = consume.run(options.subscription).await;
+    confirm_results(&client, &deadline).await;
+    server.stop().await;
+    result
+}
+
+/// Waits (until the drain deadline) for NATS to confirm it has every result
+/// published.
+async fn confirm_results(client: &async_nats::Client, deadline: &CancellationToken) {
     tokio::select! {
-        confirmed = crate::nats::round_trip(&client) => {
+        confirmed = crate::nats::round_trip(client) => {
             if let Err(e) = confirmed {
                 tracing::warn!(error = %e, "cannot confirm that NATS received the last results");
             }
         }
         _ = deadline.cancelled() => {
-            tracing::warn!(timeout = ?options.drain_timeout, "drain timeout: NATS did not confirm the last results");
+            tracing::warn!("drain timeout: NATS did not confirm the last results");
         }
     }
-    http_stop.cancel();
-    if let Some(h) = http {
-        let _ = h.await;
-    }
-    result
 }
 
 /// Why the durable consumer is not there yet (retried).
@@ -526,6 +525,28 @@ struct Consume<'a> {
 }
 
 impl Consume<'_> {
+    async fn run(&self, subscription: Subscription) -> Result<(), RespondError> {
+        match subscription {
+            Subscription::Core { subject, queue } => self.core(subject, queue).await,
+            Subscription::JetStream {
+                stream,
+                durable,
+                subject,
+                ack_wait,
+                max_deliver,
+            } => {
+                let params = DurableParams {
+                    stream,
+                    durable,
+                    subject,
+                    ack_wait,
+                    max_deliver: max_deliver.max(1),
+                };
+                self.jetstream(&params).await
+            }
+        }
+    }
+
     async fn core(&self, subject: String, queue: String) -> Result<(), RespondError> {
         let mut sub = self
             .client
