@@ -117,6 +117,8 @@ fn is_json_output(output: &str) -> bool {
     trimmed.starts_with('{') && serde_json::from_str::<serde::de::IgnoredAny>(trimmed).is_ok()
 }
 
+/// (Long: one object written key by key, in the order Falco sorts them;
+/// split up, the order would be harder to see.)
 /// Writes the Falco >= 0.39 layout directly: keys in sorted order, strings
 /// escaped by serde_json, no intermediate JSON tree.
 fn build_json(response: &Response, priority: Priority, source: &str) -> Vec<u8> {

@@ -286,7 +286,8 @@ impl AlertFactory {
             .unwrap_or_default()
     }
 
-    /// The `n`-th alert (from 1) in its gRPC form with text output.
+    /// The `n`-th alert (from 1) in its gRPC form with text output. (Long:
+    /// mostly the table of the fields every alert carries.)
     fn response(&self, n: u64) -> Response {
         let scenario = &SCENARIOS[(n as usize - 1) % SCENARIOS.len()];
         let pod = &PODS[((n as usize - 1) / SCENARIOS.len()) % PODS.len()];

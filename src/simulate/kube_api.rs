@@ -231,142 +231,20 @@ async fn handle(
     if auth != Some(&format!("Bearer {TOKEN}")) {
         return status(401, "Unauthorized", "Unauthorized".into());
     }
-    if let Some((failing, code, left)) = &mut st.failing {
-        if *failing == method.as_str() && *left > 0 {
-            *left -= 1;
-            let code = *code;
-            if let ("DELETE", ["api", "v1", "namespaces", ns, "pods", name]) =
-                (method.as_str(), parts.as_slice())
-            {
-                let call = DeleteCall {
-                    namespace: (*ns).to_owned(),
-                    name: (*name).to_owned(),
-                    grace_period_seconds: None,
-                    uid_precondition: None,
-                    status: code,
-                    at: std::time::Instant::now(),
-                };
-                st.deletes.push(call);
-            }
-            return status(
-                code,
-                "InternalError",
-                format!("the server is failing ({code})"),
-            );
-        }
+    if let Some(response) = fail_if_asked(&mut st, method.as_str(), &parts) {
+        return response;
     }
     match (method.as_str(), parts.as_slice()) {
-        ("GET", ["api", "v1", "namespaces", ns, "pods", name]) => {
-            match st.pods.get(&((*ns).into(), (*name).into())) {
-                Some(pod) => ok(StatusCode::OK, pod),
-                None => not_found("pods", name),
-            }
-        }
+        ("GET", ["api", "v1", "namespaces", ns, "pods", name]) => get_pod(&st, ns, name),
         ("DELETE", ["api", "v1", "namespaces", ns, "pods", name]) => {
-            let options: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
-            let grace = options["gracePeriodSeconds"].as_i64();
-            let uid_pre = options["preconditions"]["uid"].as_str().map(str::to_owned);
-            let key = ((*ns).to_owned(), (*name).to_owned());
-            let mut call = DeleteCall {
-                namespace: key.0.clone(),
-                name: key.1.clone(),
-                grace_period_seconds: grace,
-                uid_precondition: uid_pre.clone(),
-                status: 200,
-                at: std::time::Instant::now(),
-            };
-            let response = match st.pods.get(&key) {
-                None => {
-                    call.status = 404;
-                    not_found("pods", name)
-                }
-                Some(pod) => {
-                    let uid = pod["metadata"]["uid"]
-                        .as_str()
-                        .unwrap_or_default()
-                        .to_owned();
-                    match uid_pre {
-                        Some(pre) if pre != uid => {
-                            call.status = 409;
-                            status(409, "Conflict", format!("Operation cannot be fulfilled on Pod \"{name}\": Precondition failed: UID in precondition: {pre}, UID in object meta: {uid}"))
-                        }
-                        _ => {
-                            let pod = st.pods.remove(&key).unwrap_or_default();
-                            ok(StatusCode::OK, &pod)
-                        }
-                    }
-                }
-            };
-            st.deletes.push(call);
-            response
+            delete_pod(&mut st, ns, name, &body)
         }
         ("PATCH", ["api", "v1", "namespaces", ns, "pods", name]) => {
-            let content_type = headers
-                .get("content-type")
-                .and_then(|v| v.to_str().ok())
-                .unwrap_or("");
-            if content_type != "application/merge-patch+json" {
-                return status(
-                    415,
-                    "UnsupportedMediaType",
-                    format!("unsupported patch type {content_type}"),
-                );
-            }
-            let Ok(patch) = serde_json::from_slice::<Value>(&body) else {
-                return status(400, "BadRequest", "invalid patch".into());
-            };
-            let Some(pod) = st.pods.get_mut(&((*ns).into(), (*name).into())) else {
-                return not_found("pods", name);
-            };
-            if let Some(uid) = patch["metadata"]["uid"].as_str() {
-                let actual = pod["metadata"]["uid"].as_str().unwrap_or_default();
-                if uid != actual {
-                    return status(409, "Conflict", format!("Precondition failed: UID in precondition: {uid}, UID in object meta: {actual}"));
-                }
-            }
-            if let Some(labels) = patch["metadata"]["labels"].as_object() {
-                for (k, v) in labels {
-                    pod["metadata"]["labels"][k] = v.clone();
-                }
-            }
-            let pod = pod.clone();
-            ok(StatusCode::OK, &pod)
+            patch_pod(&mut st, ns, name, &headers, &body)
         }
-        ("POST", ["api", "v1", "namespaces", ns, "events"]) => {
-            let Ok(mut event) = serde_json::from_slice::<Value>(&body) else {
-                return status(400, "BadRequest", "invalid event".into());
-            };
-            st.next += 1;
-            let generated = format!(
-                "{}{:05}",
-                event["metadata"]["generateName"]
-                    .as_str()
-                    .unwrap_or("event."),
-                st.next
-            );
-            event["metadata"]["name"] = json!(generated);
-            event["metadata"]["namespace"] = json!(ns);
-            st.events.push(event.clone());
-            ok(StatusCode::CREATED, &event)
-        }
+        ("POST", ["api", "v1", "namespaces", ns, "events"]) => create_event(&mut st, ns, &body),
         ("POST", ["apis", "networking.k8s.io", "v1", "namespaces", ns, "networkpolicies"]) => {
-            let Ok(policy) = serde_json::from_slice::<Value>(&body) else {
-                return status(400, "BadRequest", "invalid network policy".into());
-            };
-            let name = policy["metadata"]["name"]
-                .as_str()
-                .unwrap_or_default()
-                .to_owned();
-            let key = ((*ns).to_owned(), name.clone());
-            if st.network_policies.contains_key(&key) {
-                return status(
-                    409,
-                    "AlreadyExists",
-                    format!("networkpolicies.networking.k8s.io \"{name}\" already exists"),
-                );
-            }
-            st.network_policies.insert(key, policy.clone());
-            ok(StatusCode::CREATED, &policy)
+            create_network_policy(&mut st, ns, &body)
         }
         _ => status(
             404,
@@ -374,4 +252,159 @@ async fn handle(
             format!("the server could not find the requested resource ({method} {path})"),
         ),
     }
+}
+
+/// The answer of an API server in trouble, while [`KubeApi::fail_next`]
+/// asks for one (a failed DELETE is recorded as such).
+fn fail_if_asked(st: &mut FakeState, method: &str, parts: &[&str]) -> Option<Response> {
+    let (failing, code, left) = st.failing.as_mut()?;
+    if failing != method || *left == 0 {
+        return None;
+    }
+    *left -= 1;
+    let code = *code;
+    if let ("DELETE", ["api", "v1", "namespaces", ns, "pods", name]) = (method, parts) {
+        st.deletes.push(DeleteCall {
+            namespace: (*ns).to_owned(),
+            name: (*name).to_owned(),
+            grace_period_seconds: None,
+            uid_precondition: None,
+            status: code,
+            at: std::time::Instant::now(),
+        });
+    }
+    Some(status(
+        code,
+        "InternalError",
+        format!("the server is failing ({code})"),
+    ))
+}
+
+fn get_pod(st: &FakeState, ns: &str, name: &str) -> Response {
+    match st.pods.get(&((*ns).into(), (*name).into())) {
+        Some(pod) => ok(StatusCode::OK, pod),
+        None => not_found("pods", name),
+    }
+}
+
+fn delete_pod(st: &mut FakeState, ns: &str, name: &str, body: &[u8]) -> Response {
+    let options: Value = serde_json::from_slice(body).unwrap_or(Value::Null);
+    let grace = options["gracePeriodSeconds"].as_i64();
+    let uid_pre = options["preconditions"]["uid"].as_str().map(str::to_owned);
+    let key = ((*ns).to_owned(), (*name).to_owned());
+    let mut call = DeleteCall {
+        namespace: key.0.clone(),
+        name: key.1.clone(),
+        grace_period_seconds: grace,
+        uid_precondition: uid_pre.clone(),
+        status: 200,
+        at: std::time::Instant::now(),
+    };
+    let response = match st.pods.get(&key) {
+        None => {
+            call.status = 404;
+            not_found("pods", name)
+        }
+        Some(pod) => {
+            let uid = pod["metadata"]["uid"]
+                .as_str()
+                .unwrap_or_default()
+                .to_owned();
+            match uid_pre {
+                Some(pre) if pre != uid => {
+                    call.status = 409;
+                    status(409, "Conflict", format!("Operation cannot be fulfilled on Pod \"{name}\": Precondition failed: UID in precondition: {pre}, UID in object meta: {uid}"))
+                }
+                _ => {
+                    let pod = st.pods.remove(&key).unwrap_or_default();
+                    ok(StatusCode::OK, &pod)
+                }
+            }
+        }
+    };
+    st.deletes.push(call);
+    response
+}
+
+fn patch_pod(
+    st: &mut FakeState,
+    ns: &str,
+    name: &str,
+    headers: &HeaderMap,
+    body: &[u8],
+) -> Response {
+    let content_type = headers
+        .get("content-type")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("");
+    if content_type != "application/merge-patch+json" {
+        return status(
+            415,
+            "UnsupportedMediaType",
+            format!("unsupported patch type {content_type}"),
+        );
+    }
+    let Ok(patch) = serde_json::from_slice::<Value>(body) else {
+        return status(400, "BadRequest", "invalid patch".into());
+    };
+    let Some(pod) = st.pods.get_mut(&((*ns).into(), (*name).into())) else {
+        return not_found("pods", name);
+    };
+    if let Some(uid) = patch["metadata"]["uid"].as_str() {
+        let actual = pod["metadata"]["uid"].as_str().unwrap_or_default();
+        if uid != actual {
+            return status(
+                409,
+                "Conflict",
+                format!(
+                    "Precondition failed: UID in precondition: {uid}, UID in object meta: {actual}"
+                ),
+            );
+        }
+    }
+    if let Some(labels) = patch["metadata"]["labels"].as_object() {
+        for (k, v) in labels {
+            pod["metadata"]["labels"][k] = v.clone();
+        }
+    }
+    let pod = pod.clone();
+    ok(StatusCode::OK, &pod)
+}
+
+fn create_event(st: &mut FakeState, ns: &str, body: &[u8]) -> Response {
+    let Ok(mut event) = serde_json::from_slice::<Value>(body) else {
+        return status(400, "BadRequest", "invalid event".into());
+    };
+    st.next += 1;
+    let generated = format!(
+        "{}{:05}",
+        event["metadata"]["generateName"]
+            .as_str()
+            .unwrap_or("event."),
+        st.next
+    );
+    event["metadata"]["name"] = json!(generated);
+    event["metadata"]["namespace"] = json!(ns);
+    st.events.push(event.clone());
+    ok(StatusCode::CREATED, &event)
+}
+
+fn create_network_policy(st: &mut FakeState, ns: &str, body: &[u8]) -> Response {
+    let Ok(policy) = serde_json::from_slice::<Value>(body) else {
+        return status(400, "BadRequest", "invalid network policy".into());
+    };
+    let name = policy["metadata"]["name"]
+        .as_str()
+        .unwrap_or_default()
+        .to_owned();
+    let key = ((*ns).to_owned(), name.clone());
+    if st.network_policies.contains_key(&key) {
+        return status(
+            409,
+            "AlreadyExists",
+            format!("networkpolicies.networking.k8s.io \"{name}\" already exists"),
+        );
+    }
+    st.network_policies.insert(key, policy.clone());
+    ok(StatusCode::CREATED, &policy)
 }

@@ -48,7 +48,8 @@ pub struct BridgeMetrics {
 }
 
 impl BridgeMetrics {
-    /// Creates the metrics and registers them under `falco_nats_`.
+    /// Creates the metrics and registers them under `falco_nats_`. (Long:
+    /// one registration with its help text per metric, nothing else.)
     pub fn new(registry: &mut Registry) -> Self {
         let m = BridgeMetrics {
             received: Family::default(),
