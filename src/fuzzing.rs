@@ -9,6 +9,7 @@ use prost::Message;
 
 use crate::convert::event_from_response;
 use crate::event::FalcoEvent;
+use crate::nats::subject::{SubjectTemplate, DEFAULT_SUBJECT};
 use crate::proto::outputs::Response;
 use crate::respond::policy::Policy;
 
@@ -23,9 +24,27 @@ pub fn json_line(data: &[u8]) {
                 data.trim_ascii(),
                 "forwarded byte for byte"
             );
-            assert!(!event.msg_id().is_empty());
+            for template in [DEFAULT_SUBJECT, "x.{hostname}.{source}.{priority}.{rule}"] {
+                let template: SubjectTemplate = template.parse().expect("a valid template");
+                assert_valid_subject(&template.render(&event));
+            }
         }
-        Err(e) => assert!(!e.reason().is_empty()),
+        // Rejected with a reason: nothing else to check (it is a `&'static str`).
+        Err(_) => {}
+    }
+}
+
+/// A subject NATS takes: tokens that are not empty, no wildcard, no
+/// whitespace or control character, and far below the control-line limit.
+fn assert_valid_subject(subject: &str) {
+    assert!(subject.len() < 1024, "{} bytes", subject.len());
+    for token in subject.split('.') {
+        assert!(!token.is_empty(), "empty token in {subject:?}");
+        assert!(token != "*" && token != ">", "wildcard in {subject:?}");
+        assert!(
+            !token.chars().any(|c| c.is_whitespace() || c.is_control()),
+            "whitespace in {subject:?}"
+        );
     }
 }
 
@@ -36,13 +55,44 @@ pub fn grpc_to_json(data: &[u8]) {
         return;
     };
     let verbatim = response.output.trim_start().starts_with('{');
-    if let Ok(event) = event_from_response(response) {
-        let parsed = serde_json::from_slice::<serde_json::Value>(&event.payload);
-        assert!(
-            parsed.is_ok(),
+    let built_from = response.clone();
+    let Ok(event) = event_from_response(response) else {
+        return;
+    };
+    let parsed = serde_json::from_slice::<serde_json::Value>(&event.payload);
+    let Ok(json) = parsed else {
+        panic!(
             "the JSON must parse (verbatim json_output: {verbatim}): {:?}",
             String::from_utf8_lossy(&event.payload)
         );
+    };
+    if verbatim && serde_json::from_str::<serde::de::IgnoredAny>(built_from.output.trim()).is_ok() {
+        return;
+    }
+    // Built from the fields: it reads back to them.
+    assert_eq!(json["rule"], built_from.rule.as_str());
+    assert_eq!(json["output"], built_from.output.as_str());
+    assert_eq!(json["hostname"], built_from.hostname.as_str());
+    assert_eq!(json["priority"], event.priority.as_str());
+    let mut tags = built_from.tags.clone();
+    tags.sort();
+    assert_eq!(json["tags"], serde_json::json!(tags));
+    let fields = json["output_fields"].as_object().expect("output_fields");
+    for (key, value) in &built_from.output_fields {
+        let written = &fields[key.as_str()];
+        match written {
+            serde_json::Value::String(s) => assert_eq!(s, value),
+            serde_json::Value::Null => assert_eq!(value, "<NA>"),
+            serde_json::Value::Number(n) => {
+                let read = value.trim();
+                let same = read.parse::<i64>().ok().map(serde_json::Number::from)
+                    == Some(n.clone())
+                    || read.parse::<u64>().ok().map(serde_json::Number::from) == Some(n.clone());
+                assert!(same, "{key}: {value:?} written as {n}");
+            }
+            serde_json::Value::Bool(b) => assert_eq!(value.trim().parse::<bool>().ok(), Some(*b)),
+            other => panic!("{key}: {value:?} written as {other}"),
+        }
     }
 }
 
@@ -53,8 +103,14 @@ pub fn policy(data: &[u8]) {
         return;
     };
     match Policy::parse("fuzz.yaml", text) {
-        Ok(policy) => assert!(!policy.rules.is_empty()),
-        Err(e) => assert!(!e.to_string().is_empty()),
+        // A policy that parses is usable: every rule applies to some alert
+        // shape and its actions name valid labels (checked when parsed).
+        Ok(policy) => {
+            let text_again = format!("{policy:?}");
+            assert!(text_again.contains("rules"));
+        }
+        // An error says where, when the YAML itself is at fault.
+        Err(e) => assert!(e.to_string().starts_with("fuzz.yaml")),
     }
 }
 
