@@ -52,11 +52,14 @@ pub struct KubeApi {
     pub state: Arc<Mutex<FakeState>>,
     pub url: String,
     task: tokio::task::JoinHandle<()>,
+    /// A kubeconfig for it, removed with it.
+    kubeconfig: std::path::PathBuf,
 }
 
 impl Drop for KubeApi {
     fn drop(&mut self) {
         self.task.abort();
+        let _ = std::fs::remove_file(&self.kubeconfig);
     }
 }
 
@@ -102,7 +105,24 @@ impl KubeApi {
         let task = tokio::spawn(async move {
             let _ = axum::serve(listener, app).await;
         });
-        Ok(KubeApi { state, url, task })
+        let port = url.rsplit(':').next().unwrap_or("0");
+        let kubeconfig = std::env::temp_dir().join(format!(
+            "falco-nats-kube-api-{}-{port}.kubeconfig",
+            std::process::id()
+        ));
+        let api = KubeApi {
+            state,
+            url,
+            task,
+            kubeconfig,
+        };
+        api.write_kubeconfig(&api.kubeconfig)?;
+        Ok(api)
+    }
+
+    /// A kubeconfig for this server (written at start, removed on drop).
+    pub fn kubeconfig(&self) -> &Path {
+        &self.kubeconfig
     }
 
     /// Writes a kubeconfig for this server (with its token) to `path`.

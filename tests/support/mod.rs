@@ -500,11 +500,7 @@ pub async fn assert_stream_holds_each_once(url: &str, stream: &str, total: u64, 
     assert_eq!(unique, (1..=total).collect(), "no alert lost");
 }
 
-/// A kubeconfig for the Kubernetes API stand-in, in a directory that
-/// outlives the test.
+/// The kubeconfig of the Kubernetes API stand-in (removed with it).
 pub fn kubeconfig(kube: &fake_kube::KubeApi) -> PathBuf {
-    let dir = tempfile::tempdir().expect("temp dir").keep();
-    let path = dir.join("kubeconfig");
-    kube.write_kubeconfig(&path).expect("write kubeconfig");
-    path
+    kube.kubeconfig().to_owned()
 }
