@@ -27,13 +27,8 @@ fn header<'a>(m: &'a async_nats::Message, name: &str) -> &'a str {
 
 async fn exact_json_and_headers(json_output: bool) {
     let nats = NatsServer::start();
-    let dir = tempfile::tempdir().unwrap();
-    let socket = dir.path().join("falco.sock");
-    let mut falco = MockFalco::new(&socket);
-    falco.start().await.unwrap();
-    let client = nats.client().await;
-    let mut sub = client.subscribe("falco.>").await.unwrap();
-    client.flush().await.unwrap();
+    let (falco, socket, _dir) = started_falco().await;
+    let (_client, mut sub) = nats.subscribed("falco.>").await;
 
     let mut factory = AlertFactory::new("node-a", json_output);
     let alerts: Vec<Response> = (0..14).map(|_| factory.next_response()).collect();
@@ -106,10 +101,7 @@ async fn grpc_text_output_becomes_falco_json() {
 #[tokio::test]
 async fn grpc_text_output_is_exactly_the_json_falco_writes() {
     let nats = NatsServer::start();
-    let dir = tempfile::tempdir().unwrap();
-    let socket = dir.path().join("falco.sock");
-    let mut falco = MockFalco::new(&socket);
-    falco.start().await.unwrap();
+    let (falco, socket, _dir) = started_falco().await;
     let (_client, mut sub) = nats.subscribed("falco.>").await;
     falco.push(Response {
         time: Some(prost_types::Timestamp {
@@ -159,10 +151,7 @@ async fn grpc_json_output_is_forwarded_verbatim() {
 #[tokio::test]
 async fn flat_subject_of_the_proof_of_concept() {
     let nats = NatsServer::start();
-    let dir = tempfile::tempdir().unwrap();
-    let socket = dir.path().join("falco.sock");
-    let mut falco = MockFalco::new(&socket);
-    falco.start().await.unwrap();
+    let (falco, socket, _dir) = started_falco().await;
     let client = nats.client().await;
     let mut sub = client.subscribe(">").await.unwrap();
     client.flush().await.unwrap();
@@ -181,13 +170,8 @@ async fn flat_subject_of_the_proof_of_concept() {
 #[tokio::test]
 async fn get_method_and_min_priority_and_unknown_priority() {
     let nats = NatsServer::start();
-    let dir = tempfile::tempdir().unwrap();
-    let socket = dir.path().join("falco.sock");
-    let mut falco = MockFalco::new(&socket);
-    falco.start().await.unwrap();
-    let client = nats.client().await;
-    let mut sub = client.subscribe("falco.>").await.unwrap();
-    client.flush().await.unwrap();
+    let (falco, socket, _dir) = started_falco().await;
+    let (_client, mut sub) = nats.subscribed("falco.>").await;
 
     let mut factory = AlertFactory::new("node-a", false);
     let mut bad = factory.next_response();
@@ -229,9 +213,7 @@ async fn falco_restart_and_reload_lose_and_duplicate_nothing() {
     let dir = tempfile::tempdir().unwrap();
     let socket = dir.path().join("falco.sock");
     let mut falco = MockFalco::new(&socket);
-    let client = nats.client().await;
-    let mut sub = client.subscribe("falco.>").await.unwrap();
-    client.flush().await.unwrap();
+    let (_client, mut sub) = nats.subscribed("falco.>").await;
     let mut factory = AlertFactory::new("node-a", false);
 
     // The bridge starts before Falco: it waits and retries.
@@ -286,10 +268,7 @@ async fn mock_falco_polls_and_shares_one_queue() {
     use hyper_util::rt::TokioIo;
     use tokio_stream::wrappers::ReceiverStream;
 
-    let dir = tempfile::tempdir().unwrap();
-    let socket = dir.path().join("falco.sock");
-    let mut falco = MockFalco::new(&socket);
-    falco.start().await.unwrap();
+    let (falco, socket, _dir) = started_falco().await;
     let path = socket.clone();
     let channel = tonic::transport::Endpoint::from_static("http://falco")
         .connect_with_connector(tower::service_fn(move |_| {

@@ -9,7 +9,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use falco_nats::simulate::alerts::AlertFactory;
-use falco_nats::simulate::falco_grpc::MockFalco;
 use support::*;
 
 const WAIT: Duration = Duration::from_secs(20);
@@ -18,10 +17,7 @@ const WAIT: Duration = Duration::from_secs(20);
 async fn nats_restart_in_jetstream_mode_stores_every_alert_once() {
     const TOTAL: u64 = 3000;
     let mut nats = NatsServer::start();
-    let dir = tempfile::tempdir().unwrap();
-    let socket = dir.path().join("falco.sock");
-    let mut falco = MockFalco::new(&socket);
-    falco.start().await.unwrap();
+    let (falco, socket, _dir) = started_falco().await;
     let falco = Arc::new(falco);
 
     let mut options = grpc_options(&socket, &nats.url());
@@ -49,10 +45,7 @@ async fn nats_restart_in_jetstream_mode_stores_every_alert_once() {
 async fn sigterm_publishes_everything_read_then_exits_zero() {
     const TOTAL: u64 = 5_000;
     let nats = NatsServer::start();
-    let dir = tempfile::tempdir().unwrap();
-    let socket = dir.path().join("falco.sock");
-    let mut falco = MockFalco::new(&socket);
-    falco.start().await.unwrap();
+    let (falco, socket, _dir) = started_falco().await;
     let mut factory = AlertFactory::new("node-t", false);
     for _ in 0..TOTAL {
         falco.push(factory.next_response());

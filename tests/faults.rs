@@ -14,13 +14,8 @@ use support::*;
 async fn falco_restarted_ten_times_during_a_stream_loses_and_duplicates_nothing() {
     const TOTAL: u64 = 4000;
     let nats = NatsServer::start();
-    let dir = tempfile::tempdir().unwrap();
-    let socket = dir.path().join("falco.sock");
-    let mut falco = MockFalco::new(&socket);
-    falco.start().await.unwrap();
-    let client = nats.client().await;
-    let mut sub = client.subscribe("falco.>").await.unwrap();
-    client.flush().await.unwrap();
+    let (mut falco, socket, _dir) = started_falco().await;
+    let (_client, mut sub) = nats.subscribed("falco.>").await;
     let bridge = RunningBridge::start(grpc_options(&socket, &nats.url())).await;
 
     // Rules keep firing at 1,000 alerts a second, whatever the gRPC server does.
@@ -300,10 +295,7 @@ async fn stream_through_nats_kills(
 #[tokio::test]
 async fn nats_killed_five_times_in_jetstream_mode_stores_every_alert_once() {
     let mut nats = NatsServer::start();
-    let dir = tempfile::tempdir().unwrap();
-    let socket = dir.path().join("falco.sock");
-    let mut falco = MockFalco::new(&socket);
-    falco.start().await.unwrap();
+    let (falco, socket, _dir) = started_falco().await;
     let mut options = grpc_options(&socket, &nats.url());
     options.publish.jetstream = Some(jetstream_options());
     let bridge = RunningBridge::start(options).await;
@@ -334,10 +326,7 @@ async fn nats_killed_five_times_in_core_mode_counts_what_it_may_have_lost() {
         })
         .await
         .unwrap();
-    let dir = tempfile::tempdir().unwrap();
-    let socket = dir.path().join("falco.sock");
-    let mut falco = MockFalco::new(&socket);
-    falco.start().await.unwrap();
+    let (falco, socket, _dir) = started_falco().await;
     let bridge = RunningBridge::start(grpc_options(&socket, &nats.url())).await;
 
     stream_through_nats_kills(&falco, &mut nats, &bridge).await;

@@ -511,7 +511,6 @@ async fn jetstream_durable_consumer_survives_a_crash() {
 #[tokio::test]
 async fn end_to_end_from_falco_through_the_bridge_to_a_deleted_pod() {
     use falco_nats::simulate::alerts::{AlertFactory, PODS};
-    use falco_nats::simulate::falco_grpc::MockFalco;
 
     let Scene {
         nats,
@@ -522,10 +521,7 @@ async fn end_to_end_from_falco_through_the_bridge_to_a_deleted_pod() {
     for p in PODS {
         kube.add_pod(p.namespace, p.name, p.uid, Some("ReplicaSet"));
     }
-    let dir = tempfile::tempdir().unwrap();
-    let socket = dir.path().join("falco.sock");
-    let mut falco = MockFalco::new(&socket);
-    falco.start().await.unwrap();
+    let (falco, socket, _dir) = started_falco().await;
     let responder = Responder::start(options(&nats, &kube)).await;
     let bridge = RunningBridge::start(grpc_options(&socket, &nats.url())).await;
 

@@ -301,6 +301,20 @@ where
     (status, body)
 }
 
+/// The mock Falco serving on `falco.sock` in a temp dir of its own,
+/// started: the falco, its socket, and the dir (which must outlive it).
+pub async fn started_falco() -> (
+    falco_nats::simulate::falco_grpc::MockFalco,
+    PathBuf,
+    TempDir,
+) {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let socket = dir.path().join("falco.sock");
+    let mut falco = falco_nats::simulate::falco_grpc::MockFalco::new(&socket);
+    falco.start().await.expect("start the mock Falco");
+    (falco, socket, dir)
+}
+
 /// Bridge options for the gRPC input on `socket` and core NATS at `url`.
 pub fn grpc_options(socket: &Path, url: &str) -> BridgeOptions {
     BridgeOptions {
