@@ -12,8 +12,9 @@
 //! written). The bridge reads its own flags' variables too, e.g.
 //! `FALCO_NATS_THREADS=1`.
 
-#[path = "../tests/support/mod.rs"]
-#[allow(unused_imports)]
+// The tests' harness, of which the benchmark uses the nats-server part.
+#[path = "../tests/it/support/mod.rs"]
+#[allow(dead_code, unused_imports)]
 mod support;
 
 use std::collections::HashMap;

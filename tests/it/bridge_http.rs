@@ -1,15 +1,13 @@
 //! The HTTP input end to end: alerts POSTed the way Falco's http_output
 //! posts them (plain and over TLS) into a real nats-server.
 
-mod support;
-
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::support::*;
 use falco_nats::bridge::{InputOptions, TlsFiles};
 use falco_nats::input::http::HttpOptions;
 use falco_nats::simulate::alerts::AlertFactory;
-use support::*;
 
 const WAIT: Duration = Duration::from_secs(10);
 const JSON: (&str, &str) = ("Content-Type", "application/json");

@@ -4,16 +4,14 @@
 //! writes (the label patch, the isolation NetworkPolicy), and refuses what a
 //! leaked token would try.
 
-mod support;
-
 use std::path::Path;
 
+use crate::support::fake_kube::KubeApi;
+use crate::support::*;
 use cel::{Context, Program};
 use falco_nats::respond::policy::Policy;
 use serde::Deserialize;
 use serde_json::{json, Value};
-use support::fake_kube::KubeApi;
-use support::*;
 
 const RESPONDER: &str = "system:serviceaccount:falco-nats:falco-nats-respond";
 

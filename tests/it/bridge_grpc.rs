@@ -1,11 +1,10 @@
 //! gRPC input end to end: the mocked Falco on a real Unix socket, the bridge,
 //! and a real nats-server.
 
-mod support;
-
 use std::collections::BTreeSet;
 use std::time::Duration;
 
+use crate::support::*;
 use falco_nats::bridge::InputOptions;
 use falco_nats::convert::event_from_response;
 use falco_nats::input::grpc::GrpcMethod;
@@ -13,7 +12,6 @@ use falco_nats::nats::subject::slug;
 use falco_nats::proto::outputs::Response;
 use falco_nats::simulate::alerts::AlertFactory;
 use falco_nats::simulate::falco_grpc::MockFalco;
-use support::*;
 
 const WAIT: Duration = Duration::from_secs(10);
 

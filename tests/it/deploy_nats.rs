@@ -4,13 +4,13 @@
 //! settings their manifests give them. Only the bridge may publish alerts,
 //! only the responder results; readers and strangers are refused.
 
-mod support;
-
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
+use crate::support::fake_kube::KubeApi;
+use crate::support::*;
 use async_nats::ConnectOptions;
 use falco_nats::bridge::InputOptions;
 use falco_nats::input::http::HttpOptions;
@@ -19,8 +19,6 @@ use falco_nats::respond::Subscription;
 use falco_nats::simulate::alerts::AlertFactory;
 use serde::Deserialize;
 use serde_json::Value;
-use support::fake_kube::KubeApi;
-use support::*;
 
 const WAIT: Duration = Duration::from_secs(15);
 

@@ -1,13 +1,11 @@
 //! The stdin input end to end: lines on a real process's standard input
 //! (Falco's program_output), into a real nats-server.
 
-mod support;
-
 use std::io::Write;
 use std::time::Duration;
 
+use crate::support::*;
 use falco_nats::simulate::alerts::AlertFactory;
-use support::*;
 
 const WAIT: Duration = Duration::from_secs(10);
 

@@ -1,15 +1,13 @@
 //! JetStream mode and shutdown: alerts survive a nats-server restart exactly
 //! once, and SIGTERM publishes everything already read before exiting 0.
 
-mod support;
-
 use std::collections::BTreeSet;
 use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::support::*;
 use falco_nats::simulate::alerts::AlertFactory;
-use support::*;
 
 const WAIT: Duration = Duration::from_secs(20);
 

@@ -1,16 +1,14 @@
 //! FIFO input end to end: a real named pipe written the way Falco's
 //! `file_output` writes it, the bridge, and a real nats-server.
 
-mod support;
-
 use std::io::Write;
 use std::path::Path;
 use std::time::Duration;
 
+use crate::support::*;
 use falco_nats::bridge::InputOptions;
 use falco_nats::input::fifo::FifoOptions;
 use falco_nats::simulate::alerts::AlertFactory;
-use support::*;
 
 const WAIT: Duration = Duration::from_secs(10);
 

@@ -11,7 +11,7 @@ use falco_nats::fuzzing;
 use falco_nats::simulate::alerts::AlertFactory;
 use prost::Message;
 
-const POLICY: &str = include_str!("../deploy/base/policy.yaml");
+const POLICY: &str = include_str!("../../deploy/base/policy.yaml");
 
 fn iterations() -> usize {
     std::env::var("FUZZ_SMOKE_ITERATIONS")

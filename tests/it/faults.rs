@@ -1,14 +1,12 @@
 //! Fault tests: the bridge keeps every alert, exactly once, while the parts
 //! around it fail. Bounded in time; each uses its own nats-server.
 
-mod support;
-
 use std::collections::BTreeSet;
 use std::time::Duration;
 
+use crate::support::*;
 use falco_nats::simulate::alerts::AlertFactory;
 use falco_nats::simulate::falco_grpc::MockFalco;
-use support::*;
 
 #[tokio::test]
 async fn falco_restarted_ten_times_during_a_stream_loses_and_duplicates_nothing() {

@@ -1,8 +1,6 @@
 //! Test harness: a real `nats-server` per test, the bridge in-process, and
 //! small helpers to subscribe and scrape. Shared by the integration tests.
 
-#![allow(dead_code)]
-
 #[allow(unused_imports)]
 pub use falco_nats::simulate::kube_api as fake_kube;
 

@@ -1,12 +1,10 @@
 //! The binary's other faces: `tail` against a real nats-server, and what
 //! `--help` and errors show (never a secret).
 
-mod support;
-
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use support::*;
+use crate::support::*;
 
 const WAIT: Duration = Duration::from_secs(10);
 

@@ -1,17 +1,15 @@
 //! The responder against a real nats-server and a real `kube::Client`
 //! talking to the fake API server.
 
-mod support;
-
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
+use crate::support::fake_kube::KubeApi as FakeKube;
+use crate::support::*;
 use async_nats::jetstream;
 use falco_nats::respond::policy::Policy;
 use falco_nats::respond::{self, RespondOptions, Subscription};
 use serde_json::{json, Value};
-use support::fake_kube::KubeApi as FakeKube;
-use support::*;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 

@@ -1,0 +1,20 @@
+//! The integration tests, in one binary: real nats-servers, the mock
+//! Falco on real Unix sockets, real FIFOs and processes, the Kubernetes API
+//! stand-in reached by a real `kube::Client`. One module a subject;
+//! `support` holds what they share. `cargo test --test it respond::` runs
+//! one module.
+
+mod support;
+
+mod admission;
+mod bridge_fifo;
+mod bridge_grpc;
+mod bridge_http;
+mod bridge_jetstream;
+mod bridge_stdin;
+mod cli;
+mod deploy;
+mod deploy_nats;
+mod faults;
+mod fuzz_smoke;
+mod respond;
