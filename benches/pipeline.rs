@@ -697,6 +697,61 @@ fn main() {
     runtime.block_on(run());
 }
 
+/// The throughput scenarios, in the order of the table.
+#[derive(Debug, Clone, Copy)]
+enum Throughput {
+    Ceiling,
+    FlushEach,
+    GrpcTransport,
+    HttpTransport,
+    BridgeGrpc { jetstream: bool },
+    BridgeFifo { jetstream: bool },
+    BridgeHttp { jetstream: bool },
+}
+
+impl Throughput {
+    const ALL: [Throughput; 10] = [
+        Throughput::Ceiling,
+        Throughput::FlushEach,
+        Throughput::GrpcTransport,
+        Throughput::HttpTransport,
+        Throughput::BridgeGrpc { jetstream: false },
+        Throughput::BridgeFifo { jetstream: false },
+        Throughput::BridgeHttp { jetstream: false },
+        Throughput::BridgeGrpc { jetstream: true },
+        Throughput::BridgeFifo { jetstream: true },
+        Throughput::BridgeHttp { jetstream: true },
+    ];
+
+    fn name(&self) -> &'static str {
+        match self {
+            Throughput::Ceiling => "plain publisher (ceiling)",
+            Throughput::FlushEach => "flush after every alert (2018 PoC)",
+            Throughput::GrpcTransport => "gRPC transport alone (get, decode, drop)",
+            Throughput::HttpTransport => "HTTP transport alone (4 connections, null receiver)",
+            Throughput::BridgeGrpc { jetstream: false } => "bridge gRPC, core",
+            Throughput::BridgeFifo { jetstream: false } => "bridge FIFO, core",
+            Throughput::BridgeHttp { jetstream: false } => "bridge HTTP (4 connections), core",
+            Throughput::BridgeGrpc { jetstream: true } => "bridge gRPC, JetStream",
+            Throughput::BridgeFifo { jetstream: true } => "bridge FIFO, JetStream",
+            Throughput::BridgeHttp { jetstream: true } => "bridge HTTP (4 connections), JetStream",
+        }
+    }
+
+    /// One run against the nats-server at `url`, in the working dir `dir`.
+    async fn run(&self, url: &str, corpus: &Corpus, dir: &Path) -> Option<Run> {
+        match *self {
+            Throughput::Ceiling => ceiling(url, corpus, false).await,
+            Throughput::FlushEach => ceiling(url, corpus, true).await,
+            Throughput::GrpcTransport => null_grpc(corpus, dir).await,
+            Throughput::HttpTransport => null_http(corpus, 4).await,
+            Throughput::BridgeGrpc { jetstream } => bridge_grpc(url, corpus, jetstream, dir).await,
+            Throughput::BridgeFifo { jetstream } => bridge_fifo(url, corpus, jetstream, dir).await,
+            Throughput::BridgeHttp { jetstream } => bridge_http(url, corpus, jetstream, 4).await,
+        }
+    }
+}
+
 async fn run() {
     let alerts = env_num("BENCH_ALERTS", 100_000);
     let reps = env_num("BENCH_REPS", 3) as usize;
@@ -715,96 +770,20 @@ async fn run() {
     let _ = writeln!(md, "{}", header(alerts, reps, corpus.mean_size()));
 
     // Throughput.
-    type Scenario<'a> = (
-        &'static str,
-        Box<
-            dyn Fn(String) -> std::pin::Pin<Box<dyn std::future::Future<Output = Option<Run>> + 'a>>
-                + 'a,
-        >,
-    );
     let d = dir.path().to_owned();
-    let c = &corpus;
-    let scenarios: Vec<Scenario> = vec![
-        (
-            "plain publisher (ceiling)",
-            Box::new(move |u| Box::pin(async move { ceiling(&u, c, false).await })),
-        ),
-        (
-            "flush after every alert (2018 PoC)",
-            Box::new(move |u| Box::pin(async move { ceiling(&u, c, true).await })),
-        ),
-        (
-            "gRPC transport alone (get, decode, drop)",
-            Box::new({
-                let d = d.clone();
-                move |_| {
-                    let d = d.clone();
-                    Box::pin(async move { null_grpc(c, &d).await })
-                }
-            }),
-        ),
-        (
-            "HTTP transport alone (4 connections, null receiver)",
-            Box::new(move |_| Box::pin(async move { null_http(c, 4).await })),
-        ),
-        (
-            "bridge gRPC, core",
-            Box::new({
-                let d = d.clone();
-                move |u| {
-                    let d = d.clone();
-                    Box::pin(async move { bridge_grpc(&u, c, false, &d).await })
-                }
-            }),
-        ),
-        (
-            "bridge FIFO, core",
-            Box::new({
-                let d = d.clone();
-                move |u| {
-                    let d = d.clone();
-                    Box::pin(async move { bridge_fifo(&u, c, false, &d).await })
-                }
-            }),
-        ),
-        (
-            "bridge HTTP (4 connections), core",
-            Box::new(move |u| Box::pin(async move { bridge_http(&u, c, false, 4).await })),
-        ),
-        (
-            "bridge gRPC, JetStream",
-            Box::new({
-                let d = d.clone();
-                move |u| {
-                    let d = d.clone();
-                    Box::pin(async move { bridge_grpc(&u, c, true, &d).await })
-                }
-            }),
-        ),
-        (
-            "bridge FIFO, JetStream",
-            Box::new({
-                let d = d.clone();
-                move |u| {
-                    let d = d.clone();
-                    Box::pin(async move { bridge_fifo(&u, c, true, &d).await })
-                }
-            }),
-        ),
-        (
-            "bridge HTTP (4 connections), JetStream",
-            Box::new(move |u| Box::pin(async move { bridge_http(&u, c, true, 4).await })),
-        ),
-    ];
     let mut results: HashMap<&str, (Vec<f64>, Vec<f64>)> = HashMap::new();
     // Rounds interleave the scenarios, so drift on the machine hits all alike.
     let only = std::env::var("BENCH_ONLY").unwrap_or_default();
     let latency_only = std::env::var("BENCH_LATENCY_ONLY").is_ok();
     for round in (0..reps).filter(|_| !latency_only) {
-        for (name, f) in scenarios.iter().filter(|(n, _)| n.contains(only.as_str())) {
+        for scenario in Throughput::ALL
+            .iter()
+            .filter(|s| s.name().contains(only.as_str()))
+        {
+            let name = scenario.name();
             let nats = NatsServer::start();
             eprintln!("round {} {name}", round + 1);
-            if let Some(run) = f(nats.url()).await {
+            if let Some(run) = scenario.run(&nats.url(), &corpus, &d).await {
                 let e = results.entry(name).or_default();
                 e.0.push(run.rate);
                 e.1.push(run.cpu);
@@ -826,7 +805,7 @@ async fn run() {
     );
     let _ = writeln!(md, "## Throughput\n\n{alerts} alerts per run, {reps} runs per row interleaved, median shown. Rate from the subscriber's first to its last message. CPU: the bridge process's user+system seconds per 100k alerts (for the baselines: the benchmark process, which also runs the subscriber).\n");
     let _ = writeln!(md, "| scenario | alerts/s | vs ceiling | vs flush-per-alert | CPU s / 100k alerts |\n| --- | ---: | ---: | ---: | ---: |");
-    for (name, _) in &scenarios {
+    for name in Throughput::ALL.iter().map(Throughput::name) {
         if let Some((rates, cpus)) = results.get(name) {
             let rate = median(rates.clone());
             let cpu = median(cpus.clone()) / alerts as f64 * 100_000.0;
