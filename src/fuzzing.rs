@@ -7,6 +7,7 @@
 use bytes::Bytes;
 use prost::Message;
 
+use crate::alert::Alert;
 use crate::convert::event_from_response;
 use crate::event::FalcoEvent;
 use crate::nats::subject::{SubjectTemplate, DEFAULT_SUBJECT};
@@ -93,21 +94,47 @@ pub fn grpc_to_json(data: &[u8]) {
     }
 }
 
-/// The policy parser: any text gives a policy with rules, or an error that
-/// says where.
+/// Alerts a fuzzed policy is evaluated on.
+const SAMPLE_ALERTS: [&str; 2] = [
+    r#"{"rule":"Terminal shell in container","priority":"Critical","tags":["container","shell"],"source":"syscall","output_fields":{"k8s.ns.name":"shop","k8s.pod.name":"web"}}"#,
+    r#"{"rule":"Drop and execute new binary in container","priority":"Notice","tags":[],"output_fields":{}}"#,
+];
+
+/// The policy parser: any text gives a policy that evaluates as documented,
+/// or an error that points into the text.
 pub fn policy(data: &[u8]) {
     let Ok(text) = std::str::from_utf8(data) else {
         return;
     };
     match Policy::parse("fuzz.yaml", text) {
-        // A policy that parses is usable: every rule applies to some alert
-        // shape and its actions name valid labels (checked when parsed).
+        // Evaluation picks, in the policy's order, the matching rules up to
+        // the first that does not say `continue` (checked against a model).
         Ok(policy) => {
-            let text_again = format!("{policy:?}");
-            assert!(text_again.contains("rules"));
+            for alert in SAMPLE_ALERTS {
+                let alert = Alert::from_json(alert.as_bytes()).expect("a sample alert");
+                let picked: Vec<*const _> = policy
+                    .evaluate(&alert)
+                    .into_iter()
+                    .map(std::ptr::from_ref)
+                    .collect();
+                let mut model = Vec::new();
+                for rule in &policy.rules {
+                    if rule.matcher.matches(&alert) {
+                        model.push(std::ptr::from_ref(rule));
+                        if !rule.continue_after {
+                            break;
+                        }
+                    }
+                }
+                assert_eq!(picked, model);
+            }
         }
-        // An error says where, when the YAML itself is at fault.
-        Err(e) => assert!(e.to_string().starts_with("fuzz.yaml")),
+        // An error points into the text, when it names a line.
+        Err(e) => {
+            if let Some(line) = e.line {
+                assert!(line >= 1 && line <= text.lines().count() + 1, "{e}");
+            }
+        }
     }
 }
 

@@ -36,18 +36,22 @@ struct AlertQueue {
 }
 
 impl AlertQueue {
+    fn items(&self) -> std::sync::MutexGuard<'_, VecDeque<Response>> {
+        self.items
+            .lock()
+            .expect("no code panics while holding the mock Falco's queue")
+    }
+
     fn pop(&self) -> Option<Response> {
-        self.items.lock().ok()?.pop_front()
+        self.items().pop_front()
     }
 
     fn push(&self, response: Response) {
-        if let Ok(mut items) = self.items.lock() {
-            items.push_back(response);
-        }
+        self.items().push_back(response);
     }
 
     fn len(&self) -> usize {
-        self.items.lock().map(|q| q.len()).unwrap_or(0)
+        self.items().len()
     }
 }
 
@@ -59,11 +63,14 @@ struct Outputs {
 }
 
 impl Outputs {
-    fn stream_token(&self) -> CancellationToken {
+    fn streams(&self) -> std::sync::MutexGuard<'_, CancellationToken> {
         self.streams
             .lock()
-            .map(|t| t.clone())
-            .unwrap_or_else(|_| CancellationToken::new())
+            .expect("no code panics while holding the mock Falco's stream token")
+    }
+
+    fn stream_token(&self) -> CancellationToken {
+        self.streams().clone()
     }
 
     /// Sends queued alerts until the queue is empty. Each alert is popped only
@@ -261,10 +268,9 @@ impl MockFalco {
     /// Ends the open streams but keeps serving (Falco's gRPC server restarting
     /// within one process, as on a hot reload).
     pub fn end_streams(&self) {
-        if let Ok(mut token) = self.outputs.streams.lock() {
-            token.cancel();
-            *token = CancellationToken::new();
-        }
+        let mut token = self.outputs.streams();
+        token.cancel();
+        *token = CancellationToken::new();
     }
 
     /// Queues an alert, as Falco does when a rule fires.
