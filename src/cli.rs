@@ -427,6 +427,17 @@ pub struct TailArgs {
         default_value = DEFAULT_RESULT_SUBJECT
     )]
     pub result_subject: String,
+    /// Address of /healthz, /readyz and /metrics (the NATS connection's
+    /// state); off unless given
+    #[arg(long, env = "FALCO_NATS_TAIL_LISTEN", default_value = "off")]
+    pub listen: String,
+}
+
+impl TailArgs {
+    /// The listen address, or `None` when disabled.
+    pub fn listen_address(&self) -> Option<&str> {
+        listen_address(&self.listen)
+    }
 }
 
 impl From<TailArgs> for TailOptions {

@@ -63,7 +63,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             falco_nats::respond::run(options, listener, shutdown).await?;
         }
         Command::Tail(args) => {
-            falco_nats::tail::run((*args).into(), std::io::stdout().lock(), shutdown).await?;
+            let listener = bind(args.listen_address()).await?;
+            let out = std::io::stdout().lock();
+            falco_nats::tail::run((*args).into(), out, listener, shutdown).await?;
         }
         Command::Simulate(args) => {
             falco_nats::simulate::run(args.into_options()?, shutdown).await?;

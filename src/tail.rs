@@ -10,15 +10,21 @@
 
 use std::borrow::Cow;
 use std::io::{IsTerminal, Write};
+use std::sync::Arc;
+use std::time::Duration;
 
 use clap::ValueEnum;
 use futures_util::StreamExt;
+use prometheus_client::registry::Registry;
+use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 use crate::alert::Alert;
 use crate::decision::{Decision, Outcome};
-use crate::nats::{connect, ConnectionWatch, NatsError, NatsOptions};
+use crate::nats::{connect, ConnectionMetrics, ConnectionWatch, NatsError, NatsOptions};
 use crate::priority::Priority;
+use crate::server::Listen;
+use crate::telemetry::health::{self, Readiness, ReadyFlag};
 
 /// When to colour the output.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Default)]
@@ -61,20 +67,42 @@ pub enum TailError {
 }
 
 /// Subscribes and prints to `out` until `shutdown` (or `count` lines);
-/// colours when asked, or (auto) when `out` is a terminal.
+/// colours when asked, or (auto) when `out` is a terminal. With a
+/// `listener`, serves the probes and the connection's metrics on it.
 pub async fn run<W: Write + IsTerminal>(
     options: TailOptions,
-    mut out: W,
+    out: W,
+    listener: Option<TcpListener>,
     shutdown: CancellationToken,
+) -> Result<(), TailError> {
+    let mut registry = Registry::default();
+    let readiness = Readiness::default();
+    let watch = ConnectionWatch {
+        ready: readiness.check("nats"),
+        metrics: ConnectionMetrics::register(&mut registry),
+        ..ConnectionWatch::default()
+    };
+    let subscribed = readiness.check("subscription");
+    let client = connect(&options.nats, watch).await?.client;
+    let router = health::router(readiness, Arc::new(registry));
+    let server = Listen::start(listener, router, None, Duration::from_secs(1));
+    let result = print(&options, &client, out, &subscribed, &shutdown).await;
+    server.stop().await;
+    result
+}
+
+async fn print<W: Write + IsTerminal>(
+    options: &TailOptions,
+    client: &async_nats::Client,
+    mut out: W,
+    subscribed: &ReadyFlag,
+    shutdown: &CancellationToken,
 ) -> Result<(), TailError> {
     let color = match options.color {
         ColorChoice::Always => true,
         ColorChoice::Never => false,
         ColorChoice::Auto => out.is_terminal(),
     };
-    let client = connect(&options.nats, ConnectionWatch::default())
-        .await?
-        .client;
     let mut sub = client
         .subscribe(options.subject.clone())
         .await
@@ -82,6 +110,7 @@ pub async fn run<W: Write + IsTerminal>(
             subject: options.subject.clone(),
             source,
         })?;
+    subscribed.set(true);
     let mut printed = 0u64;
     loop {
         let message = tokio::select! {

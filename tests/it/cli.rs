@@ -12,6 +12,7 @@ const WAIT: Duration = Duration::from_secs(10);
 async fn tail_prints_the_expected_line_for_a_known_alert() {
     use tokio::io::AsyncBufReadExt;
     let nats = NatsServer::start();
+    let probes = std::net::SocketAddr::from(([127, 0, 0, 1], free_port()));
     let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_falco-nats"))
         .args([
             "tail",
@@ -19,6 +20,8 @@ async fn tail_prints_the_expected_line_for_a_known_alert() {
             "never",
             "--min-priority",
             "warning",
+            "--listen",
+            &probes.to_string(),
             "-s",
             &nats.url(),
         ])
@@ -75,6 +78,14 @@ async fn tail_prints_the_expected_line_for_a_known_alert() {
     assert_eq!(
         second,
         "  -> delete-pod done [shop/web-1] delete the pod (grace period 0s) (rule: Drop and execute new binary in container)"
+    );
+    // Its connection's state, on its own --listen.
+    assert_eq!(http_get(probes, "/readyz").await.0, 200);
+    let (_, metrics) = http_get(probes, "/metrics").await;
+    assert_eq!(
+        metric_value(&metrics, "falco_nats_nats_connected"),
+        1.0,
+        "{metrics}"
     );
     child.kill().await.unwrap();
 }
