@@ -30,17 +30,24 @@ pub fn free_port() -> u16 {
         .expect("no free port")
 }
 
-/// Finds the nats-server binary: `NATS_SERVER_BIN`, the PATH, or Debian's place.
+/// The nats-server the tests run: `NATS_SERVER_BIN` if set (scripts/test
+/// sets it to Debian's 2.9 for a second run of the bridge tests), else the
+/// pinned current release scripts/install-deps builds into
+/// `target/tools/bin`, else one on the PATH or Debian's place.
 pub fn nats_server_bin() -> PathBuf {
     if let Ok(p) = std::env::var("NATS_SERVER_BIN") {
         return PathBuf::from(p);
+    }
+    let built = Path::new(env!("CARGO_MANIFEST_DIR")).join("target/tools/bin/nats-server");
+    if built.is_file() {
+        return built;
     }
     let path = std::env::var("PATH").unwrap_or_default();
     std::env::split_paths(&path)
         .chain([PathBuf::from("/usr/sbin"), PathBuf::from("/usr/local/sbin")])
         .map(|d| d.join("nats-server"))
         .find(|p| p.is_file())
-        .expect("nats-server not found: run scripts/test, or apt-get install nats-server")
+        .expect("nats-server not found: run scripts/install-deps (or scripts/test)")
 }
 
 /// A real nats-server with JetStream, on its own port and store, killed on drop.
