@@ -159,6 +159,10 @@ pub struct BridgeArgs {
     /// JetStream publishes awaiting acknowledgement at most
     #[arg(long, env = "FALCO_NATS_MAX_INFLIGHT", default_value_t = 256)]
     pub max_inflight: usize,
+    /// Replicas of the stream the bridge creates (a clustered JetStream);
+    /// an existing stream must then have as many
+    #[arg(long, env = "FALCO_NATS_REPLICAS", value_parser = clap::value_parser!(u8).range(1..=5))]
+    pub replicas: Option<u8>,
 
     /// Alerts held between input and NATS at most (then the input waits)
     #[arg(long, env = "FALCO_NATS_QUEUE_SIZE", default_value_t = 1024)]
@@ -212,6 +216,7 @@ impl BridgeArgs {
                     duplicate_window: self.duplicate_window,
                     max_age: self.stream_max_age,
                     max_inflight: self.max_inflight,
+                    replicas: self.replicas.map(usize::from),
                 }),
             },
             min_priority: self.min_priority,

@@ -47,6 +47,9 @@ pub struct JetStreamOptions {
     pub max_age: Duration,
     /// Publishes awaiting their acknowledgement at most.
     pub max_inflight: usize,
+    /// Replicas of a stream the bridge creates (clustered JetStream); when
+    /// set, an existing stream must have as many.
+    pub replicas: Option<usize>,
 }
 
 /// Publishes the alerts it receives until its queue closes.
@@ -240,6 +243,7 @@ impl JetStreamPublisher {
             subjects: self.subject.stream_subjects(),
             duplicate_window: self.options.duplicate_window,
             max_age: self.options.max_age,
+            num_replicas: self.options.replicas.unwrap_or(1),
             storage: stream::StorageType::File,
             ..Default::default()
         }
@@ -254,7 +258,7 @@ impl JetStreamPublisher {
         let config = Arc::new(self.stream_config());
         // Wait for the stream, unless the input stops with nothing to publish.
         tokio::select! {
-            ready = ensure_stream(&self.context, &config, &self.subject) => ready?,
+            ready = ensure_stream(&self.context, &config, &self.subject, self.options.replicas) => ready?,
             _ = closed_and_empty(&alerts) => return Ok((self.client, 0)),
         }
         let max = self.options.max_inflight.max(1);
@@ -291,15 +295,23 @@ async fn closed_and_empty(alerts: &mpsc::Receiver<FalcoEvent>) {
     }
 }
 
-/// An existing stream that does not take every subject the template makes:
-/// publishing there could never succeed, so the bridge does not start.
+/// An existing stream the bridge cannot publish to as asked: it would
+/// never succeed (or not as the user wants), so the bridge does not start.
 #[derive(Debug, Clone, thiserror::Error)]
-#[error("JetStream stream {stream:?} exists with subjects {existing:?}, which do not cover {missing:?} made by --subject {template}: add them to the stream (nats stream edit {stream} --subjects ...), or choose another --stream or --subject")]
-pub struct StreamMismatch {
-    pub stream: String,
-    pub existing: Vec<String>,
-    pub missing: Vec<String>,
-    pub template: String,
+pub enum StreamMismatch {
+    #[error("JetStream stream {stream:?} exists with subjects {existing:?}, which do not cover {missing:?} made by --subject {template}: add them to the stream (nats stream edit {stream} --subjects ...), or choose another --stream or --subject")]
+    Subjects {
+        stream: String,
+        existing: Vec<String>,
+        missing: Vec<String>,
+        template: String,
+    },
+    #[error("JetStream stream {stream:?} exists with {existing} replicas, and --replicas asks for {asked}: change the stream (nats stream edit {stream} --replicas {asked}), or drop --replicas to use it as it is")]
+    Replicas {
+        stream: String,
+        existing: usize,
+        asked: usize,
+    },
 }
 
 /// Creates the stream if it is missing, retrying until NATS answers, and
@@ -308,34 +320,22 @@ async fn ensure_stream(
     context: &jetstream::Context,
     config: &stream::Config,
     template: &SubjectTemplate,
+    replicas: Option<usize>,
 ) -> Result<(), StreamMismatch> {
     let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(5));
     loop {
-        let info: Result<Vec<String>, async_nats::Error> =
+        let info: Result<stream::Config, async_nats::Error> =
             match context.get_or_create_stream(config.clone()).await {
                 Ok(mut stream) => match stream.info().await {
-                    Ok(info) => Ok(info.config.subjects.clone()),
+                    Ok(info) => Ok(info.config.clone()),
                     Err(e) => Err(e.into()),
                 },
                 Err(e) => Err(e.into()),
             };
         match info {
             Ok(existing) => {
-                let missing: Vec<String> = config
-                    .subjects
-                    .iter()
-                    .filter(|s| !existing.iter().any(|f| covers(f, s)))
-                    .cloned()
-                    .collect();
-                if !missing.is_empty() {
-                    return Err(StreamMismatch {
-                        stream: config.name.clone(),
-                        existing,
-                        missing,
-                        template: template.to_string(),
-                    });
-                }
-                tracing::info!(stream = %config.name, subjects = %existing.join(","), "JetStream stream ready");
+                check_stream(config, &existing, template, replicas)?;
+                tracing::info!(stream = %config.name, subjects = %existing.subjects.join(","), replicas = existing.num_replicas, "JetStream stream ready");
                 return Ok(());
             }
             Err(e) => {
@@ -344,6 +344,38 @@ async fn ensure_stream(
                 tokio::time::sleep(delay).await;
             }
         }
+    }
+}
+
+/// Whether an existing stream takes what the bridge publishes, as asked.
+fn check_stream(
+    wanted: &stream::Config,
+    existing: &stream::Config,
+    template: &SubjectTemplate,
+    replicas: Option<usize>,
+) -> Result<(), StreamMismatch> {
+    let missing: Vec<String> = wanted
+        .subjects
+        .iter()
+        .filter(|s| !existing.subjects.iter().any(|f| covers(f, s)))
+        .cloned()
+        .collect();
+    if !missing.is_empty() {
+        return Err(StreamMismatch::Subjects {
+            stream: wanted.name.clone(),
+            existing: existing.subjects.clone(),
+            missing,
+            template: template.to_string(),
+        });
+    }
+    match replicas {
+        // A stream reports 1 replica as 0 or 1 depending on the server.
+        Some(asked) if asked != existing.num_replicas.max(1) => Err(StreamMismatch::Replicas {
+            stream: wanted.name.clone(),
+            existing: existing.num_replicas.max(1),
+            asked,
+        }),
+        _ => Ok(()),
     }
 }
 

@@ -206,3 +206,117 @@ async fn a_stream_that_does_not_cover_the_subjects_stops_the_bridge() {
         other => panic!("expected a stream error, got {other:?}"),
     }
 }
+
+/// The stream the bridge makes, as natscli (a real client) sees it, and its
+/// alerts as `nats sub` receives them.
+#[tokio::test]
+async fn natscli_reads_back_the_stream_and_the_alerts() {
+    let nats = NatsServer::start();
+    let mut options = grpc_options(std::path::Path::new("/unused"), &nats.url());
+    options.input = falco_nats::bridge::InputOptions::Http(falco_nats::input::http::HttpOptions {
+        max_body: 64 * 1024,
+        token: None,
+    });
+    options.publish.jetstream = Some(jetstream_options());
+    let bridge = RunningBridge::start_ready(options).await;
+    let mut factory = AlertFactory::new("node-n", false);
+    let first = factory.next_json();
+    assert_eq!(http_post(bridge.http, &[], first.as_bytes()).await.0, 200);
+    wait_for("the alert stored", WAIT, || async {
+        stream_count(&nats.url(), "FALCO").await == 1
+    })
+    .await;
+
+    let info = Command::new(natscli())
+        .args(["stream", "info", "FALCO", "--json", "-s", &nats.url()])
+        .output()
+        .unwrap();
+    assert!(
+        info.status.success(),
+        "{}",
+        String::from_utf8_lossy(&info.stderr)
+    );
+    let info: serde_json::Value = serde_json::from_slice(&info.stdout).unwrap();
+    let config = &info["config"];
+    let subjects: BTreeSet<&str> = config["subjects"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s.as_str().unwrap())
+        .collect();
+    let expected: BTreeSet<&str> = [
+        "falco.emergency.*",
+        "falco.alert.*",
+        "falco.critical.*",
+        "falco.error.*",
+        "falco.warning.*",
+        "falco.notice.*",
+        "falco.informational.*",
+        "falco.debug.*",
+    ]
+    .into();
+    assert_eq!(subjects, expected);
+    assert_eq!(config["duplicate_window"], 120_000_000_000u64);
+    assert_eq!(config["num_replicas"], 1);
+    assert_eq!(config["storage"], "file");
+    assert_eq!(info["state"]["messages"], 1);
+
+    // `nats sub` receives what the bridge publishes, byte for byte.
+    let mut sub = std::process::Command::new(natscli())
+        .args(["sub", "falco.>", "--count", "1", "--raw", "-s", &nats.url()])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let second = factory.next_json();
+    let started = std::time::Instant::now();
+    let status = loop {
+        // It subscribes after it starts: send until it has one.
+        assert_eq!(http_post(bridge.http, &[], second.as_bytes()).await.0, 200);
+        if let Some(status) = sub.try_wait().unwrap() {
+            break status;
+        }
+        assert!(started.elapsed() < WAIT, "nats sub received nothing");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert!(status.success());
+    let mut out = String::new();
+    std::io::Read::read_to_string(&mut sub.stdout.take().unwrap(), &mut out).unwrap();
+    assert_eq!(out.trim(), second);
+    bridge.stop().await.unwrap();
+}
+
+/// `--replicas` against an existing stream with another count: a clear
+/// error at start that says what to do.
+#[tokio::test]
+async fn an_existing_stream_with_other_replicas_stops_the_bridge() {
+    use falco_nats::bridge::BridgeError;
+    let nats = NatsServer::start();
+    let js = async_nats::jetstream::new(nats.client().await);
+    js.create_stream(async_nats::jetstream::stream::Config {
+        name: "FALCO".into(),
+        subjects: vec!["falco.>".into()],
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let mut options = grpc_options(std::path::Path::new("/unused-socket"), &nats.url());
+    let mut jetstream = jetstream_options();
+    jetstream.replicas = Some(3);
+    options.publish.jetstream = Some(jetstream);
+    let bridge = RunningBridge::start(options).await;
+    let result = tokio::time::timeout(WAIT, bridge.task)
+        .await
+        .expect("the bridge stops by itself")
+        .unwrap();
+    match result {
+        Err(e @ BridgeError::Stream(_)) => {
+            let text = e.to_string();
+            assert!(
+                text.contains("nats stream edit FALCO --replicas 3"),
+                "{text}"
+            );
+        }
+        other => panic!("expected a stream error, got {other:?}"),
+    }
+}

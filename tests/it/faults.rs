@@ -154,6 +154,7 @@ async fn nats_permissions_both_work_and_a_refused_publish_is_reported_not_retrie
         duplicate_window: Duration::from_secs(60),
         max_age: Duration::ZERO,
         max_inflight: 16,
+        replicas: None,
     });
     let refused = RunningBridge::start(js).await;
     for _ in 0..3 {

@@ -50,6 +50,20 @@ pub fn nats_server_bin() -> PathBuf {
         .expect("nats-server not found: run scripts/install-deps (or scripts/test)")
 }
 
+/// The nats CLI (natscli) scripts/install-deps builds: `NATS_CLI_BIN`, else
+/// `target/tools/bin/nats`.
+pub fn natscli() -> PathBuf {
+    if let Ok(p) = std::env::var("NATS_CLI_BIN") {
+        return PathBuf::from(p);
+    }
+    let built = Path::new(env!("CARGO_MANIFEST_DIR")).join("target/tools/bin/nats");
+    assert!(
+        built.is_file(),
+        "natscli not found: run scripts/install-deps (or scripts/test)"
+    );
+    built
+}
+
 /// A real nats-server with JetStream, on its own port and store, killed on drop.
 pub struct NatsServer {
     pub port: u16,
@@ -483,6 +497,7 @@ pub fn jetstream_options() -> falco_nats::nats::JetStreamOptions {
         duplicate_window: Duration::from_secs(120),
         max_age: Duration::ZERO,
         max_inflight: 64,
+        replicas: None,
     }
 }
 
