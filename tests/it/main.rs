@@ -13,6 +13,7 @@ mod bridge_http;
 mod bridge_jetstream;
 mod bridge_stdin;
 mod cli;
+mod cluster;
 mod deploy;
 mod deploy_nats;
 mod faults;

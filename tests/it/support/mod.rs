@@ -193,6 +193,85 @@ impl Drop for NatsServer {
     }
 }
 
+/// A client of any of the servers in `urls` (comma separated).
+pub async fn connect_any(urls: &str) -> Result<async_nats::Client, async_nats::ConnectError> {
+    let addrs: Vec<async_nats::ServerAddr> = urls
+        .split(',')
+        .map(|u| u.trim().parse().expect("a server URL"))
+        .collect();
+    async_nats::connect(addrs.as_slice()).await
+}
+
+/// Nats-servers in one cluster (routes on loopback), JetStream on each,
+/// named `n0`, `n1`, ...
+pub struct NatsCluster {
+    pub servers: Vec<NatsServer>,
+}
+
+impl NatsCluster {
+    pub fn start(size: usize) -> Self {
+        let routes_ports: Vec<u16> = (0..size).map(|_| free_port()).collect();
+        let routes = routes_ports
+            .iter()
+            .map(|p| format!("nats://127.0.0.1:{p}"))
+            .collect::<Vec<_>>()
+            .join(",");
+        let servers = routes_ports
+            .iter()
+            .enumerate()
+            .map(|(i, port)| {
+                NatsServer::start_with(&[
+                    "-n",
+                    &format!("n{i}"),
+                    "--cluster_name",
+                    "falco",
+                    "--cluster",
+                    &format!("nats://127.0.0.1:{port}"),
+                    "--routes",
+                    &routes,
+                ])
+            })
+            .collect();
+        NatsCluster { servers }
+    }
+
+    /// Every server's URL, comma separated (what `-s` takes).
+    pub fn urls(&self) -> String {
+        self.servers
+            .iter()
+            .map(NatsServer::url)
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+
+    /// The server named `name` (`n0`, `n1`, ...).
+    pub fn named(&mut self, name: &str) -> &mut NatsServer {
+        let i: usize = name
+            .trim_start_matches('n')
+            .parse()
+            .unwrap_or_else(|_| panic!("no server named {name:?}"));
+        &mut self.servers[i]
+    }
+
+    /// The name of the server leading `stream`, once it has one.
+    pub async fn leader(&self, stream: &str) -> String {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let found = async {
+                let client = connect_any(&self.urls()).await.ok()?;
+                let js = async_nats::jetstream::new(client);
+                let mut stream = js.get_stream(stream).await.ok()?;
+                stream.info().await.ok()?.cluster.clone()?.leader
+            };
+            if let Some(leader) = found.await {
+                return leader;
+            }
+            assert!(Instant::now() < deadline, "no leader for {stream}");
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+}
+
 /// A bridge running in-process.
 pub struct RunningBridge {
     pub shutdown: CancellationToken,
@@ -458,7 +537,7 @@ pub fn respond_options(url: &str, kubeconfig: &Path) -> falco_nats::respond::Res
 
 /// Every `evt.num` stored in `stream`, read back message by message.
 pub async fn stored_nums(url: &str, stream: &str) -> Vec<u64> {
-    let client = async_nats::connect(url).await.unwrap();
+    let client = connect_any(url).await.unwrap();
     let js = async_nats::jetstream::new(client);
     let mut stream = js.get_stream(stream).await.unwrap();
     let count = stream.info().await.unwrap().state.messages;
@@ -480,7 +559,7 @@ pub async fn stored_nums(url: &str, stream: &str) -> Vec<u64> {
 }
 
 pub async fn stream_count(url: &str, stream: &str) -> u64 {
-    let Ok(client) = async_nats::connect(url).await else {
+    let Ok(client) = connect_any(url).await else {
         return 0;
     };
     let js = async_nats::jetstream::new(client);
