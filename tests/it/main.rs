@@ -18,4 +18,5 @@ mod deploy;
 mod deploy_nats;
 mod faults;
 mod fuzz_smoke;
+mod leaf;
 mod respond;
