@@ -227,8 +227,10 @@ async fn half_open_http_requests_do_not_hold_up_the_shutdown() {
     tokio::time::sleep(Duration::from_millis(200)).await;
     let started = std::time::Instant::now();
     bridge.stop().await.unwrap();
+    // Closed at the grace (1 s), well before hyper's own 30 s wait for
+    // headers; the margin is for a loaded machine.
     assert!(
-        started.elapsed() < Duration::from_secs(2),
+        started.elapsed() < Duration::from_secs(5),
         "stopped after {:?}",
         started.elapsed()
     );

@@ -817,8 +817,9 @@ async fn shutdown_while_nats_is_down_respects_the_drain_timeout() {
     assert!(stopping.elapsed() < Duration::from_secs(5));
 }
 
-/// Item 15: with a slow API and a short ack wait, alerts do not wait in a
-/// pull buffer until JetStream redelivers them: every alert is handled
+/// Item 15: with a slow API (100 ms a call, 300 ms an alert) and a short
+/// ack wait (1.5 s, while the 60 alerts take over 2 s even 8 at a time),
+/// alerts do not wait in a pull buffer until JetStream redelivers them: every alert is handled
 /// once, one DELETE and one Event each, even with two replicas.
 #[tokio::test]
 async fn jetstream_never_handles_an_alert_twice_under_a_slow_api() {
@@ -830,8 +831,8 @@ async fn jetstream_never_handles_an_alert_twice_under_a_slow_api() {
         mut out,
     } = Scene::start().await;
     kube.add_pods("shop", "web", PODS);
-    kube.set_latency(Duration::from_millis(40));
-    let (js, mut opts) = jetstream_responder(&nats, &kube, Duration::from_secs(1), 5).await;
+    kube.set_latency(Duration::from_millis(100));
+    let (js, mut opts) = jetstream_responder(&nats, &kube, Duration::from_millis(1500), 5).await;
     opts.concurrency = 4;
     for i in 0..PODS {
         js_publish(
@@ -841,7 +842,7 @@ async fn jetstream_never_handles_an_alert_twice_under_a_slow_api() {
         .await;
     }
     let one = Responder::start(opts).await;
-    let (_, mut opts) = jetstream_responder(&nats, &kube, Duration::from_secs(1), 5).await;
+    let (_, mut opts) = jetstream_responder(&nats, &kube, Duration::from_millis(1500), 5).await;
     opts.concurrency = 4;
     let two = Responder::start(opts).await;
     let got = results(&mut out, PODS).await;
