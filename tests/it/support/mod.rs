@@ -535,27 +535,39 @@ pub fn respond_options(url: &str, kubeconfig: &Path) -> falco_nats::respond::Res
     }
 }
 
-/// Every `evt.num` stored in `stream`, read back message by message.
+/// Every `evt.num` stored in `stream`, read back message by message. A
+/// cluster that is still settling (a leader being elected) is waited for:
+/// the whole read is tried again, for up to a minute.
 pub async fn stored_nums(url: &str, stream: &str) -> Vec<u64> {
-    let client = connect_any(url).await.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        match read_nums(url, stream).await {
+            Ok(nums) => return nums,
+            Err(e) => {
+                assert!(Instant::now() < deadline, "cannot read {stream}: {e}");
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+        }
+    }
+}
+
+async fn read_nums(url: &str, stream: &str) -> Result<Vec<u64>, async_nats::Error> {
+    let client = connect_any(url).await?;
     let js = async_nats::jetstream::new(client);
-    let mut stream = js.get_stream(stream).await.unwrap();
-    let count = stream.info().await.unwrap().state.messages;
+    let mut stream = js.get_stream(stream).await?;
+    let count = stream.info().await?.state.messages;
     let consumer = stream
         .create_consumer(async_nats::jetstream::consumer::pull::OrderedConfig::default())
-        .await
-        .unwrap();
-    let mut messages = consumer.messages().await.unwrap();
+        .await?;
+    let mut messages = consumer.messages().await?;
     let mut nums = Vec::new();
     while (nums.len() as u64) < count {
         let msg = tokio::time::timeout(Duration::from_secs(20), messages.next())
-            .await
-            .unwrap()
-            .unwrap()
-            .unwrap();
+            .await?
+            .ok_or("the consumer ended")??;
         nums.push(evt_num(&msg.payload));
     }
-    nums
+    Ok(nums)
 }
 
 pub async fn stream_count(url: &str, stream: &str) -> u64 {
