@@ -20,8 +20,8 @@ use crate::input::http::{http_routes, HttpOptions};
 use crate::input::stdin::{self, StdinInput, StdinOptions};
 use crate::input::{AlertSink, InputError};
 use crate::nats::{
-    connect, ConnectionMetrics, ConnectionWatch, DeliveryLedger, NatsError, NatsOptions,
-    PublishOptions, Publisher, StreamMismatch,
+    connect, ConnectionWatch, DeliveryLedger, NatsError, NatsOptions, PublishOptions, Publisher,
+    StreamMismatch,
 };
 use crate::priority::Priority;
 use crate::server::Listen;
@@ -108,9 +108,9 @@ pub async fn run(
     let readiness = Readiness::default();
     let input_ready = readiness.check("input");
     let watch = ConnectionWatch {
-        ready: readiness.check("nats"),
-        metrics: ConnectionMetrics::register(&mut registry),
+        // Core NATS publishing: the ledger of what a dropped connection may lose.
         ledger: DeliveryLedger::new(metrics.possibly_lost.clone(), metrics.unconfirmed.clone()),
+        ..ConnectionWatch::register(&readiness, &mut registry)
     };
     let tls = match &options.tls {
         Some(files) => Some(crate::server::tls_acceptor(&files.cert, &files.key)?),

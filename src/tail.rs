@@ -21,7 +21,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::alert::Alert;
 use crate::decision::{Decision, Outcome};
-use crate::nats::{connect, ConnectionMetrics, ConnectionWatch, NatsError, NatsOptions};
+use crate::nats::{connect, ConnectionWatch, NatsError, NatsOptions};
 use crate::priority::Priority;
 use crate::server::Listen;
 use crate::telemetry::health::{self, Readiness, ReadyFlag};
@@ -77,11 +77,7 @@ pub async fn run<W: Write + IsTerminal>(
 ) -> Result<(), TailError> {
     let mut registry = Registry::default();
     let readiness = Readiness::default();
-    let watch = ConnectionWatch {
-        ready: readiness.check("nats"),
-        metrics: ConnectionMetrics::register(&mut registry),
-        ..ConnectionWatch::default()
-    };
+    let watch = ConnectionWatch::register(&readiness, &mut registry);
     let subscribed = readiness.check("subscription");
     let client = connect(&options.nats, watch).await?.client;
     let router = health::router(readiness, Arc::new(registry));

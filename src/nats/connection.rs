@@ -12,7 +12,7 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
 
 use crate::nats::ledger::DeliveryLedger;
-use crate::telemetry::health::ReadyFlag;
+use crate::telemetry::health::{Readiness, ReadyFlag};
 
 /// Where and how to connect, named as the `nats` CLI names them.
 #[derive(Debug, Clone, Args)]
@@ -132,6 +132,18 @@ pub struct ConnectionWatch {
     pub ready: ReadyFlag,
     pub metrics: ConnectionMetrics,
     pub ledger: DeliveryLedger,
+}
+
+impl ConnectionWatch {
+    /// A watch with a `nats` readiness check in `readiness` and the
+    /// connection's metrics in `registry`: what every subcommand needs.
+    pub fn register(readiness: &Readiness, registry: &mut Registry) -> Self {
+        ConnectionWatch {
+            ready: readiness.check("nats"),
+            metrics: ConnectionMetrics::register(registry),
+            ledger: DeliveryLedger::default(),
+        }
+    }
 }
 
 /// The one long-lived connection, with what publishing on it needs.

@@ -27,7 +27,7 @@ use tokio_util::sync::CancellationToken;
 use crate::alert::{Alert, PodRef};
 use crate::backoff::Backoff;
 use crate::decision::{Action, Decision, NoAction, Outcome};
-use crate::nats::{connect, ConnectionMetrics, ConnectionWatch, NatsError, NatsOptions};
+use crate::nats::{connect, ConnectionWatch, NatsError, NatsOptions};
 use crate::server::Listen;
 use crate::telemetry::health::{self, Readiness, ReadyFlag};
 use crate::telemetry::metrics::RespondMetrics;
@@ -426,11 +426,7 @@ pub async fn run(
     let mut registry = Registry::default();
     let metrics = RespondMetrics::new(&mut registry);
     let readiness = Readiness::default();
-    let watch = ConnectionWatch {
-        ready: readiness.check("nats"),
-        metrics: ConnectionMetrics::register(&mut registry),
-        ..ConnectionWatch::default()
-    };
+    let watch = ConnectionWatch::register(&readiness, &mut registry);
     // Ready once NATS is connected and the alerts' subscription is in place,
     // and while the Kubernetes API answers.
     let subscribed = readiness.check("subscription");
