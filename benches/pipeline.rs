@@ -247,6 +247,47 @@ struct Run {
     cpu: f64,
 }
 
+/// The JetStream ceiling: a plain publisher of the same bytes to a stream
+/// like the bridge's, acknowledged, at most `inflight` awaiting their ack,
+/// a `Nats-Msg-Id` each (as the bridge publishes).
+async fn jetstream_ceiling(url: &str, corpus: &Corpus, inflight: usize) -> Option<Run> {
+    use futures_util::stream::FuturesUnordered;
+    let counter = Counter::start(url, "falco.>").await;
+    let client = async_nats::connect(url).await.unwrap();
+    let js = async_nats::jetstream::ContextBuilder::new()
+        .max_ack_inflight(inflight)
+        .build(client);
+    js.get_or_create_stream(async_nats::jetstream::stream::Config {
+        name: "CEILING".into(),
+        subjects: vec!["falco.>".into()],
+        duplicate_window: Duration::from_secs(120),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let n = corpus.lines.len() as u64;
+    let cpu0 = process_cpu();
+    let mut acks = FuturesUnordered::new();
+    for (i, line) in corpus.lines.iter().enumerate() {
+        let mut headers = async_nats::HeaderMap::new();
+        headers.insert("Nats-Msg-Id", i.to_string().as_str());
+        let ack = js
+            .publish_with_headers("falco.notice.bench", headers, line.clone())
+            .await
+            .unwrap();
+        acks.push(std::future::IntoFuture::into_future(ack));
+        while acks.len() >= inflight {
+            acks.next().await;
+        }
+    }
+    while acks.next().await.is_some() {}
+    let rate = counter.rate(n, Duration::from_secs(120)).await?;
+    Some(Run {
+        rate,
+        cpu: process_cpu() - cpu0,
+    })
+}
+
 async fn ceiling(url: &str, corpus: &Corpus, flush_each: bool) -> Option<Run> {
     let counter = Counter::start(url, "falco.>").await;
     let client = async_nats::connect(url).await.unwrap();
@@ -701,6 +742,7 @@ fn main() {
 #[derive(Debug, Clone, Copy)]
 enum Throughput {
     Ceiling,
+    JetStreamCeiling,
     FlushEach,
     GrpcTransport,
     HttpTransport,
@@ -710,8 +752,9 @@ enum Throughput {
 }
 
 impl Throughput {
-    const ALL: [Throughput; 10] = [
+    const ALL: [Throughput; 11] = [
         Throughput::Ceiling,
+        Throughput::JetStreamCeiling,
         Throughput::FlushEach,
         Throughput::GrpcTransport,
         Throughput::HttpTransport,
@@ -726,6 +769,7 @@ impl Throughput {
     fn name(&self) -> &'static str {
         match self {
             Throughput::Ceiling => "plain publisher (ceiling)",
+            Throughput::JetStreamCeiling => "plain JetStream publisher (256 in flight, an id each)",
             Throughput::FlushEach => "flush after every alert (2018 PoC)",
             Throughput::GrpcTransport => "gRPC transport alone (get, decode, drop)",
             Throughput::HttpTransport => "HTTP transport alone (4 connections, null receiver)",
@@ -742,6 +786,7 @@ impl Throughput {
     async fn run(&self, url: &str, corpus: &Corpus, dir: &Path) -> Option<Run> {
         match *self {
             Throughput::Ceiling => ceiling(url, corpus, false).await,
+            Throughput::JetStreamCeiling => jetstream_ceiling(url, corpus, 256).await,
             Throughput::FlushEach => ceiling(url, corpus, true).await,
             Throughput::GrpcTransport => null_grpc(corpus, dir).await,
             Throughput::HttpTransport => null_http(corpus, 4).await,
