@@ -265,20 +265,15 @@ impl Ended {
         if let Some(Err(e)) = &self.input {
             tracing::error!(input = input_name, error = %e, "input failed");
         }
-        match self.output {
-            Some(Ok(Err(mismatch))) => return Err(BridgeError::Stream(mismatch)),
+        match &self.output {
+            Some(Ok(Err(mismatch))) => return Err(BridgeError::Stream(mismatch.clone())),
             Some(Err(join)) => tracing::error!(error = %join, "the publisher stopped unexpectedly"),
-            Some(Ok(Ok(()))) => {}
-            None => {
-                // Exactly what was read and not confirmed: queued, in
-                // flight, or in the client's buffer.
-                return Err(BridgeError::DrainTimeout {
-                    pending: unconfirmed,
-                    timeout,
-                });
-            }
+            _ => {}
         }
-        let Some(input) = self.input else {
+        // Either one missing means the deadline came first: exactly what was
+        // read and not confirmed (queued, in flight, or in the client's
+        // buffer) is reported.
+        let (Some(_), Some(input)) = (self.output, self.input) else {
             return Err(BridgeError::DrainTimeout {
                 pending: unconfirmed,
                 timeout,

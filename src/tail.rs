@@ -21,6 +21,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::alert::Alert;
 use crate::decision::{Decision, Outcome};
+use crate::nats::subject::is_under;
 use crate::nats::{connect, ConnectionWatch, NatsError, NatsOptions};
 use crate::priority::Priority;
 use crate::server::Listen;
@@ -141,13 +142,6 @@ async fn print<W: Write + IsTerminal>(
         }
     }
     Ok(())
-}
-
-/// Whether `subject` is `prefix` or below it.
-fn is_under(subject: &str, prefix: &str) -> bool {
-    subject
-        .strip_prefix(prefix)
-        .is_some_and(|rest| rest.is_empty() || rest.starts_with('.'))
 }
 
 /// `s` with every control character (C0, DEL, C1) escaped as Rust writes

@@ -324,15 +324,12 @@ async fn ensure_stream(
 ) -> Result<(), StreamMismatch> {
     let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(5));
     loop {
-        let info: Result<stream::Config, async_nats::Error> =
-            match context.get_or_create_stream(config.clone()).await {
-                Ok(mut stream) => match stream.info().await {
-                    Ok(info) => Ok(info.config.clone()),
-                    Err(e) => Err(e.into()),
-                },
-                Err(e) => Err(e.into()),
-            };
-        match info {
+        // The stream as found or created comes with its info: no second request.
+        let found = context
+            .get_or_create_stream(config.clone())
+            .await
+            .map(|stream| stream.cached_info().config.clone());
+        match found {
             Ok(existing) => {
                 check_stream(config, &existing, template, replicas)?;
                 tracing::info!(stream = %config.name, subjects = %existing.subjects.join(","), replicas = existing.num_replicas, "JetStream stream ready");
@@ -408,11 +405,13 @@ fn permanent_refusal(e: &jetstream::context::PublishError) -> Option<&'static st
 /// Whether the stream exists and does not take `subject` (someone edited
 /// it since the start); `false` when it is missing or cannot be read.
 async fn stream_refuses(context: &jetstream::Context, name: &str, subject: &str) -> bool {
-    let Ok(mut stream) = context.get_stream(name).await else {
-        return false;
-    };
-    match stream.info().await {
-        Ok(info) => !info.config.subjects.iter().any(|f| covers(f, subject)),
+    match context.get_stream(name).await {
+        Ok(stream) => !stream
+            .cached_info()
+            .config
+            .subjects
+            .iter()
+            .any(|f| covers(f, subject)),
         Err(_) => false,
     }
 }

@@ -206,6 +206,13 @@ pub fn covers(filter: &str, subject: &str) -> bool {
     }
 }
 
+/// Whether `subject` is `prefix` or below it.
+pub fn is_under(subject: &str, prefix: &str) -> bool {
+    subject
+        .strip_prefix(prefix)
+        .is_some_and(|rest| rest.is_empty() || rest.starts_with('.'))
+}
+
 /// `value` as one subject token (see the module docs).
 pub fn slug(value: &str) -> String {
     let mut out = String::with_capacity(value.len());

@@ -27,6 +27,7 @@ use tokio_util::sync::CancellationToken;
 use crate::alert::{Alert, PodRef};
 use crate::backoff::Backoff;
 use crate::decision::{Action, Decision, NoAction, Outcome};
+use crate::nats::subject::is_under;
 use crate::nats::{connect, ConnectionWatch, NatsError, NatsOptions};
 use crate::server::Listen;
 use crate::telemetry::health::{self, Readiness, ReadyFlag};
@@ -463,7 +464,7 @@ pub async fn run(
     let consume = Consume {
         client: &client,
         responder: &responder,
-        ignore: format!("{}.", options.result_prefix),
+        results: options.result_prefix.clone(),
         concurrency: options.concurrency.max(1),
         subscribed: &subscribed,
         shutdown: &shutdown,
@@ -513,7 +514,8 @@ struct DurableParams {
 struct Consume<'a> {
     client: &'a async_nats::Client,
     responder: &'a Responder,
-    ignore: String,
+    /// The results' subject prefix: alerts there are the responder's own.
+    results: String,
     concurrency: usize,
     subscribed: &'a ReadyFlag,
     shutdown: &'a CancellationToken,
@@ -566,7 +568,7 @@ impl Consume<'_> {
                 Some(()) = inflight.next(), if !inflight.is_empty() => {}
                 message = sub.next(), if inflight.len() < self.concurrency => {
                     let Some(message) = message else { break };
-                    if message.subject.as_str().starts_with(&self.ignore) {
+                    if is_under(message.subject.as_str(), &self.results) {
                         continue;
                     }
                     inflight.push(async move {
@@ -656,7 +658,7 @@ impl Consume<'_> {
             attempt,
             last: attempt >= params.max_deliver,
         };
-        let settle = if message.subject.as_str().starts_with(&self.ignore) {
+        let settle = if is_under(message.subject.as_str(), &self.results) {
             Settle::Ack
         } else {
             let work = self

@@ -260,8 +260,8 @@ impl NatsCluster {
             let found = async {
                 let client = connect_any(&self.urls()).await.ok()?;
                 let js = async_nats::jetstream::new(client);
-                let mut stream = js.get_stream(stream).await.ok()?;
-                stream.info().await.ok()?.cluster.clone()?.leader
+                let stream = js.get_stream(stream).await.ok()?;
+                stream.cached_info().cluster.clone()?.leader
             };
             if let Some(leader) = found.await {
                 return leader;
