@@ -58,6 +58,15 @@ pub enum Command {
     Tail(Box<TailArgs>),
 }
 
+/// Whether JetStream alerts go out in fast batches.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum FastBatch {
+    /// When the stream allows batched publishing
+    Auto,
+    /// Never: one acknowledgement per alert
+    Off,
+}
+
 /// Where the bridge reads alerts.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum InputKind {
@@ -163,6 +172,10 @@ pub struct BridgeArgs {
     /// an existing stream must then have as many
     #[arg(long, env = "FALCO_NATS_REPLICAS", value_parser = clap::value_parser!(u8).range(1..=5))]
     pub replicas: Option<u8>,
+    /// JetStream fast batch publishing (nats-server 2.14+, `allow_batched`):
+    /// "auto" uses it when the stream allows it, "off" acknowledges each alert
+    #[arg(long, env = "FALCO_NATS_FAST_BATCH", value_enum, default_value_t = FastBatch::Auto)]
+    pub fast_batch: FastBatch,
 
     /// Alerts held between input and NATS at most (then the input waits)
     #[arg(long, env = "FALCO_NATS_QUEUE_SIZE", default_value_t = 1024)]
@@ -217,6 +230,7 @@ impl BridgeArgs {
                     max_age: self.stream_max_age,
                     max_inflight: self.max_inflight,
                     replicas: self.replicas.map(usize::from),
+                    fast_batch: self.fast_batch == FastBatch::Auto,
                 }),
             },
             min_priority: self.min_priority,

@@ -2,10 +2,11 @@
 //! long-lived connection that reconnects forever, and the [`Publisher`] that
 //! turns alerts into messages (core NATS or JetStream).
 //!
-//! Dependencies run one way: `publisher` → `connection` → `ledger` →
+//! Dependencies run one way: `publisher` → `fast_batch`, `connection` → `ledger` →
 //! `round_trip`; `subject` stands alone.
 
 mod connection;
+mod fast_batch;
 mod ledger;
 mod publisher;
 mod round_trip;

@@ -14,6 +14,7 @@ use tokio::sync::mpsc;
 use crate::backoff::Backoff;
 use crate::event::FalcoEvent;
 use crate::nats::connection::{DeniedSubjects, NatsConnection};
+use crate::nats::fast_batch::FastBatches;
 use crate::nats::ledger::DeliveryLedger;
 use crate::nats::round_trip::round_trip;
 use crate::nats::subject::{covers, SubjectTemplate};
@@ -50,6 +51,9 @@ pub struct JetStreamOptions {
     /// Replicas of a stream the bridge creates (clustered JetStream); when
     /// set, an existing stream must have as many.
     pub replicas: Option<usize>,
+    /// Create the stream with `allow_batched` and publish in fast batches
+    /// when the stream allows them (nats-server 2.14 and later).
+    pub fast_batch: bool,
 }
 
 /// Publishes the alerts it receives until its queue closes.
@@ -245,22 +249,50 @@ impl JetStreamPublisher {
             max_age: self.options.max_age,
             num_replicas: self.options.replicas.unwrap_or(1),
             storage: stream::StorageType::File,
+            allow_batch_publish: self.options.fast_batch,
             ..Default::default()
         }
     }
 
     async fn run(
         self,
-        mut alerts: mpsc::Receiver<FalcoEvent>,
+        alerts: mpsc::Receiver<FalcoEvent>,
     ) -> Result<(Client, u64), StreamMismatch> {
-        let mut count = 0u64;
         // Shared by every in-flight publish: only needed again if the stream vanishes.
         let config = Arc::new(self.stream_config());
         // Wait for the stream, unless the input stops with nothing to publish.
-        tokio::select! {
+        let existing = tokio::select! {
             ready = ensure_stream(&self.context, &config, &self.subject, self.options.replicas) => ready?,
             _ = closed_and_empty(&alerts) => return Ok((self.client, 0)),
-        }
+        };
+        let batches = match (self.options.fast_batch, existing.allow_batch_publish) {
+            (true, true) => match FastBatches::new(self.client.clone(), BATCH_ACK_WAIT).await {
+                Ok(batches) => Some(batches),
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot subscribe for fast batch replies; acknowledging each alert");
+                    None
+                }
+            },
+            (true, false) => {
+                tracing::info!(stream = %config.name, "the stream does not allow batched publishing (allow_batched, nats-server 2.14+); acknowledging each alert");
+                None
+            }
+            (false, _) => None,
+        };
+        let count = match batches {
+            Some(batches) => self.run_batched(alerts, batches, &config).await,
+            None => self.run_each(alerts, &config).await,
+        };
+        Ok((self.client, count))
+    }
+
+    /// One acknowledgement per alert, at most `max_inflight` awaited at once.
+    async fn run_each(
+        &self,
+        mut alerts: mpsc::Receiver<FalcoEvent>,
+        config: &Arc<stream::Config>,
+    ) -> u64 {
+        let mut count = 0u64;
         let max = self.options.max_inflight.max(1);
         let mut inflight = FuturesUnordered::new();
         loop {
@@ -270,22 +302,104 @@ impl JetStreamPublisher {
                 next = alerts.recv(), if inflight.len() < max => match next {
                     Some(event) => {
                         count += 1;
-                        inflight.push(publish_until_acked(
-                            self.context.clone(),
-                            Arc::clone(&config),
-                            self.subject.render(&event),
-                            event,
-                            self.metrics.clone(),
-                            self.denied.clone(),
-                        ));
+                        inflight.push(self.publish_one(config, event));
                     }
                     None => break,
                 }
             }
         }
         while inflight.next().await.is_some() {}
-        Ok((self.client, count))
+        count
     }
+
+    /// Whatever is queued (up to `max_inflight`) goes out as one fast batch
+    /// with one acknowledgement. A batch not acknowledged whole is published
+    /// again alert by alert (the message ids keep one copy of each), and the
+    /// next batches wait a while: a batch that keeps failing must not cost
+    /// a time-out each.
+    async fn run_batched(
+        &self,
+        mut alerts: mpsc::Receiver<FalcoEvent>,
+        mut batches: FastBatches,
+        config: &Arc<stream::Config>,
+    ) -> u64 {
+        let mut count = 0u64;
+        let max = self.options.max_inflight.max(1);
+        let mut batch = Vec::with_capacity(max);
+        let mut batched_again_at = tokio::time::Instant::now();
+        while alerts.recv_many(&mut batch, max).await > 0 {
+            count += batch.len() as u64;
+            // Alerts on subjects the server refused go the way that drops them.
+            let denied_here = batch
+                .iter()
+                .any(|e| self.denied.contains(&self.subject.render(e)));
+            let result = if denied_here || tokio::time::Instant::now() < batched_again_at {
+                Err(None)
+            } else {
+                batches.publish(&self.subject, &batch).await.map_err(Some)
+            };
+            match result {
+                Ok(()) => {
+                    self.metrics
+                        .fast_batches
+                        .get_or_create(&[("result", "stored")])
+                        .inc();
+                    for event in batch.drain(..) {
+                        record_stored(&self.metrics, &event, false);
+                    }
+                }
+                Err(failed) => {
+                    if let Some(e) = failed {
+                        self.metrics
+                            .fast_batches
+                            .get_or_create(&[("result", "redone")])
+                            .inc();
+                        tracing::warn!(error = %e, alerts = batch.len(), "fast batch not acknowledged whole; publishing its alerts one by one");
+                        batched_again_at = tokio::time::Instant::now() + BATCH_PAUSE;
+                    }
+                    let mut each: FuturesUnordered<_> = batch
+                        .drain(..)
+                        .map(|event| self.publish_one(config, event))
+                        .collect();
+                    while each.next().await.is_some() {}
+                }
+            }
+        }
+        count
+    }
+
+    fn publish_one(
+        &self,
+        config: &Arc<stream::Config>,
+        event: FalcoEvent,
+    ) -> impl std::future::Future<Output = ()> {
+        publish_until_acked(
+            self.context.clone(),
+            Arc::clone(config),
+            self.subject.render(&event),
+            event,
+            self.metrics.clone(),
+            self.denied.clone(),
+        )
+    }
+}
+
+/// How long to wait for a fast batch's acknowledgement after its last alert.
+const BATCH_ACK_WAIT: Duration = Duration::from_secs(5);
+
+/// After a fast batch failed, alerts are acknowledged one by one this long.
+const BATCH_PAUSE: Duration = Duration::from_secs(5);
+
+/// Counts an alert the stream acknowledged.
+fn record_stored(metrics: &BridgeMetrics, event: &FalcoEvent, duplicate: bool) {
+    if duplicate {
+        metrics.duplicates.inc();
+    }
+    metrics.unconfirmed.dec();
+    metrics.published.inc();
+    metrics
+        .publish_latency
+        .observe(event.received_at.elapsed().as_secs_f64());
 }
 
 /// Resolves once the queue is closed and holds nothing.
@@ -321,7 +435,7 @@ async fn ensure_stream(
     config: &stream::Config,
     template: &SubjectTemplate,
     replicas: Option<usize>,
-) -> Result<(), StreamMismatch> {
+) -> Result<stream::Config, StreamMismatch> {
     let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(5));
     loop {
         // The stream as found or created comes with its info: no second request.
@@ -332,8 +446,8 @@ async fn ensure_stream(
         match found {
             Ok(existing) => {
                 check_stream(config, &existing, template, replicas)?;
-                tracing::info!(stream = %config.name, subjects = %existing.subjects.join(","), replicas = existing.num_replicas, "JetStream stream ready");
-                return Ok(());
+                tracing::info!(stream = %config.name, subjects = %existing.subjects.join(","), replicas = existing.num_replicas, allow_batched = existing.allow_batch_publish, "JetStream stream ready");
+                return Ok(existing);
             }
             Err(e) => {
                 let delay = backoff.next_delay();
@@ -429,7 +543,7 @@ async fn publish_until_acked(
 ) {
     use async_nats::jetstream::context::PublishErrorKind;
     let headers = alert_headers(&event);
-    let payload: Bytes = event.payload;
+    let payload: Bytes = event.payload.clone();
     let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(5));
     let mut attempt = 0u32;
     let drop_alert = |reason: &'static str, error: &dyn std::fmt::Display| {
@@ -448,17 +562,7 @@ async fn publish_until_acked(
             Err(e) => Err(e),
         };
         let e = match result {
-            Ok(ack) => {
-                if ack.duplicate {
-                    metrics.duplicates.inc();
-                }
-                metrics.unconfirmed.dec();
-                metrics.published.inc();
-                metrics
-                    .publish_latency
-                    .observe(event.received_at.elapsed().as_secs_f64());
-                return;
-            }
+            Ok(ack) => return record_stored(&metrics, &event, ack.duplicate),
             Err(e) => e,
         };
         if let Some(reason) = permanent_refusal(&e) {

@@ -45,6 +45,9 @@ pub struct BridgeMetrics {
     pub unconfirmed: Gauge,
     /// Time from receiving an alert to publishing it (JetStream: to its ack).
     pub publish_latency: Histogram,
+    /// JetStream fast batches: acknowledged whole ("stored") or published
+    /// again alert by alert ("redone").
+    pub fast_batches: Family<Label, Counter>,
 }
 
 impl BridgeMetrics {
@@ -63,6 +66,7 @@ impl BridgeMetrics {
             input_connected: Gauge::default(),
             unconfirmed: Gauge::default(),
             publish_latency: Histogram::new(exponential_buckets(0.000_05, 2.0, 18)),
+            fast_batches: Family::default(),
         };
         let r = registry.sub_registry_with_prefix("falco_nats");
         r.register(
@@ -119,6 +123,11 @@ impl BridgeMetrics {
             "publish_latency_seconds",
             "Time from receiving an alert to publishing it",
             m.publish_latency.clone(),
+        );
+        r.register(
+            "jetstream_fast_batches",
+            "JetStream fast batches, by result: stored whole, or redone alert by alert",
+            m.fast_batches.clone(),
         );
         m
     }

@@ -320,3 +320,139 @@ async fn an_existing_stream_with_other_replicas_stops_the_bridge() {
         other => panic!("expected a stream error, got {other:?}"),
     }
 }
+
+/// Issue 11, item 5: on a server with fast batch publishing (2.14+) the
+/// bridge creates its stream with `allow_batched` and sends alerts in
+/// batches, one acknowledgement each; on an older one (Debian's 2.9) it
+/// acknowledges each alert. Either way the stream holds each alert once.
+#[tokio::test]
+async fn fast_batches_where_the_server_has_them_each_alert_once() {
+    const TOTAL: u64 = 20_000;
+    let nats = NatsServer::start();
+    let dir = tempfile::tempdir().unwrap();
+    let fifo = dir.path().join("falco");
+    let mut options = fifo_options(&fifo, &nats.url(), 64 * 1024);
+    let mut js = jetstream_options();
+    js.max_inflight = 256;
+    options.publish.jetstream = Some(js);
+    let bridge = RunningBridge::start(options).await;
+    write_fifo(&fifo, "node-b", TOTAL).await;
+    assert_stream_holds_each_once(&nats.url(), "FALCO", TOTAL, Duration::from_secs(60)).await;
+
+    let stored = bridge
+        .metric("falco_nats_jetstream_fast_batches_total{result=\"stored\"}")
+        .await;
+    let redone = bridge
+        .metric("falco_nats_jetstream_fast_batches_total{result=\"redone\"}")
+        .await;
+    let allowed = stream_config(&nats.url(), "FALCO")["allow_batched"] == true;
+    if nats_server_version() >= (2, 14) {
+        assert!(allowed, "the stream allows batched publishing");
+        // Many alerts per batch: far fewer batches than alerts.
+        assert!(
+            stored > 0.0 && stored < TOTAL as f64 / 4.0,
+            "{stored} batches"
+        );
+        assert_eq!(redone, 0.0);
+    } else {
+        assert!(!allowed);
+        assert_eq!(stored + redone, 0.0);
+    }
+    assert_eq!(bridge.metric("falco_nats_alerts_unconfirmed").await, 0.0);
+    bridge.stop().await.unwrap();
+}
+
+/// A batch with alerts the stream refuses (over its `max_msg_size`) in the
+/// middle fails part way: it is redone alert by alert, the good alerts are
+/// stored once, the poison is counted, and batching goes on afterwards.
+#[tokio::test]
+async fn a_batch_that_fails_part_way_is_redone_alert_by_alert() {
+    use std::io::Write;
+    let nats = NatsServer::start();
+    if nats_server_version() < (2, 14) {
+        eprintln!("no fast batches before nats-server 2.14");
+        return;
+    }
+    let js = async_nats::jetstream::new(nats.client().await);
+    js.create_stream(async_nats::jetstream::stream::Config {
+        name: "FALCO".into(),
+        subjects: vec!["falco.>".into()],
+        max_message_size: 2048,
+        allow_batch_publish: true,
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let fifo = dir.path().join("falco");
+    let mut options = fifo_options(&fifo, &nats.url(), 64 * 1024);
+    let mut jso = jetstream_options();
+    jso.max_inflight = 256;
+    options.publish.jetstream = Some(jso);
+    let bridge = RunningBridge::start(options).await;
+    wait_for("the FIFO", WAIT, || async { fifo.exists() }).await;
+    // 1,000 good alerts with a poison one after every 100th, in one write.
+    let mut factory = AlertFactory::new("node-q", false);
+    let mut all = String::new();
+    for i in 0..1000 {
+        all += &factory.next_json();
+        all.push('\n');
+        if i % 100 == 50 {
+            let mut poison: serde_json::Value = serde_json::from_str(&factory.next_json()).unwrap();
+            poison["output"] = "p".repeat(4096).into();
+            all += &poison.to_string();
+            all.push('\n');
+        }
+    }
+    let path = fifo.clone();
+    tokio::task::spawn_blocking(move || {
+        let mut f = std::fs::OpenOptions::new().write(true).open(path).unwrap();
+        f.write_all(all.as_bytes()).unwrap();
+    })
+    .await
+    .unwrap();
+    wait_for("the poison counted", WAIT, || async {
+        bridge
+            .metric("falco_nats_alerts_rejected_total{reason=\"too_large_for_stream\"}")
+            .await
+            == 10.0
+    })
+    .await;
+    wait_for("the good alerts stored", WAIT, || async {
+        stream_count(&nats.url(), "FALCO").await >= 1000
+    })
+    .await;
+    assert!(
+        bridge
+            .metric("falco_nats_jetstream_fast_batches_total{result=\"redone\"}")
+            .await
+            >= 1.0
+    );
+    assert_eq!(bridge.metric("falco_nats_alerts_unconfirmed").await, 0.0);
+    // Past the pause that follows a failed batch, alerts go in batches again.
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    let before = bridge
+        .metric("falco_nats_jetstream_fast_batches_total{result=\"stored\"}")
+        .await;
+    write_fifo(&fifo, "node-r", 2000).await;
+    wait_for("the later alerts stored", WAIT, || async {
+        stream_count(&nats.url(), "FALCO").await >= 3000
+    })
+    .await;
+    assert!(
+        bridge
+            .metric("falco_nats_jetstream_fast_batches_total{result=\"stored\"}")
+            .await
+            > before
+    );
+    bridge.stop().await.unwrap();
+    let nums = stored_nums(&nats.url(), "FALCO").await;
+    assert_eq!(nums.len(), 3000, "each good alert once");
+    // The first 1,000 were all stored before the later 2,000 were written.
+    let (first, later) = nums.split_at(1000);
+    assert_eq!(first.iter().collect::<BTreeSet<_>>().len(), 1000);
+    assert_eq!(
+        later.iter().collect::<BTreeSet<_>>(),
+        (1..=2000).collect::<Vec<_>>().iter().collect()
+    );
+}

@@ -155,6 +155,7 @@ async fn nats_permissions_both_work_and_a_refused_publish_is_reported_not_retrie
         max_age: Duration::ZERO,
         max_inflight: 16,
         replicas: None,
+        fast_batch: true,
     });
     let refused = RunningBridge::start(js).await;
     for _ in 0..3 {

@@ -50,6 +50,19 @@ pub fn nats_server_bin() -> PathBuf {
         .expect("nats-server not found: run scripts/install-deps (or scripts/test)")
 }
 
+/// The (major, minor) version of [`nats_server_bin`], from `--version`.
+pub fn nats_server_version() -> (u32, u32) {
+    let out = std::process::Command::new(nats_server_bin())
+        .arg("--version")
+        .output()
+        .expect("nats-server --version");
+    let text = String::from_utf8_lossy(&out.stdout);
+    // "nats-server: v2.15.2"
+    let v = text.trim().rsplit('v').next().unwrap_or_default();
+    let mut parts = v.split('.').map(|p| p.parse().unwrap_or(0));
+    (parts.next().unwrap_or(0), parts.next().unwrap_or(0))
+}
+
 /// The nats CLI (natscli) scripts/install-deps builds: `NATS_CLI_BIN`, else
 /// `target/tools/bin/nats`.
 pub fn natscli() -> PathBuf {
@@ -589,6 +602,7 @@ pub fn jetstream_options() -> falco_nats::nats::JetStreamOptions {
         max_age: Duration::ZERO,
         max_inflight: 64,
         replicas: None,
+        fast_batch: true,
     }
 }
 
@@ -628,4 +642,49 @@ pub async fn assert_stream_holds_each_once(url: &str, stream: &str, total: u64, 
 /// The kubeconfig of the Kubernetes API stand-in (removed with it).
 pub fn kubeconfig(kube: &fake_kube::KubeApi) -> PathBuf {
     kube.kubeconfig().to_owned()
+}
+
+/// Waits for the FIFO at `path`, then writes `total` alerts from `hostname`
+/// into it (as Falco's file_output would), in large writes.
+pub async fn write_fifo(path: &Path, hostname: &'static str, total: u64) {
+    wait_for("the FIFO", Duration::from_secs(20), || async {
+        path.exists()
+    })
+    .await;
+    let path = path.to_owned();
+    tokio::task::spawn_blocking(move || {
+        use std::io::Write;
+        let mut factory = falco_nats::simulate::alerts::AlertFactory::new(hostname, false);
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .open(path)
+            .expect("open the FIFO");
+        let mut buf = String::with_capacity(64 * 1024);
+        while factory.made() < total {
+            buf += &factory.next_json();
+            buf.push('\n');
+            if buf.len() >= 60 * 1024 {
+                f.write_all(buf.as_bytes()).expect("write the FIFO");
+                buf.clear();
+            }
+        }
+        f.write_all(buf.as_bytes()).expect("write the FIFO");
+    })
+    .await
+    .expect("the FIFO writer");
+}
+
+/// The `config` of `stream` as `nats stream info --json` reports it.
+pub fn stream_config(url: &str, stream: &str) -> serde_json::Value {
+    let out = std::process::Command::new(natscli())
+        .args(["stream", "info", stream, "--json", "-s", url])
+        .output()
+        .expect("run nats stream info");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let info: serde_json::Value = serde_json::from_slice(&out.stdout).expect("stream info JSON");
+    info["config"].clone()
 }
