@@ -7,7 +7,7 @@
 //! (runs per scenario, median reported, default 3), `BENCH_LATENCY_SECS`
 //! (seconds per latency rate, default 5), `BENCH_BURST` (alerts in the
 //! NATS-down burst, default 1000000), `BENCH_OUT` (the Markdown file),
-//! `BENCH_ONLY` (throughput scenarios whose name contains it),
+//! `BENCH_ONLY` (throughput scenarios whose name contains it; `a|b` for either),
 //! `BENCH_THROUGHPUT_ONLY` / `BENCH_LATENCY_ONLY` (one section, printed, not
 //! written). The bridge reads its own flags' variables too, e.g.
 //! `FALCO_NATS_THREADS=1`.
@@ -157,6 +157,52 @@ impl Counter {
         }
     }
 
+    /// Counts what `stream` stores, from its state, polled every 2 ms: for
+    /// JetStream rows, with no subscriber taking CPU from the publisher and
+    /// the server. (The stream is looked up until it exists.)
+    async fn stream(url: &str, stream: &str) -> Self {
+        let client = async_nats::connect(url).await.unwrap();
+        let js = async_nats::jetstream::new(client);
+        let name = stream.to_owned();
+        let count = Arc::new(AtomicU64::new(0));
+        let first = Arc::new(Mutex::new(None));
+        let last = Arc::new(Mutex::new(None));
+        let (c, f, l) = (count.clone(), first.clone(), last.clone());
+        let task = tokio::spawn(async move {
+            loop {
+                if let Ok(mut s) = js.get_stream(&name).await {
+                    if let Ok(info) = s.info().await {
+                        let now = Instant::now();
+                        let n = info.state.messages;
+                        let before = c.swap(n, Ordering::Relaxed);
+                        if before == 0 && n > 0 {
+                            *f.lock().unwrap() = Some(now);
+                        }
+                        if n > before {
+                            *l.lock().unwrap() = Some(now);
+                        }
+                    }
+                }
+                tokio::time::sleep(Duration::from_millis(2)).await;
+            }
+        });
+        Counter {
+            count,
+            first,
+            last,
+            task,
+        }
+    }
+
+    /// A subscriber on `subject` for core NATS, the stream `stream`'s state
+    /// for JetStream.
+    async fn for_mode(url: &str, mode: Mode, stream: &str) -> Self {
+        match mode {
+            Mode::Core => Counter::start(url, "falco.>").await,
+            Mode::JetStream | Mode::JetStreamEach => Counter::stream(url, stream).await,
+        }
+    }
+
     /// Waits for `n` messages; the rate between the first and the last.
     async fn rate(&self, n: u64, timeout: Duration) -> Option<f64> {
         let deadline = Instant::now() + timeout;
@@ -220,12 +266,22 @@ impl Corpus {
     }
 }
 
-fn bridge_args(input: &str, extra: &[&str], url: &str, jetstream: bool) -> Vec<String> {
+/// How the bridge publishes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Mode {
+    Core,
+    /// JetStream, in fast batches where the server has them (the default).
+    JetStream,
+    /// JetStream, one acknowledgement per alert (`--fast-batch off`).
+    JetStreamEach,
+}
+
+fn bridge_args(input: &str, extra: &[&str], url: &str, mode: Mode) -> Vec<String> {
     let mut args: Vec<String> = ["bridge", "--input", input, "-s", url]
         .iter()
         .map(|s| s.to_string())
         .collect();
-    if jetstream {
+    if mode != Mode::Core {
         args.extend(
             [
                 "--jetstream",
@@ -236,6 +292,9 @@ fn bridge_args(input: &str, extra: &[&str], url: &str, jetstream: bool) -> Vec<S
             ]
             .map(String::from),
         );
+    }
+    if mode == Mode::JetStreamEach {
+        args.extend(["--fast-batch", "off"].map(String::from));
     }
     args.extend(extra.iter().map(|s| s.to_string()));
     args
@@ -252,7 +311,7 @@ struct Run {
 /// a `Nats-Msg-Id` each (as the bridge publishes).
 async fn jetstream_ceiling(url: &str, corpus: &Corpus, inflight: usize) -> Option<Run> {
     use futures_util::stream::FuturesUnordered;
-    let counter = Counter::start(url, "falco.>").await;
+    let counter = Counter::stream(url, "CEILING").await;
     let client = async_nats::connect(url).await.unwrap();
     let js = async_nats::jetstream::ContextBuilder::new()
         .max_ack_inflight(inflight)
@@ -282,6 +341,62 @@ async fn jetstream_ceiling(url: &str, corpus: &Corpus, inflight: usize) -> Optio
     }
     while acks.next().await.is_some() {}
     let rate = counter.rate(n, Duration::from_secs(120)).await?;
+    Some(Run {
+        rate,
+        cpu: process_cpu() - cpu0,
+    })
+}
+
+/// The fast batch ceiling: the same alerts through the bridge's own fast
+/// batch publisher (at most `window` unconfirmed), fed from a queue filled
+/// before the clock starts: no input and no parsing in the timed part.
+async fn jetstream_fast_ceiling(url: &str, corpus: &Corpus, window: usize) -> Option<Run> {
+    use falco_nats::event::FalcoEvent;
+    use falco_nats::nats::fast_batch::BatchOutcome;
+    use falco_nats::nats::{FastBatches, SubjectTemplate};
+    struct Count;
+    impl BatchOutcome for Count {
+        fn stored(&mut self, _: &FalcoEvent) {}
+        fn denied(&self, _: &str) -> bool {
+            false
+        }
+        fn dropped(&mut self, _: FalcoEvent, _: String) {}
+    }
+    let (tx, mut rx) = tokio::sync::mpsc::channel(corpus.lines.len() + 1);
+    for line in &corpus.lines {
+        tx.try_send(FalcoEvent::from_json(line.clone()).unwrap())
+            .unwrap();
+    }
+    drop(tx);
+    let template: SubjectTemplate = "falco.{priority}.{rule}".parse().unwrap();
+    let counter = Counter::stream(url, "CEILING").await;
+    let client = async_nats::connect(url).await.unwrap();
+    async_nats::jetstream::new(client.clone())
+        .get_or_create_stream(async_nats::jetstream::stream::Config {
+            name: "CEILING".into(),
+            subjects: vec!["falco.>".into()],
+            duplicate_window: Duration::from_secs(120),
+            allow_batch_publish: true,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let mut batches = FastBatches::new(client, Duration::from_secs(5))
+        .await
+        .unwrap();
+    let cpu0 = process_cpu();
+    let mut taken = 0;
+    if let Err(e) = batches
+        .run(&template, &mut rx, window, &mut Count, &mut taken)
+        .await
+    {
+        eprintln!(
+            "  fast batch failed ({}); is the server older than 2.14?",
+            e.error
+        );
+        return None;
+    }
+    let rate = counter.rate(taken, Duration::from_secs(120)).await?;
     Some(Run {
         rate,
         cpu: process_cpu() - cpu0,
@@ -329,20 +444,20 @@ fn cpu_seconds_of(stat_path: &str) -> f64 {
     (field(11) + field(12)) / clock_ticks()
 }
 
-async fn bridge_grpc(url: &str, corpus: &Corpus, jetstream: bool, dir: &Path) -> Option<Run> {
+async fn bridge_grpc(url: &str, corpus: &Corpus, mode: Mode, dir: &Path) -> Option<Run> {
     let socket = dir.join(format!("falco-{}.sock", free_port()));
     let mut falco = MockFalco::new(&socket);
     falco.start().await.unwrap();
     for r in &corpus.responses {
         falco.push(r.clone());
     }
-    let counter = Counter::start(url, "falco.>").await;
+    let counter = Counter::for_mode(url, mode, "FALCO").await;
     let sock = format!("unix://{}", socket.display());
     let bridge = Proc::spawn(&bridge_args(
         "grpc",
         &["--grpc-socket", &sock, "--listen", "off"],
         url,
-        jetstream,
+        mode,
     ));
     let rate = counter
         .rate(corpus.responses.len() as u64, Duration::from_secs(300))
@@ -354,14 +469,14 @@ async fn bridge_grpc(url: &str, corpus: &Corpus, jetstream: bool, dir: &Path) ->
 }
 
 /// Starts a bridge reading a FIFO it creates in `dir`; returns once the FIFO is there.
-async fn spawn_fifo_bridge(url: &str, jetstream: bool, dir: &Path) -> (Proc, PathBuf) {
+async fn spawn_fifo_bridge(url: &str, mode: Mode, dir: &Path) -> (Proc, PathBuf) {
     let fifo = dir.join(format!("fifo-{}", free_port()));
     let path = fifo.display().to_string();
     let bridge = Proc::spawn(&bridge_args(
         "fifo",
         &["-f", &path, "--create-fifo", "--listen", "off"],
         url,
-        jetstream,
+        mode,
     ));
     while !fifo.exists() {
         tokio::time::sleep(Duration::from_millis(5)).await;
@@ -369,9 +484,9 @@ async fn spawn_fifo_bridge(url: &str, jetstream: bool, dir: &Path) -> (Proc, Pat
     (bridge, fifo)
 }
 
-async fn bridge_fifo(url: &str, corpus: &Corpus, jetstream: bool, dir: &Path) -> Option<Run> {
-    let counter = Counter::start(url, "falco.>").await;
-    let (bridge, fifo) = spawn_fifo_bridge(url, jetstream, dir).await;
+async fn bridge_fifo(url: &str, corpus: &Corpus, mode: Mode, dir: &Path) -> Option<Run> {
+    let counter = Counter::for_mode(url, mode, "FALCO").await;
+    let (bridge, fifo) = spawn_fifo_bridge(url, mode, dir).await;
     let lines = corpus.lines.clone();
     let writer = std::thread::spawn(move || {
         let mut f = std::fs::OpenOptions::new().write(true).open(&fifo).unwrap();
@@ -581,16 +696,11 @@ async fn post_all(addr: std::net::SocketAddr, lines: Vec<Bytes>) {
     }
 }
 
-async fn bridge_http(
-    url: &str,
-    corpus: &Corpus,
-    jetstream: bool,
-    connections: usize,
-) -> Option<Run> {
+async fn bridge_http(url: &str, corpus: &Corpus, mode: Mode, connections: usize) -> Option<Run> {
     let port = free_port();
     let listen = format!("127.0.0.1:{port}");
-    let counter = Counter::start(url, "falco.>").await;
-    let bridge = Proc::spawn(&bridge_args("http", &["--listen", &listen], url, jetstream));
+    let counter = Counter::for_mode(url, mode, "FALCO").await;
+    let bridge = Proc::spawn(&bridge_args("http", &["--listen", &listen], url, mode));
     let addr: std::net::SocketAddr = listen.parse().unwrap();
     let tasks = post_spread(addr, corpus, connections);
     let rate = counter
@@ -738,6 +848,38 @@ fn main() {
     runtime.block_on(run());
 }
 
+/// JetStream beside its floors: each bridge row against the plain publisher
+/// of its own mode (fast batches, or one acknowledgement each), and every
+/// row as a fraction of the core NATS ceiling.
+fn jetstream_table(md: &mut String, results: &HashMap<&str, (Vec<f64>, Vec<f64>)>) {
+    let rate = |t: Throughput| results.get(t.name()).map(|r| median(r.0.clone()));
+    let (Some(core), Some(each), Some(fast)) = (
+        rate(Throughput::Ceiling),
+        rate(Throughput::JetStreamCeiling),
+        rate(Throughput::JetStreamFastCeiling),
+    ) else {
+        return;
+    };
+    let _ = writeln!(md, "\n### JetStream beside its floors\n\n| scenario | alerts/s | vs its JetStream floor | vs core ceiling |\n| --- | ---: | ---: | ---: |");
+    let rows = [
+        (Throughput::JetStreamCeiling, each),
+        (Throughput::BridgeFifo(Mode::JetStreamEach), each),
+        (Throughput::JetStreamFastCeiling, fast),
+        (Throughput::BridgeFifo(Mode::JetStream), fast),
+    ];
+    for (t, floor) in rows {
+        if let Some(r) = rate(t) {
+            let _ = writeln!(
+                md,
+                "| {} | {r:.0} | {:.2}x | {:.2}x |",
+                t.name(),
+                r / floor,
+                r / core
+            );
+        }
+    }
+}
+
 /// The throughput scenarios, in the order of the table.
 #[derive(Debug, Clone, Copy)]
 enum Throughput {
@@ -746,24 +888,27 @@ enum Throughput {
     FlushEach,
     GrpcTransport,
     HttpTransport,
-    BridgeGrpc { jetstream: bool },
-    BridgeFifo { jetstream: bool },
-    BridgeHttp { jetstream: bool },
+    JetStreamFastCeiling,
+    BridgeGrpc(Mode),
+    BridgeFifo(Mode),
+    BridgeHttp(Mode),
 }
 
 impl Throughput {
-    const ALL: [Throughput; 11] = [
+    const ALL: [Throughput; 13] = [
         Throughput::Ceiling,
         Throughput::JetStreamCeiling,
+        Throughput::JetStreamFastCeiling,
         Throughput::FlushEach,
         Throughput::GrpcTransport,
         Throughput::HttpTransport,
-        Throughput::BridgeGrpc { jetstream: false },
-        Throughput::BridgeFifo { jetstream: false },
-        Throughput::BridgeHttp { jetstream: false },
-        Throughput::BridgeGrpc { jetstream: true },
-        Throughput::BridgeFifo { jetstream: true },
-        Throughput::BridgeHttp { jetstream: true },
+        Throughput::BridgeGrpc(Mode::Core),
+        Throughput::BridgeFifo(Mode::Core),
+        Throughput::BridgeHttp(Mode::Core),
+        Throughput::BridgeGrpc(Mode::JetStream),
+        Throughput::BridgeFifo(Mode::JetStream),
+        Throughput::BridgeFifo(Mode::JetStreamEach),
+        Throughput::BridgeHttp(Mode::JetStream),
     ];
 
     fn name(&self) -> &'static str {
@@ -773,12 +918,14 @@ impl Throughput {
             Throughput::FlushEach => "flush after every alert (2018 PoC)",
             Throughput::GrpcTransport => "gRPC transport alone (get, decode, drop)",
             Throughput::HttpTransport => "HTTP transport alone (4 connections, null receiver)",
-            Throughput::BridgeGrpc { jetstream: false } => "bridge gRPC, core",
-            Throughput::BridgeFifo { jetstream: false } => "bridge FIFO, core",
-            Throughput::BridgeHttp { jetstream: false } => "bridge HTTP (4 connections), core",
-            Throughput::BridgeGrpc { jetstream: true } => "bridge gRPC, JetStream",
-            Throughput::BridgeFifo { jetstream: true } => "bridge FIFO, JetStream",
-            Throughput::BridgeHttp { jetstream: true } => "bridge HTTP (4 connections), JetStream",
+            Throughput::JetStreamFastCeiling => "plain JetStream fast batches (256 unconfirmed)",
+            Throughput::BridgeGrpc(Mode::Core) => "bridge gRPC, core",
+            Throughput::BridgeFifo(Mode::Core) => "bridge FIFO, core",
+            Throughput::BridgeHttp(Mode::Core) => "bridge HTTP (4 connections), core",
+            Throughput::BridgeGrpc(_) => "bridge gRPC, JetStream",
+            Throughput::BridgeFifo(Mode::JetStream) => "bridge FIFO, JetStream",
+            Throughput::BridgeFifo(Mode::JetStreamEach) => "bridge FIFO, JetStream, one ack each",
+            Throughput::BridgeHttp(_) => "bridge HTTP (4 connections), JetStream",
         }
     }
 
@@ -790,9 +937,10 @@ impl Throughput {
             Throughput::FlushEach => ceiling(url, corpus, true).await,
             Throughput::GrpcTransport => null_grpc(corpus, dir).await,
             Throughput::HttpTransport => null_http(corpus, 4).await,
-            Throughput::BridgeGrpc { jetstream } => bridge_grpc(url, corpus, jetstream, dir).await,
-            Throughput::BridgeFifo { jetstream } => bridge_fifo(url, corpus, jetstream, dir).await,
-            Throughput::BridgeHttp { jetstream } => bridge_http(url, corpus, jetstream, 4).await,
+            Throughput::JetStreamFastCeiling => jetstream_fast_ceiling(url, corpus, 256).await,
+            Throughput::BridgeGrpc(mode) => bridge_grpc(url, corpus, mode, dir).await,
+            Throughput::BridgeFifo(mode) => bridge_fifo(url, corpus, mode, dir).await,
+            Throughput::BridgeHttp(mode) => bridge_http(url, corpus, mode, 4).await,
         }
     }
 }
@@ -823,7 +971,7 @@ async fn run() {
     for round in (0..reps).filter(|_| !latency_only) {
         for scenario in Throughput::ALL
             .iter()
-            .filter(|s| s.name().contains(only.as_str()))
+            .filter(|s| only.split('|').any(|o| s.name().contains(o)))
         {
             let name = scenario.name();
             let nats = NatsServer::start();
@@ -848,7 +996,7 @@ async fn run() {
             .map(|r| r.0.clone())
             .unwrap_or_default(),
     );
-    let _ = writeln!(md, "## Throughput\n\n{alerts} alerts per run, {reps} runs per row interleaved, median shown. Rate from the subscriber's first to its last message. CPU: the bridge process's user+system seconds per 100k alerts (for the baselines: the benchmark process, which also runs the subscriber).\n");
+    let _ = writeln!(md, "## Throughput\n\n{alerts} alerts per run, {reps} runs per row interleaved, median shown. Rate from the subscriber's first to its last message (JetStream rows: from the stream's state, polled every 2 ms, no subscriber). CPU: the bridge process's user+system seconds per 100k alerts (for the baselines: the benchmark process, which also runs the core subscriber).\n");
     let _ = writeln!(md, "| scenario | alerts/s | vs ceiling | vs flush-per-alert | CPU s / 100k alerts |\n| --- | ---: | ---: | ---: | ---: |");
     for name in Throughput::ALL.iter().map(Throughput::name) {
         if let Some((rates, cpus)) = results.get(name) {
@@ -862,6 +1010,8 @@ async fn run() {
             );
         }
     }
+
+    jetstream_table(&mut md, &results);
 
     if std::env::var("BENCH_THROUGHPUT_ONLY").is_ok() {
         print!("{md}");
@@ -1020,7 +1170,7 @@ async fn latency_bridge(url: &str, rate: u64, secs: u64, dir: &Path) -> LatencyR
         "grpc",
         &["--grpc-socket", &sock, "--listen", "off"],
         url,
-        false,
+        Mode::Core,
     ));
     // Let the bridge connect and settle before the clock starts.
     tokio::time::sleep(Duration::from_millis(1500)).await;
@@ -1043,7 +1193,7 @@ async fn latency_bridge(url: &str, rate: u64, secs: u64, dir: &Path) -> LatencyR
 async fn latency_fifo(url: &str, rate: u64, secs: u64, dir: &Path) -> LatencyRow {
     let total = rate * secs;
     let probe = LatencyProbe::start(url, total as usize).await;
-    let (bridge, fifo) = spawn_fifo_bridge(url, false, dir).await;
+    let (bridge, fifo) = spawn_fifo_bridge(url, Mode::Core, dir).await;
     let mut pipe = std::fs::OpenOptions::new().write(true).open(&fifo).unwrap();
     tokio::time::sleep(Duration::from_millis(1500)).await;
     let mut factory = AlertFactory::new("bench-node", false);
@@ -1073,7 +1223,12 @@ async fn latency_http(url: &str, rate: u64, secs: u64) -> LatencyRow {
     let port = free_port();
     let listen = format!("127.0.0.1:{port}");
     let probe = LatencyProbe::start(url, total as usize).await;
-    let bridge = Proc::spawn(&bridge_args("http", &["--listen", &listen], url, false));
+    let bridge = Proc::spawn(&bridge_args(
+        "http",
+        &["--listen", &listen],
+        url,
+        Mode::Core,
+    ));
     let addr: std::net::SocketAddr = listen.parse().unwrap();
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<Bytes>();
     let poster = tokio::spawn(async move {
@@ -1117,7 +1272,7 @@ async fn response_latency(dir: &Path) -> (f64, f64, usize) {
         "grpc",
         &["--grpc-socket", &sock, "--listen", "off"],
         &url,
-        false,
+        Mode::Core,
     ));
     let kc = kubeconfig.display().to_string();
     let respond = Proc::spawn(
@@ -1179,7 +1334,7 @@ async fn idle_memory(dir: &Path) -> (u64, u64) {
     falco.start().await.unwrap();
     let sock = format!("unix://{}", socket.display());
     let bridge = Proc::spawn(
-        &bridge_args("grpc", &["--grpc-socket", &sock], &nats.url(), false)
+        &bridge_args("grpc", &["--grpc-socket", &sock], &nats.url(), Mode::Core)
             .into_iter()
             .chain(["--listen".into(), "off".into()])
             .collect::<Vec<_>>(),
@@ -1211,7 +1366,7 @@ async fn burst_memory(dir: &Path, burst: u64) -> (u64, u64, u64, u64) {
         "grpc",
         &["--grpc-socket", &sock, "--listen", "off"],
         &url,
-        false,
+        Mode::Core,
     ));
     tokio::time::sleep(Duration::from_secs(5)).await;
     let (peak, rss) = bridge.rss_kib();

@@ -34,3 +34,8 @@ secret nats-user-bridge falco-nats "$bridge"
 secret nats-user-bridge falco "$bridge"
 secret nats-user-respond falco-nats "$(password)"
 secret nats-user-reader falco-nats "$(password)"
+secret nats-user-admin falco-nats "$(password)"
+leaf=$(password)
+# The leaf layout (deploy/components/leaf): leaf nats-servers beside Falco.
+secret nats-user-leaf falco-nats "$leaf"
+secret nats-user-leaf falco "$leaf"

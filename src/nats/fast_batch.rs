@@ -1,51 +1,60 @@
 //! JetStream fast batch publishing (nats-server 2.14 and later, on a stream
-//! with `allow_batched`): the alerts of a batch go out back to back, each
+//! with `allow_batched`): alerts go out back to back as one long batch, each
 //! with a reply subject that names the batch, its sequence in it and the
-//! operation; the stream stores each as it arrives and answers the batch
-//! once, with one acknowledgement for all of it, instead of once per alert.
+//! operation; the stream stores each as it arrives and reports progress
+//! once every `flow` messages instead of acknowledging each one. The bridge
+//! keeps at most a window of alerts sent and not yet confirmed, and ends
+//! the batch (commit) as soon as its queue has been empty for a moment, so
+//! the last alerts of a burst are confirmed at once.
 //!
 //! The reply subject the server reads, from the right:
 //! `<inbox>.<batch id>.<flow>.<gap mode>.<sequence>.<operation>.$FI`, the
-//! operation being 0 (the first message), 1 (one more), 2 (the last one,
-//! which commits). The server also answers on that subject with flow
-//! messages (`{"type":"ack"|"gap"|"err",...}`) and, at the commit, with a
-//! publish acknowledgement carrying `batch` and `count`.
+//! operation being 0 (the first message), 1 (one more), 3 (end of batch: a
+//! commit that stores nothing). The server answers on that subject with
+//! flow messages (`{"type":"ack","seq":N}`: everything up to N is stored;
+//! `"gap"`, `"err"`) and, at the commit, with a publish acknowledgement
+//! carrying `batch` and `count`.
 //!
 //! Each alert keeps its `Nats-Msg-Id`, which the stream deduplicates inside
-//! batches too: a batch that fails part way (a gap, an error, a leader
-//! change, no answer in time) is published again alert by alert, and what
-//! the stream already stored is dropped as a duplicate. Exactly once holds.
+//! batches too: when a batch fails part way (a gap, an error, a leader
+//! change, no answer in time), what was sent and not confirmed is handed
+//! back to be published again alert by alert, and whatever the stream had
+//! stored already is dropped as a duplicate. Exactly once holds.
 
+use std::collections::VecDeque;
 use std::time::Duration;
 
-use async_nats::{Client, Subscriber};
+use async_nats::{Client, Subject, Subscriber};
 use bytes::Bytes;
 use futures_util::StreamExt;
 use serde::Deserialize;
+use tokio::sync::mpsc::{self, error::TryRecvError};
+use tokio::time::Instant;
 
 use crate::event::FalcoEvent;
 use crate::nats::publisher::alert_headers;
 use crate::nats::subject::SubjectTemplate;
 
-/// Gap mode "fail": the server ends the batch at the first lost message,
-/// and the bridge publishes the batch again.
+/// Gap mode "fail": the server ends the batch at the first lost message.
 const GAP_FAIL: &str = "fail";
+
+/// How long the queue stays empty before the open batch is ended.
+const LINGER: Duration = Duration::from_millis(2);
 
 /// The operations of a fast batch, as the server numbers them.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Operation {
     Start = 0,
     Append = 1,
-    Commit = 2,
+    CommitEndOfBatch = 3,
 }
 
-/// Why a batch was not acknowledged whole: its alerts are published again
-/// one by one.
+/// Why a batch was not confirmed whole.
 #[derive(Debug, thiserror::Error)]
 pub enum BatchError {
-    #[error("cannot publish the batch: {0}")]
+    #[error("cannot publish in the batch: {0}")]
     Publish(#[from] async_nats::PublishError),
-    #[error("no acknowledgement of the batch within {0:?}")]
+    #[error("no answer to the batch within {0:?}")]
     TimedOut(Duration),
     #[error("the reply subscription ended (connection closed)")]
     Closed,
@@ -53,6 +62,26 @@ pub enum BatchError {
     Refused(String),
     #[error("the stream stored {stored} of the batch's {sent} alerts")]
     Partial { stored: u64, sent: u64 },
+}
+
+/// A batch that failed: the alerts sent in it and not confirmed, to be
+/// published again one by one.
+#[derive(Debug)]
+pub struct BatchFailure {
+    pub error: BatchError,
+    pub unconfirmed: Vec<FalcoEvent>,
+}
+
+/// What happens to the alerts of a batch, as it happens.
+pub trait BatchOutcome: Send {
+    /// A batch ended with every alert in it confirmed.
+    fn ended(&mut self) {}
+    /// The stream has stored `event`.
+    fn stored(&mut self, event: &FalcoEvent);
+    /// Whether NATS refused publishing on `subject` to this connection.
+    fn denied(&self, subject: &str) -> bool;
+    /// `event` goes on a denied subject: never sent, dropped.
+    fn dropped(&mut self, event: FalcoEvent, subject: String);
 }
 
 /// One connection's fast batches: an inbox subscription for the server's
@@ -69,25 +98,50 @@ pub struct FastBatches {
     timeout: Duration,
 }
 
-/// What the server sends on a batch's reply subject. Flow messages carry
-/// `type`; the final acknowledgement carries `stream` and `count`, or `error`.
-#[derive(Debug, Deserialize)]
-struct Reply {
-    #[serde(rename = "type")]
-    kind: Option<String>,
-    count: Option<u64>,
-    error: Option<ApiError>,
+/// The batch being sent.
+struct Open {
+    /// `<inbox><token>-<n>.`: the start of every reply to this batch.
+    id: String,
+    /// `<id><flow>.fail.`: the reply subject up to the sequence.
+    prefix: String,
+    /// Messages sent in it.
+    sent: u64,
+    /// Sent and not yet confirmed, oldest first; the first has sequence
+    /// `sent - unconfirmed.len() + 1`.
+    unconfirmed: VecDeque<FalcoEvent>,
+    /// The subject of the last alert: the end-of-batch marker goes there,
+    /// so that the stream sees it.
+    last_subject: Subject,
+    /// The end of the batch was sent; its acknowledgement is awaited.
+    ending: bool,
 }
 
-#[derive(Debug, Deserialize)]
-struct ApiError {
-    #[serde(default)]
-    description: String,
+impl Open {
+    /// Confirms every alert up to sequence `upto`.
+    fn confirm(&mut self, upto: u64, outcome: &mut dyn BatchOutcome) {
+        let first = self.sent - self.unconfirmed.len() as u64 + 1;
+        let n = upto
+            .saturating_sub(first - 1)
+            .min(self.unconfirmed.len() as u64);
+        for event in self.unconfirmed.drain(..n as usize) {
+            outcome.stored(&event);
+        }
+    }
+
+    fn fail(self, error: BatchError) -> BatchFailure {
+        BatchFailure {
+            error,
+            unconfirmed: self.unconfirmed.into(),
+        }
+    }
 }
+
+/// Result of [`FastBatches::run`].
+pub type RunResult = Result<(), BatchFailure>;
 
 impl FastBatches {
     /// Subscribes to this connection's batch replies. `timeout` bounds the
-    /// wait for a batch's acknowledgement after its last alert was sent.
+    /// wait for an answer while alerts await their confirmation.
     pub async fn new(
         client: Client,
         timeout: Duration,
@@ -105,75 +159,214 @@ impl FastBatches {
         })
     }
 
-    /// Publishes `alerts` as one batch and waits until the stream
-    /// acknowledges all of it. On an error some, all or none may be stored:
-    /// the caller publishes them again by message id.
-    pub async fn publish(
+    /// Publishes what arrives on `alerts` in fast batches, at most `window`
+    /// sent and not confirmed at once, until the queue is closed and every
+    /// alert confirmed (`Ok`), or a batch fails (`Err`, with what it left
+    /// unconfirmed; nothing of it is taken from the queue after that).
+    /// `taken` counts the alerts taken from the queue.
+    pub async fn run(
         &mut self,
         subject: &SubjectTemplate,
-        alerts: &[FalcoEvent],
-    ) -> Result<(), BatchError> {
-        let sent = alerts.len() as u64;
-        if sent == 0 {
-            return Ok(());
-        }
-        self.next += 1;
-        // The batch's own prefix: `<inbox><token>-<n>.<flow>.fail.`; the
-        // flow (how often the server reports progress) is the batch size, so
-        // the bridge never has to stall inside a batch.
-        let batch = format!("{}{}-{:x}.", self.inbox, self.token, self.next);
-        let prefix = format!("{batch}{}.{GAP_FAIL}.", sent.min(u64::from(u16::MAX)));
-        for (i, event) in alerts.iter().enumerate() {
-            let seq = i as u64 + 1;
-            let op = if seq == sent {
-                Operation::Commit
-            } else if seq == 1 {
-                Operation::Start
-            } else {
-                Operation::Append
-            };
-            let reply = format!("{prefix}{seq}.{}.$FI", op as u8);
-            self.client
-                .publish_with_reply_and_headers(
-                    subject.render(event),
-                    reply,
-                    alert_headers(event),
-                    event.payload.clone(),
-                )
-                .await?;
-        }
-        let deadline = tokio::time::Instant::now() + self.timeout;
+        alerts: &mut mpsc::Receiver<FalcoEvent>,
+        window: usize,
+        outcome: &mut dyn BatchOutcome,
+        taken: &mut u64,
+    ) -> RunResult {
+        let window = window.max(1);
+        let mut open: Option<Open> = None;
+        let mut closed = false;
         loop {
-            let message = tokio::time::timeout_at(deadline, self.replies.next())
-                .await
-                .map_err(|_| BatchError::TimedOut(self.timeout))?
-                .ok_or(BatchError::Closed)?;
-            // Late answers to an earlier batch (it timed out) are not this one's.
-            if !message.subject.as_str().starts_with(&batch) {
+            // The state decides what to wait for.
+            let room = open
+                .as_ref()
+                .is_none_or(|o| !o.ending && o.unconfirmed.len() < window);
+            if room && !closed {
+                match alerts.try_recv() {
+                    Ok(event) => {
+                        *taken += 1;
+                        if let Err(e) = self.send(subject, &mut open, event, window, outcome).await
+                        {
+                            return Err(fail(open, e));
+                        }
+                        continue;
+                    }
+                    Err(TryRecvError::Disconnected) => closed = true,
+                    Err(TryRecvError::Empty) => {}
+                }
+            }
+            let Some(batch) = open.as_mut() else {
+                if closed {
+                    return Ok(());
+                }
+                // Nothing open, nothing queued: wait for the next alert.
+                match alerts.recv().await {
+                    Some(event) => {
+                        *taken += 1;
+                        if let Err(e) = self.send(subject, &mut open, event, window, outcome).await
+                        {
+                            return Err(fail(open, e));
+                        }
+                    }
+                    None => closed = true,
+                }
+                continue;
+            };
+            if batch.sent == 0 {
+                // Only denied alerts so far: nothing to end.
+                open = None;
                 continue;
             }
-            match classify(&message.payload) {
-                Answer::Progress => continue,
-                Answer::Done { count } if count == sent => return Ok(()),
-                Answer::Done { count } => {
-                    return Err(BatchError::Partial {
-                        stored: count,
-                        sent,
-                    })
+            if room && closed {
+                if let Err(e) = self.end(batch).await {
+                    return Err(fail(open, e));
                 }
-                // A gap or an error ends a gap-fail batch: the acknowledgement
-                // of what was stored follows, but the batch is redone anyway.
-                Answer::Failed(why) => return Err(BatchError::Refused(why)),
+                continue;
+            }
+            // Wait for an answer; with room, for the next alert as well, and
+            // end the batch when none comes for a moment.
+            let deadline = Instant::now() + self.timeout;
+            tokio::select! {
+                biased;
+                reply = tokio::time::timeout_at(deadline, self.replies.next()) => {
+                    let message = match reply {
+                        Ok(Some(m)) => m,
+                        Ok(None) => return Err(fail(open, BatchError::Closed)),
+                        Err(_) => return Err(fail(open, BatchError::TimedOut(self.timeout))),
+                    };
+                    // Late answers to an earlier batch are not this one's.
+                    if !message.subject.as_str().starts_with(&batch.id) {
+                        continue;
+                    }
+                    match classify(&message.payload) {
+                        Answer::Progress { upto } => batch.confirm(upto, outcome),
+                        Answer::Done { count } => {
+                            batch.confirm(count, outcome);
+                            let sent = batch.sent;
+                            let Some(batch) = open.take() else { continue };
+                            if !batch.unconfirmed.is_empty() {
+                                return Err(batch.fail(BatchError::Partial { stored: count, sent }));
+                            }
+                            outcome.ended();
+                        }
+                        Answer::Failed(why) => return Err(fail(open, BatchError::Refused(why))),
+                    }
+                }
+                next = alerts.recv(), if room && !closed => match next {
+                    Some(event) => {
+                        *taken += 1;
+                        if let Err(e) = self.send(subject, &mut open, event, window, outcome).await {
+                            return Err(fail(open, e));
+                        }
+                    }
+                    None => closed = true,
+                },
+                _ = tokio::time::sleep(LINGER), if room && !closed => {
+                    if let Err(e) = self.end(batch).await {
+                        return Err(fail(open, e));
+                    }
+                }
             }
         }
     }
+
+    /// Sends `event` in the open batch, opening one if needed; an alert on a
+    /// denied subject is dropped instead.
+    async fn send(
+        &mut self,
+        template: &SubjectTemplate,
+        open: &mut Option<Open>,
+        event: FalcoEvent,
+        window: usize,
+        outcome: &mut dyn BatchOutcome,
+    ) -> Result<(), BatchError> {
+        let subject = template.render(&event);
+        if outcome.denied(&subject) {
+            outcome.dropped(event, subject);
+            return Ok(());
+        }
+        // Shares its bytes: kept for the end of the batch without a copy.
+        let subject = Subject::from(subject);
+        let batch = open.get_or_insert_with(|| {
+            self.next += 1;
+            let id = format!("{}{}-{:x}.", self.inbox, self.token, self.next);
+            // Progress twice per window: the next report is on its way
+            // before the window fills.
+            let flow = (window / 2).clamp(1, usize::from(u16::MAX));
+            Open {
+                prefix: format!("{id}{flow}.{GAP_FAIL}."),
+                id,
+                sent: 0,
+                unconfirmed: VecDeque::with_capacity(window),
+                last_subject: Subject::from_static(""),
+                ending: false,
+            }
+        });
+        batch.sent += 1;
+        let op = if batch.sent == 1 {
+            Operation::Start
+        } else {
+            Operation::Append
+        };
+        let reply = format!("{}{}.{}.$FI", batch.prefix, batch.sent, op as u8);
+        let headers = alert_headers(&event);
+        let payload = event.payload.clone();
+        batch.unconfirmed.push_back(event);
+        self.client
+            .publish_with_reply_and_headers(subject.clone(), reply, headers, payload)
+            .await?;
+        batch.last_subject = subject;
+        Ok(())
+    }
+
+    /// Ends the batch: its acknowledgement confirms the rest of it.
+    async fn end(&mut self, batch: &mut Open) -> Result<(), BatchError> {
+        let reply = format!(
+            "{}{}.{}.$FI",
+            batch.prefix,
+            batch.sent + 1,
+            Operation::CommitEndOfBatch as u8
+        );
+        batch.ending = true;
+        self.client
+            .publish_with_reply(batch.last_subject.clone(), reply, Bytes::new())
+            .await?;
+        Ok(())
+    }
+}
+
+fn fail(open: Option<Open>, error: BatchError) -> BatchFailure {
+    match open {
+        Some(batch) => batch.fail(error),
+        None => BatchFailure {
+            error,
+            unconfirmed: Vec::new(),
+        },
+    }
+}
+
+/// What the server sends on a batch's reply subject. Flow messages carry
+/// `type` (and `seq`); the final acknowledgement carries `stream` and
+/// `count`, or `error`.
+#[derive(Debug, Deserialize)]
+struct Reply {
+    #[serde(rename = "type")]
+    kind: Option<String>,
+    seq: Option<u64>,
+    count: Option<u64>,
+    error: Option<ApiError>,
+}
+
+#[derive(Debug, Deserialize)]
+struct ApiError {
+    #[serde(default)]
+    description: String,
 }
 
 /// What one answer on a batch's reply subject means.
 #[derive(Debug, PartialEq, Eq)]
 enum Answer {
-    /// Flow control: progress inside the batch.
-    Progress,
+    /// Flow control: everything up to sequence `upto` is stored.
+    Progress { upto: u64 },
     /// The batch's acknowledgement: `count` messages in it were taken.
     Done { count: u64 },
     /// A gap, an error for one message, or the batch refused.
@@ -189,7 +382,9 @@ fn classify(payload: &Bytes) -> Answer {
         return Answer::Failed(error.description);
     }
     match (reply.kind.as_deref(), reply.count) {
-        (Some("ack"), _) => Answer::Progress,
+        (Some("ack"), _) => Answer::Progress {
+            upto: reply.seq.unwrap_or(0),
+        },
         (Some(other), _) => {
             Answer::Failed(format!("{other}: {}", String::from_utf8_lossy(payload)))
         }
@@ -208,7 +403,14 @@ mod tests {
     #[test]
     fn answers_are_told_apart() {
         let a = |s: &'static str| classify(&Bytes::from_static(s.as_bytes()));
-        assert_eq!(a(r#"{"type":"ack","seq":0,"msgs":256}"#), Answer::Progress);
+        assert_eq!(
+            a(r#"{"type":"ack","seq":0,"msgs":256}"#),
+            Answer::Progress { upto: 0 }
+        );
+        assert_eq!(
+            a(r#"{"type":"ack","seq":384,"msgs":128}"#),
+            Answer::Progress { upto: 384 }
+        );
         assert_eq!(
             a(r#"{"stream":"FALCO","seq":512,"batch":"x-1","count":256}"#),
             Answer::Done { count: 256 }

@@ -6,7 +6,7 @@
 //! `round_trip`; `subject` stands alone.
 
 mod connection;
-mod fast_batch;
+pub mod fast_batch;
 mod ledger;
 mod publisher;
 mod round_trip;
@@ -15,6 +15,7 @@ pub mod subject;
 pub use connection::{
     connect, ConnectionMetrics, ConnectionWatch, NatsConnection, NatsError, NatsOptions,
 };
+pub use fast_batch::FastBatches;
 pub use ledger::DeliveryLedger;
 pub use publisher::{JetStreamOptions, PublishOptions, Publisher, StreamMismatch};
 pub use round_trip::{round_trip, RoundTripError};

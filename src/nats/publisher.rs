@@ -14,7 +14,7 @@ use tokio::sync::mpsc;
 use crate::backoff::Backoff;
 use crate::event::FalcoEvent;
 use crate::nats::connection::{DeniedSubjects, NatsConnection};
-use crate::nats::fast_batch::FastBatches;
+use crate::nats::fast_batch::{BatchOutcome, FastBatches};
 use crate::nats::ledger::DeliveryLedger;
 use crate::nats::round_trip::round_trip;
 use crate::nats::subject::{covers, SubjectTemplate};
@@ -256,7 +256,7 @@ impl JetStreamPublisher {
 
     async fn run(
         self,
-        alerts: mpsc::Receiver<FalcoEvent>,
+        mut alerts: mpsc::Receiver<FalcoEvent>,
     ) -> Result<(Client, u64), StreamMismatch> {
         // Shared by every in-flight publish: only needed again if the stream vanishes.
         let config = Arc::new(self.stream_config());
@@ -281,20 +281,31 @@ impl JetStreamPublisher {
         };
         let count = match batches {
             Some(batches) => self.run_batched(alerts, batches, &config).await,
-            None => self.run_each(alerts, &config).await,
+            None => self.run_each(&mut alerts, &config, None).await.0,
         };
         Ok((self.client, count))
     }
 
-    /// One acknowledgement per alert, at most `max_inflight` awaited at once.
+    /// One acknowledgement per alert, at most `max_inflight` awaited at
+    /// once, until the queue is closed or (when given) `until` has come.
+    /// Returns the alerts taken, and whether the queue was closed.
     async fn run_each(
         &self,
-        mut alerts: mpsc::Receiver<FalcoEvent>,
+        alerts: &mut mpsc::Receiver<FalcoEvent>,
         config: &Arc<stream::Config>,
-    ) -> u64 {
+        until: Option<tokio::time::Instant>,
+    ) -> (u64, bool) {
         let mut count = 0u64;
+        let mut closed = false;
         let max = self.options.max_inflight.max(1);
         let mut inflight = FuturesUnordered::new();
+        let stop = async {
+            match until {
+                Some(at) => tokio::time::sleep_until(at).await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::pin!(stop);
         loop {
             tokio::select! {
                 biased;
@@ -304,19 +315,23 @@ impl JetStreamPublisher {
                         count += 1;
                         inflight.push(self.publish_one(config, event));
                     }
-                    None => break,
-                }
+                    None => {
+                        closed = true;
+                        break;
+                    }
+                },
+                () = &mut stop => break,
             }
         }
         while inflight.next().await.is_some() {}
-        count
+        (count, closed)
     }
 
-    /// Whatever is queued (up to `max_inflight`) goes out as one fast batch
-    /// with one acknowledgement. A batch not acknowledged whole is published
-    /// again alert by alert (the message ids keep one copy of each), and the
-    /// next batches wait a while: a batch that keeps failing must not cost
-    /// a time-out each.
+    /// Alerts go out in fast batches, at most `max_inflight` unconfirmed.
+    /// When a batch fails, what it left unconfirmed is published again
+    /// alert by alert (the message ids keep one copy of each), and alerts
+    /// are acknowledged one by one for a while: a batch that keeps failing
+    /// must not cost a time-out each.
     async fn run_batched(
         &self,
         mut alerts: mpsc::Receiver<FalcoEvent>,
@@ -324,48 +339,38 @@ impl JetStreamPublisher {
         config: &Arc<stream::Config>,
     ) -> u64 {
         let mut count = 0u64;
-        let max = self.options.max_inflight.max(1);
-        let mut batch = Vec::with_capacity(max);
-        let mut batched_again_at = tokio::time::Instant::now();
-        while alerts.recv_many(&mut batch, max).await > 0 {
-            count += batch.len() as u64;
-            // Alerts on subjects the server refused go the way that drops them.
-            let denied_here = batch
-                .iter()
-                .any(|e| self.denied.contains(&self.subject.render(e)));
-            let result = if denied_here || tokio::time::Instant::now() < batched_again_at {
-                Err(None)
-            } else {
-                batches.publish(&self.subject, &batch).await.map_err(Some)
+        let mut outcome = Outcome {
+            metrics: &self.metrics,
+            denied: &self.denied,
+        };
+        loop {
+            let run = batches
+                .run(
+                    &self.subject,
+                    &mut alerts,
+                    self.options.max_inflight,
+                    &mut outcome,
+                    &mut count,
+                )
+                .await;
+            let Err(failure) = run else {
+                return count;
             };
-            match result {
-                Ok(()) => {
-                    self.metrics
-                        .fast_batches
-                        .get_or_create(&[("result", "stored")])
-                        .inc();
-                    for event in batch.drain(..) {
-                        record_stored(&self.metrics, &event, false);
-                    }
-                }
-                Err(failed) => {
-                    if let Some(e) = failed {
-                        self.metrics
-                            .fast_batches
-                            .get_or_create(&[("result", "redone")])
-                            .inc();
-                        tracing::warn!(error = %e, alerts = batch.len(), "fast batch not acknowledged whole; publishing its alerts one by one");
-                        batched_again_at = tokio::time::Instant::now() + BATCH_PAUSE;
-                    }
-                    let mut each: FuturesUnordered<_> = batch
-                        .drain(..)
-                        .map(|event| self.publish_one(config, event))
-                        .collect();
-                    while each.next().await.is_some() {}
-                }
+            self.metrics.fast_batches_failed.inc();
+            tracing::warn!(error = %failure.error, unconfirmed = failure.unconfirmed.len(), "fast batch failed; publishing its unconfirmed alerts one by one");
+            let mut each: FuturesUnordered<_> = failure
+                .unconfirmed
+                .into_iter()
+                .map(|event| self.publish_one(config, event))
+                .collect();
+            while each.next().await.is_some() {}
+            let until = tokio::time::Instant::now() + BATCH_PAUSE;
+            let (n, closed) = self.run_each(&mut alerts, config, Some(until)).await;
+            count += n;
+            if closed {
+                return count;
             }
         }
-        count
     }
 
     fn publish_one(
@@ -384,11 +389,55 @@ impl JetStreamPublisher {
     }
 }
 
-/// How long to wait for a fast batch's acknowledgement after its last alert.
+/// How long to wait for an answer to a fast batch with alerts unconfirmed.
 const BATCH_ACK_WAIT: Duration = Duration::from_secs(5);
+
+/// What the bridge does with the alerts of a fast batch.
+struct Outcome<'a> {
+    metrics: &'a BridgeMetrics,
+    denied: &'a DeniedSubjects,
+}
+
+impl BatchOutcome for Outcome<'_> {
+    fn ended(&mut self) {
+        self.metrics.fast_batches.inc();
+    }
+
+    fn stored(&mut self, event: &FalcoEvent) {
+        record_stored(self.metrics, event, false);
+    }
+
+    fn denied(&self, subject: &str) -> bool {
+        self.denied.contains(subject)
+    }
+
+    fn dropped(&mut self, event: FalcoEvent, subject: String) {
+        record_dropped(
+            self.metrics,
+            &subject,
+            &event,
+            "permission_denied",
+            &"NATS denied this connection publishing on the subject",
+        );
+    }
+}
 
 /// After a fast batch failed, alerts are acknowledged one by one this long.
 const BATCH_PAUSE: Duration = Duration::from_secs(5);
+
+/// Counts and logs an alert the stream refuses for good.
+fn record_dropped(
+    metrics: &BridgeMetrics,
+    subject: &str,
+    event: &FalcoEvent,
+    reason: &'static str,
+    error: &dyn std::fmt::Display,
+) {
+    metrics.unconfirmed.dec();
+    metrics.publish_failures.inc();
+    metrics.rejected.get_or_create(&[("reason", reason)]).inc();
+    tracing::error!(%subject, rule = ?event.rule, reason, error = %error, "JetStream refuses this alert for good; dropped, not retried");
+}
 
 /// Counts an alert the stream acknowledged.
 fn record_stored(metrics: &BridgeMetrics, event: &FalcoEvent, duplicate: bool) {
@@ -547,10 +596,7 @@ async fn publish_until_acked(
     let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(5));
     let mut attempt = 0u32;
     let drop_alert = |reason: &'static str, error: &dyn std::fmt::Display| {
-        metrics.unconfirmed.dec();
-        metrics.publish_failures.inc();
-        metrics.rejected.get_or_create(&[("reason", reason)]).inc();
-        tracing::error!(%subject, rule = ?event.rule, reason, error = %error, "JetStream refuses this alert for good; dropped, not retried");
+        record_dropped(&metrics, &subject, &event, reason, error)
     };
     loop {
         attempt += 1;

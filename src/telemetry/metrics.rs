@@ -45,9 +45,11 @@ pub struct BridgeMetrics {
     pub unconfirmed: Gauge,
     /// Time from receiving an alert to publishing it (JetStream: to its ack).
     pub publish_latency: Histogram,
-    /// JetStream fast batches: acknowledged whole ("stored") or published
-    /// again alert by alert ("redone").
-    pub fast_batches: Family<Label, Counter>,
+    /// JetStream fast batches that failed part way (their unconfirmed
+    /// alerts published again one by one).
+    pub fast_batches_failed: Counter,
+    /// JetStream fast batches ended and acknowledged whole.
+    pub fast_batches: Counter,
 }
 
 impl BridgeMetrics {
@@ -66,7 +68,8 @@ impl BridgeMetrics {
             input_connected: Gauge::default(),
             unconfirmed: Gauge::default(),
             publish_latency: Histogram::new(exponential_buckets(0.000_05, 2.0, 18)),
-            fast_batches: Family::default(),
+            fast_batches_failed: Counter::default(),
+            fast_batches: Counter::default(),
         };
         let r = registry.sub_registry_with_prefix("falco_nats");
         r.register(
@@ -126,8 +129,13 @@ impl BridgeMetrics {
         );
         r.register(
             "jetstream_fast_batches",
-            "JetStream fast batches, by result: stored whole, or redone alert by alert",
+            "JetStream fast batches ended and acknowledged whole",
             m.fast_batches.clone(),
+        );
+        r.register(
+            "jetstream_fast_batches_failed",
+            "JetStream fast batches that failed part way (their unconfirmed alerts published again one by one)",
+            m.fast_batches_failed.clone(),
         );
         m
     }

@@ -45,14 +45,40 @@ fn is_resource(doc: &Value) -> bool {
         && doc["kind"] != "Component"
 }
 
-/// Files holding Kubernetes resources (not kustomizations, policies or Falco fragments).
+/// Files holding Kubernetes resources (not kustomizations, patches,
+/// policies or Falco fragments).
 fn resource_files() -> Vec<PathBuf> {
     let mut files = Vec::new();
     yaml_files(&deploy_dir(), &mut files);
+    let patches = patch_files();
     files
         .into_iter()
+        .filter(|f| !patches.contains(&f.canonicalize().unwrap()))
         .filter(|f| documents(f).iter().any(is_resource))
         .collect()
+}
+
+/// Strategic-merge patches named by a kustomization's `patches: - path:`.
+fn patch_files() -> BTreeSet<PathBuf> {
+    let mut files = Vec::new();
+    yaml_files(&deploy_dir(), &mut files);
+    let mut out = BTreeSet::new();
+    for k in files.iter().filter(|f| f.ends_with("kustomization.yaml")) {
+        let doc = &documents(k)[0];
+        for patch in doc
+            .get("patches")
+            .and_then(Value::as_array)
+            .into_iter()
+            .flatten()
+        {
+            if let Some(path) = patch.get("path").and_then(Value::as_str) {
+                let file = k.parent().unwrap().join(path);
+                assert!(file.exists(), "{} patches with missing {path}", k.display());
+                out.insert(file.canonicalize().unwrap());
+            }
+        }
+    }
+    out
 }
 
 fn validator() -> PathBuf {
@@ -101,8 +127,8 @@ fn kustomizations_reference_what_exists_and_render_when_kubectl_is_here() {
         .collect();
     assert_eq!(
         kustomizations.len(),
-        5,
-        "base, three overlays and the namespaced-RBAC component"
+        6,
+        "base, three overlays, the namespaced-RBAC and leaf components"
     );
     let mut referenced = BTreeSet::new();
     for k in &kustomizations {

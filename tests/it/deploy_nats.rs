@@ -228,3 +228,212 @@ async fn the_shipped_nats_lets_each_user_do_its_job_and_nothing_else() {
         .unwrap();
     bridge.stop().await.unwrap();
 }
+
+/// The leaf layout as shipped (deploy/components/leaf, issue 11): the hub's
+/// nats.conf with its leaf node port, two nodes' leaf nats-servers from the
+/// ConfigMap (one node name with dots), a bridge on each as the patched
+/// DaemonSet runs it, and FALCO_ALL made from hub-stream.sh's config by the
+/// admin user with natscli. Every alert reaches FALCO_ALL once; alerts also
+/// reach a reader on the hub live; a leaf cannot publish results there.
+#[tokio::test]
+async fn the_shipped_leaf_layout_brings_each_nodes_alerts_to_the_hub_once() {
+    const PER_NODE: usize = 200;
+    let dir = tempfile::tempdir().unwrap();
+    let pw = passwords();
+    let leaf_port = free_port();
+    let hub_conf = shipped_config(dir.path());
+    let text = std::fs::read_to_string(&hub_conf).unwrap();
+    assert!(text.contains("port: 7422"));
+    std::fs::write(
+        &hub_conf,
+        text.replace("port: 7422", &format!("port: {leaf_port}")),
+    )
+    .unwrap();
+    let hub = NatsServer::start_with_env(
+        free_port(),
+        &["-c", hub_conf.to_str().unwrap()],
+        &[
+            ("NATS_BRIDGE_PASSWORD", &pw["nats-user-bridge"]),
+            ("NATS_RESPOND_PASSWORD", &pw["nats-user-respond"]),
+            ("NATS_READER_PASSWORD", &pw["nats-user-reader"]),
+            ("NATS_ADMIN_PASSWORD", &pw["nats-user-admin"]),
+            ("NATS_LEAF_PASSWORD", &pw["nats-user-leaf"]),
+        ],
+    );
+    let reader = client_as(&hub.url(), "reader", &pw["nats-user-reader"]).await;
+    let mut live = reader.subscribe("falco.>").await.unwrap();
+    reader.flush().await.unwrap();
+
+    // The component's files: the leaf's config and its container.
+    let component = deploy().join("components/leaf");
+    let config = yaml_docs(&std::fs::read_to_string(component.join("leaf-config.yaml")).unwrap());
+    let leaf_conf = config[0]["data"]["leaf.conf"]
+        .as_str()
+        .unwrap()
+        // The test's own monitoring-free ports and store (the -sd flag).
+        .replace("http: 127.0.0.1:8222\n", "")
+        .replace("store_dir: /data\n", "");
+    let leaf_conf_path = dir.path().join("leaf.conf");
+    std::fs::write(&leaf_conf_path, leaf_conf).unwrap();
+    let patch = yaml_docs(&std::fs::read_to_string(component.join("falco-leaf.yaml")).unwrap());
+    let containers = patch[0]["spec"]["template"]["spec"]["containers"]
+        .as_array()
+        .unwrap()
+        .clone();
+    let leaf_container = containers
+        .iter()
+        .find(|c| c["name"] == "nats-leaf")
+        .unwrap();
+    let bridge_env = &containers
+        .iter()
+        .find(|c| c["name"] == "falco-nats")
+        .unwrap()["env"];
+    assert_eq!(bridge_env[0]["name"], "NATS_URL");
+    assert_eq!(bridge_env[0]["value"], "nats://127.0.0.1:4222");
+    let command = leaf_container["command"][2].as_str().unwrap();
+    let hub_url_template = leaf_container["env"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|e| e["name"] == "NATS_HUB_URL")
+        .unwrap()["value"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+
+    let nodes = ["node-a.example", "node-b"];
+    let mut leaves = Vec::new();
+    let mut bridges = Vec::new();
+    for node in nodes {
+        // The domain as the container's command makes it from the node name.
+        let domain = Command::new("sh")
+            .arg("-c")
+            .arg(command.replace(
+                "exec nats-server --config /etc/nats-leaf/leaf.conf",
+                "echo \"$NATS_LEAF_DOMAIN\"",
+            ))
+            .env("NODE_NAME", node)
+            .output()
+            .unwrap();
+        let domain = String::from_utf8(domain.stdout).unwrap().trim().to_owned();
+        assert!(!domain.contains('.'), "{domain}");
+        let hub_url = hub_url_template
+            .replace("$(NATS_LEAF_PASSWORD)", &pw["nats-user-leaf"])
+            .replace(
+                "nats.falco-nats.svc:7422",
+                &format!("127.0.0.1:{leaf_port}"),
+            );
+        let leaf = NatsServer::start_with_env(
+            free_port(),
+            &["-c", leaf_conf_path.to_str().unwrap()],
+            &[("NATS_LEAF_DOMAIN", &domain), ("NATS_HUB_URL", &hub_url)],
+        );
+        let mut options = grpc_options(Path::new("/unused"), &leaf.url());
+        options.input = InputOptions::Http(HttpOptions {
+            max_body: 64 * 1024,
+            token: None,
+        });
+        options.publish.jetstream = Some(jetstream_options());
+        bridges.push(RunningBridge::start_ready(options).await);
+        leaves.push(leaf);
+    }
+
+    // FALCO_ALL from the script's config, made as the admin user.
+    let out = Command::new(component.join("hub-stream.sh"))
+        .args(nodes)
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let stream_file = dir.path().join("falco-all.json");
+    std::fs::write(&stream_file, &out.stdout).unwrap();
+    let add = Command::new(natscli())
+        .args(["stream", "add", "FALCO_ALL", "--config"])
+        .arg(&stream_file)
+        .args(["-s", &hub.url(), "--user", "admin", "--password"])
+        .arg(&pw["nats-user-admin"])
+        .args(["--inbox-prefix", "_INBOX_admin"])
+        .output()
+        .unwrap();
+    assert!(
+        add.status.success(),
+        "nats stream add: {}{}",
+        String::from_utf8_lossy(&add.stdout),
+        String::from_utf8_lossy(&add.stderr)
+    );
+
+    for (i, bridge) in bridges.iter().enumerate() {
+        let mut factory = AlertFactory::new(nodes[i], false);
+        for _ in 0..PER_NODE {
+            let (code, _) = http_post(bridge.http, &[], factory.next_json().as_bytes()).await;
+            assert_eq!(code, 200);
+        }
+    }
+    // Live on the hub too (a reader such as tail sees them).
+    receive(&mut live, 2 * PER_NODE, WAIT).await;
+    // And stored at the hub once each, by (hostname, evt.num).
+    let hub_client = client_as(&hub.url(), "admin", &pw["nats-user-admin"]).await;
+    let js = async_nats::jetstream::new(hub_client);
+    wait_for(
+        "every alert in FALCO_ALL",
+        Duration::from_secs(60),
+        || async {
+            match js.get_stream("FALCO_ALL").await {
+                Ok(mut s) => {
+                    s.info().await.map(|i| i.state.messages).unwrap_or(0) >= 2 * PER_NODE as u64
+                }
+                Err(_) => false,
+            }
+        },
+    )
+    .await;
+    let stream = js.get_stream("FALCO_ALL").await.unwrap();
+    let mut seen = std::collections::BTreeSet::new();
+    for seq in 1..=(2 * PER_NODE as u64) {
+        let msg = stream.get_raw_message(seq).await.unwrap();
+        let alert: Value = serde_json::from_slice(&msg.payload).unwrap();
+        let key = (
+            alert["hostname"].as_str().unwrap().to_owned(),
+            alert["output_fields"]["evt.num"].as_u64().unwrap(),
+        );
+        assert!(seen.insert(key.clone()), "{key:?} twice");
+    }
+    assert_eq!(seen.len(), 2 * PER_NODE);
+    let info = stream.cached_info();
+    assert_eq!(info.state.messages, 2 * PER_NODE as u64, "nothing more");
+
+    // A leaf may not publish results into the hub; alerts it may.
+    let mut results = reader.subscribe("falco.response.>").await.unwrap();
+    reader.flush().await.unwrap();
+    let on_leaf = async_nats::connect(leaves[0].url()).await.unwrap();
+    on_leaf
+        .publish("falco.response.forged", "deleted".into())
+        .await
+        .unwrap();
+    on_leaf
+        .publish("falco.critical.probe", "{}".into())
+        .await
+        .unwrap();
+    on_leaf.flush().await.unwrap();
+    let probe = loop {
+        let m = tokio::time::timeout(WAIT, futures_util::StreamExt::next(&mut live))
+            .await
+            .expect("the probe alert reaches the hub")
+            .unwrap();
+        if m.subject.as_str() == "falco.critical.probe" {
+            break m;
+        }
+    };
+    assert_eq!(probe.payload.as_ref(), b"{}");
+    assert!(
+        tokio::time::timeout(
+            Duration::from_millis(500),
+            futures_util::StreamExt::next(&mut results)
+        )
+        .await
+        .is_err(),
+        "a result published on a leaf reached the hub"
+    );
+    for bridge in bridges {
+        bridge.stop().await.unwrap();
+    }
+}
