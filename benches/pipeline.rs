@@ -33,7 +33,7 @@ use falco_nats::simulate::alerts::AlertFactory;
 use falco_nats::simulate::falco_grpc::MockFalco;
 use falco_nats::simulate::kube_api::KubeApi;
 use futures_util::StreamExt;
-use support::{free_port, NatsServer};
+use support::{free_port, NatsCluster, NatsServer};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 const BIN: &str = env!("CARGO_BIN_EXE_falco-nats");
@@ -199,7 +199,9 @@ impl Counter {
     async fn for_mode(url: &str, mode: Mode, stream: &str) -> Self {
         match mode {
             Mode::Core => Counter::start(url, "falco.>").await,
-            Mode::JetStream | Mode::JetStreamEach => Counter::stream(url, stream).await,
+            Mode::JetStream | Mode::JetStreamEach | Mode::JetStreamR3 => {
+                Counter::stream(url, stream).await
+            }
         }
     }
 
@@ -274,6 +276,8 @@ enum Mode {
     JetStream,
     /// JetStream, one acknowledgement per alert (`--fast-batch off`).
     JetStreamEach,
+    /// JetStream on a cluster of three, the stream replicated (`--replicas 3`).
+    JetStreamR3,
 }
 
 fn bridge_args(input: &str, extra: &[&str], url: &str, mode: Mode) -> Vec<String> {
@@ -296,6 +300,9 @@ fn bridge_args(input: &str, extra: &[&str], url: &str, mode: Mode) -> Vec<String
     if mode == Mode::JetStreamEach {
         args.extend(["--fast-batch", "off"].map(String::from));
     }
+    if mode == Mode::JetStreamR3 {
+        args.extend(["--replicas", "3"].map(String::from));
+    }
     args.extend(extra.iter().map(|s| s.to_string()));
     args
 }
@@ -309,7 +316,12 @@ struct Run {
 /// The JetStream ceiling: a plain publisher of the same bytes to a stream
 /// like the bridge's, acknowledged, at most `inflight` awaiting their ack,
 /// a `Nats-Msg-Id` each (as the bridge publishes).
-async fn jetstream_ceiling(url: &str, corpus: &Corpus, inflight: usize) -> Option<Run> {
+async fn jetstream_ceiling(
+    url: &str,
+    corpus: &Corpus,
+    inflight: usize,
+    replicas: usize,
+) -> Option<Run> {
     use futures_util::stream::FuturesUnordered;
     let counter = Counter::stream(url, "CEILING").await;
     let client = async_nats::connect(url).await.unwrap();
@@ -320,6 +332,7 @@ async fn jetstream_ceiling(url: &str, corpus: &Corpus, inflight: usize) -> Optio
         name: "CEILING".into(),
         subjects: vec!["falco.>".into()],
         duplicate_window: Duration::from_secs(120),
+        num_replicas: replicas,
         ..Default::default()
     })
     .await
@@ -853,27 +866,42 @@ fn main() {
 /// row as a fraction of the core NATS ceiling.
 fn jetstream_table(md: &mut String, results: &HashMap<&str, (Vec<f64>, Vec<f64>)>) {
     let rate = |t: Throughput| results.get(t.name()).map(|r| median(r.0.clone()));
-    let (Some(core), Some(each), Some(fast)) = (
-        rate(Throughput::Ceiling),
-        rate(Throughput::JetStreamCeiling),
-        rate(Throughput::JetStreamFastCeiling),
-    ) else {
+    let Some(core) = rate(Throughput::Ceiling) else {
         return;
     };
-    let _ = writeln!(md, "\n### JetStream beside its floors\n\n| scenario | alerts/s | vs its JetStream floor | vs core ceiling |\n| --- | ---: | ---: | ---: |");
+    let _ = writeln!(md, "\n### JetStream beside its floors\n\n| scenario | alerts/s | floor | vs floor | vs core ceiling |\n| --- | ---: | --- | ---: | ---: |");
     let rows = [
-        (Throughput::JetStreamCeiling, each),
-        (Throughput::BridgeFifo(Mode::JetStreamEach), each),
-        (Throughput::JetStreamFastCeiling, fast),
-        (Throughput::BridgeFifo(Mode::JetStream), fast),
+        (Throughput::JetStreamCeiling, Throughput::JetStreamCeiling),
+        (
+            Throughput::BridgeFifo(Mode::JetStreamEach),
+            Throughput::JetStreamCeiling,
+        ),
+        (
+            Throughput::JetStreamFastCeiling,
+            Throughput::JetStreamCeiling,
+        ),
+        (
+            Throughput::BridgeFifo(Mode::JetStream),
+            Throughput::JetStreamCeiling,
+        ),
+        (
+            Throughput::BridgeFifo(Mode::JetStream),
+            Throughput::JetStreamFastCeiling,
+        ),
+        (Throughput::JetStreamCeilingR3, Throughput::JetStreamCeiling),
+        (
+            Throughput::BridgeFifo(Mode::JetStreamR3),
+            Throughput::JetStreamCeilingR3,
+        ),
     ];
     for (t, floor) in rows {
-        if let Some(r) = rate(t) {
+        if let (Some(r), Some(f)) = (rate(t), rate(floor)) {
             let _ = writeln!(
                 md,
-                "| {} | {r:.0} | {:.2}x | {:.2}x |",
+                "| {} | {r:.0} | {} | {:.2}x | {:.2}x |",
                 t.name(),
-                r / floor,
+                floor.name(),
+                r / f,
                 r / core
             );
         }
@@ -889,13 +917,15 @@ enum Throughput {
     GrpcTransport,
     HttpTransport,
     JetStreamFastCeiling,
+    /// The plain JetStream publisher on a cluster of three, R3.
+    JetStreamCeilingR3,
     BridgeGrpc(Mode),
     BridgeFifo(Mode),
     BridgeHttp(Mode),
 }
 
 impl Throughput {
-    const ALL: [Throughput; 13] = [
+    const ALL: [Throughput; 15] = [
         Throughput::Ceiling,
         Throughput::JetStreamCeiling,
         Throughput::JetStreamFastCeiling,
@@ -909,6 +939,8 @@ impl Throughput {
         Throughput::BridgeFifo(Mode::JetStream),
         Throughput::BridgeFifo(Mode::JetStreamEach),
         Throughput::BridgeHttp(Mode::JetStream),
+        Throughput::JetStreamCeilingR3,
+        Throughput::BridgeFifo(Mode::JetStreamR3),
     ];
 
     fn name(&self) -> &'static str {
@@ -925,6 +957,12 @@ impl Throughput {
             Throughput::BridgeGrpc(_) => "bridge gRPC, JetStream",
             Throughput::BridgeFifo(Mode::JetStream) => "bridge FIFO, JetStream",
             Throughput::BridgeFifo(Mode::JetStreamEach) => "bridge FIFO, JetStream, one ack each",
+            Throughput::JetStreamCeilingR3 => {
+                "plain JetStream publisher, R3 on a cluster of three (256 in flight)"
+            }
+            Throughput::BridgeFifo(Mode::JetStreamR3) => {
+                "bridge FIFO, JetStream R3 on a cluster of three"
+            }
             Throughput::BridgeHttp(_) => "bridge HTTP (4 connections), JetStream",
         }
     }
@@ -933,7 +971,15 @@ impl Throughput {
     async fn run(&self, url: &str, corpus: &Corpus, dir: &Path) -> Option<Run> {
         match *self {
             Throughput::Ceiling => ceiling(url, corpus, false).await,
-            Throughput::JetStreamCeiling => jetstream_ceiling(url, corpus, 256).await,
+            Throughput::JetStreamCeiling => jetstream_ceiling(url, corpus, 256, 1).await,
+            Throughput::JetStreamCeilingR3 => {
+                let cluster = NatsCluster::start(3);
+                jetstream_ceiling(&cluster.urls(), corpus, 256, 3).await
+            }
+            Throughput::BridgeFifo(Mode::JetStreamR3) => {
+                let cluster = NatsCluster::start(3);
+                bridge_fifo(&cluster.urls(), corpus, Mode::JetStreamR3, dir).await
+            }
             Throughput::FlushEach => ceiling(url, corpus, true).await,
             Throughput::GrpcTransport => null_grpc(corpus, dir).await,
             Throughput::HttpTransport => null_http(corpus, 4).await,

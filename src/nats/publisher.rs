@@ -288,7 +288,9 @@ impl JetStreamPublisher {
 
     /// One acknowledgement per alert, at most `max_inflight` awaited at
     /// once, until the queue is closed or (when given) `until` has come.
-    /// Returns the alerts taken, and whether the queue was closed.
+    /// Returns the alerts taken, and whether the queue was closed. The first
+    /// attempt is a plain publish whose acknowledgement is awaited with the
+    /// others; an alert whose first attempt fails goes on retrying alone.
     async fn run_each(
         &self,
         alerts: &mut mpsc::Receiver<FalcoEvent>,
@@ -298,7 +300,8 @@ impl JetStreamPublisher {
         let mut count = 0u64;
         let mut closed = false;
         let max = self.options.max_inflight.max(1);
-        let mut inflight = FuturesUnordered::new();
+        let mut acks = FuturesUnordered::new();
+        let mut retries = FuturesUnordered::new();
         let stop = async {
             match until {
                 Some(at) => tokio::time::sleep_until(at).await,
@@ -309,11 +312,21 @@ impl JetStreamPublisher {
         loop {
             tokio::select! {
                 biased;
-                Some(()) = inflight.next(), if !inflight.is_empty() => {}
-                next = alerts.recv(), if inflight.len() < max => match next {
+                Some((result, event)) = acks.next(), if !acks.is_empty() => match result as AckResult {
+                    Ok(ack) => record_stored(&self.metrics, &event, ack.duplicate),
+                    Err(e) => retries.push(self.publish_one(config, event, Some(e))),
+                },
+                Some(()) = retries.next(), if !retries.is_empty() => {}
+                next = alerts.recv(), if acks.len() + retries.len() < max => match next {
                     Some(event) => {
                         count += 1;
-                        inflight.push(self.publish_one(config, event));
+                        let subject = self.subject.render(&event);
+                        let headers = alert_headers(&event);
+                        let payload = event.payload.clone();
+                        match self.context.publish_with_headers(subject, headers, payload).await {
+                            Ok(ack) => acks.push(with_event(ack, event)),
+                            Err(e) => retries.push(self.publish_one(config, event, Some(e))),
+                        }
                     }
                     None => {
                         closed = true;
@@ -323,7 +336,13 @@ impl JetStreamPublisher {
                 () = &mut stop => break,
             }
         }
-        while inflight.next().await.is_some() {}
+        while let Some((result, event)) = acks.next().await {
+            match result {
+                Ok(ack) => record_stored(&self.metrics, &event, ack.duplicate),
+                Err(e) => retries.push(self.publish_one(config, event, Some(e))),
+            }
+        }
+        while retries.next().await.is_some() {}
         (count, closed)
     }
 
@@ -361,7 +380,7 @@ impl JetStreamPublisher {
             let mut each: FuturesUnordered<_> = failure
                 .unconfirmed
                 .into_iter()
-                .map(|event| self.publish_one(config, event))
+                .map(|event| self.publish_one(config, event, None))
                 .collect();
             while each.next().await.is_some() {}
             let until = tokio::time::Instant::now() + BATCH_PAUSE;
@@ -373,10 +392,13 @@ impl JetStreamPublisher {
         }
     }
 
+    /// Publishes `event` until stored (or refused for good); `failed`: the
+    /// error of a first attempt already made.
     fn publish_one(
         &self,
         config: &Arc<stream::Config>,
         event: FalcoEvent,
+        failed: Option<jetstream::context::PublishError>,
     ) -> impl std::future::Future<Output = ()> {
         publish_until_acked(
             self.context.clone(),
@@ -385,8 +407,20 @@ impl JetStreamPublisher {
             event,
             self.metrics.clone(),
             self.denied.clone(),
+            failed,
         )
     }
+}
+
+/// A publish's acknowledgement, or why there is none.
+type AckResult = Result<jetstream::publish::PublishAck, jetstream::context::PublishError>;
+
+/// Awaits `ack`, keeping the alert it acknowledges.
+async fn with_event(
+    ack: jetstream::context::PublishAckFuture,
+    event: FalcoEvent,
+) -> (AckResult, FalcoEvent) {
+    (ack.await, event)
 }
 
 /// How long to wait for an answer to a fast batch with alerts unconfirmed.
@@ -582,6 +616,7 @@ async fn stream_refuses(context: &jetstream::Context, name: &str, subject: &str)
 /// Publishes one alert to JetStream until the stream acknowledges it, with
 /// the same `Nats-Msg-Id` each time so the stream keeps exactly one copy.
 /// An alert the stream refuses for good is counted, logged and dropped.
+/// `failed`: the error of a first attempt already made.
 async fn publish_until_acked(
     context: jetstream::Context,
     config: Arc<stream::Config>,
@@ -589,6 +624,7 @@ async fn publish_until_acked(
     event: FalcoEvent,
     metrics: BridgeMetrics,
     denied: DeniedSubjects,
+    mut failed: Option<jetstream::context::PublishError>,
 ) {
     use async_nats::jetstream::context::PublishErrorKind;
     let headers = alert_headers(&event);
@@ -600,16 +636,21 @@ async fn publish_until_acked(
     };
     loop {
         attempt += 1;
-        let result = match context
-            .publish_with_headers(subject.clone(), headers.clone(), payload.clone())
-            .await
-        {
-            Ok(ack) => ack.await,
-            Err(e) => Err(e),
-        };
-        let e = match result {
-            Ok(ack) => return record_stored(&metrics, &event, ack.duplicate),
-            Err(e) => e,
+        let e = match failed.take() {
+            Some(e) => e,
+            None => {
+                let result = match context
+                    .publish_with_headers(subject.clone(), headers.clone(), payload.clone())
+                    .await
+                {
+                    Ok(ack) => ack.await,
+                    Err(e) => Err(e),
+                };
+                match result {
+                    Ok(ack) => return record_stored(&metrics, &event, ack.duplicate),
+                    Err(e) => e,
+                }
+            }
         };
         if let Some(reason) = permanent_refusal(&e) {
             return drop_alert(reason, &e);
