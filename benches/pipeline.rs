@@ -161,7 +161,7 @@ impl Counter {
     /// JetStream rows, with no subscriber taking CPU from the publisher and
     /// the server. (The stream is looked up until it exists.)
     async fn stream(url: &str, stream: &str) -> Self {
-        let client = async_nats::connect(url).await.unwrap();
+        let client = support::connect_any(url).await.unwrap();
         let js = async_nats::jetstream::new(client);
         let name = stream.to_owned();
         let count = Arc::new(AtomicU64::new(0));
@@ -324,19 +324,23 @@ async fn jetstream_ceiling(
 ) -> Option<Run> {
     use futures_util::stream::FuturesUnordered;
     let counter = Counter::stream(url, "CEILING").await;
-    let client = async_nats::connect(url).await.unwrap();
+    let client = support::connect_any(url).await.unwrap();
     let js = async_nats::jetstream::ContextBuilder::new()
         .max_ack_inflight(inflight)
         .build(client);
-    js.get_or_create_stream(async_nats::jetstream::stream::Config {
+    let config = async_nats::jetstream::stream::Config {
         name: "CEILING".into(),
         subjects: vec!["falco.>".into()],
         duplicate_window: Duration::from_secs(120),
         num_replicas: replicas,
         ..Default::default()
-    })
-    .await
-    .unwrap();
+    };
+    // A new cluster elects its JetStream leader first: retry for a while.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while let Err(e) = js.get_or_create_stream(config.clone()).await {
+        assert!(Instant::now() < deadline, "cannot create the stream: {e}");
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
     let n = corpus.lines.len() as u64;
     let cpu0 = process_cpu();
     let mut acks = FuturesUnordered::new();

@@ -4,13 +4,19 @@
 //! operation; the stream stores each as it arrives and reports progress
 //! once every `flow` messages instead of acknowledging each one. The bridge
 //! keeps at most a window of alerts sent and not yet confirmed, and ends
-//! the batch (commit) as soon as its queue has been empty for a moment, so
-//! the last alerts of a burst are confirmed at once.
+//! the batch as soon as its queue has been empty for a moment, so the last
+//! alerts of a burst are confirmed at once.
 //!
 //! The reply subject the server reads, from the right:
 //! `<inbox>.<batch id>.<flow>.<gap mode>.<sequence>.<operation>.$FI`, the
-//! operation being 0 (the first message), 1 (one more), 3 (end of batch: a
-//! commit that stores nothing). The server answers on that subject with
+//! operation being 0 (the first message), 1 (one more), 2 (the last one:
+//! store it and commit). The newest alert is held back until the next one
+//! comes (then it goes out as 0 or 1) or the queue stays empty (then it
+//! goes out as 2, the commit): so every message of a batch is an alert.
+//! (The server also knows 3, an empty end-of-batch marker; it is never
+//! sent, because it would go to every core subscriber of the alert's
+//! subject, `tail` and `nats sub` among them, as an empty message.) The
+//! server answers on that subject with
 //! flow messages (`{"type":"ack","seq":N}`: everything up to N is stored;
 //! `"gap"`, `"err"`) and, at the commit, with a publish acknowledgement
 //! carrying `batch` and `count`.
@@ -46,7 +52,7 @@ const LINGER: Duration = Duration::from_millis(2);
 enum Operation {
     Start = 0,
     Append = 1,
-    CommitEndOfBatch = 3,
+    Commit = 2,
 }
 
 /// Why a batch was not confirmed whole.
@@ -109,10 +115,10 @@ struct Open {
     /// Sent and not yet confirmed, oldest first; the first has sequence
     /// `sent - unconfirmed.len() + 1`.
     unconfirmed: VecDeque<FalcoEvent>,
-    /// The subject of the last alert: the end-of-batch marker goes there,
-    /// so that the stream sees it.
-    last_subject: Subject,
-    /// The end of the batch was sent; its acknowledgement is awaited.
+    /// The newest alert, not sent yet: the next alert sends it in the
+    /// batch, an empty queue sends it as the commit.
+    held: Option<(Subject, FalcoEvent)>,
+    /// The commit was sent; its acknowledgement is awaited.
     ending: bool,
 }
 
@@ -128,11 +134,12 @@ impl Open {
         }
     }
 
+    /// What the batch leaves to publish again: the unconfirmed alerts and
+    /// the held one, in their order.
     fn fail(self, error: BatchError) -> BatchFailure {
-        BatchFailure {
-            error,
-            unconfirmed: self.unconfirmed.into(),
-        }
+        let mut unconfirmed: Vec<FalcoEvent> = self.unconfirmed.into();
+        unconfirmed.extend(self.held.map(|(_, event)| event));
+        BatchFailure { error, unconfirmed }
     }
 }
 
@@ -211,7 +218,7 @@ impl FastBatches {
                 }
                 continue;
             };
-            if batch.sent == 0 {
+            if batch.sent == 0 && batch.held.is_none() {
                 // Only denied alerts so far: nothing to end.
                 open = None;
                 continue;
@@ -284,7 +291,6 @@ impl FastBatches {
             outcome.dropped(event, subject);
             return Ok(());
         }
-        // Shares its bytes: kept for the end of the batch without a copy.
         let subject = Subject::from(subject);
         let batch = open.get_or_insert_with(|| {
             self.next += 1;
@@ -297,38 +303,51 @@ impl FastBatches {
                 id,
                 sent: 0,
                 unconfirmed: VecDeque::with_capacity(window),
-                last_subject: Subject::from_static(""),
+                held: None,
                 ending: false,
             }
         });
+        match batch.held.replace((subject, event)) {
+            Some((subject, previous)) => {
+                let op = if batch.sent == 0 {
+                    Operation::Start
+                } else {
+                    Operation::Append
+                };
+                self.publish(batch, subject, previous, op).await
+            }
+            None => Ok(()),
+        }
+    }
+
+    /// Ends the batch: the held alert goes out as the commit, and the
+    /// batch's acknowledgement confirms the rest of it.
+    async fn end(&mut self, batch: &mut Open) -> Result<(), BatchError> {
+        batch.ending = true;
+        match batch.held.take() {
+            Some((subject, event)) => self.publish(batch, subject, event, Operation::Commit).await,
+            // Every alert taken into a batch is held until the next one or
+            // the end, and nothing else sends: an open batch always holds
+            // its newest alert.
+            None => unreachable!("an open batch without its newest alert"),
+        }
+    }
+
+    /// Sends `event` as the batch's next message.
+    async fn publish(
+        &mut self,
+        batch: &mut Open,
+        subject: Subject,
+        event: FalcoEvent,
+        op: Operation,
+    ) -> Result<(), BatchError> {
         batch.sent += 1;
-        let op = if batch.sent == 1 {
-            Operation::Start
-        } else {
-            Operation::Append
-        };
         let reply = format!("{}{}.{}.$FI", batch.prefix, batch.sent, op as u8);
         let headers = alert_headers(&event);
         let payload = event.payload.clone();
         batch.unconfirmed.push_back(event);
         self.client
-            .publish_with_reply_and_headers(subject.clone(), reply, headers, payload)
-            .await?;
-        batch.last_subject = subject;
-        Ok(())
-    }
-
-    /// Ends the batch: its acknowledgement confirms the rest of it.
-    async fn end(&mut self, batch: &mut Open) -> Result<(), BatchError> {
-        let reply = format!(
-            "{}{}.{}.$FI",
-            batch.prefix,
-            batch.sent + 1,
-            Operation::CommitEndOfBatch as u8
-        );
-        batch.ending = true;
-        self.client
-            .publish_with_reply(batch.last_subject.clone(), reply, Bytes::new())
+            .publish_with_reply_and_headers(subject, reply, headers, payload)
             .await?;
         Ok(())
     }

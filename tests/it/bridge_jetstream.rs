@@ -6,6 +6,8 @@ use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::time::Duration;
 
+use futures_util::StreamExt;
+
 use crate::support::*;
 use falco_nats::simulate::alerts::AlertFactory;
 
@@ -324,11 +326,14 @@ async fn an_existing_stream_with_other_replicas_stops_the_bridge() {
 /// Issue 11, item 5: on a server with fast batch publishing (2.14+) the
 /// bridge creates its stream with `allow_batched` and sends alerts in
 /// batches, one acknowledgement each; on an older one (Debian's 2.9) it
-/// acknowledges each alert. Either way the stream holds each alert once.
+/// acknowledges each alert. Either way the stream holds each alert once,
+/// and a core subscriber (tail, `nats sub`) gets each alert once and
+/// nothing else: no empty end-of-batch marker.
 #[tokio::test]
 async fn fast_batches_where_the_server_has_them_each_alert_once() {
     const TOTAL: u64 = 20_000;
     let nats = NatsServer::start();
+    let (_client, mut live) = nats.subscribed("falco.>").await;
     let dir = tempfile::tempdir().unwrap();
     let fifo = dir.path().join("falco");
     let mut options = fifo_options(&fifo, &nats.url(), 64 * 1024);
@@ -359,6 +364,24 @@ async fn fast_batches_where_the_server_has_them_each_alert_once() {
         assert_eq!(stored + redone, 0.0);
     }
     assert_eq!(bridge.metric("falco_nats_alerts_unconfirmed").await, 0.0);
+
+    // A lone alert later: a batch of one.
+    write_fifo(&fifo, "node-c", 1).await;
+    wait_for("the lone alert stored", Duration::from_secs(20), || async {
+        stream_count(&nats.url(), "FALCO").await == TOTAL + 1
+    })
+    .await;
+    let seen = receive(&mut live, TOTAL as usize + 1, Duration::from_secs(60)).await;
+    assert!(
+        seen.iter().all(|m| m.payload.starts_with(b"{")),
+        "only alerts reach a subscriber"
+    );
+    assert!(
+        tokio::time::timeout(Duration::from_millis(300), live.next())
+            .await
+            .is_err(),
+        "nothing more reaches a subscriber"
+    );
     bridge.stop().await.unwrap();
 }
 

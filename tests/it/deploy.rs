@@ -96,7 +96,7 @@ fn validator() -> PathBuf {
     panic!("kubernetes-validate not found: run scripts/test (it installs it), or set KUBERNETES_VALIDATE");
 }
 
-fn validate(files: &[PathBuf]) {
+pub fn validate(files: &[PathBuf]) {
     let out = Command::new(validator())
         .args(["-k", KUBERNETES_VERSION, "--strict", "--quiet"])
         .args(files)
@@ -118,7 +118,7 @@ fn every_manifest_validates_against_the_kubernetes_schemas() {
 }
 
 #[test]
-fn kustomizations_reference_what_exists_and_render_when_kubectl_is_here() {
+fn kustomizations_reference_what_exists() {
     let mut files = Vec::new();
     yaml_files(&deploy_dir(), &mut files);
     let kustomizations: Vec<&PathBuf> = files
@@ -127,8 +127,8 @@ fn kustomizations_reference_what_exists_and_render_when_kubectl_is_here() {
         .collect();
     assert_eq!(
         kustomizations.len(),
-        6,
-        "base, three overlays, the namespaced-RBAC and leaf components"
+        7,
+        "base, three overlays, the namespaced-RBAC, leaf and nats-cluster components"
     );
     let mut referenced = BTreeSet::new();
     for k in &kustomizations {
@@ -161,35 +161,131 @@ fn kustomizations_reference_what_exists_and_render_when_kubectl_is_here() {
             f.display()
         );
     }
+}
 
-    // Render each overlay when a kubectl with kustomize is at hand.
-    if Command::new("kubectl")
-        .arg("version")
-        .arg("--client")
-        .output()
-        .is_ok_and(|o| o.status.success())
-    {
-        let out_dir = tempfile::tempdir().unwrap();
-        let mut rendered = Vec::new();
-        for overlay in ["grpc", "fifo", "http"] {
-            let out = Command::new("kubectl")
-                .args(["kustomize"])
-                .arg(deploy_dir().join("overlays").join(overlay))
-                .output()
-                .unwrap();
-            assert!(
-                out.status.success(),
-                "kustomize {overlay}: {}",
-                String::from_utf8_lossy(&out.stderr)
-            );
-            let file = out_dir.path().join(format!("{overlay}.yaml"));
-            std::fs::write(&file, &out.stdout).unwrap();
-            rendered.push(file);
+/// scripts/install-deps builds kustomize into target/tools/bin.
+fn kustomize() -> PathBuf {
+    let built = Path::new(env!("CARGO_MANIFEST_DIR")).join("target/tools/bin/kustomize");
+    assert!(
+        built.is_file(),
+        "kustomize not found: run scripts/install-deps --with-validator (scripts/test does)"
+    );
+    built
+}
+
+/// Renders a kustomization made on the fly: `overlay` with `components`.
+fn render(overlay: &str, components: &[&str], out: &Path) -> PathBuf {
+    // Outside deploy/, which other tests read meanwhile; kustomize takes
+    // relative paths only: target/kustomize/<dir>/ is three levels down.
+    let base = Path::new(env!("CARGO_MANIFEST_DIR")).join("target/kustomize");
+    std::fs::create_dir_all(&base).unwrap();
+    let dir = tempfile::tempdir_in(&base).unwrap();
+    let mut k = format!(
+        "apiVersion: kustomize.config.k8s.io/v1beta1\nkind: Kustomization\nresources:\n  - ../../../deploy/overlays/{overlay}\n"
+    );
+    if !components.is_empty() {
+        k += "components:\n";
+        for c in components {
+            k += &format!("  - ../../../deploy/components/{c}\n");
         }
-        validate(&rendered);
-    } else {
-        eprintln!("kubectl not found: overlays checked file by file only");
     }
+    std::fs::write(dir.path().join("kustomization.yaml"), k).unwrap();
+    let rendered = Command::new(kustomize())
+        .arg("build")
+        .arg(dir.path())
+        .output()
+        .unwrap();
+    assert!(
+        rendered.status.success(),
+        "kustomize build {overlay} {components:?}: {}",
+        String::from_utf8_lossy(&rendered.stderr)
+    );
+    let file = out.join(format!("{overlay}-{}.yaml", components.join("-")));
+    std::fs::write(&file, &rendered.stdout).unwrap();
+    file
+}
+
+/// Every overlay, alone and with each component and their combinations,
+/// rendered by the real kustomize and validated; in each rendering every
+/// falco-nats container's arguments are accepted by the CLI, and the
+/// components did what they say.
+#[test]
+fn every_overlay_with_every_component_renders_and_validates() {
+    let out = tempfile::tempdir().unwrap();
+    let sets: [&[&str]; 5] = [
+        &[],
+        &["namespaced-rbac"],
+        &["leaf"],
+        &["nats-cluster"],
+        &["leaf", "nats-cluster", "namespaced-rbac"],
+    ];
+    let mut files = Vec::new();
+    for overlay in ["grpc", "fifo", "http"] {
+        for set in sets {
+            let file = render(overlay, set, out.path());
+            let docs = documents(&file);
+            let find = |kind: &str, name: &str| {
+                docs.iter()
+                    .find(|d| d["kind"] == kind && d["metadata"]["name"] == name)
+                    .cloned()
+            };
+            let falco = find("DaemonSet", "falco").expect("the Falco DaemonSet");
+            let containers = falco["spec"]["template"]["spec"]["containers"]
+                .as_array()
+                .unwrap();
+            let bridge = containers
+                .iter()
+                .find(|c| c["name"] == "falco-nats")
+                .unwrap();
+            let respond = find("Deployment", "falco-nats-respond").unwrap();
+            let respond = &respond["spec"]["template"]["spec"]["containers"][0];
+            for c in [bridge, respond] {
+                let mut args: Vec<String> = c["args"]
+                    .as_sequence_strs()
+                    .into_iter()
+                    .map(str::to_owned)
+                    .collect();
+                args.extend(env_as_args(&args[0], &c["env"]));
+                let argv = std::iter::once("falco-nats".to_owned()).chain(args.clone());
+                if let Err(e) = Cli::try_parse_from(argv) {
+                    panic!("{overlay} {set:?}: {args:?} is refused:\n{e}");
+                }
+            }
+            let respond_args = respond["args"].as_sequence_strs();
+            let leaf = set.contains(&"leaf");
+            let cluster = set.contains(&"nats-cluster");
+            assert_eq!(containers.iter().any(|c| c["name"] == "nats-leaf"), leaf);
+            let url = bridge["env"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .find(|e| e["name"] == "NATS_URL")
+                .unwrap()["value"]
+                .clone();
+            assert_eq!(
+                url == "nats://127.0.0.1:4222",
+                leaf,
+                "{overlay} {set:?}: {url}"
+            );
+            assert_eq!(respond_args.contains(&"--stream=FALCO_ALL"), leaf);
+            let replicas = bridge["env"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .find(|e| e["name"] == "FALCO_NATS_REPLICAS");
+            assert_eq!(
+                replicas.map(|e| e["value"].clone()),
+                cluster.then(|| "3".into())
+            );
+            assert_eq!(find("StatefulSet", "nats").is_none(), cluster);
+            assert_eq!(
+                find("ClusterRole", "falco-nats-respond").is_none(),
+                set.contains(&"namespaced-rbac")
+            );
+            files.push(file);
+        }
+    }
+    validate(&files);
 }
 
 trait Strs {
@@ -234,6 +330,30 @@ fn falco_nats_containers() -> Vec<(PathBuf, Vec<String>, Vec<String>)> {
     out
 }
 
+/// A container's literal environment values as the arguments they stand
+/// for (`FALCO_NATS_REPLICAS: "3"` is `--replicas=3`), so that the CLI
+/// parses them too; values from Secrets or fields are left out.
+fn env_as_args(subcommand: &str, env: &Value) -> Vec<String> {
+    let cli = Cli::command();
+    let sub = cli
+        .find_subcommand(subcommand)
+        .unwrap_or_else(|| panic!("no subcommand {subcommand}"));
+    let mut args = Vec::new();
+    for e in env.as_array().into_iter().flatten() {
+        let (Some(name), Some(value)) = (e["name"].as_str(), e["value"].as_str()) else {
+            continue;
+        };
+        let flag = cli
+            .get_arguments()
+            .chain(sub.get_arguments())
+            .find(|a| a.get_env().is_some_and(|v| v == name));
+        if let Some(long) = flag.and_then(|a| a.get_long()) {
+            args.push(format!("--{long}={value}"));
+        }
+    }
+    args
+}
+
 /// Environment variables a subcommand reads (its flags' and the global ones).
 fn env_names(subcommand: &str) -> BTreeSet<String> {
     let cli = Cli::command();
@@ -276,6 +396,86 @@ fn container_args_and_env_are_accepted_by_the_cli() {
     let words: Vec<&str> = program.split_whitespace().collect();
     assert_eq!(words[0], "falco-nats");
     Cli::try_parse_from(words).unwrap();
+}
+
+/// Every argument a component's JSON patch adds to a falco-nats container
+/// lands on a falco-nats container (the patch's index points at one in each
+/// file holding its target) and is accepted by the real CLI there.
+#[test]
+fn arguments_components_add_are_accepted_where_they_land() {
+    let mut checked = 0;
+    for component in ["namespaced-rbac", "leaf"] {
+        let k = deploy_dir()
+            .join("components")
+            .join(component)
+            .join("kustomization.yaml");
+        let doc = &documents(&k)[0];
+        for patch in doc["patches"].as_array().unwrap() {
+            let Some(target) = patch.get("target") else {
+                continue;
+            };
+            let Some(text) = patch.get("patch").and_then(Value::as_str) else {
+                continue;
+            };
+            let ops: Vec<Value> = serde_norway::from_str(text).unwrap();
+            for op in ops {
+                let path = op["path"].as_str().unwrap();
+                // `add .../args/-` appends; `replace .../args/N` swaps one.
+                let Some((index, arg)) = path
+                    .strip_prefix("/spec/template/spec/containers/")
+                    .and_then(|rest| rest.split_once("/args/"))
+                else {
+                    continue;
+                };
+                if op["op"] == "test" {
+                    continue;
+                }
+                let index: usize = index.parse().unwrap();
+                let replaced: Option<usize> = match (op["op"].as_str(), arg) {
+                    (Some("add"), "-") => None,
+                    (Some("replace"), n) => Some(n.parse().unwrap()),
+                    other => panic!("{component}: an args patch {other:?} this test does not know"),
+                };
+                let added = op["value"].as_str().unwrap().to_owned();
+                let mut landed = 0;
+                for file in resource_files() {
+                    for res in documents(&file) {
+                        if res["kind"] != target["kind"]
+                            || res["metadata"]["name"] != target["name"]
+                        {
+                            continue;
+                        }
+                        let c = &res["spec"]["template"]["spec"]["containers"][index];
+                        assert!(
+                            c["image"].as_str().unwrap_or("").starts_with("falco-nats:"),
+                            "{component}: {path} in {} is not a falco-nats container",
+                            file.display()
+                        );
+                        let mut args: Vec<String> = c["args"]
+                            .as_sequence_strs()
+                            .into_iter()
+                            .map(str::to_owned)
+                            .collect();
+                        match replaced {
+                            Some(n) => args[n] = added.clone(),
+                            None => args.push(added.clone()),
+                        }
+                        let argv = std::iter::once("falco-nats".to_owned()).chain(args.clone());
+                        if let Err(e) = Cli::try_parse_from(argv) {
+                            panic!(
+                                "{component} on {}: {args:?} is refused:\n{e}",
+                                file.display()
+                            );
+                        }
+                        landed += 1;
+                    }
+                }
+                assert!(landed > 0, "{component}: {added} lands nowhere");
+                checked += 1;
+            }
+        }
+    }
+    assert_eq!(checked, 2, "--only-namespace, --stream=FALCO_ALL");
 }
 
 fn flag<'a>(args: &'a [String], name: &str) -> Option<&'a str> {

@@ -53,8 +53,9 @@ fn passwords() -> BTreeMap<String, String> {
     by_name
 }
 
-/// The shipped nats.conf, on a test's own ports and store (in `dir`).
-fn shipped_config(dir: &Path) -> PathBuf {
+/// The shipped nats.conf, on a test's own ports and store (in `dir`), and
+/// the leaf node port it listens on instead of 7422.
+fn shipped_config(dir: &Path) -> (PathBuf, u16) {
     let text = std::fs::read_to_string(deploy().join("base/nats.yaml")).unwrap();
     let config = yaml_docs(&text)
         .into_iter()
@@ -66,9 +67,13 @@ fn shipped_config(dir: &Path) -> PathBuf {
         .replace("http_port: 8222\n", "")
         // The test server's own -sd flag gives the store.
         .replace("store_dir: /data\n", "");
+    assert!(conf.contains("port: 7422"), "the leaf node port");
+    // A leaf node port of the test's own.
+    let leaf_port = free_port();
+    let conf = conf.replace("port: 7422", &format!("port: {leaf_port}"));
     let path = dir.join("nats.conf");
     std::fs::write(&path, conf).unwrap();
-    path
+    (path, leaf_port)
 }
 
 /// NATS options for one of the shipped users, as its manifest sets them.
@@ -94,7 +99,7 @@ async fn client_as(url: &str, name: &str, password: &str) -> async_nats::Client 
 async fn the_shipped_nats_lets_each_user_do_its_job_and_nothing_else() {
     let dir = tempfile::tempdir().unwrap();
     let pw = passwords();
-    let conf = shipped_config(dir.path());
+    let (conf, _) = shipped_config(dir.path());
     let nats = NatsServer::start_with_env(
         free_port(),
         &["-c", conf.to_str().unwrap()],
@@ -102,6 +107,8 @@ async fn the_shipped_nats_lets_each_user_do_its_job_and_nothing_else() {
             ("NATS_BRIDGE_PASSWORD", &pw["nats-user-bridge"]),
             ("NATS_RESPOND_PASSWORD", &pw["nats-user-respond"]),
             ("NATS_READER_PASSWORD", &pw["nats-user-reader"]),
+            ("NATS_ADMIN_PASSWORD", &pw["nats-user-admin"]),
+            ("NATS_LEAF_PASSWORD", &pw["nats-user-leaf"]),
         ],
     );
     let url = nats.url();
@@ -162,7 +169,7 @@ async fn the_shipped_nats_lets_each_user_do_its_job_and_nothing_else() {
     .await;
     // Its decision about the first alert.
     let first = receive(&mut seen, 1, WAIT).await;
-    assert!(first[0].subject.starts_with("falco.response."));
+    assert!(first[0].subject.starts_with("falco.response."), "{first:?}");
 
     // Forgeries: an alert naming a pod from the reader and from the
     // responder; a decision from the bridge. None may reach anyone.
@@ -240,15 +247,7 @@ async fn the_shipped_leaf_layout_brings_each_nodes_alerts_to_the_hub_once() {
     const PER_NODE: usize = 200;
     let dir = tempfile::tempdir().unwrap();
     let pw = passwords();
-    let leaf_port = free_port();
-    let hub_conf = shipped_config(dir.path());
-    let text = std::fs::read_to_string(&hub_conf).unwrap();
-    assert!(text.contains("port: 7422"));
-    std::fs::write(
-        &hub_conf,
-        text.replace("port: 7422", &format!("port: {leaf_port}")),
-    )
-    .unwrap();
+    let (hub_conf, leaf_port) = shipped_config(dir.path());
     let hub = NatsServer::start_with_env(
         free_port(),
         &["-c", hub_conf.to_str().unwrap()],
@@ -310,13 +309,14 @@ async fn the_shipped_leaf_layout_brings_each_nodes_alerts_to_the_hub_once() {
             .arg("-c")
             .arg(command.replace(
                 "exec nats-server --config /etc/nats-leaf/leaf.conf",
-                "echo \"$NATS_LEAF_DOMAIN\"",
+                // The child's environment, as nats-server would read it.
+                "exec sh -c 'echo \"$NATS_LEAF_DOMAIN\"'",
             ))
             .env("NODE_NAME", node)
             .output()
             .unwrap();
         let domain = String::from_utf8(domain.stdout).unwrap().trim().to_owned();
-        assert!(!domain.contains('.'), "{domain}");
+        assert_eq!(domain, node.replace('.', "-"));
         let hub_url = hub_url_template
             .replace("$(NATS_LEAF_PASSWORD)", &pw["nats-user-leaf"])
             .replace(
@@ -400,6 +400,14 @@ async fn the_shipped_leaf_layout_brings_each_nodes_alerts_to_the_hub_once() {
     assert_eq!(seen.len(), 2 * PER_NODE);
     let info = stream.cached_info();
     assert_eq!(info.state.messages, 2 * PER_NODE as u64, "nothing more");
+    // Each node keeps its own alerts only: the hub sends no alert out to a
+    // leaf, or every node's stream would hold every node's alerts.
+    for leaf in &leaves {
+        assert_eq!(
+            crate::support::stream_count(&leaf.url(), "FALCO").await,
+            PER_NODE as u64
+        );
+    }
 
     // A leaf may not publish results into the hub; alerts it may.
     let mut results = reader.subscribe("falco.response.>").await.unwrap();

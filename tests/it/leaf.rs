@@ -72,8 +72,21 @@ async fn alerts_wait_on_the_leaf_while_the_hub_is_down_and_arrive_once() {
         "the bridge went on publishing to the leaf while the hub was away"
     );
     hub.restart();
+    let back = std::time::Instant::now();
+    let waiting = stream_count(&leaf.url(), "FALCO").await;
+    wait_for(
+        "the backlog at the hub",
+        Duration::from_secs(60),
+        || async { stream_count(&hub.url(), "FALCO_ALL").await >= waiting },
+    )
+    .await;
+    eprintln!(
+        "the {waiting} alerts on the leaf when the hub came back were all at the hub {:.1} s later",
+        back.elapsed().as_secs_f64()
+    );
     feeding.await.unwrap();
     assert_stream_holds_each_once(&leaf.url(), "FALCO", TOTAL, Duration::from_secs(60)).await;
     assert_stream_holds_each_once(&hub.url(), "FALCO_ALL", TOTAL, Duration::from_secs(120)).await;
+
     bridge.stop().await.unwrap();
 }

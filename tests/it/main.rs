@@ -15,6 +15,7 @@ mod bridge_stdin;
 mod cli;
 mod cluster;
 mod deploy;
+mod deploy_helm;
 mod deploy_nats;
 mod faults;
 mod fuzz_smoke;
