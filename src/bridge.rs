@@ -24,9 +24,9 @@ use crate::nats::{
     StreamMismatch,
 };
 use crate::priority::Priority;
-use crate::server::Listen;
+use crate::server::{Listen, ServerLimits};
 use crate::telemetry::health::{self, Readiness};
-use crate::telemetry::metrics::{BridgeMetrics, QueueDepth};
+use crate::telemetry::metrics::{BridgeMetrics, HttpServerMetrics, QueueDepth};
 
 /// The bridge's default `--listen` address. falcosidekick uses 2801-2803
 /// and Falco's own web server 8765, so falco-nats takes 2810.
@@ -59,6 +59,8 @@ impl InputOptions {
 pub struct TlsFiles {
     pub cert: std::path::PathBuf,
     pub key: std::path::PathBuf,
+    /// Client certificates signed by this CA are required on `POST /`.
+    pub client_ca: Option<std::path::PathBuf>,
 }
 
 /// Everything the bridge needs.
@@ -75,6 +77,8 @@ pub struct BridgeOptions {
     pub drain_timeout: Duration,
     /// Serve `--listen` over HTTPS.
     pub tls: Option<TlsFiles>,
+    /// The --listen server's limits (its metrics are made by [`run`]).
+    pub server: ServerLimits,
 }
 
 /// Why the bridge stopped with an error.
@@ -113,7 +117,11 @@ pub async fn run(
         ..ConnectionWatch::register(&readiness, &mut registry)
     };
     let tls = match &options.tls {
-        Some(files) => Some(crate::server::tls_acceptor(&files.cert, &files.key)?),
+        Some(files) => Some(crate::server::tls_acceptor(
+            &files.cert,
+            &files.key,
+            files.client_ca.as_deref(),
+        )?),
         None => None,
     };
     if matches!(options.input, InputOptions::Http(_)) && listener.is_none() {
@@ -136,15 +144,22 @@ pub async fn run(
     // One server on --listen: the probes, and with the HTTP input its route,
     // in which case the server is the input and stops with it (connections
     // still open after half the drain timeout are closed).
+    let limits = ServerLimits {
+        metrics: HttpServerMetrics::new(&mut registry),
+        ..options.server.clone()
+    };
     let probes = health::router(readiness, Arc::new(registry));
     let grace = options.drain_timeout / 2;
     let (input, server) = match Input::reader(options.input, sink) {
-        Ok(input) => (input, Some(Listen::start(listener, probes, tls, grace))),
+        Ok(input) => (
+            input,
+            Some(Listen::start(listener, probes, tls, limits, grace)),
+        ),
         Err(http) => {
             let (http, sink) = *http;
-            let router = probes.merge(http_routes(sink, http));
+            let router = probes.merge(http_routes(sink, http, limits.metrics.clone()));
             (
-                Input::Http(Listen::start(listener, router, tls, grace)),
+                Input::Http(Listen::start(listener, router, tls, limits, grace)),
                 None,
             )
         }

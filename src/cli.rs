@@ -21,6 +21,7 @@ use crate::priority::Priority;
 use crate::respond::policy::{Policy, PolicyError};
 use crate::respond::rails::{RailsConfig, DEFAULT_PROTECTED};
 use crate::respond::{self, RespondOptions, Subscription, DEFAULT_RESULT_SUBJECT};
+use crate::server::{ServerLimits, DEFAULT_MAX_CONNECTIONS};
 use crate::simulate::{SimulateOptions, SimulateOutput};
 use crate::tail::{ColorChoice, TailOptions};
 use crate::telemetry::logging::LogFormat;
@@ -142,6 +143,21 @@ pub struct BridgeArgs {
     /// TLS private key (PEM) for the --listen address
     #[arg(long, env = "FALCO_NATS_TLS_KEY", requires = "tls_cert")]
     pub tls_key: Option<PathBuf>,
+    /// Longest time for a request's headers (and a TLS handshake) on the
+    /// --listen address; also how long a keep-alive connection may idle
+    #[arg(long, env = "FALCO_NATS_HTTP_HEADER_TIMEOUT", value_parser = humantime::parse_duration, default_value = "10s")]
+    pub http_header_timeout: Duration,
+    /// Longest time for a POST's body once its headers are in (then 408)
+    #[arg(long, env = "FALCO_NATS_HTTP_BODY_TIMEOUT", value_parser = humantime::parse_duration, default_value = "10s")]
+    pub http_body_timeout: Duration,
+    /// Connections served at once on the --listen address; more are closed
+    /// when accepted (Falco holds one per node)
+    #[arg(long, env = "FALCO_NATS_MAX_CONNECTIONS", default_value_t = DEFAULT_MAX_CONNECTIONS)]
+    pub max_connections: usize,
+    /// CA certificates (PEM) that sign HTTP senders' client certificates:
+    /// POST / then needs one (Falco's http_output.mtls); the probes do not
+    #[arg(long, env = "FALCO_NATS_TLS_CLIENT_CA", requires = "tls_cert")]
+    pub tls_client_ca: Option<PathBuf>,
 
     #[command(flatten)]
     pub nats: NatsOptions,
@@ -210,13 +226,19 @@ impl BridgeArgs {
             InputKind::Http => InputOptions::Http(HttpOptions {
                 max_body: self.max_body,
                 token: http_token(self.http_token, self.http_token_file.as_deref())?,
+                client_certificate: self.tls_client_ca.is_some(),
+                body_timeout: self.http_body_timeout,
             }),
             InputKind::Stdin => InputOptions::Stdin(StdinOptions {
                 max_line: self.max_line,
             }),
         };
         let tls = match (self.tls_cert, self.tls_key) {
-            (Some(cert), Some(key)) => Some(TlsFiles { cert, key }),
+            (Some(cert), Some(key)) => Some(TlsFiles {
+                cert,
+                key,
+                client_ca: self.tls_client_ca,
+            }),
             _ => None,
         };
         Ok(BridgeOptions {
@@ -237,6 +259,11 @@ impl BridgeArgs {
             queue_size: self.queue_size,
             drain_timeout: self.drain_timeout,
             tls,
+            server: ServerLimits {
+                header_timeout: self.http_header_timeout,
+                max_connections: self.max_connections.max(1),
+                ..ServerLimits::default()
+            },
         })
     }
 }

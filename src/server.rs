@@ -1,13 +1,16 @@
-//! The HTTP server every subcommand's `--listen` runs: plain or TLS,
-//! HTTP/1.1 only (what Falco speaks), with a time limit on a request's
-//! headers and a shutdown that closes connections after a grace period.
-//! What it serves (probes, metrics, the HTTP input) is the caller's router.
+//! The HTTP server every subcommand's `--listen` runs: plain or TLS
+//! (optionally asking for client certificates), HTTP/1.1 only (what Falco
+//! speaks), with a time limit on a request's headers and a shutdown that
+//! closes connections after a grace period. What it serves (probes,
+//! metrics, the HTTP input) is the caller's router; each request carries a
+//! [`ClientCertificate`] extension saying whether its connection presented
+//! a verified client certificate.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::Router;
+use axum::{Extension, Router};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
@@ -19,6 +22,14 @@ use tokio::task::JoinSet;
 use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 
+use crate::telemetry::metrics::HttpServerMetrics;
+
+/// Whether the request's connection presented a client certificate that
+/// the `--tls-client-ca` verified (a certificate that does not verify ends
+/// the TLS handshake, so no request comes from it).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ClientCertificate(pub bool);
+
 /// Serves one connection (after its TLS handshake, with `tls`) until it
 /// ends or the graceful shutdown closes it.
 async fn connection(
@@ -26,21 +37,23 @@ async fn connection(
     peer: std::net::SocketAddr,
     router: Router,
     tls: Option<TlsAcceptor>,
+    limits: Arc<ServerLimits>,
     watcher: hyper_util::server::graceful::Watcher,
 ) {
-    let service = TowerToHyperService::new(router);
     let mut builder = auto::Builder::new(TokioExecutor::new()).http1_only();
     builder
         .http1()
         .timer(TokioTimer::new())
-        .header_read_timeout(HEADER_READ_TIMEOUT);
+        .header_read_timeout(limits.header_timeout);
     let result = match tls {
         None => {
+            let service =
+                TowerToHyperService::new(router.layer(Extension(ClientCertificate(false))));
             let conn = builder.serve_connection(TokioIo::new(tcp), service);
             watcher.watch(conn.into_owned()).await
         }
         Some(acceptor) => {
-            let handshake = tokio::time::timeout(HEADER_READ_TIMEOUT, acceptor.accept(tcp)).await;
+            let handshake = tokio::time::timeout(limits.header_timeout, acceptor.accept(tcp)).await;
             let stream = match handshake {
                 Ok(Ok(stream)) => stream,
                 Ok(Err(e)) => {
@@ -48,16 +61,26 @@ async fn connection(
                     return;
                 }
                 Err(_) => {
+                    limits.metrics.stalled("tls");
                     tracing::debug!(%peer, "TLS handshake timed out");
                     return;
                 }
             };
+            let verified = stream.get_ref().1.peer_certificates().is_some();
+            let service =
+                TowerToHyperService::new(router.layer(Extension(ClientCertificate(verified))));
             let conn = builder.serve_connection(TokioIo::new(stream), service);
             watcher.watch(conn.into_owned()).await
         }
     };
     if let Err(e) = result {
-        tracing::debug!(%peer, error = %e, "connection ended with an error");
+        let timed_out = e
+            .downcast_ref::<hyper::Error>()
+            .is_some_and(hyper::Error::is_timeout);
+        if timed_out {
+            limits.metrics.stalled("headers");
+        }
+        tracing::debug!(%peer, error = %e, timed_out, "connection ended with an error");
     }
 }
 
@@ -81,13 +104,31 @@ pub enum TlsError {
         path: PathBuf,
         source: rustls_pki_types::pem::Error,
     },
+    #[error("cannot read the client CA {path:?}: {source}")]
+    ClientCa {
+        path: PathBuf,
+        source: rustls_pki_types::pem::Error,
+    },
+    #[error("no usable CA certificate in the client CA {path:?}: {source}")]
+    ClientVerifier {
+        path: PathBuf,
+        source: rustls::server::VerifierBuilderError,
+    },
     #[error("invalid TLS certificate or key: {0}")]
     Config(#[from] rustls::Error),
 }
 
 /// A TLS acceptor from PEM files (a certificate chain and its private key),
-/// with the ring crypto provider.
-pub fn tls_acceptor(cert: &Path, key: &Path) -> Result<TlsAcceptor, TlsError> {
+/// with the ring crypto provider. With `client_ca`, clients are asked for
+/// a certificate: one that this CA did not sign ends the handshake, and a
+/// connection without one is let in with [`ClientCertificate`]`(false)` on
+/// its requests, so that the probes still answer the kubelet (which has no
+/// certificate) and the routes that need one refuse it.
+pub fn tls_acceptor(
+    cert: &Path,
+    key: &Path,
+    client_ca: Option<&Path>,
+) -> Result<TlsAcceptor, TlsError> {
     let certs = CertificateDer::pem_file_iter(cert)
         .and_then(|certs| certs.collect::<Result<Vec<_>, _>>())
         .map_err(|source| TlsError::Cert {
@@ -98,14 +139,64 @@ pub fn tls_acceptor(cert: &Path, key: &Path) -> Result<TlsAcceptor, TlsError> {
         path: key.to_owned(),
         source,
     })?;
-    let mut config = rustls::ServerConfig::builder_with_provider(Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()?
-    .with_no_client_auth()
-    .with_single_cert(certs, key)?;
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let builder = rustls::ServerConfig::builder_with_provider(Arc::clone(&provider))
+        .with_safe_default_protocol_versions()?;
+    let builder = match client_ca {
+        None => builder.with_no_client_auth(),
+        Some(path) => builder.with_client_cert_verifier(client_verifier(path, provider)?),
+    };
+    let mut config = builder.with_single_cert(certs, key)?;
     config.alpn_protocols = vec![b"http/1.1".to_vec()];
     Ok(TlsAcceptor::from(Arc::new(config)))
+}
+
+/// Verifies client certificates against the CA certificates in `path`;
+/// a client without one is let through (see [`tls_acceptor`]).
+fn client_verifier(
+    path: &Path,
+    provider: Arc<rustls::crypto::CryptoProvider>,
+) -> Result<Arc<dyn rustls::server::danger::ClientCertVerifier>, TlsError> {
+    let read_error = |source| TlsError::ClientCa {
+        path: path.to_owned(),
+        source,
+    };
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in CertificateDer::pem_file_iter(path).map_err(read_error)? {
+        // A certificate the store cannot take is left out; an empty store
+        // is refused by the builder below.
+        let _ = roots.add(cert.map_err(read_error)?);
+    }
+    rustls::server::WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider)
+        .allow_unauthenticated()
+        .build()
+        .map_err(|source| TlsError::ClientVerifier {
+            path: path.to_owned(),
+            source,
+        })
+}
+
+/// What the `--listen` server allows a connection.
+#[derive(Debug, Clone, Default)]
+pub struct ServerLimits {
+    /// Longest time for a TLS handshake, and for a request's headers. On
+    /// a keep-alive connection the clock starts when the previous answer
+    /// is sent, so this is also how long a connection may stay idle.
+    pub header_timeout: Duration,
+    /// Connections served at once; more are closed as soon as accepted.
+    pub max_connections: usize,
+    pub metrics: HttpServerMetrics,
+}
+
+impl ServerLimits {
+    /// The limits of the probes-only servers (`respond`, `tail`).
+    pub fn probes() -> Self {
+        ServerLimits {
+            header_timeout: DEFAULT_HEADER_TIMEOUT,
+            max_connections: DEFAULT_MAX_CONNECTIONS,
+            metrics: HttpServerMetrics::default(),
+        }
+    }
 }
 
 /// The `--listen` server of a subcommand, if it has one: started, and
@@ -120,11 +211,13 @@ impl Listen {
         listener: Option<TcpListener>,
         router: Router,
         tls: Option<TlsAcceptor>,
+        limits: ServerLimits,
         grace: Duration,
     ) -> Self {
         let stop = CancellationToken::new();
-        let task = listener
-            .map(|listener| tokio::spawn(serve(listener, router, tls, stop.clone(), grace)));
+        let task = listener.map(|listener| {
+            tokio::spawn(serve(listener, router, tls, limits, stop.clone(), grace))
+        });
         Listen { stop, task }
     }
 
@@ -137,9 +230,13 @@ impl Listen {
     }
 }
 
-/// How long a client may take to send a request's headers. Falco sends a
-/// whole request at once; a client that does not is cut off.
-pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a client may take to send a request's headers (and to wait
+/// before its next request). Falco sends a whole request at once; a client
+/// that does not is cut off.
+pub const DEFAULT_HEADER_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Connections served at once by default: Falco holds one per node.
+pub const DEFAULT_MAX_CONNECTIONS: usize = 1024;
 
 /// Serves `router` (HTTP/1.1 only, which is what Falco speaks; over TLS
 /// with `tls`) until `stop` is cancelled. Then requests under way may
@@ -149,9 +246,11 @@ pub async fn serve(
     listener: TcpListener,
     router: Router,
     tls: Option<TlsAcceptor>,
+    limits: ServerLimits,
     stop: CancellationToken,
     grace: Duration,
 ) -> std::io::Result<()> {
+    let limits = Arc::new(limits);
     let graceful = GracefulShutdown::new();
     let mut connections = JoinSet::new();
     loop {
@@ -167,14 +266,32 @@ pub async fn serve(
             Some(_) = connections.join_next(), if !connections.is_empty() => continue,
             _ = stop.cancelled() => break,
         };
+        // Counted by the connections themselves: a task that ended is not
+        // open, whether or not it was reaped from the set yet.
+        let open_now = usize::try_from(limits.metrics.open.get()).unwrap_or(0);
+        if open_now >= limits.max_connections {
+            // Closed at once: a flood of idle connections cannot starve
+            // the senders already connected.
+            limits.metrics.refused.inc();
+            tracing::debug!(%peer, max = limits.max_connections, "connection refused: --max-connections are open");
+            drop(tcp);
+            continue;
+        }
         no_delay(&tcp);
-        connections.spawn(connection(
+        let open = limits.metrics.open.clone();
+        open.inc();
+        let conn = connection(
             tcp,
             peer,
             router.clone(),
             tls.clone(),
+            Arc::clone(&limits),
             graceful.watcher(),
-        ));
+        );
+        connections.spawn(async move {
+            conn.await;
+            open.dec();
+        });
     }
     drop(listener);
     tokio::select! {

@@ -82,7 +82,13 @@ pub async fn run<W: Write + IsTerminal>(
     let subscribed = readiness.check("subscription");
     let client = connect(&options.nats, watch).await?.client;
     let router = health::router(readiness, Arc::new(registry));
-    let server = Listen::start(listener, router, None, Duration::from_secs(1));
+    let server = Listen::start(
+        listener,
+        router,
+        None,
+        crate::server::ServerLimits::probes(),
+        Duration::from_secs(1),
+    );
     let result = print(&options, &client, out, &subscribed, &shutdown).await;
     server.stop().await;
     result

@@ -8,6 +8,9 @@
 //! bearer token when one is configured: the token is checked before a byte
 //! of the body is read. What Falco sent is what NATS gets.
 
+use std::sync::Arc;
+use std::time::Duration;
+
 use axum::extract::{Request, State};
 use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
@@ -15,9 +18,14 @@ use axum::routing::post;
 use axum::Router;
 
 use super::AlertSink;
+use crate::server::ClientCertificate;
+use crate::telemetry::metrics::HttpServerMetrics;
 
 /// Default largest accepted body: 1 MiB, as for a FIFO line.
 pub const DEFAULT_MAX_BODY: usize = 1024 * 1024;
+
+/// Default time limit for a request's body once its headers are in.
+pub const DEFAULT_BODY_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// HTTP input settings.
 #[derive(Debug, Clone)]
@@ -26,25 +34,42 @@ pub struct HttpOptions {
     pub max_body: usize,
     /// When set, requests must carry `Authorization: Bearer <token>`.
     pub token: Option<String>,
+    /// Requests must come over a connection with a verified client
+    /// certificate (`--tls-client-ca`).
+    pub client_certificate: bool,
+    /// Longest time to receive a request's body; a sender that stalls is
+    /// answered 408 and its connection closed.
+    pub body_timeout: Duration,
+}
+
+impl Default for HttpOptions {
+    fn default() -> Self {
+        HttpOptions {
+            max_body: DEFAULT_MAX_BODY,
+            token: None,
+            client_certificate: false,
+            body_timeout: DEFAULT_BODY_TIMEOUT,
+        }
+    }
 }
 
 #[derive(Clone)]
 struct Receiver {
     sink: AlertSink,
-    token: Option<String>,
-    max_body: usize,
+    options: Arc<HttpOptions>,
+    metrics: HttpServerMetrics,
 }
 
 /// The alert-receiving route, to merge into the probe router. An empty
 /// token is refused before this (the command line says so).
-pub fn http_routes(sink: AlertSink, options: HttpOptions) -> Router {
+pub fn http_routes(sink: AlertSink, options: HttpOptions, metrics: HttpServerMetrics) -> Router {
     sink.set_connected(true);
     Router::new()
         .route("/", post(receive))
         .with_state(Receiver {
             sink,
-            token: options.token,
-            max_body: options.max_body,
+            options: Arc::new(options),
+            metrics,
         })
 }
 
@@ -55,7 +80,16 @@ fn text(status: StatusCode, message: String) -> Response {
 async fn receive(State(rx): State<Receiver>, request: Request) -> Response {
     let (parts, body) = request.into_parts();
     let headers = parts.headers;
-    if let Some(token) = &rx.token {
+    let options = &*rx.options;
+    if options.client_certificate
+        && parts.extensions.get::<ClientCertificate>() != Some(&ClientCertificate(true))
+    {
+        return text(
+            StatusCode::FORBIDDEN,
+            "a client certificate signed by the bridge's --tls-client-ca is required".into(),
+        );
+    }
+    if let Some(token) = &options.token {
         let given = headers
             .get(header::AUTHORIZATION)
             .and_then(|v| v.to_str().ok())
@@ -82,18 +116,33 @@ async fn receive(State(rx): State<Receiver>, request: Request) -> Response {
     let too_large = || {
         text(
             StatusCode::PAYLOAD_TOO_LARGE,
-            format!("body larger than --max-body ({} bytes)", rx.max_body),
+            format!("body larger than --max-body ({} bytes)", options.max_body),
         )
     };
     let declared = headers
         .get(header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<u64>().ok());
-    if declared.is_some_and(|n| n > rx.max_body as u64) {
+    if declared.is_some_and(|n| n > options.max_body as u64) {
         return too_large();
     }
-    let Ok(body) = axum::body::to_bytes(body, rx.max_body).await else {
-        return too_large();
+    let body = match tokio::time::timeout(
+        options.body_timeout,
+        axum::body::to_bytes(body, options.max_body),
+    )
+    .await
+    {
+        Ok(Ok(body)) => body,
+        Ok(Err(_)) => return too_large(),
+        Err(_) => {
+            rx.metrics.stalled("body");
+            return (
+                StatusCode::REQUEST_TIMEOUT,
+                [(header::CONNECTION, "close")],
+                "the body did not arrive in time\n",
+            )
+                .into_response();
+        }
     };
     match crate::event::FalcoEvent::from_json(body) {
         Ok(event) => match rx.sink.send(event).await {

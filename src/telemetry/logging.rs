@@ -1,5 +1,7 @@
 //! Logging with `tracing`: `RUST_LOG` picks the levels, `--log-format` the shape.
 
+use std::io::IsTerminal;
+
 use clap::ValueEnum;
 use tracing_subscriber::EnvFilter;
 
@@ -14,16 +16,28 @@ pub enum LogFormat {
 }
 
 /// Installs the global subscriber. `RUST_LOG` overrides the default `info`.
-/// Calling it twice is harmless (the second call does nothing).
+/// Calling it twice is harmless (the second call does nothing). Text lines
+/// are coloured only on a terminal (and not with `NO_COLOR` set): a pod's
+/// log, a file or a pipe gets plain text.
 pub fn init(format: LogFormat) {
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(colour(
+            std::io::stderr().is_terminal(),
+            std::env::var_os("NO_COLOR").is_some_and(|v| !v.is_empty()),
+        ))
         .with_writer(std::io::stderr);
     let _ = match format {
         LogFormat::Text => builder.try_init(),
         LogFormat::Json => builder.json().flatten_event(true).try_init(),
     };
+}
+
+/// Whether text log lines get colours: on a terminal, unless `NO_COLOR`
+/// (any non-empty value) asks otherwise.
+fn colour(terminal: bool, no_color: bool) -> bool {
+    terminal && !no_color
 }
 
 /// An error with its chain of causes, `a: b: c`, for a log field.
@@ -36,4 +50,17 @@ pub fn chain(e: &dyn std::error::Error) -> String {
         cause = c.source();
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn colours_only_on_a_terminal_without_no_color() {
+        assert!(colour(true, false));
+        assert!(!colour(false, false));
+        assert!(!colour(true, true));
+        assert!(!colour(false, true));
+    }
 }

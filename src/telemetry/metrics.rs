@@ -199,6 +199,44 @@ impl RespondMetrics {
     }
 }
 
+/// The `--listen` server's connections: what the limits on stalled and
+/// surplus connections did. Unregistered (the default) they count for no
+/// one; the bridge registers them, where the server is the HTTP input.
+#[derive(Debug, Clone, Default)]
+pub struct HttpServerMetrics {
+    /// Connections open now.
+    pub open: Gauge,
+    /// Connections closed because a request stalled, by phase (`tls`,
+    /// `headers`, `body`).
+    pub stalled: Family<Label, Counter>,
+    /// Connections refused at once: `--max-connections` were open.
+    pub refused: Counter,
+}
+
+impl HttpServerMetrics {
+    pub fn new(registry: &mut Registry) -> Self {
+        let m = HttpServerMetrics::default();
+        let r = registry.sub_registry_with_prefix("falco_nats_http");
+        r.register("connections", "HTTP connections open", m.open.clone());
+        r.register(
+            "stalled",
+            "HTTP connections closed because a request did not arrive in time, by phase",
+            m.stalled.clone(),
+        );
+        r.register(
+            "connections_refused",
+            "HTTP connections refused because --max-connections were open",
+            m.refused.clone(),
+        );
+        m
+    }
+
+    /// Counts a connection closed in `phase` for stalling.
+    pub fn stalled(&self, phase: &'static str) {
+        self.stalled.get_or_create(&[("phase", phase)]).inc();
+    }
+}
+
 /// `falco_nats_queue_depth`: the alerts waiting between input and NATS,
 /// read from the queue itself at each scrape (nothing counts them by hand).
 /// It holds the queue weakly: the queue still closes when its senders go.

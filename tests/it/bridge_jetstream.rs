@@ -145,6 +145,7 @@ async fn poison_alerts_are_dropped_and_the_rest_stored() {
     options.input = InputOptions::Http(HttpOptions {
         max_body: 64 * 1024,
         token: None,
+        ..Default::default()
     });
     options.publish.jetstream = Some(jetstream_options());
     let bridge = RunningBridge::start_ready(options).await;
@@ -218,6 +219,7 @@ async fn natscli_reads_back_the_stream_and_the_alerts() {
     options.input = falco_nats::bridge::InputOptions::Http(falco_nats::input::http::HttpOptions {
         max_body: 64 * 1024,
         token: None,
+        ..Default::default()
     });
     options.publish.jetstream = Some(jetstream_options());
     let bridge = RunningBridge::start_ready(options).await;

@@ -123,3 +123,63 @@ async fn secrets_never_show_in_help_or_errors() {
     assert!(text.contains("invalid NATS server URL"), "{text}");
     assert!(!text.contains("url-secret"), "{text}");
 }
+
+/// Issue 12, item 5: log lines carry no ANSI colour codes unless stderr is
+/// a terminal: a pod's log or a file gets plain text. On a terminal (a
+/// pseudo-terminal made by `script`) they are coloured, unless `NO_COLOR`.
+#[tokio::test]
+async fn log_lines_are_plain_text_unless_written_to_a_terminal() {
+    let nats = NatsServer::start();
+    let bridge = |stderr_to: &str, no_color: bool| {
+        let cmd = format!(
+            "{} bridge --input stdin --log-format text -s {} </dev/null 2>{stderr_to}",
+            env!("CARGO_BIN_EXE_falco-nats"),
+            nats.url()
+        );
+        let mut c = Command::new("sh");
+        c.arg("-c").arg(cmd).env_remove("NO_COLOR");
+        if no_color {
+            c.env("NO_COLOR", "1");
+        }
+        c
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("bridge.log");
+    // To a file, as a container runtime collects it.
+    let out = bridge(file.to_str().unwrap(), false).output().unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let log = std::fs::read_to_string(&file).unwrap();
+    assert!(log.contains("INFO"), "{log}");
+    assert!(!log.contains('\u{1b}'), "colour codes in a file: {log:?}");
+    // On a terminal: `script` gives the command one and copies what it
+    // wrote to its own stdout.
+    let on_tty = |no_color: bool| {
+        let inner = bridge("/dev/tty", no_color);
+        let line = format!(
+            "{} {}",
+            inner.get_program().to_string_lossy(),
+            inner
+                .get_args()
+                .map(|a| format!("'{}'", a.to_string_lossy().replace('\'', "'\\''")))
+                .collect::<Vec<_>>()
+                .join(" ")
+        );
+        let mut c = Command::new("script");
+        c.args(["-qec", &line, "/dev/null"]).env_remove("NO_COLOR");
+        if no_color {
+            c.env("NO_COLOR", "1");
+        }
+        let out = c.output().unwrap();
+        assert!(out.status.success(), "{out:?}");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let coloured = on_tty(false);
+    assert!(coloured.contains("INFO"), "{coloured}");
+    assert!(
+        coloured.contains('\u{1b}'),
+        "no colour on a terminal: {coloured:?}"
+    );
+    let plain = on_tty(true);
+    assert!(plain.contains("INFO"), "{plain}");
+    assert!(!plain.contains('\u{1b}'), "NO_COLOR ignored: {plain:?}");
+}

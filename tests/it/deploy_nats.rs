@@ -135,6 +135,7 @@ async fn the_shipped_nats_lets_each_user_do_its_job_and_nothing_else() {
     bridge_options.input = InputOptions::Http(HttpOptions {
         max_body: 64 * 1024,
         token: None,
+        ..Default::default()
     });
     bridge_options.publish.jetstream = Some(jetstream_options());
     bridge_options.nats = user(&url, "bridge", &pw["nats-user-bridge"], dir.path());
@@ -332,6 +333,7 @@ async fn the_shipped_leaf_layout_brings_each_nodes_alerts_to_the_hub_once() {
         options.input = InputOptions::Http(HttpOptions {
             max_body: 64 * 1024,
             token: None,
+            ..Default::default()
         });
         options.publish.jetstream = Some(jetstream_options());
         bridges.push(RunningBridge::start_ready(options).await);

@@ -444,6 +444,7 @@ pub fn grpc_options(socket: &Path, url: &str) -> BridgeOptions {
         queue_size: 1024,
         drain_timeout: Duration::from_secs(20),
         tls: None,
+        server: falco_nats::server::ServerLimits::probes(),
     }
 }
 
