@@ -14,6 +14,7 @@ use tokio::task::JoinHandle;
 
 use tokio_util::sync::CancellationToken;
 
+use crate::format::Format;
 use crate::input::fifo::{FifoInput, FifoOptions};
 use crate::input::grpc::{GrpcInput, GrpcOptions};
 use crate::input::http::{http_routes, HttpOptions};
@@ -71,6 +72,8 @@ pub struct BridgeOptions {
     pub publish: PublishOptions,
     /// Alerts below this priority are dropped (and counted).
     pub min_priority: Priority,
+    /// The payload's shape: Falco's JSON, or falcosidekick's.
+    pub format: Format,
     /// Alerts held between the input and NATS at most.
     pub queue_size: usize,
     /// Longest time to publish what was read, once shutdown starts.
@@ -137,6 +140,7 @@ pub async fn run(
         tx,
         input_name,
         options.min_priority,
+        options.format,
         metrics.clone(),
         input_ready,
     );

@@ -10,6 +10,7 @@ use std::time::Duration;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
 use crate::bridge::{self, BridgeOptions, InputOptions, TlsFiles};
+use crate::format::Format;
 use crate::input::fifo::{FifoOptions, DEFAULT_FIFO, DEFAULT_MAX_LINE};
 use crate::input::grpc::{socket_path, GrpcMethod, GrpcOptions, DEFAULT_SOCKET};
 use crate::input::http::{HttpOptions, DEFAULT_MAX_BODY};
@@ -168,6 +169,10 @@ pub struct BridgeArgs {
     /// Drop alerts below this priority (Falco's `priority` setting)
     #[arg(long, env = "FALCO_NATS_MIN_PRIORITY", default_value = "debug")]
     pub min_priority: Priority,
+    /// Payload: Falco's JSON line unchanged, or what falcosidekick's NATS
+    /// output publishes (Falco's fields and a uuid)
+    #[arg(long, env = "FALCO_NATS_FORMAT", value_enum, default_value_t = Format::Falco)]
+    pub format: Format,
 
     /// Publish to JetStream, acknowledged and retried until stored
     #[arg(long, env = "FALCO_NATS_JETSTREAM")]
@@ -256,6 +261,7 @@ impl BridgeArgs {
                 }),
             },
             min_priority: self.min_priority,
+            format: self.format,
             queue_size: self.queue_size,
             drain_timeout: self.drain_timeout,
             tls,

@@ -44,6 +44,7 @@ pub mod convert;
 pub mod decision;
 pub mod drain;
 pub mod event;
+pub mod format;
 #[doc(hidden)]
 pub mod fuzzing;
 pub mod input;

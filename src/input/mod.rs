@@ -19,6 +19,7 @@ use tokio_util::sync::CancellationToken;
 use lines::{Line, LineReader};
 
 use crate::event::{AlertError, FalcoEvent};
+use crate::format::Format;
 use crate::priority::Priority;
 use crate::telemetry::health::ReadyFlag;
 use crate::telemetry::metrics::BridgeMetrics;
@@ -128,6 +129,7 @@ pub struct AlertSink {
     tx: mpsc::Sender<FalcoEvent>,
     input: &'static str,
     min_priority: Priority,
+    format: Format,
     received: Counter,
     metrics: BridgeMetrics,
     /// Set while the input is connected to Falco.
@@ -139,6 +141,7 @@ impl AlertSink {
         tx: mpsc::Sender<FalcoEvent>,
         input: &'static str,
         min_priority: Priority,
+        format: Format,
         metrics: BridgeMetrics,
         connected: ReadyFlag,
     ) -> Self {
@@ -147,6 +150,7 @@ impl AlertSink {
             tx,
             input,
             min_priority,
+            format,
             received,
             metrics,
             connected,
@@ -158,13 +162,20 @@ impl AlertSink {
         self.input
     }
 
-    /// Queues one alert, waiting for room.
+    /// Queues one alert (in the `--format` asked for), waiting for room.
     pub async fn send(&self, event: FalcoEvent) -> Result<(), QueueClosed> {
         self.received.inc();
         if event.priority < self.min_priority {
             self.metrics.filtered.inc();
             return Ok(());
         }
+        let event = match self.format.apply(event) {
+            Ok(event) => event,
+            Err(err) => {
+                self.metrics.reject(self.input, &err);
+                return Ok(());
+            }
+        };
         self.metrics.unconfirmed.inc();
         self.tx.send(event).await.map_err(|_| {
             self.metrics.unconfirmed.dec();

@@ -624,3 +624,60 @@ async fn stalled_and_surplus_connections_are_closed_while_falco_goes_on() {
     );
     bridge.kill().await.unwrap();
 }
+
+/// Issue 12, item 4: `--format falcosidekick` publishes what falcosidekick's
+/// NATS output publishes, on its subjects: Falco's fields in its order, a
+/// fresh UUID per alert, `syscalls` for a missing source.
+#[tokio::test]
+async fn falcosidekick_format_is_what_falcosidekick_publishes() {
+    let nats = NatsServer::start();
+    let (_client, mut sub) = nats.subscribed("falco.>").await;
+    let mut options = http_options(&nats, None);
+    options.format = falco_nats::format::Format::Falcosidekick;
+    let bridge = RunningBridge::start_ready(options).await;
+    let with_all = r#"{"hostname":"node-1","output":"13:44:05.478445995: Notice A shell was spawned (user=root <x>)","output_fields":{"k8s.ns.name":"shop","k8s.pod.name":"web-1","proc.pid":4242},"priority":"Notice","rule":"Terminal shell in container","source":"syscall","tags":["shell","container"],"time":"2023-05-25T13:44:05.478445990Z"}"#;
+    let bare = r#"{"output":"x","priority":"Critical","rule":"Drop and execute new binary in container","time":"2023-05-25T13:44:06Z"}"#;
+    for alert in [with_all, bare, with_all] {
+        assert_eq!(
+            http_post(bridge.http, &[JSON], alert.as_bytes()).await.0,
+            200
+        );
+    }
+    let got = receive(&mut sub, 3, WAIT).await;
+    assert_eq!(
+        got[0].subject.as_str(),
+        "falco.notice.terminal_shell_in_container"
+    );
+    assert_eq!(
+        got[1].subject.as_str(),
+        "falco.critical.drop_and_execute_new_binary_in_container"
+    );
+    let uuid = |m: &async_nats::Message| {
+        let text = std::str::from_utf8(&m.payload).unwrap();
+        let id = text
+            .strip_prefix(r#"{"uuid":""#)
+            .and_then(|rest| rest.get(..36))
+            .unwrap()
+            .to_owned();
+        let parsed: uuid::Uuid = id.parse().unwrap();
+        assert_eq!(parsed.get_version_num(), 4);
+        (id, text.replacen(&parsed.to_string(), "U", 1))
+    };
+    let (first, text) = uuid(&got[0]);
+    assert_eq!(
+        text,
+        r#"{"uuid":"U","output":"13:44:05.478445995: Notice A shell was spawned (user=root \u003cx\u003e)","priority":"Notice","rule":"Terminal shell in container","time":"2023-05-25T13:44:05.47844599Z","output_fields":{"k8s.ns.name":"shop","k8s.pod.name":"web-1","proc.pid":4242},"source":"syscall","tags":["container","shell"],"hostname":"node-1"}"#
+    );
+    let (_, text) = uuid(&got[1]);
+    assert_eq!(
+        text,
+        r#"{"uuid":"U","output":"x","priority":"Critical","rule":"Drop and execute new binary in container","time":"2023-05-25T13:44:06Z","output_fields":null,"source":"syscalls"}"#
+    );
+    // The same alert twice: two events, as falcosidekick makes them.
+    let (third, _) = uuid(&got[2]);
+    assert_ne!(first, third);
+    // The headers still carry what a consumer filters on.
+    let headers = got[1].headers.as_ref().unwrap();
+    assert_eq!(headers.get("Falco-Source").unwrap().as_str(), "syscalls");
+    bridge.stop().await.unwrap();
+}

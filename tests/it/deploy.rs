@@ -14,7 +14,7 @@ use serde_json::Value;
 
 const KUBERNETES_VERSION: &str = "1.33.0";
 
-fn deploy_dir() -> PathBuf {
+pub fn deploy_dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy")
 }
 
@@ -30,7 +30,7 @@ fn yaml_files(dir: &Path, out: &mut Vec<PathBuf>) {
     out.sort();
 }
 
-fn documents(path: &Path) -> Vec<Value> {
+pub fn documents(path: &Path) -> Vec<Value> {
     let text = std::fs::read_to_string(path).unwrap();
     serde_norway::Deserializer::from_str(&text)
         .map(|doc| Value::deserialize(doc).unwrap_or_else(|e| panic!("{}: {e}", path.display())))
@@ -288,7 +288,7 @@ fn every_overlay_with_every_component_renders_and_validates() {
     validate(&files);
 }
 
-trait Strs {
+pub trait Strs {
     fn as_sequence_strs(&self) -> Vec<&str>;
 }
 
@@ -333,7 +333,7 @@ fn falco_nats_containers() -> Vec<(PathBuf, Vec<String>, Vec<String>)> {
 /// A container's literal environment values as the arguments they stand
 /// for (`FALCO_NATS_REPLICAS: "3"` is `--replicas=3`), so that the CLI
 /// parses them too; values from Secrets or fields are left out.
-fn env_as_args(subcommand: &str, env: &Value) -> Vec<String> {
+pub fn env_as_args(subcommand: &str, env: &Value) -> Vec<String> {
     let cli = Cli::command();
     let sub = cli
         .find_subcommand(subcommand)

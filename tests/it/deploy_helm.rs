@@ -1,3 +1,10 @@
+//! The Helm side of deploy/, with a real `helm` (built by
+//! scripts/install-deps): the falco-nats chart (charts/falco-nats) linted
+//! strictly and rendered with each of its test values files (ci/), every
+//! rendering validated against the Kubernetes schemas and every falco-nats
+//! container's arguments and environment accepted by the real CLI; the
+//! values for the official Falco chart (deploy/falco-chart) checked against
+//! what our chart renders; and
 //! deploy/nats-helm/values.yaml through the official NATS Helm chart, with
 //! a real `helm template`: the rendering validates against the Kubernetes
 //! schemas, runs three servers with JetStream, carries the users of
@@ -13,10 +20,351 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
+use clap::Parser;
+use falco_nats::cli::Cli;
 use serde::Deserialize;
 use serde_json::Value;
 
+use crate::deploy::{deploy_dir, documents, env_as_args, validate, Strs};
 use crate::support::nats_server_bin;
+
+fn chart_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("charts/falco-nats")
+}
+
+/// The chart's test values files, and the empty one (its defaults).
+fn values_files() -> Vec<PathBuf> {
+    let mut files: Vec<PathBuf> = std::fs::read_dir(chart_dir().join("ci"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    files.sort();
+    assert!(files.len() >= 4, "{files:?}");
+    files
+}
+
+/// `helm template` of the chart as release falco-nats in falco-nats.
+fn render(values: &Path) -> (PathBuf, Vec<Value>, tempfile::TempDir) {
+    let out = Command::new(helm())
+        .args(["template", "falco-nats"])
+        .arg(chart_dir())
+        .args([
+            "--namespace",
+            "falco-nats",
+            "--kube-version",
+            "1.33.0",
+            "-f",
+        ])
+        .arg(values)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "helm template -f {}: {}",
+        values.display(),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("rendered.yaml");
+    std::fs::write(&file, &out.stdout).unwrap();
+    let docs = documents(&file);
+    (file, docs, dir)
+}
+
+/// Every container running falco-nats in `docs`: its arguments (with its
+/// literal environment as the flags it stands for) parse with the CLI.
+fn check_falco_nats_containers(docs: &[Value], what: &str) -> usize {
+    let mut n = 0;
+    for doc in docs {
+        let spec = &doc["spec"]["template"]["spec"];
+        for c in spec["containers"].as_array().into_iter().flatten() {
+            if !c["image"].as_str().unwrap_or("").starts_with("falco-nats:") {
+                continue;
+            }
+            let mut args: Vec<String> = c["args"]
+                .as_sequence_strs()
+                .into_iter()
+                .map(str::to_owned)
+                .collect();
+            args.extend(env_as_args(&args[0], &c["env"]));
+            let argv = std::iter::once("falco-nats".to_owned()).chain(args.clone());
+            if let Err(e) = Cli::try_parse_from(argv) {
+                panic!("{what}: falco-nats {args:?} is refused:\n{e}");
+            }
+            n += 1;
+        }
+    }
+    n
+}
+
+fn find<'a>(docs: &'a [Value], kind: &str, name: &str) -> Option<&'a Value> {
+    docs.iter()
+        .find(|d| d["kind"] == kind && d["metadata"]["name"] == name)
+}
+
+fn args_of(deployment: &Value) -> Vec<String> {
+    deployment["spec"]["template"]["spec"]["containers"][0]["args"]
+        .as_sequence_strs()
+        .into_iter()
+        .map(str::to_owned)
+        .collect()
+}
+
+#[test]
+fn the_chart_lints_strictly_with_every_values_file() {
+    for values in values_files() {
+        let out = Command::new(helm())
+            .args(["lint", "--strict"])
+            .arg(chart_dir())
+            .arg("-f")
+            .arg(&values)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "helm lint --strict -f {}: {}{}",
+            values.display(),
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+}
+
+/// The schema refuses what the chart would not understand.
+#[test]
+fn the_values_schema_refuses_typos_and_bad_values() {
+    for bad in [
+        "bridge.replicaCont=2",
+        "bridge.jetstream.maxAge=forever",
+        "respond.jetstream.durable=a.b",
+        "logFormat=yaml",
+        "nats.url=http://nats:4222",
+    ] {
+        let out = Command::new(helm())
+            .args(["template", "x"])
+            .arg(chart_dir())
+            .args(["--kube-version", "1.33.0", "--set", bad])
+            .output()
+            .unwrap();
+        assert!(!out.status.success(), "{bad} was taken");
+        assert!(
+            String::from_utf8_lossy(&out.stderr).contains("schema"),
+            "{bad}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+}
+
+/// Every values file renders manifests that validate (Kubernetes 1.33,
+/// strict) and falco-nats containers the CLI accepts; each file's point
+/// shows in what is rendered.
+#[test]
+fn the_chart_renders_valid_manifests_the_cli_accepts() {
+    let base_rbac = documents(&deploy_dir().join("base/respond-rbac.yaml"));
+    let base_role = base_rbac
+        .iter()
+        .find(|d| d["kind"] == "ClusterRole")
+        .unwrap();
+    let base_admission = documents(&deploy_dir().join("base/respond-admission.yaml"));
+    let base_policy = base_admission
+        .iter()
+        .find(|d| d["kind"] == "ValidatingAdmissionPolicy")
+        .unwrap();
+    let mut rendered = Vec::new();
+    let mut keep = Vec::new();
+    for values in values_files() {
+        let name = values.file_name().unwrap().to_string_lossy().into_owned();
+        let (file, docs, dir) = render(&values);
+        // The Prometheus Operator's kinds are not in the Kubernetes schemas.
+        let core: Vec<&Value> = docs
+            .iter()
+            .filter(|d| d["apiVersion"] != "monitoring.coreos.com/v1")
+            .collect();
+        let core_file = dir.path().join("core.yaml");
+        let text: String = core
+            .iter()
+            .map(|d| format!("---\n{}", serde_norway::to_string(d).unwrap()))
+            .collect();
+        std::fs::write(&core_file, text).unwrap();
+        rendered.push(core_file);
+        keep.push(dir);
+        let _ = file;
+
+        let bridge = find(&docs, "Deployment", "falco-nats-bridge");
+        let respond = find(&docs, "Deployment", "falco-nats-respond");
+        let expected = usize::from(bridge.is_some()) + usize::from(respond.is_some());
+        assert_eq!(
+            check_falco_nats_containers(&docs, &name),
+            expected,
+            "{name}"
+        );
+        let cluster_role = find(&docs, "ClusterRole", "falco-nats-respond");
+        let policy = find(
+            &docs,
+            "ValidatingAdmissionPolicy",
+            "falco-nats-respond-writes",
+        );
+        match name.as_str() {
+            "default-values.yaml" => {
+                let bridge = bridge.unwrap();
+                assert_eq!(bridge["spec"]["replicas"], 2);
+                let args = args_of(bridge);
+                assert!(args.contains(&"--input=http".to_owned()), "{args:?}");
+                assert!(args.contains(&"--jetstream".to_owned()), "{args:?}");
+                let service = find(&docs, "Service", "falco-nats-bridge").unwrap();
+                assert_eq!(service["spec"]["ports"][0]["port"], 2810);
+                assert!(find(&docs, "PodDisruptionBudget", "falco-nats-bridge").is_some());
+                let spread = &bridge["spec"]["template"]["spec"]["topologySpreadConstraints"];
+                assert_eq!(spread.as_array().unwrap().len(), 2);
+                assert_eq!(
+                    spread[0]["labelSelector"]["matchLabels"],
+                    bridge["spec"]["selector"]["matchLabels"]
+                );
+                // The same least privilege and admission rules as deploy/base.
+                assert_eq!(cluster_role.unwrap()["rules"], base_role["rules"]);
+                let policy = policy.unwrap();
+                assert_eq!(
+                    policy["spec"]["validations"],
+                    base_policy["spec"]["validations"]
+                );
+                assert_eq!(
+                    policy["spec"]["matchConstraints"],
+                    base_policy["spec"]["matchConstraints"]
+                );
+                assert_eq!(
+                    policy["spec"]["matchConditions"][0]["expression"],
+                    "request.userInfo.username == 'system:serviceaccount:falco-nats:falco-nats-respond'"
+                );
+                let np = find(&docs, "NetworkPolicy", "falco-nats-bridge").unwrap();
+                let from = &np["spec"]["ingress"][0]["from"][0];
+                assert_eq!(
+                    from["namespaceSelector"]["matchLabels"]["kubernetes.io/metadata.name"],
+                    "falco"
+                );
+                let sc = &bridge["spec"]["template"]["spec"]["containers"][0]["securityContext"];
+                assert_eq!(sc["readOnlyRootFilesystem"], true);
+                assert_eq!(sc["allowPrivilegeEscalation"], false);
+            }
+            "mtls-cluster-values.yaml" => {
+                let bridge = bridge.unwrap();
+                let args = args_of(bridge);
+                for flag in [
+                    "--tls-cert=/etc/falco-nats/tls/tls.crt",
+                    "--tls-client-ca=/etc/falco-nats/tls/ca.crt",
+                    "--replicas=3",
+                ] {
+                    assert!(args.contains(&flag.to_owned()), "{flag}: {args:?}");
+                }
+                let probe = &bridge["spec"]["template"]["spec"]["containers"][0]["readinessProbe"];
+                assert_eq!(probe["httpGet"]["scheme"], "HTTPS");
+                let monitors = docs
+                    .iter()
+                    .filter(|d| d["kind"] == "ServiceMonitor")
+                    .count();
+                assert_eq!(monitors, 2);
+                assert!(find(&docs, "Service", "falco-nats-respond-metrics").is_some());
+            }
+            "core-nats-namespaced-values.yaml" => {
+                assert!(cluster_role.is_none());
+                assert!(policy.is_none());
+                let roles: Vec<&Value> = docs.iter().filter(|d| d["kind"] == "Role").collect();
+                assert_eq!(roles.len(), 2);
+                for role in roles {
+                    assert_eq!(role["rules"], base_role["rules"]);
+                }
+                let args = args_of(respond.unwrap());
+                for flag in ["--dry-run", "--only-namespace=shop", "--only-namespace=web"] {
+                    assert!(args.contains(&flag.to_owned()), "{flag}: {args:?}");
+                }
+                assert!(!args.contains(&"--jetstream".to_owned()));
+                let bridge_args = args_of(bridge.unwrap());
+                assert!(!bridge_args.contains(&"--jetstream".to_owned()));
+                assert!(bridge_args.contains(&"--format=falcosidekick".to_owned()));
+            }
+            "bridge-only-values.yaml" => {
+                assert!(respond.is_none());
+                assert!(docs.iter().all(|d| d["kind"] != "PodDisruptionBudget"
+                    && d["kind"] != "NetworkPolicy"
+                    && d["kind"] != "ClusterRole"));
+            }
+            other => panic!("a values file this test does not know: {other}"),
+        }
+    }
+    validate(&rendered);
+}
+
+/// deploy/falco-chart/values.yaml points Falco's http_output at the Service
+/// our chart renders (release falco-nats in falco-nats), with mTLS from the
+/// directory where the Falco chart mounts `certs.existingClientSecret`; the
+/// FIFO sidecar values run a bridge the CLI accepts on the FIFO Falco
+/// writes, in a pod that validates.
+#[test]
+fn the_falco_chart_values_agree_with_the_bridge() {
+    let (_, docs, _dir) = render(&chart_dir().join("ci/mtls-cluster-values.yaml"));
+    let service = find(&docs, "Service", "falco-nats-bridge").unwrap();
+    let port = service["spec"]["ports"][0]["port"].as_u64().unwrap();
+    let values = &documents(&deploy_dir().join("falco-chart/values.yaml"))[0];
+    let http = &values["falco"]["http_output"];
+    assert_eq!(http["enabled"], true);
+    assert_eq!(
+        http["url"],
+        format!("https://falco-nats-bridge.falco-nats.svc:{port}/")
+    );
+    assert_eq!(http["mtls"], true);
+    assert_eq!(http["compress_uploads"], false);
+    for key in ["client_cert", "client_key", "ca_cert"] {
+        assert!(
+            http[key]
+                .as_str()
+                .unwrap()
+                .starts_with("/etc/falco/certs/client/"),
+            "{key}"
+        );
+    }
+    assert!(values["certs"]["existingClientSecret"].is_string());
+    assert_eq!(values["falco"]["json_output"], true);
+
+    let sidecar = &documents(&deploy_dir().join("falco-chart/values-fifo-sidecar.yaml"))[0];
+    let fifo = sidecar["falco"]["file_output"]["filename"]
+        .as_str()
+        .unwrap();
+    assert_eq!(sidecar["falco"]["file_output"]["keep_alive"], true);
+    let init = sidecar["extra"]["initContainers"].as_array().unwrap();
+    let bridge = init.iter().find(|c| c["name"] == "falco-nats").unwrap();
+    assert_eq!(bridge["restartPolicy"], "Always", "a native sidecar");
+    let pod_spec = serde_json::json!({
+        "spec": { "template": { "spec": { "containers": [bridge] } } }
+    });
+    assert_eq!(check_falco_nats_containers(&[pod_spec], "sidecar"), 1);
+    let args = bridge["args"].as_sequence_strs();
+    assert!(
+        args.contains(&format!("--fifo={fifo}").as_str()),
+        "{args:?}"
+    );
+    // The pod the Falco chart makes of it, reduced to what these values add.
+    let pod = serde_json::json!({
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": { "name": "falco", "namespace": "falco" },
+        "spec": {
+            "initContainers": init,
+            "containers": [{
+                "name": "falco",
+                "image": "falcosecurity/falco:0.44.1",
+                "volumeMounts": sidecar["mounts"]["volumeMounts"],
+            }],
+            "volumes": sidecar["mounts"]["volumes"],
+        }
+    });
+    let mounts = sidecar["mounts"]["volumeMounts"].as_array().unwrap();
+    assert!(mounts
+        .iter()
+        .any(|m| fifo.starts_with(m["mountPath"].as_str().unwrap())));
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("pod.yaml");
+    std::fs::write(&file, serde_norway::to_string(&pod).unwrap()).unwrap();
+    validate(&[file]);
+}
 
 fn helm() -> PathBuf {
     let built = Path::new(env!("CARGO_MANIFEST_DIR")).join("target/tools/bin/helm");

@@ -441,6 +441,7 @@ pub fn grpc_options(socket: &Path, url: &str) -> BridgeOptions {
             jetstream: None,
         },
         min_priority: Priority::Debug,
+        format: falco_nats::format::Format::Falco,
         queue_size: 1024,
         drain_timeout: Duration::from_secs(20),
         tls: None,
