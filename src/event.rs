@@ -46,6 +46,15 @@ pub enum AlertError {
 }
 
 impl AlertError {
+    /// Every [`Self::reason`], so that the metric shows each from the start.
+    pub const REASONS: [&'static str; 5] = [
+        "not_json",
+        "not_an_alert",
+        "unknown_priority",
+        "oversized",
+        "not_utf8",
+    ];
+
     /// A bounded label for the `rejected` metric.
     pub fn reason(&self) -> &'static str {
         match self {
@@ -138,6 +147,20 @@ mod tests {
     use super::*;
 
     const LINE: &str = r#"{"hostname":"falco-xczjd","output":"13:44:05.478445995: Critical A shell was spawned","output_fields":{"container.id":"ee97d9c4186f","evt.time":1685022245478445995},"priority":"Critical","rule":"Terminal shell in container","source":"syscall","tags":["container","shell"],"time":"2023-05-25T13:44:05.478445995Z"}"#;
+
+    #[test]
+    fn every_reason_is_listed() {
+        for err in [
+            AlertError::NotJson(String::new()),
+            AlertError::NotAnAlert(String::new()),
+            AlertError::MissingField("rule"),
+            AlertError::Priority(PriorityError::UnknownName(String::new())),
+            AlertError::TooLarge { size: 2, limit: 1 },
+            AlertError::NotUtf8,
+        ] {
+            assert!(AlertError::REASONS.contains(&err.reason()), "{err}");
+        }
+    }
 
     #[test]
     fn reads_a_falco_line_verbatim() {

@@ -131,6 +131,9 @@ pub struct AlertSink {
     min_priority: Priority,
     format: Format,
     received: Counter,
+    /// `falco_nats_alerts_accepted_total` of this input, by priority (in
+    /// the order of the priorities' numbers).
+    accepted: [Counter; 8],
     metrics: BridgeMetrics,
     /// Set while the input is connected to Falco.
     pub connected: ReadyFlag,
@@ -146,12 +149,21 @@ impl AlertSink {
         connected: ReadyFlag,
     ) -> Self {
         let received = metrics.received.get_or_create(&[("input", input)]).clone();
+        // Shown from the start, at zero.
+        drop(metrics.input_reconnects.get_or_create(&[("input", input)]));
+        let accepted = Priority::ALL.map(|p| {
+            metrics
+                .accepted
+                .get_or_create(&[("input", input), ("priority", p.as_lower_str())])
+                .clone()
+        });
         AlertSink {
             tx,
             input,
             min_priority,
             format,
             received,
+            accepted,
             metrics,
             connected,
         }
@@ -176,6 +188,7 @@ impl AlertSink {
                 return Ok(());
             }
         };
+        self.accepted[event.priority as usize].inc();
         self.metrics.unconfirmed.inc();
         self.tx.send(event).await.map_err(|_| {
             self.metrics.unconfirmed.dec();

@@ -23,6 +23,8 @@ pub type Label = [(&'static str, &'static str); 1];
 pub struct BridgeMetrics {
     /// Alerts read from an input, by input.
     pub received: Family<Label, Counter>,
+    /// Alerts queued for NATS (past `--min-priority`), by input and priority.
+    pub accepted: Family<[(&'static str, &'static str); 2], Counter>,
     /// Alerts published (core) or stored and acknowledged (JetStream).
     pub published: Counter,
     /// Alerts JetStream had already stored (a re-publish after a reconnect).
@@ -58,6 +60,7 @@ impl BridgeMetrics {
     pub fn new(registry: &mut Registry) -> Self {
         let m = BridgeMetrics {
             received: Family::default(),
+            accepted: Family::default(),
             published: Counter::default(),
             duplicates: Counter::default(),
             publish_failures: Counter::default(),
@@ -76,6 +79,15 @@ impl BridgeMetrics {
             "alerts_received",
             "Alerts read from the input",
             m.received.clone(),
+        );
+        // Every series a dashboard reads shows from the start, at zero.
+        for reason in crate::event::AlertError::REASONS {
+            drop(m.rejected.get_or_create(&[("reason", reason)]));
+        }
+        r.register(
+            "alerts_accepted",
+            "Alerts queued for NATS, by input and priority",
+            m.accepted.clone(),
         );
         r.register(
             "alerts_published",
@@ -216,6 +228,9 @@ pub struct HttpServerMetrics {
 impl HttpServerMetrics {
     pub fn new(registry: &mut Registry) -> Self {
         let m = HttpServerMetrics::default();
+        for phase in ["tls", "headers", "body"] {
+            drop(m.stalled.get_or_create(&[("phase", phase)]));
+        }
         let r = registry.sub_registry_with_prefix("falco_nats_http");
         r.register("connections", "HTTP connections open", m.open.clone());
         r.register(

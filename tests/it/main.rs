@@ -15,6 +15,7 @@ mod bridge_stdin;
 mod cli;
 mod cluster;
 mod deploy;
+mod dashboard;
 mod deploy_helm;
 mod deploy_nats;
 mod faults;
