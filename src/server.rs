@@ -7,6 +7,7 @@
 //! a verified client certificate.
 
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -21,6 +22,7 @@ use tokio::net::TcpListener;
 use tokio::task::JoinSet;
 use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
+use tower::util::MapRequestLayer;
 
 use crate::telemetry::metrics::HttpServerMetrics;
 
@@ -40,6 +42,15 @@ async fn connection(
     limits: Arc<ServerLimits>,
     watcher: hyper_util::server::graceful::Watcher,
 ) {
+    // Whether a request was served: a time-out after one is an idle
+    // keep-alive connection (or a next request that stalled), before any
+    // a request whose headers never came.
+    let served = Arc::new(AtomicBool::new(false));
+    let mark = Arc::clone(&served);
+    let router = router.layer(MapRequestLayer::new(move |request| {
+        mark.store(true, Ordering::Relaxed);
+        request
+    }));
     let mut builder = auto::Builder::new(TokioExecutor::new()).http1_only();
     builder
         .http1()
@@ -78,7 +89,11 @@ async fn connection(
             .downcast_ref::<hyper::Error>()
             .is_some_and(hyper::Error::is_timeout);
         if timed_out {
-            limits.metrics.stalled("headers");
+            limits.metrics.stalled(if served.load(Ordering::Relaxed) {
+                "idle"
+            } else {
+                "headers"
+            });
         }
         tracing::debug!(%peer, error = %e, timed_out, "connection ended with an error");
     }

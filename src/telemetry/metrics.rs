@@ -219,7 +219,8 @@ pub struct HttpServerMetrics {
     /// Connections open now.
     pub open: Gauge,
     /// Connections closed because a request stalled, by phase (`tls`,
-    /// `headers`, `body`).
+    /// `headers`, `body`; `idle`: no next request on a keep-alive
+    /// connection in time, or its headers stalled).
     pub stalled: Family<Label, Counter>,
     /// Connections refused at once: `--max-connections` were open.
     pub refused: Counter,
@@ -228,14 +229,14 @@ pub struct HttpServerMetrics {
 impl HttpServerMetrics {
     pub fn new(registry: &mut Registry) -> Self {
         let m = HttpServerMetrics::default();
-        for phase in ["tls", "headers", "body"] {
+        for phase in ["tls", "headers", "body", "idle"] {
             drop(m.stalled.get_or_create(&[("phase", phase)]));
         }
         let r = registry.sub_registry_with_prefix("falco_nats_http");
         r.register("connections", "HTTP connections open", m.open.clone());
         r.register(
             "stalled",
-            "HTTP connections closed because a request did not arrive in time, by phase",
+            "HTTP connections closed because a request did not arrive in time, by phase (idle: no next request on a keep-alive connection)",
             m.stalled.clone(),
         );
         r.register(

@@ -601,6 +601,22 @@ async fn stalled_and_surplus_connections_are_closed_while_falco_goes_on() {
     for (alert, msg) in sent.iter().zip(&got) {
         assert_eq!(msg.payload, alert.as_bytes());
     }
+    // A keep-alive connection that goes quiet after its request is closed
+    // at the limit, and counted as idle, not as a stalled request.
+    let mut quiet = tokio::net::TcpStream::connect(listen).await.unwrap();
+    let alert = AlertFactory::new("node-quiet", false).next_json();
+    let request = format!(
+        "POST / HTTP/1.1\r\nHost: bridge\r\nContent-Length: {}\r\n\r\n{alert}",
+        alert.len()
+    );
+    quiet.write_all(request.as_bytes()).await.unwrap();
+    assert_eq!(read_response(&mut quiet).await, 200);
+    let mut rest = Vec::new();
+    tokio::time::timeout(Duration::from_secs(15), quiet.read_to_end(&mut rest))
+        .await
+        .expect("an idle keep-alive connection left open")
+        .ok();
+    assert!(rest.is_empty(), "{rest:?}");
 
     let (_, metrics) = http_get(listen, "/metrics").await;
     let value = |series: &str| metric_value(&metrics, series);
@@ -616,6 +632,7 @@ async fn stalled_and_surplus_connections_are_closed_while_falco_goes_on() {
         value("falco_nats_http_connections_refused_total"),
         SURPLUS as f64
     );
+    assert_eq!(value("falco_nats_http_stalled_total{phase=\"idle\"}"), 1.0);
     let (peak, rss_after) = memory_kib(pid);
     eprintln!("bridge memory: {rss_before} KiB before, peak {peak} KiB, {rss_after} KiB after");
     assert!(

@@ -109,7 +109,10 @@ async fn every_metric_the_dashboard_queries_exists() {
         .unwrap();
     client.flush().await.unwrap();
     wait_for("a decision", WAIT, || async {
-        metric_value(&http_get(probes, "/metrics").await.1, "falco_nats_respond_alerts_total") >= 1.0
+        metric_value(
+            &http_get(probes, "/metrics").await.1,
+            "falco_nats_respond_alerts_total",
+        ) >= 1.0
     })
     .await;
 
@@ -136,7 +139,10 @@ async fn every_metric_the_dashboard_queries_exists() {
                     .find_map(|s| metric.strip_suffix(s).filter(|f| exposed.contains_key(*f)))
                     .unwrap_or(&metric);
                 let Some(have) = exposed.get(family) else {
-                    panic!("{:?} queries {metric}, which no /metrics has", panel["title"]);
+                    panic!(
+                        "{:?} queries {metric}, which no /metrics has",
+                        panel["title"]
+                    );
                 };
                 // Labels are only seen on families with samples.
                 if !have.is_empty() {
