@@ -236,6 +236,18 @@ impl Listen {
         Listen { stop, task }
     }
 
+    /// The probes-only server of `respond` and `tail`: plain HTTP, the
+    /// default limits, a second's grace at the end.
+    pub fn probes(listener: Option<TcpListener>, router: Router) -> Self {
+        Listen::start(
+            listener,
+            router,
+            None,
+            ServerLimits::probes(),
+            Duration::from_secs(1),
+        )
+    }
+
     /// Stops serving (after the grace period) and waits for it.
     pub async fn stop(self) {
         self.stop.cancel();

@@ -11,7 +11,6 @@
 use std::borrow::Cow;
 use std::io::{IsTerminal, Write};
 use std::sync::Arc;
-use std::time::Duration;
 
 use clap::ValueEnum;
 use futures_util::StreamExt;
@@ -82,13 +81,7 @@ pub async fn run<W: Write + IsTerminal>(
     let subscribed = readiness.check("subscription");
     let client = connect(&options.nats, watch).await?.client;
     let router = health::router(readiness, Arc::new(registry));
-    let server = Listen::start(
-        listener,
-        router,
-        None,
-        crate::server::ServerLimits::probes(),
-        Duration::from_secs(1),
-    );
+    let server = Listen::probes(listener, router);
     let result = print(&options, &client, out, &subscribed, &shutdown).await;
     server.stop().await;
     result

@@ -436,13 +436,7 @@ pub async fn run(
     let cluster = Arc::new(Cluster::connect(kubeconfig, options.kube_timeout, kube_ready).await?);
     let client = connect(&options.nats, watch).await?.client;
     let router = health::router(readiness, Arc::new(registry));
-    let server = Listen::start(
-        listener,
-        router,
-        None,
-        crate::server::ServerLimits::probes(),
-        Duration::from_secs(1),
-    );
+    let server = Listen::probes(listener, router);
     tracing::info!(
         rules = options.policy.rules.len(),
         dry_run = options.dry_run,

@@ -240,16 +240,7 @@ fn every_overlay_with_every_component_renders_and_validates() {
             let respond = find("Deployment", "falco-nats-respond").unwrap();
             let respond = &respond["spec"]["template"]["spec"]["containers"][0];
             for c in [bridge, respond] {
-                let mut args: Vec<String> = c["args"]
-                    .as_sequence_strs()
-                    .into_iter()
-                    .map(str::to_owned)
-                    .collect();
-                args.extend(env_as_args(&args[0], &c["env"]));
-                let argv = std::iter::once("falco-nats".to_owned()).chain(args.clone());
-                if let Err(e) = Cli::try_parse_from(argv) {
-                    panic!("{overlay} {set:?}: {args:?} is refused:\n{e}");
-                }
+                assert_cli_accepts(c, &format!("{overlay} {set:?}"));
             }
             let respond_args = respond["args"].as_sequence_strs();
             let leaf = set.contains(&"leaf");
@@ -328,6 +319,21 @@ fn falco_nats_containers() -> Vec<(PathBuf, Vec<String>, Vec<String>)> {
         }
     }
     out
+}
+
+/// A falco-nats container's arguments, with its literal environment as the
+/// flags it stands for, are accepted by the real CLI.
+pub fn assert_cli_accepts(container: &Value, what: &str) {
+    let mut args: Vec<String> = container["args"]
+        .as_sequence_strs()
+        .into_iter()
+        .map(str::to_owned)
+        .collect();
+    args.extend(env_as_args(&args[0], &container["env"]));
+    let argv = std::iter::once("falco-nats".to_owned()).chain(args.clone());
+    if let Err(e) = Cli::try_parse_from(argv) {
+        panic!("{what}: falco-nats {args:?} is refused:\n{e}");
+    }
 }
 
 /// A container's literal environment values as the arguments they stand

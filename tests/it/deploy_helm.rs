@@ -20,12 +20,10 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use clap::Parser;
-use falco_nats::cli::Cli;
 use serde::Deserialize;
 use serde_json::Value;
 
-use crate::deploy::{deploy_dir, documents, env_as_args, validate, Strs};
+use crate::deploy::{assert_cli_accepts, deploy_dir, documents, validate, Strs};
 use crate::support::nats_server_bin;
 
 fn chart_dir() -> PathBuf {
@@ -81,16 +79,7 @@ fn check_falco_nats_containers(docs: &[Value], what: &str) -> usize {
             if !c["image"].as_str().unwrap_or("").starts_with("falco-nats:") {
                 continue;
             }
-            let mut args: Vec<String> = c["args"]
-                .as_sequence_strs()
-                .into_iter()
-                .map(str::to_owned)
-                .collect();
-            args.extend(env_as_args(&args[0], &c["env"]));
-            let argv = std::iter::once("falco-nats".to_owned()).chain(args.clone());
-            if let Err(e) = Cli::try_parse_from(argv) {
-                panic!("{what}: falco-nats {args:?} is refused:\n{e}");
-            }
+            assert_cli_accepts(c, what);
             n += 1;
         }
     }
