@@ -460,27 +460,6 @@ async fn mutual_tls_requires_a_client_certificate_from_the_ca() {
     bridge.stop().await.unwrap();
 }
 
-/// Reads one HTTP response from a keep-alive connection: its status.
-async fn read_response(stream: &mut tokio::net::TcpStream) -> u16 {
-    use tokio::io::AsyncReadExt;
-    let mut buf = Vec::new();
-    let mut byte = [0u8; 1];
-    while !buf.ends_with(b"\r\n\r\n") {
-        if stream.read(&mut byte).await.unwrap() == 0 {
-            return 0;
-        }
-        buf.push(byte[0]);
-    }
-    let head = String::from_utf8_lossy(&buf).to_ascii_lowercase();
-    let length: usize = head
-        .lines()
-        .find_map(|l| l.strip_prefix("content-length:"))
-        .map_or(0, |v| v.trim().parse().unwrap());
-    let mut body = vec![0u8; length];
-    stream.read_exact(&mut body).await.unwrap();
-    head.split(' ').nth(1).unwrap().parse().unwrap()
-}
-
 /// Peak and current resident memory of a process, in KiB.
 fn memory_kib(pid: u32) -> (u64, u64) {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
@@ -543,7 +522,7 @@ async fn stalled_and_surplus_connections_are_closed_while_falco_goes_on() {
             );
             conn.write_all(request.as_bytes()).await.unwrap();
             assert_eq!(
-                read_response(&mut conn).await,
+                read_one_response(&mut conn).await,
                 200,
                 "Falco's connection cut"
             );
@@ -610,7 +589,7 @@ async fn stalled_and_surplus_connections_are_closed_while_falco_goes_on() {
         alert.len()
     );
     quiet.write_all(request.as_bytes()).await.unwrap();
-    assert_eq!(read_response(&mut quiet).await, 200);
+    assert_eq!(read_one_response(&mut quiet).await, 200);
     let mut rest = Vec::new();
     tokio::time::timeout(Duration::from_secs(15), quiet.read_to_end(&mut rest))
         .await

@@ -20,5 +20,6 @@ mod deploy_helm;
 mod deploy_nats;
 mod faults;
 mod fuzz_smoke;
+mod instructions;
 mod leaf;
 mod respond;

@@ -690,3 +690,24 @@ pub fn stream_config(url: &str, stream: &str) -> serde_json::Value {
     let info: serde_json::Value = serde_json::from_slice(&out.stdout).expect("stream info JSON");
     info["config"].clone()
 }
+
+/// Reads one HTTP response from a keep-alive connection: its status.
+pub async fn read_one_response(stream: &mut tokio::net::TcpStream) -> u16 {
+    use tokio::io::AsyncReadExt;
+    let mut buf = Vec::new();
+    let mut byte = [0u8; 1];
+    while !buf.ends_with(b"\r\n\r\n") {
+        if stream.read(&mut byte).await.unwrap() == 0 {
+            return 0;
+        }
+        buf.push(byte[0]);
+    }
+    let head = String::from_utf8_lossy(&buf).to_ascii_lowercase();
+    let length: usize = head
+        .lines()
+        .find_map(|l| l.strip_prefix("content-length:"))
+        .map_or(0, |v| v.trim().parse().unwrap());
+    let mut body = vec![0u8; length];
+    stream.read_exact(&mut body).await.unwrap();
+    head.split(' ').nth(1).unwrap().parse().unwrap()
+}
