@@ -46,6 +46,70 @@ fn assert_valid_subject(subject: &str) {
     }
 }
 
+/// `--format falcosidekick`: any accepted alert becomes JSON (or a clear
+/// error, for a time that is not RFC 3339) with falcosidekick's keys in its
+/// order, the alert's rule, priority and output, every `output_fields` value
+/// as it was, a source, sorted tags, and a hostname exactly when it had one.
+pub fn falcosidekick_payload(data: &[u8]) {
+    let Ok(event) = FalcoEvent::from_json(Bytes::copy_from_slice(data)) else {
+        return;
+    };
+    // The reader skips what it does not need without checking every escape
+    // (a lone surrogate passes); serde_json's own reading is the reference.
+    let Ok(original) = serde_json::from_slice::<serde_json::Value>(&event.payload) else {
+        return;
+    };
+    let (rule, priority) = (event.rule.clone(), event.priority);
+    let uuid = uuid::Uuid::nil();
+    let Ok(converted) = crate::format::falcosidekick(event, &uuid) else {
+        return;
+    };
+    let text = std::str::from_utf8(&converted.payload).expect("UTF-8");
+    assert!(
+        text.starts_with(r#"{"uuid":"00000000-0000-0000-0000-000000000000","output":"#),
+        "{text}"
+    );
+    let out: serde_json::Value = serde_json::from_str(text).expect("the payload is JSON");
+    assert_eq!(out["rule"], rule.as_str());
+    assert_eq!(out["priority"], priority.as_str());
+    assert_eq!(
+        out["output"],
+        original.get("output").cloned().unwrap_or("".into())
+    );
+    match original.get("output_fields") {
+        Some(serde_json::Value::Object(fields)) => {
+            let written = out["output_fields"].as_object().expect("an object");
+            assert_eq!(written.len(), fields.len());
+            for (key, value) in fields {
+                assert_eq!(&written[key], value, "{key}");
+            }
+        }
+        _ => assert!(out["output_fields"].is_null(), "{text}"),
+    }
+    assert!(!out["source"].as_str().expect("a source").is_empty());
+    if let Some(tags) = out.get("tags") {
+        let tags: Vec<&str> = tags
+            .as_array()
+            .expect("a list")
+            .iter()
+            .map(|t| t.as_str().expect("a string"))
+            .collect();
+        assert!(
+            !tags.is_empty() && tags.windows(2).all(|w| w[0] <= w[1]),
+            "{tags:?}"
+        );
+    }
+    let hostname = original
+        .get("hostname")
+        .and_then(|h| h.as_str())
+        .unwrap_or("");
+    assert_eq!(
+        out.get("hostname").and_then(|h| h.as_str()).unwrap_or(""),
+        hostname
+    );
+    assert_eq!(out.get("hostname").is_some(), !hostname.is_empty());
+}
+
 /// gRPC to JSON: any decodable `falco.outputs.response` converts to JSON
 /// that parses (or to an error, for an unknown priority).
 pub fn grpc_to_json(data: &[u8]) {

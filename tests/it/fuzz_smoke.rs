@@ -157,6 +157,22 @@ fn json_line_survives_mutated_alerts() {
 }
 
 #[test]
+fn falcosidekick_payloads_keep_the_alert() {
+    let mut factory = AlertFactory::new("node-fuzz", false);
+    let seeds: Vec<Vec<u8>> = (0..8)
+        .map(|_| factory.next_json().into_bytes())
+        .chain([
+            br#"{"output":"<a & b>","priority":"Debug","rule":"Test rule","tags":["b","a"],"time":"2023-05-25T13:44:05.1+02:00","output_fields":{"n":1.50,"l":[1,"\u2028"],"o":{"z":null}}}"#.to_vec(),
+        ])
+        .collect();
+    run(
+        "falcosidekick_payload",
+        &seeds,
+        fuzzing::falcosidekick_payload,
+    );
+}
+
+#[test]
 fn grpc_to_json_survives_mutated_responses() {
     let mut plain = AlertFactory::new("node-fuzz", false);
     let mut verbatim = AlertFactory::new("node-fuzz", true);
