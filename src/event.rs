@@ -138,7 +138,14 @@ impl FalcoEvent {
     /// A stable digest of the payload, used as `Nats-Msg-Id` so JetStream
     /// drops a duplicate when the bridge publishes the same alert again.
     pub fn msg_id(&self) -> String {
-        format!("{:032x}", xxhash_rust::xxh3::xxh3_128(&self.payload))
+        const HEX: &[u8; 16] = b"0123456789abcdef";
+        let digest = xxhash_rust::xxh3::xxh3_128(&self.payload);
+        // 32 lower-case hex digits, as `{:032x}` writes them, without the
+        // formatting machinery.
+        (0..32)
+            .rev()
+            .map(|i| char::from(HEX[((digest >> (i * 4)) & 0xf) as usize]))
+            .collect()
     }
 }
 
@@ -147,6 +154,24 @@ mod tests {
     use super::*;
 
     const LINE: &str = r#"{"hostname":"falco-xczjd","output":"13:44:05.478445995: Critical A shell was spawned","output_fields":{"container.id":"ee97d9c4186f","evt.time":1685022245478445995},"priority":"Critical","rule":"Terminal shell in container","source":"syscall","tags":["container","shell"],"time":"2023-05-25T13:44:05.478445995Z"}"#;
+
+    #[test]
+    fn msg_id_is_the_digest_in_hex() {
+        for line in [LINE, "{}", "{\"rule\":\"é\"}"] {
+            let ev = FalcoEvent {
+                payload: Bytes::from(line),
+                priority: Priority::Debug,
+                rule: String::new(),
+                hostname: String::new(),
+                source: String::new(),
+                received_at: Instant::now(),
+            };
+            assert_eq!(
+                ev.msg_id(),
+                format!("{:032x}", xxhash_rust::xxh3::xxh3_128(line.as_bytes()))
+            );
+        }
+    }
 
     #[test]
     fn every_reason_is_listed() {

@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_nats::jetstream::{self, stream};
-use async_nats::{Client, HeaderMap};
+use async_nats::{Client, HeaderMap, HeaderName};
 use bytes::Bytes;
 use futures_util::stream::{FuturesUnordered, StreamExt};
 use tokio::sync::mpsc;
@@ -153,15 +153,23 @@ impl Publisher {
     }
 }
 
+/// The header names, made once: inserting a `&str` name validates and
+/// converts it for every message.
+const PRIORITY_NAME: HeaderName = HeaderName::from_static(header::PRIORITY);
+const RULE_NAME: HeaderName = HeaderName::from_static(header::RULE);
+const HOSTNAME_NAME: HeaderName = HeaderName::from_static(header::HOSTNAME);
+const SOURCE_NAME: HeaderName = HeaderName::from_static(header::SOURCE);
+const MSG_ID_NAME: HeaderName = HeaderName::from_static(header::MSG_ID);
+
 /// The headers of an alert message: what a consumer filters on without
 /// parsing the JSON, and the digest JetStream deduplicates on.
 pub fn alert_headers(event: &FalcoEvent) -> HeaderMap {
     let mut headers = HeaderMap::new();
-    headers.insert(header::PRIORITY, event.priority.as_str());
-    headers.insert(header::RULE, header_value(&event.rule));
-    headers.insert(header::HOSTNAME, header_value(&event.hostname));
-    headers.insert(header::SOURCE, header_value(&event.source));
-    headers.insert(header::MSG_ID, event.msg_id());
+    headers.insert(PRIORITY_NAME, event.priority.as_str());
+    headers.insert(RULE_NAME, header_value(&event.rule));
+    headers.insert(HOSTNAME_NAME, header_value(&event.hostname));
+    headers.insert(SOURCE_NAME, header_value(&event.source));
+    headers.insert(MSG_ID_NAME, event.msg_id());
     headers
 }
 
@@ -173,6 +181,10 @@ pub const MAX_HEADER_VALUE: usize = 1024;
 /// header): they become spaces. Values are cut at [`MAX_HEADER_VALUE`] bytes
 /// (on a character boundary).
 fn header_value(value: &str) -> String {
+    // The common case, printable ASCII within the limit, is copied whole.
+    if value.len() <= MAX_HEADER_VALUE && value.bytes().all(|b| (0x20..0x7f).contains(&b)) {
+        return value.to_owned();
+    }
     let mut out = String::with_capacity(value.len().min(MAX_HEADER_VALUE));
     for c in value.chars() {
         if out.len() + c.len_utf8() > MAX_HEADER_VALUE {
@@ -707,5 +719,20 @@ mod tests {
         let long = header_value(&"é".repeat(5000));
         assert!(long.len() <= MAX_HEADER_VALUE && long.len() >= MAX_HEADER_VALUE - 1);
         assert!(long.chars().all(|c| c == 'é'));
+    }
+
+    #[test]
+    fn header_values_lose_control_characters_and_length_either_way() {
+        assert_eq!(
+            header_value("Terminal shell in container"),
+            "Terminal shell in container"
+        );
+        assert_eq!(header_value("a\r\nb\tc\u{7f}d\u{85}e"), "a  b c d e");
+        assert_eq!(header_value(&"x".repeat(5000)).len(), MAX_HEADER_VALUE);
+        assert_eq!(
+            header_value(&"x".repeat(MAX_HEADER_VALUE)).len(),
+            MAX_HEADER_VALUE
+        );
+        assert_eq!(header_value("naïve"), "naïve");
     }
 }
