@@ -142,10 +142,11 @@ impl FalcoEvent {
         let digest = xxhash_rust::xxh3::xxh3_128(&self.payload);
         // 32 lower-case hex digits, as `{:032x}` writes them, without the
         // formatting machinery.
-        (0..32)
-            .rev()
-            .map(|i| char::from(HEX[((digest >> (i * 4)) & 0xf) as usize]))
-            .collect()
+        let mut hex = [0u8; 32];
+        for (i, digit) in hex.iter_mut().enumerate() {
+            *digit = HEX[((digest >> ((31 - i) * 4)) & 0xf) as usize];
+        }
+        String::from_utf8(hex.to_vec()).expect("hex digits are ASCII")
     }
 }
 
