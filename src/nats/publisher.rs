@@ -18,6 +18,7 @@ use crate::nats::fast_batch::{BatchOutcome, FastBatches};
 use crate::nats::ledger::DeliveryLedger;
 use crate::nats::round_trip::round_trip;
 use crate::nats::subject::{covers, SubjectTemplate};
+use crate::priority::Priority;
 use crate::telemetry::metrics::BridgeMetrics;
 
 /// Header names carried by every alert message.
@@ -164,13 +165,71 @@ const MSG_ID_NAME: HeaderName = HeaderName::from_static(header::MSG_ID);
 /// The headers of an alert message: what a consumer filters on without
 /// parsing the JSON, and the digest JetStream deduplicates on.
 pub fn alert_headers(event: &FalcoEvent) -> HeaderMap {
+    let mut headers = FILTER_HEADERS.with(|cache| cache.borrow_mut().headers(event));
+    headers.insert(MSG_ID_NAME, event.msg_id());
+    headers
+}
+
+/// The four filter headers of an alert, built anew.
+fn filter_headers(event: &FalcoEvent) -> HeaderMap {
     let mut headers = HeaderMap::new();
     headers.insert(PRIORITY_NAME, event.priority.as_str());
     headers.insert(RULE_NAME, header_value(&event.rule));
     headers.insert(HOSTNAME_NAME, header_value(&event.hostname));
     headers.insert(SOURCE_NAME, header_value(&event.source));
-    headers.insert(MSG_ID_NAME, event.msg_id());
     headers
+}
+
+/// How many filter-header sets are remembered (per thread).
+const FILTER_HEADER_CACHE: usize = 32;
+
+thread_local! {
+    /// A memo, not state: alerts repeat a few rules from a few hosts, and
+    /// cloning a remembered header map costs about half of building one
+    /// (async-nats hashes each name with SipHash and grows its map twice).
+    /// Per thread, so no lock; what it returns depends on the alert alone.
+    static FILTER_HEADERS: std::cell::RefCell<FilterHeaderCache> =
+        std::cell::RefCell::new(FilterHeaderCache::default());
+}
+
+/// The filter headers of recent (priority, rule, hostname, source)
+/// combinations, the oldest replaced first.
+#[derive(Default)]
+struct FilterHeaderCache {
+    entries: Vec<(Priority, String, String, String, HeaderMap)>,
+    next: usize,
+}
+
+impl FilterHeaderCache {
+    fn headers(&mut self, event: &FalcoEvent) -> HeaderMap {
+        let hit = self
+            .entries
+            .iter()
+            .find(|(priority, rule, hostname, source, _)| {
+                *priority == event.priority
+                    && *rule == event.rule
+                    && *hostname == event.hostname
+                    && *source == event.source
+            });
+        if let Some((.., headers)) = hit {
+            return headers.clone();
+        }
+        let headers = filter_headers(event);
+        let entry = (
+            event.priority,
+            event.rule.clone(),
+            event.hostname.clone(),
+            event.source.clone(),
+            headers.clone(),
+        );
+        if self.entries.len() < FILTER_HEADER_CACHE {
+            self.entries.push(entry);
+        } else {
+            self.entries[self.next] = entry;
+            self.next = (self.next + 1) % FILTER_HEADER_CACHE;
+        }
+        headers
+    }
 }
 
 /// Longest header value, in bytes: a consumer filters on these, and no
@@ -689,7 +748,6 @@ async fn publish_until_acked(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::priority::Priority;
 
     #[test]
     fn headers_carry_the_filter_fields_and_a_stable_id() {
@@ -719,6 +777,26 @@ mod tests {
         let long = header_value(&"é".repeat(5000));
         assert!(long.len() <= MAX_HEADER_VALUE && long.len() >= MAX_HEADER_VALUE - 1);
         assert!(long.chars().all(|c| c == 'é'));
+    }
+
+    #[test]
+    fn remembered_headers_are_the_alerts_own() {
+        let alert = |rule: &str, host: &str| {
+            let line = format!(
+                r#"{{"hostname":"{host}","output":"x","priority":"Notice","rule":"{rule}","source":"syscall","time":"2023-05-25T13:44:05.478445995Z"}}"#
+            );
+            FalcoEvent::from_json(bytes::Bytes::from(line)).unwrap()
+        };
+        // More combinations than are remembered, each seen twice, in turns.
+        for round in 0..3 {
+            for i in 0..(FILTER_HEADER_CACHE * 2) {
+                let event = alert(&format!("rule {}", i % 40), &format!("node-{}", i % 7));
+                let headers = alert_headers(&event);
+                let mut expected = filter_headers(&event);
+                expected.insert(MSG_ID_NAME, event.msg_id());
+                assert_eq!(headers, expected, "round {round}, alert {i}");
+            }
+        }
     }
 
     #[test]
