@@ -51,17 +51,22 @@ fn budgets() -> BTreeMap<String, f64> {
         .collect()
 }
 
-/// The bridge under callgrind, its counts written to `out`.
-fn under_callgrind(out: &Path, args: &[&str]) -> Command {
+/// The bridge under callgrind, reading `input` (with `args`) into core
+/// NATS at `url`, its counts written to `out`; `--listen off` unless
+/// `args` say otherwise.
+fn under_callgrind(out: &Path, url: &str, input: &str, args: &[&str]) -> Command {
     let mut c = Command::new("valgrind");
     c.arg("--tool=callgrind")
         .arg(format!("--callgrind-out-file={}", out.display()))
         .arg(release_bin())
-        .arg("bridge")
+        .args(["bridge", "--input", input, "-s", url])
         .args(args)
         .env("RUST_LOG", "warn")
         .stdout(Stdio::null())
         .stderr(Stdio::piped());
+    if !args.contains(&"--listen") {
+        c.args(["--listen", "off"]);
+    }
     c
 }
 
@@ -113,11 +118,10 @@ async fn run(input: &str, n: u64) -> u64 {
     let url = nats.url();
     match input {
         "stdin" => {
-            let mut child =
-                under_callgrind(&out, &["--input", "stdin", "--listen", "off", "-s", &url])
-                    .stdin(Stdio::piped())
-                    .spawn()
-                    .unwrap();
+            let mut child = under_callgrind(&out, &url, "stdin", &[])
+                .stdin(Stdio::piped())
+                .spawn()
+                .unwrap();
             let mut stdin = child.stdin.take().unwrap();
             let lines = alerts(n);
             let exited = tokio::task::spawn_blocking(move || {
@@ -139,17 +143,9 @@ async fn run(input: &str, n: u64) -> u64 {
             let fifo = dir.path().join("falco.fifo");
             let child = under_callgrind(
                 &out,
-                &[
-                    "--input",
-                    "fifo",
-                    "--create-fifo",
-                    "--fifo",
-                    fifo.to_str().unwrap(),
-                    "--listen",
-                    "off",
-                    "-s",
-                    &url,
-                ],
+                &url,
+                "fifo",
+                &["--create-fifo", "--fifo", fifo.to_str().unwrap()],
             )
             .spawn()
             .unwrap();
@@ -159,19 +155,9 @@ async fn run(input: &str, n: u64) -> u64 {
         }
         "http" => {
             let listen = std::net::SocketAddr::from(([127, 0, 0, 1], free_port()));
-            let child = under_callgrind(
-                &out,
-                &[
-                    "--input",
-                    "http",
-                    "--listen",
-                    &listen.to_string(),
-                    "-s",
-                    &url,
-                ],
-            )
-            .spawn()
-            .unwrap();
+            let child = under_callgrind(&out, &url, "http", &["--listen", &listen.to_string()])
+                .spawn()
+                .unwrap();
             wait_for("the bridge listening", WAIT, || async {
                 tokio::net::TcpStream::connect(listen).await.is_ok()
             })
@@ -199,16 +185,9 @@ async fn run(input: &str, n: u64) -> u64 {
             }
             let child = under_callgrind(
                 &out,
-                &[
-                    "--input",
-                    "grpc",
-                    "--grpc-socket",
-                    socket.to_str().unwrap(),
-                    "--listen",
-                    "off",
-                    "-s",
-                    &url,
-                ],
+                &url,
+                "grpc",
+                &["--grpc-socket", socket.to_str().unwrap()],
             )
             .spawn()
             .unwrap();
