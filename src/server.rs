@@ -3,15 +3,15 @@
 //! speaks), with a time limit on a request's headers and a shutdown that
 //! closes connections after a grace period. What it serves (probes,
 //! metrics, the HTTP input) is the caller's router; each request carries a
-//! [`ClientCertificate`] extension saying whether its connection presented
-//! a verified client certificate.
+//! [`VerifiedClientCertificate`] extension when its connection presented a
+//! verified client certificate.
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::{Extension, Router};
+use axum::Router;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
@@ -26,11 +26,11 @@ use tower::util::MapRequestLayer;
 
 use crate::telemetry::metrics::HttpServerMetrics;
 
-/// Whether the request's connection presented a client certificate that
-/// the `--tls-client-ca` verified (a certificate that does not verify ends
-/// the TLS handshake, so no request comes from it).
+/// On a request whose connection presented a client certificate that the
+/// `--tls-client-ca` verified (a certificate that does not verify ends the
+/// TLS handshake, so no request comes from it); absent otherwise.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct ClientCertificate(pub bool);
+pub struct VerifiedClientCertificate;
 
 /// Serves one connection (after its TLS handshake, with `tls`) until it
 /// ends or the graceful shutdown closes it.
@@ -47,10 +47,17 @@ async fn connection(
     // a request whose headers never came.
     let served = Arc::new(AtomicBool::new(false));
     let mark = Arc::clone(&served);
-    let router = router.layer(MapRequestLayer::new(move |request| {
-        mark.store(true, Ordering::Relaxed);
-        request
-    }));
+    let service = |verified: bool| {
+        TowerToHyperService::new(router.layer(MapRequestLayer::new(
+            move |mut request: axum::extract::Request| {
+                mark.store(true, Ordering::Relaxed);
+                if verified {
+                    request.extensions_mut().insert(VerifiedClientCertificate);
+                }
+                request
+            },
+        )))
+    };
     let mut builder = auto::Builder::new(TokioExecutor::new()).http1_only();
     builder
         .http1()
@@ -58,9 +65,7 @@ async fn connection(
         .header_read_timeout(limits.header_timeout);
     let result = match tls {
         None => {
-            let service =
-                TowerToHyperService::new(router.layer(Extension(ClientCertificate(false))));
-            let conn = builder.serve_connection(TokioIo::new(tcp), service);
+            let conn = builder.serve_connection(TokioIo::new(tcp), service(false));
             watcher.watch(conn.into_owned()).await
         }
         Some(acceptor) => {
@@ -78,9 +83,7 @@ async fn connection(
                 }
             };
             let verified = stream.get_ref().1.peer_certificates().is_some();
-            let service =
-                TowerToHyperService::new(router.layer(Extension(ClientCertificate(verified))));
-            let conn = builder.serve_connection(TokioIo::new(stream), service);
+            let conn = builder.serve_connection(TokioIo::new(stream), service(verified));
             watcher.watch(conn.into_owned()).await
         }
     };
@@ -136,8 +139,8 @@ pub enum TlsError {
 /// A TLS acceptor from PEM files (a certificate chain and its private key),
 /// with the ring crypto provider. With `client_ca`, clients are asked for
 /// a certificate: one that this CA did not sign ends the handshake, and a
-/// connection without one is let in with [`ClientCertificate`]`(false)` on
-/// its requests, so that the probes still answer the kubelet (which has no
+/// connection without one is let in, its requests without
+/// [`VerifiedClientCertificate`], so that the probes still answer the kubelet (which has no
 /// certificate) and the routes that need one refuse it.
 pub fn tls_acceptor(
     cert: &Path,

@@ -18,7 +18,7 @@ use axum::routing::post;
 use axum::Router;
 
 use super::AlertSink;
-use crate::server::ClientCertificate;
+use crate::server::VerifiedClientCertificate;
 use crate::telemetry::metrics::HttpServerMetrics;
 
 /// Default largest accepted body: 1 MiB, as for a FIFO line.
@@ -82,7 +82,10 @@ async fn receive(State(rx): State<Receiver>, request: Request) -> Response {
     let headers = parts.headers;
     let options = &*rx.options;
     if options.client_certificate
-        && parts.extensions.get::<ClientCertificate>() != Some(&ClientCertificate(true))
+        && parts
+            .extensions
+            .get::<VerifiedClientCertificate>()
+            .is_none()
     {
         return text(
             StatusCode::FORBIDDEN,

@@ -166,59 +166,58 @@ const MSG_ID_NAME: HeaderName = HeaderName::from_static(header::MSG_ID);
 /// parsing the JSON, and the digest JetStream deduplicates on.
 pub fn alert_headers(event: &FalcoEvent) -> HeaderMap {
     let mut headers = FILTER_HEADERS.with(|cache| cache.borrow_mut().headers(event));
+    headers.insert(HOSTNAME_NAME, header_value(&event.hostname));
     headers.insert(MSG_ID_NAME, event.msg_id());
     headers
 }
 
-/// The four filter headers of an alert, built anew.
-fn filter_headers(event: &FalcoEvent) -> HeaderMap {
+/// The headers an alert shares with others of its rule: priority, rule and
+/// source, and the hostname and message id keys with empty values (the
+/// map's room for them: replacing them does not grow it).
+fn rule_headers(event: &FalcoEvent) -> HeaderMap {
     let mut headers = HeaderMap::new();
     headers.insert(PRIORITY_NAME, event.priority.as_str());
     headers.insert(RULE_NAME, header_value(&event.rule));
-    headers.insert(HOSTNAME_NAME, header_value(&event.hostname));
     headers.insert(SOURCE_NAME, header_value(&event.source));
+    headers.insert(HOSTNAME_NAME, "");
+    headers.insert(MSG_ID_NAME, "");
     headers
 }
 
-/// How many filter-header sets are remembered (per thread).
-const FILTER_HEADER_CACHE: usize = 32;
+/// How many rules' headers are remembered (per thread).
+const FILTER_HEADER_CACHE: usize = 64;
 
 thread_local! {
-    /// A memo, not state: alerts repeat a few rules from a few hosts, and
-    /// cloning a remembered header map costs about half of building one
-    /// (async-nats hashes each name with SipHash and grows its map twice).
-    /// Per thread, so no lock; what it returns depends on the alert alone.
+    /// A memo, not state: alerts repeat a few rules, and cloning a
+    /// remembered header map costs less than building one (async-nats
+    /// hashes each name with SipHash and grows its map twice). Keyed by
+    /// the rule, not the host: a bridge behind a Service hears from every
+    /// node. Per thread, so no lock; what it returns depends on the alert
+    /// alone.
     static FILTER_HEADERS: std::cell::RefCell<FilterHeaderCache> =
         std::cell::RefCell::new(FilterHeaderCache::default());
 }
 
-/// The filter headers of recent (priority, rule, hostname, source)
-/// combinations, the oldest replaced first.
+/// The [`rule_headers`] of recent (priority, rule, source) combinations,
+/// the oldest replaced first.
 #[derive(Default)]
 struct FilterHeaderCache {
-    entries: Vec<(Priority, String, String, String, HeaderMap)>,
+    entries: Vec<(Priority, String, String, HeaderMap)>,
     next: usize,
 }
 
 impl FilterHeaderCache {
     fn headers(&mut self, event: &FalcoEvent) -> HeaderMap {
-        let hit = self
-            .entries
-            .iter()
-            .find(|(priority, rule, hostname, source, _)| {
-                *priority == event.priority
-                    && *rule == event.rule
-                    && *hostname == event.hostname
-                    && *source == event.source
-            });
+        let hit = self.entries.iter().find(|(priority, rule, source, _)| {
+            *priority == event.priority && *rule == event.rule && *source == event.source
+        });
         if let Some((.., headers)) = hit {
             return headers.clone();
         }
-        let headers = filter_headers(event);
+        let headers = rule_headers(event);
         let entry = (
             event.priority,
             event.rule.clone(),
-            event.hostname.clone(),
             event.source.clone(),
             headers.clone(),
         );
@@ -790,10 +789,14 @@ mod tests {
         // More combinations than are remembered, each seen twice, in turns.
         for round in 0..3 {
             for i in 0..(FILTER_HEADER_CACHE * 2) {
-                let event = alert(&format!("rule {}", i % 40), &format!("node-{}", i % 7));
+                let event = alert(&format!("rule {}", i % 80), &format!("node-{}", i % 7));
                 let headers = alert_headers(&event);
-                let mut expected = filter_headers(&event);
-                expected.insert(MSG_ID_NAME, event.msg_id());
+                let mut expected = HeaderMap::new();
+                expected.insert(header::PRIORITY, "Notice");
+                expected.insert(header::RULE, event.rule.as_str());
+                expected.insert(header::HOSTNAME, event.hostname.as_str());
+                expected.insert(header::SOURCE, "syscall");
+                expected.insert(header::MSG_ID, event.msg_id());
                 assert_eq!(headers, expected, "round {round}, alert {i}");
             }
         }

@@ -162,9 +162,16 @@ async fn run(input: &str, n: u64) -> u64 {
                 tokio::net::TcpStream::connect(listen).await.is_ok()
             })
             .await;
-            // Falco's way: one keep-alive connection, one alert per POST.
+            // Falco's way: one keep-alive connection, one alert per POST;
+            // from 64 nodes, as a bridge behind a Service hears them.
             let mut conn = tokio::net::TcpStream::connect(listen).await.unwrap();
-            for alert in alerts(n) {
+            for (i, alert) in alerts(n).into_iter().enumerate() {
+                let alert = alert.replacen(
+                    r#""hostname":"node-i""#,
+                    &format!(r#""hostname":"node-{}""#, i % 64),
+                    1,
+                );
+                assert!(alert.contains(&format!("node-{}", i % 64)));
                 let request = format!(
                     "POST / HTTP/1.1\r\nHost: bridge\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{alert}",
                     alert.len()
