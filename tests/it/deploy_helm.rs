@@ -42,7 +42,7 @@ fn values_files() -> Vec<PathBuf> {
 }
 
 /// `helm template` of the chart as release falco-nats in falco-nats.
-fn render(values: &Path) -> (PathBuf, Vec<Value>, tempfile::TempDir) {
+fn render(values: &Path) -> Vec<Value> {
     let out = Command::new(helm())
         .args(["template", "falco-nats"])
         .arg(chart_dir())
@@ -62,11 +62,10 @@ fn render(values: &Path) -> (PathBuf, Vec<Value>, tempfile::TempDir) {
         values.display(),
         String::from_utf8_lossy(&out.stderr)
     );
-    let dir = tempfile::tempdir().unwrap();
-    let file = dir.path().join("rendered.yaml");
-    std::fs::write(&file, &out.stdout).unwrap();
-    let docs = documents(&file);
-    (file, docs, dir)
+    serde_norway::Deserializer::from_slice(&out.stdout)
+        .map(|d| Value::deserialize(d).unwrap())
+        .filter(|v| !v.is_null())
+        .collect()
 }
 
 /// Every container running falco-nats in `docs`: its arguments (with its
@@ -159,25 +158,23 @@ fn the_chart_renders_valid_manifests_the_cli_accepts() {
         .iter()
         .find(|d| d["kind"] == "ValidatingAdmissionPolicy")
         .unwrap();
+    let dir = tempfile::tempdir().unwrap();
     let mut rendered = Vec::new();
-    let mut keep = Vec::new();
     for values in values_files() {
         let name = values.file_name().unwrap().to_string_lossy().into_owned();
-        let (file, docs, dir) = render(&values);
+        let docs = render(&values);
         // The Prometheus Operator's kinds are not in the Kubernetes schemas.
         let core: Vec<&Value> = docs
             .iter()
             .filter(|d| d["apiVersion"] != "monitoring.coreos.com/v1")
             .collect();
-        let core_file = dir.path().join("core.yaml");
+        let core_file = dir.path().join(&name);
         let text: String = core
             .iter()
             .map(|d| format!("---\n{}", serde_norway::to_string(d).unwrap()))
             .collect();
         std::fs::write(&core_file, text).unwrap();
         rendered.push(core_file);
-        keep.push(dir);
-        let _ = file;
 
         let bridge = find(&docs, "Deployment", "falco-nats-bridge");
         let respond = find(&docs, "Deployment", "falco-nats-respond");
@@ -289,7 +286,7 @@ fn the_chart_renders_valid_manifests_the_cli_accepts() {
 /// writes, in a pod that validates.
 #[test]
 fn the_falco_chart_values_agree_with_the_bridge() {
-    let (_, docs, _dir) = render(&chart_dir().join("ci/mtls-cluster-values.yaml"));
+    let docs = render(&chart_dir().join("ci/mtls-cluster-values.yaml"));
     let service = find(&docs, "Service", "falco-nats-bridge").unwrap();
     let port = service["spec"]["ports"][0]["port"].as_u64().unwrap();
     let values = &documents(&deploy_dir().join("falco-chart/values.yaml"))[0];
