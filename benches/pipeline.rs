@@ -398,7 +398,7 @@ async fn jetstream_fast_ceiling(url: &str, corpus: &Corpus, window: usize) -> Op
         })
         .await
         .unwrap();
-    let mut batches = FastBatches::new(client, Duration::from_secs(5))
+    let mut batches = FastBatches::new(client, Duration::from_secs(5), None)
         .await
         .unwrap();
     let cpu0 = process_cpu();

@@ -23,6 +23,7 @@ use crate::respond::policy::{Policy, PolicyError};
 use crate::respond::rails::{RailsConfig, DEFAULT_PROTECTED};
 use crate::respond::{self, RespondOptions, Subscription, DEFAULT_RESULT_SUBJECT};
 use crate::server::{ServerLimits, DEFAULT_MAX_CONNECTIONS};
+use crate::signing::{Signer, Verifier};
 use crate::simulate::{SimulateOptions, SimulateOutput};
 use crate::tail::{ColorChoice, TailOptions};
 use crate::telemetry::logging::LogFormat;
@@ -58,6 +59,21 @@ pub enum Command {
     Respond(Box<RespondArgs>),
     /// Print alerts from NATS, one readable line each
     Tail(Box<TailArgs>),
+    /// Make a key pair for signed alerts (bridge --sign-key, respond --verify-key)
+    Keygen(KeygenArgs),
+}
+
+/// `keygen`: a new NKey seed for the bridge, or the public key of one.
+#[derive(Debug, Clone, Args)]
+#[group(required = true, multiple = false)]
+pub struct KeygenArgs {
+    /// Write a new seed to this file (mode 0600; never overwritten) and
+    /// print its public key
+    #[arg(long, value_name = "SEED_FILE")]
+    pub out: Option<PathBuf>,
+    /// Print the public key of the seed in this file
+    #[arg(long, value_name = "SEED_FILE")]
+    pub public: Option<PathBuf>,
 }
 
 /// Whether JetStream alerts go out in fast batches.
@@ -197,6 +213,10 @@ pub struct BridgeArgs {
     /// "auto" uses it when the stream allows it, "off" acknowledges each alert
     #[arg(long, env = "FALCO_NATS_FAST_BATCH", value_enum, default_value_t = FastBatch::Auto)]
     pub fast_batch: FastBatch,
+    /// Sign every alert with this NKey seed (Ed25519, over subject and
+    /// payload) for `respond --verify-key`; the payload is unchanged
+    #[arg(long, env = "FALCO_NATS_SIGN_KEY", value_name = "SEED_FILE")]
+    pub sign_key: Option<PathBuf>,
 
     /// Alerts held between input and NATS at most (then the input waits)
     #[arg(long, env = "FALCO_NATS_QUEUE_SIZE", default_value_t = 1024)]
@@ -259,6 +279,10 @@ impl BridgeArgs {
                     replicas: self.replicas.map(usize::from),
                     fast_batch: self.fast_batch == FastBatch::Auto,
                 }),
+                signer: match &self.sign_key {
+                    Some(path) => Some(std::sync::Arc::new(Signer::from_file(path)?)),
+                    None => None,
+                },
             },
             min_priority: self.min_priority,
             format: self.format,
@@ -384,9 +408,27 @@ pub struct RespondArgs {
     /// Kubeconfig file (default: KUBECONFIG, ~/.kube/config, then in-cluster)
     #[arg(long, env = "KUBECONFIG")]
     pub kubeconfig: Option<PathBuf>,
+    /// Act only on alerts signed by one of these public NKeys (`bridge
+    /// --sign-key`); repeat for a rotation. Others are skipped (bad_signature)
+    #[arg(
+        long = "verify-key",
+        env = "FALCO_NATS_VERIFY_KEY",
+        value_name = "PUBLIC_KEY_FILE",
+        value_delimiter = ','
+    )]
+    pub verify_key: Vec<PathBuf>,
     /// Address of /healthz, /readyz and /metrics ("off" to disable)
     #[arg(long, env = "FALCO_NATS_LISTEN", default_value = respond::DEFAULT_LISTEN)]
     pub listen: String,
+}
+
+/// Why the responder's flags do not make a configuration.
+#[derive(Debug, thiserror::Error)]
+pub enum RespondArgsError {
+    #[error(transparent)]
+    Policy(#[from] PolicyError),
+    #[error("--verify-key: {0}")]
+    VerifyKey(#[from] crate::signing::KeyError),
 }
 
 impl RespondArgs {
@@ -396,7 +438,7 @@ impl RespondArgs {
     }
 
     /// The options, reading the policy file (a bad one is an error with its line).
-    pub fn into_options(self) -> Result<RespondOptions, PolicyError> {
+    pub fn into_options(self) -> Result<RespondOptions, RespondArgsError> {
         let policy = match &self.policy {
             Some(path) => Policy::load(path)?,
             None => Policy::proof_of_concept(),
@@ -447,6 +489,10 @@ impl RespondArgs {
             kube_timeout: self.kube_timeout,
             concurrency: self.concurrency,
             drain_timeout: self.drain_timeout,
+            verifier: match self.verify_key.as_slice() {
+                [] => None,
+                keys => Some(Verifier::from_files(keys)?),
+            },
         })
     }
 }

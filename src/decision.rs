@@ -74,6 +74,8 @@ pub enum NoAction {
     NoPolicyMatch,
     /// The action needs a pod and the alert names none.
     NoPod,
+    /// Signatures are required and this alert's is missing or wrong.
+    BadSignature,
 }
 
 impl NoAction {
@@ -83,6 +85,7 @@ impl NoAction {
             NoAction::InvalidName => "invalid_name",
             NoAction::NoPolicyMatch => "no_policy_match",
             NoAction::NoPod => "no_pod_in_alert",
+            NoAction::BadSignature => "bad_signature",
         }
     }
 }

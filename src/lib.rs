@@ -53,6 +53,7 @@ pub mod priority;
 pub mod proto;
 pub mod respond;
 pub mod server;
+pub mod signing;
 pub mod simulate;
 pub mod tail;
 pub mod telemetry;

@@ -67,6 +67,16 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             let out = std::io::stdout().lock();
             falco_nats::tail::run((*args).into(), out, listener, shutdown).await?;
         }
+        Command::Keygen(args) => {
+            let public = match (&args.out, &args.public) {
+                (Some(out), _) => falco_nats::signing::write_new_seed(out)?,
+                (None, Some(seed)) => falco_nats::signing::Signer::from_file(seed)?
+                    .public_key()
+                    .to_owned(),
+                (None, None) => unreachable!("clap requires --out or --public"),
+            };
+            println!("{public}");
+        }
         Command::Simulate(args) => {
             falco_nats::simulate::run(args.into_options()?, shutdown).await?;
         }

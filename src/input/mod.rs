@@ -45,6 +45,8 @@ pub enum InputError {
         what: String,
         source: std::io::Error,
     },
+    #[error("--sign-key: {0}")]
+    SignKey(#[from] crate::signing::KeyError),
 }
 
 /// How reading alert lines ended.

@@ -28,6 +28,7 @@
 //! stored already is dropped as a duplicate. Exactly once holds.
 
 use std::collections::VecDeque;
+use std::sync::Arc;
 use std::time::Duration;
 
 use async_nats::{Client, Subject, Subscriber};
@@ -40,6 +41,7 @@ use tokio::time::Instant;
 use crate::event::FalcoEvent;
 use crate::nats::publisher::alert_headers;
 use crate::nats::subject::SubjectTemplate;
+use crate::signing::Signer;
 
 /// Gap mode "fail": the server ends the batch at the first lost message.
 const GAP_FAIL: &str = "fail";
@@ -102,6 +104,7 @@ pub struct FastBatches {
     replies: Subscriber,
     next: u64,
     timeout: Duration,
+    signer: Option<Arc<Signer>>,
 }
 
 /// The batch being sent.
@@ -152,6 +155,7 @@ impl FastBatches {
     pub async fn new(
         client: Client,
         timeout: Duration,
+        signer: Option<Arc<Signer>>,
     ) -> Result<Self, async_nats::SubscribeError> {
         let inbox = client.new_inbox();
         let token = inbox.rsplit('.').next().unwrap_or("fb").to_owned();
@@ -163,6 +167,7 @@ impl FastBatches {
             replies,
             next: 0,
             timeout,
+            signer,
         })
     }
 
@@ -343,7 +348,7 @@ impl FastBatches {
     ) -> Result<(), BatchError> {
         batch.sent += 1;
         let reply = format!("{}{}.{}.$FI", batch.prefix, batch.sent, op as u8);
-        let headers = alert_headers(&event);
+        let headers = alert_headers(&event, subject.as_str(), self.signer.as_deref());
         let payload = event.payload.clone();
         batch.unconfirmed.push_back(event);
         self.client

@@ -19,6 +19,7 @@ use crate::nats::ledger::DeliveryLedger;
 use crate::nats::round_trip::round_trip;
 use crate::nats::subject::{covers, SubjectTemplate};
 use crate::priority::Priority;
+use crate::signing::Signer;
 use crate::telemetry::metrics::BridgeMetrics;
 
 /// Header names carried by every alert message.
@@ -36,6 +37,8 @@ pub struct PublishOptions {
     pub subject: SubjectTemplate,
     /// `None` for core NATS.
     pub jetstream: Option<JetStreamOptions>,
+    /// Signs every alert (`--sign-key`).
+    pub signer: Option<Arc<Signer>>,
 }
 
 /// JetStream publishing.
@@ -70,6 +73,7 @@ pub enum Publisher {
 pub struct CorePublisher {
     client: Client,
     subject: SubjectTemplate,
+    signer: Option<Arc<Signer>>,
     metrics: BridgeMetrics,
     ledger: DeliveryLedger,
 }
@@ -79,6 +83,7 @@ pub struct JetStreamPublisher {
     client: Client,
     context: jetstream::Context,
     subject: SubjectTemplate,
+    signer: Option<Arc<Signer>>,
     options: JetStreamOptions,
     metrics: BridgeMetrics,
     denied: DeniedSubjects,
@@ -102,6 +107,7 @@ impl Publisher {
             None => Publisher::Core(CorePublisher {
                 client,
                 subject: options.subject,
+                signer: options.signer,
                 metrics,
                 ledger,
             }),
@@ -111,6 +117,7 @@ impl Publisher {
                     .build(client.clone()),
                 client,
                 subject: options.subject,
+                signer: options.signer,
                 options: js,
                 metrics,
                 denied,
@@ -161,13 +168,21 @@ const RULE_NAME: HeaderName = HeaderName::from_static(header::RULE);
 const HOSTNAME_NAME: HeaderName = HeaderName::from_static(header::HOSTNAME);
 const SOURCE_NAME: HeaderName = HeaderName::from_static(header::SOURCE);
 const MSG_ID_NAME: HeaderName = HeaderName::from_static(header::MSG_ID);
+const KEY_NAME: HeaderName = HeaderName::from_static(crate::signing::KEY_HEADER);
+const SIGNATURE_NAME: HeaderName = HeaderName::from_static(crate::signing::SIGNATURE_HEADER);
 
 /// The headers of an alert message: what a consumer filters on without
 /// parsing the JSON, and the digest JetStream deduplicates on.
-pub fn alert_headers(event: &FalcoEvent) -> HeaderMap {
+/// With a `signer`, the alert's signature over `subject` and the payload
+/// too ([`crate::signing`]).
+pub fn alert_headers(event: &FalcoEvent, subject: &str, signer: Option<&Signer>) -> HeaderMap {
     let mut headers = FILTER_HEADERS.with(|cache| cache.borrow_mut().headers(event));
     headers.insert(HOSTNAME_NAME, header_value(&event.hostname));
     headers.insert(MSG_ID_NAME, event.msg_id());
+    if let Some(signer) = signer {
+        headers.insert(KEY_NAME, signer.public_key());
+        headers.insert(SIGNATURE_NAME, signer.sign(subject, &event.payload));
+    }
     headers
 }
 
@@ -271,7 +286,7 @@ impl CorePublisher {
 
     async fn publish(&self, event: FalcoEvent) {
         let subject = self.subject.render(&event);
-        let headers = alert_headers(&event);
+        let headers = alert_headers(&event, &subject, self.signer.as_deref());
         let received_at = event.received_at;
         match self
             .client
@@ -336,13 +351,17 @@ impl JetStreamPublisher {
             _ = closed_and_empty(&alerts) => return Ok((self.client, 0)),
         };
         let batches = match (self.options.fast_batch, existing.allow_batch_publish) {
-            (true, true) => match FastBatches::new(self.client.clone(), BATCH_ACK_WAIT).await {
-                Ok(batches) => Some(batches),
-                Err(e) => {
-                    tracing::warn!(error = %e, "cannot subscribe for fast batch replies; acknowledging each alert");
-                    None
+            (true, true) => {
+                match FastBatches::new(self.client.clone(), BATCH_ACK_WAIT, self.signer.clone())
+                    .await
+                {
+                    Ok(batches) => Some(batches),
+                    Err(e) => {
+                        tracing::warn!(error = %e, "cannot subscribe for fast batch replies; acknowledging each alert");
+                        None
+                    }
                 }
-            },
+            }
             (true, false) => {
                 tracing::info!(stream = %config.name, "the stream does not allow batched publishing (allow_batched, nats-server 2.14+); acknowledging each alert");
                 None
@@ -391,7 +410,7 @@ impl JetStreamPublisher {
                     Some(event) => {
                         count += 1;
                         let subject = self.subject.render(&event);
-                        let headers = alert_headers(&event);
+                        let headers = alert_headers(&event, &subject, self.signer.as_deref());
                         let payload = event.payload.clone();
                         match self.context.publish_with_headers(subject, headers, payload).await {
                             Ok(ack) => acks.push(with_event(ack, event)),
@@ -473,7 +492,11 @@ impl JetStreamPublisher {
         publish_until_acked(
             self.context.clone(),
             Arc::clone(config),
-            self.subject.render(&event),
+            {
+                let subject = self.subject.render(&event);
+                let headers = alert_headers(&event, &subject, self.signer.as_deref());
+                (subject, headers)
+            },
             event,
             self.metrics.clone(),
             self.denied.clone(),
@@ -690,14 +713,13 @@ async fn stream_refuses(context: &jetstream::Context, name: &str, subject: &str)
 async fn publish_until_acked(
     context: jetstream::Context,
     config: Arc<stream::Config>,
-    subject: String,
+    (subject, headers): (String, HeaderMap),
     event: FalcoEvent,
     metrics: BridgeMetrics,
     denied: DeniedSubjects,
     mut failed: Option<jetstream::context::PublishError>,
 ) {
     use async_nats::jetstream::context::PublishErrorKind;
-    let headers = alert_headers(&event);
     let payload: Bytes = event.payload.clone();
     let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(5));
     let mut attempt = 0u32;
@@ -758,7 +780,7 @@ mod tests {
             source: "syscall".into(),
             received_at: std::time::Instant::now(),
         };
-        let h = alert_headers(&event);
+        let h = alert_headers(&event, "falco.x", None);
         assert_eq!(
             h.get(header::PRIORITY).map(|v| v.as_str()),
             Some("Critical")
@@ -776,6 +798,15 @@ mod tests {
         let long = header_value(&"é".repeat(5000));
         assert!(long.len() <= MAX_HEADER_VALUE && long.len() >= MAX_HEADER_VALUE - 1);
         assert!(long.chars().all(|c| c == 'é'));
+        assert!(h.get(crate::signing::SIGNATURE_HEADER).is_none());
+        // Signed: over the subject given, which the verifier checks.
+        let (seed, public) = crate::signing::generate();
+        let signer = Signer::from_seed(&seed).unwrap();
+        let signed = alert_headers(&event, "falco.critical.evil", Some(&signer));
+        let verifier = crate::signing::Verifier::from_public_keys([public.as_str()]).unwrap();
+        let check = |subject| verifier.verify(subject, &event.payload, Some(&signed));
+        assert_eq!(check("falco.critical.evil"), Ok(public.as_str()));
+        assert!(check("falco.x").is_err());
     }
 
     #[test]
@@ -790,7 +821,7 @@ mod tests {
         for round in 0..3 {
             for i in 0..(FILTER_HEADER_CACHE * 2) {
                 let event = alert(&format!("rule {}", i % 80), &format!("node-{}", i % 7));
-                let headers = alert_headers(&event);
+                let headers = alert_headers(&event, "falco.x", None);
                 let mut expected = HeaderMap::new();
                 expected.insert(header::PRIORITY, "Notice");
                 expected.insert(header::RULE, event.rule.as_str());

@@ -30,6 +30,7 @@ use crate::decision::{Action, Decision, NoAction, Outcome};
 use crate::nats::subject::is_under;
 use crate::nats::{connect, ConnectionWatch, NatsError, NatsOptions};
 use crate::server::Listen;
+use crate::signing::Verifier;
 use crate::telemetry::health::{self, Readiness, ReadyFlag};
 use crate::telemetry::metrics::RespondMetrics;
 use audit::Audit;
@@ -77,6 +78,8 @@ pub struct RespondOptions {
     pub concurrency: usize,
     /// On shutdown, longest time to finish the alerts in hand and publish results.
     pub drain_timeout: Duration,
+    /// When set, only alerts signed by one of its keys are acted on.
+    pub verifier: Option<Verifier>,
 }
 
 /// Why the responder stopped with an error.
@@ -129,6 +132,7 @@ pub struct Responder {
     cluster: Arc<Cluster>,
     dry_run: bool,
     audit: Audit,
+    verifier: Option<Verifier>,
 }
 
 /// How carrying out one action ended: the decision in data, before it is
@@ -195,7 +199,13 @@ impl Verdict {
 
 impl Responder {
     /// Handles one alert: decides, acts, and publishes the decisions.
-    pub async fn handle(&self, subject: &str, payload: &[u8], delivery: Delivery) -> Settle {
+    pub async fn handle(
+        &self,
+        subject: &str,
+        payload: &[u8],
+        headers: Option<&async_nats::HeaderMap>,
+        delivery: Delivery,
+    ) -> Settle {
         let received = Instant::now();
         if delivery.attempt <= 1 {
             self.audit.metrics.alerts.inc();
@@ -208,6 +218,17 @@ impl Responder {
                 return self.only(d, received).await;
             }
         };
+        // Only a trusted signer's alert is acted on; the decision still
+        // says what the alert claimed.
+        if let Some(verifier) = &self.verifier {
+            if let Err(e) = verifier.verify(subject, payload, headers) {
+                self.audit.metrics.bad_signatures.inc();
+                let pod = alert.pod().ok().flatten();
+                let mut d = decision_for(&alert, pod.as_ref(), None, subject, self.dry_run);
+                d.reason = format!("{}: {e}", NoAction::BadSignature.as_str());
+                return self.only(d, received).await;
+            }
+        }
         // Names are checked before any rail, policy or API call.
         let pod = match alert.pod() {
             Ok(pod) => pod,
@@ -457,6 +478,7 @@ pub async fn run(
         cluster,
         dry_run: options.dry_run,
         audit,
+        verifier: options.verifier,
     };
     // Once shutdown starts, finishing the alerts in hand and publishing
     // their results share one deadline.
@@ -573,7 +595,12 @@ impl Consume<'_> {
                     }
                     inflight.push(async move {
                         self.responder
-                            .handle(message.subject.as_str(), &message.payload, Delivery::ONLY)
+                            .handle(
+                                message.subject.as_str(),
+                                &message.payload,
+                                message.headers.as_ref(),
+                                Delivery::ONLY,
+                            )
                             .await;
                     });
                 }
@@ -661,9 +688,12 @@ impl Consume<'_> {
         let settle = if is_under(message.subject.as_str(), &self.results) {
             Settle::Ack
         } else {
-            let work = self
-                .responder
-                .handle(message.subject.as_str(), &message.payload, delivery);
+            let work = self.responder.handle(
+                message.subject.as_str(),
+                &message.payload,
+                message.headers.as_ref(),
+                delivery,
+            );
             tokio::pin!(work);
             let every = (params.ack_wait / 3).max(Duration::from_millis(100));
             let mut progress = tokio::time::interval_at(tokio::time::Instant::now() + every, every);

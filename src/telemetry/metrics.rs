@@ -170,6 +170,7 @@ pub struct RespondMetrics {
     pub latency: Histogram,
     pub event_failures: Counter,
     pub retries: Counter,
+    pub bad_signatures: Counter,
 }
 
 impl RespondMetrics {
@@ -180,6 +181,7 @@ impl RespondMetrics {
             latency: Histogram::new(exponential_buckets(0.0005, 2.0, 16)),
             event_failures: Counter::default(),
             retries: Counter::default(),
+            bad_signatures: Counter::default(),
         };
         let r = registry.sub_registry_with_prefix("falco_nats_respond");
         r.register(
@@ -201,6 +203,11 @@ impl RespondMetrics {
             "event_failures",
             "Kubernetes Events that could not be recorded",
             m.event_failures.clone(),
+        );
+        r.register(
+            "bad_signatures",
+            "Alerts not acted on because their signature is missing or does not verify (--verify-key)",
+            m.bad_signatures.clone(),
         );
         r.register(
             "retries",

@@ -50,6 +50,8 @@ fn options(nats: &NatsServer, kube: &FakeKube) -> RespondOptions {
 struct Responder {
     shutdown: CancellationToken,
     task: JoinHandle<Result<(), respond::RespondError>>,
+    /// Its probes and metrics.
+    http: std::net::SocketAddr,
 }
 
 impl Responder {
@@ -63,7 +65,15 @@ impl Responder {
             task.is_finished() || http_get(http, "/readyz").await.0 == 200
         })
         .await;
-        Responder { shutdown, task }
+        Responder {
+            shutdown,
+            task,
+            http,
+        }
+    }
+
+    async fn metric(&self, series: &str) -> f64 {
+        metric_value(&http_get(self.http, "/metrics").await.1, series)
     }
 
     async fn stop(self) {
@@ -1099,5 +1109,145 @@ async fn a_log_action_writes_nothing_to_kubernetes() {
     );
     assert_eq!(r[0]["pod"], "web");
     assert_eq!(kube.requests(), vec![], "no request reached the API");
+    responder.stop().await;
+}
+
+/// Signed alerts: a bridge signs, the responder verifies. Alerts published
+/// with the same valid NATS credentials but unsigned, signed by another key,
+/// or signed for another subject delete nothing; two trusted keys (a
+/// rotation) both work.
+#[tokio::test]
+async fn only_alerts_signed_by_a_trusted_key_delete_pods() {
+    use falco_nats::signing::{self, Signer, Verifier, KEY_HEADER, SIGNATURE_HEADER};
+    use std::io::Write;
+    let nats = NatsServer::start_with(&["--user", "falco", "--pass", "s3cret"]);
+    let url = nats.url();
+    let kube = FakeKube::start().await.unwrap();
+    for pod in [
+        "old-key", "new-key", "unsigned", "stranger", "claimed", "moved", "short",
+    ] {
+        kube.add_pod("shop", pod, &format!("uid-{pod}"), Some("ReplicaSet"));
+    }
+    let client =
+        async_nats::ConnectOptions::with_user_and_password("falco".into(), "s3cret".into())
+            .connect(&url)
+            .await
+            .unwrap();
+    let mut out = client.subscribe("falco.response.>").await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let key = |name: &str| {
+        let seed = dir.path().join(format!("{name}.nk"));
+        let public = signing::write_new_seed(&seed).unwrap();
+        let public_file = dir.path().join(format!("{name}.pub"));
+        std::fs::write(&public_file, format!("{public}\n")).unwrap();
+        (seed, public_file)
+    };
+    let (old_seed, old_pub) = key("old");
+    let (new_seed, new_pub) = key("new");
+    let (stranger_seed, _) = key("stranger");
+
+    let mut opts = respond_options(&url, &kubeconfig(&kube));
+    opts.nats.user = Some("falco".into());
+    opts.nats.password = Some("s3cret".into());
+    opts.verifier = Some(Verifier::from_files(&[old_pub, new_pub]).unwrap());
+    let responder = Responder::start(opts).await;
+
+    // Two real bridges, one per key, as during a rotation.
+    for (seed, pod) in [(&old_seed, "old-key"), (&new_seed, "new-key")] {
+        let seed = seed.to_str().unwrap();
+        let credentials = ["--user", "falco", "--password", "s3cret"];
+        let mut bridge = stdin_bridge(&url, &[&credentials[..], &["--sign-key", seed]].concat());
+        let mut stdin = bridge.stdin.take().unwrap();
+        stdin
+            .write_all(&pod_alert("Critical", "shop", pod, None))
+            .unwrap();
+        stdin.write_all(b"\n").unwrap();
+        drop(stdin);
+        assert!(bridge.wait().unwrap().success());
+    }
+    // The same credentials, no trusted key.
+    let subject = "falco.critical.drop_and_execute_new_binary_in_container";
+    let stranger = Signer::from_file(&stranger_seed).unwrap();
+    let trusted = Signer::from_file(&new_seed).unwrap();
+    let forge = |pod: &str, key: &str, signature: String| {
+        let payload = pod_alert("Critical", "shop", pod, None);
+        let mut headers = async_nats::HeaderMap::new();
+        headers.insert(KEY_HEADER, key);
+        headers.insert(SIGNATURE_HEADER, signature);
+        (headers, payload)
+    };
+    publish(&client, pod_alert("Critical", "shop", "unsigned", None)).await;
+    let payload = pod_alert("Critical", "shop", "stranger", None);
+    let forged = [
+        forge(
+            "stranger",
+            stranger.public_key(),
+            stranger.sign(subject, &payload),
+        ),
+        // A trusted key named, with a stranger's signature.
+        forge(
+            "claimed",
+            trusted.public_key(),
+            stranger.sign(subject, &pod_alert("Critical", "shop", "claimed", None)),
+        ),
+        // Signed by the trusted key for a Notice, replayed as Critical.
+        forge(
+            "moved",
+            trusted.public_key(),
+            trusted.sign(
+                "falco.notice.drop_and_execute_new_binary_in_container",
+                &pod_alert("Critical", "shop", "moved", None),
+            ),
+        ),
+        forge("short", trusted.public_key(), "c2hvcnQ".into()),
+    ];
+    for (headers, payload) in forged {
+        client
+            .publish_with_headers(subject, headers, payload.into())
+            .await
+            .unwrap();
+    }
+
+    let mut by_pod = BTreeMap::new();
+    for r in results(&mut out, 7).await {
+        by_pod.insert(
+            r["pod"].as_str().unwrap().to_owned(),
+            (r["outcome"].clone(), r["reason"].clone()),
+        );
+    }
+    for pod in ["old-key", "new-key"] {
+        assert_eq!(by_pod[pod].0, "done", "{pod}: {:?}", by_pod[pod]);
+        assert!(!kube.has_pod("shop", pod));
+    }
+    let expected = [
+        ("unsigned", "bad_signature: the alert is not signed"),
+        (
+            "stranger",
+            "bad_signature: the alert is signed by a key that is not trusted",
+        ),
+        (
+            "claimed",
+            "bad_signature: the signature does not match the subject and payload",
+        ),
+        (
+            "moved",
+            "bad_signature: the signature does not match the subject and payload",
+        ),
+        (
+            "short",
+            "bad_signature: the signature header is not 64 bytes of base64url",
+        ),
+    ];
+    for (pod, reason) in expected {
+        assert_eq!(by_pod[pod], (json!("skipped"), json!(reason)), "{pod}");
+        assert!(kube.has_pod("shop", pod), "{pod} must not be deleted");
+    }
+    assert_eq!(kube.deletes().len(), 2);
+    assert_eq!(
+        responder
+            .metric("falco_nats_respond_bad_signatures_total")
+            .await,
+        5.0
+    );
     responder.stop().await;
 }

@@ -439,6 +439,7 @@ pub fn grpc_options(socket: &Path, url: &str) -> BridgeOptions {
         publish: PublishOptions {
             subject: SubjectTemplate::default(),
             jetstream: None,
+            signer: None,
         },
         min_priority: Priority::Debug,
         format: falco_nats::format::Format::Falco,
@@ -542,6 +543,7 @@ pub fn respond_options(url: &str, kubeconfig: &Path) -> falco_nats::respond::Res
         },
         dry_run: false,
         result_prefix: "falco.response".into(),
+        verifier: None,
         kubeconfig: Some(kubeconfig.to_owned()),
         kube_timeout: Duration::from_secs(10),
         // One at a time: the tests read the decisions in the alerts' order.
