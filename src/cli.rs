@@ -19,8 +19,10 @@ use crate::input::InputError;
 use crate::nats::subject::DEFAULT_SUBJECT;
 use crate::nats::{JetStreamOptions, NatsOptions, PublishOptions, SubjectTemplate};
 use crate::priority::Priority;
+use crate::respond::control::{self, ControlOptions, MAX_ACTIONS_PER_MINUTE};
 use crate::respond::policy::{Policy, PolicyError};
 use crate::respond::rails::{RailsConfig, DEFAULT_PROTECTED};
+use crate::respond::workload::MinHealthy;
 use crate::respond::{self, RespondOptions, Subscription, DEFAULT_RESULT_SUBJECT};
 use crate::server::{ServerLimits, DEFAULT_MAX_CONNECTIONS};
 use crate::signing::{Signer, Verifier};
@@ -61,6 +63,64 @@ pub enum Command {
     Tail(Box<TailArgs>),
     /// Make a key pair for signed alerts (bridge --sign-key, respond --verify-key)
     Keygen(KeygenArgs),
+    /// Pull the responders' kill switch: every replica stops destructive actions within a second
+    Pause(PauseArgs),
+    /// Release the responders' kill switch
+    Resume(PauseArgs),
+}
+
+/// The key-value bucket the responders share (kill switch, rate limit).
+#[derive(Debug, Clone, Args)]
+pub struct KvArgs {
+    /// JetStream key-value bucket of the kill switch and the shared rate limit
+    #[arg(long, env = "FALCO_NATS_KV_BUCKET", default_value = control::DEFAULT_BUCKET)]
+    pub kv_bucket: String,
+    /// Replicas of that bucket when it is created (3 on a clustered JetStream)
+    #[arg(long, env = "FALCO_NATS_KV_REPLICAS", default_value_t = 1,
+          value_parser = clap::value_parser!(u8).range(1..=5))]
+    pub kv_replicas: u8,
+}
+
+impl KvArgs {
+    pub fn options(&self) -> ControlOptions {
+        ControlOptions {
+            bucket: self.kv_bucket.clone(),
+            replicas: usize::from(self.kv_replicas),
+        }
+    }
+}
+
+/// `pause` and `resume`.
+#[derive(Debug, Clone, Args)]
+pub struct PauseArgs {
+    #[command(flatten)]
+    pub nats: NatsOptions,
+    #[command(flatten)]
+    pub kv: KvArgs,
+    /// Why (kept with the state, shown by --status and in /readyz)
+    #[arg(long, env = "FALCO_NATS_PAUSE_REASON", default_value = "")]
+    pub reason: String,
+    /// Who (default: $USER@hostname)
+    #[arg(long, env = "FALCO_NATS_PAUSE_BY")]
+    pub by: Option<String>,
+    /// Only print the kill switch's state (exit code 0 running, 3 paused)
+    #[arg(long)]
+    pub status: bool,
+}
+
+impl PauseArgs {
+    /// Who is pausing or resuming.
+    pub fn who(&self) -> String {
+        if let Some(by) = self.by.as_ref().filter(|b| !b.is_empty()) {
+            return by.clone();
+        }
+        let user = std::env::var("USER").unwrap_or_else(|_| "unknown".into());
+        let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+            .map(|h| h.trim().to_owned())
+            .or_else(|_| std::env::var("HOSTNAME"))
+            .unwrap_or_else(|_| "unknown".into());
+        format!("{user}@{host}")
+    }
 }
 
 /// `keygen`: a new NKey seed for the bridge, or the public key of one.
@@ -392,12 +452,27 @@ pub struct RespondArgs {
     /// Act on static (mirror) pods too
     #[arg(long, env = "FALCO_NATS_ALLOW_STATIC_PODS")]
     pub allow_static_pods: bool,
+    /// Never act on pods of a StatefulSet
+    #[arg(long, env = "FALCO_NATS_SKIP_STATEFULSET_PODS")]
+    pub skip_statefulset_pods: bool,
+    /// Never act on pods without a controller (standalone pods)
+    #[arg(long, env = "FALCO_NATS_SKIP_STANDALONE_PODS")]
+    pub skip_standalone_pods: bool,
+    /// Healthy replicas delete-pod leaves the pod's Deployment or
+    /// StatefulSet at least: a number or a percentage (a policy rule's
+    /// min_healthy_replicas overrides it)
+    #[arg(long, env = "FALCO_NATS_MIN_HEALTHY_REPLICAS", default_value = "0")]
+    pub min_healthy_replicas: MinHealthy,
     /// One action per pod, rule and action within this window
     #[arg(long, env = "FALCO_NATS_DEDUP_WINDOW", value_parser = humantime::parse_duration, default_value = "10m")]
     pub dedup_window: Duration,
-    /// Destructive actions (delete, isolate) per minute at most, cluster-wide for this replica
-    #[arg(long, env = "FALCO_NATS_MAX_ACTIONS_PER_MINUTE", default_value_t = 10)]
+    /// Destructive actions (delete, isolate) per minute at most, shared by
+    /// every replica (counted in the --kv-bucket)
+    #[arg(long, env = "FALCO_NATS_MAX_ACTIONS_PER_MINUTE", default_value_t = 10,
+          value_parser = clap::value_parser!(u32).range(0..=i64::from(MAX_ACTIONS_PER_MINUTE)))]
     pub max_actions_per_minute: u32,
+    #[command(flatten)]
+    pub kv: KvArgs,
     /// Subject prefix of the result messages (<prefix>.<action>)
     #[arg(
         long,
@@ -480,6 +555,9 @@ impl RespondArgs {
                 only_namespaces: (!only.is_empty()).then_some(only),
                 allow_daemonset_pods: self.allow_daemonset_pods,
                 allow_static_pods: self.allow_static_pods,
+                skip_statefulset_pods: self.skip_statefulset_pods,
+                skip_standalone_pods: self.skip_standalone_pods,
+                min_healthy_replicas: self.min_healthy_replicas,
                 dedup_window: self.dedup_window,
                 max_actions_per_minute: self.max_actions_per_minute,
             },
@@ -489,6 +567,7 @@ impl RespondArgs {
             kube_timeout: self.kube_timeout,
             concurrency: self.concurrency,
             drain_timeout: self.drain_timeout,
+            control: self.kv.options(),
             verifier: match self.verify_key.as_slice() {
                 [] => None,
                 keys => Some(Verifier::from_files(keys)?),

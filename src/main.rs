@@ -77,6 +77,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             };
             println!("{public}");
         }
+        Command::Pause(args) => return kill_switch(&args, true).await,
+        Command::Resume(args) => return kill_switch(&args, false).await,
         Command::Simulate(args) => {
             falco_nats::simulate::run(args.into_options()?, shutdown).await?;
         }
@@ -94,6 +96,47 @@ async fn bind(address: Option<&str>) -> anyhow::Result<Option<TcpListener>> {
 }
 
 /// `respond --check`: validates a policy file and says what it holds.
+/// `pause` (`--status`) and `resume`: writes or reads the kill switch,
+/// giving up after 10 s without NATS.
+async fn kill_switch(args: &falco_nats::cli::PauseArgs, pause: bool) -> anyhow::Result<()> {
+    use falco_nats::respond::control::{self, PauseRecord, PauseState};
+    let work = async {
+        let mut registry = prometheus_client::registry::Registry::default();
+        let readiness = falco_nats::telemetry::health::Readiness::default();
+        let watch = falco_nats::nats::ConnectionWatch::register(&readiness, &mut registry);
+        let client = falco_nats::nats::connect(&args.nats, watch).await?.client;
+        let options = args.kv.options();
+        if args.status {
+            return Ok(Some(control::pause_status(&client, &options).await?));
+        }
+        let record = PauseRecord::now(pause, &args.who(), &args.reason);
+        control::set_pause(&client, &options, &record).await?;
+        client.flush().await.context("cannot flush to NATS")?;
+        println!("{record}");
+        anyhow::Ok(None)
+    };
+    let state = tokio::time::timeout(std::time::Duration::from_secs(10), work)
+        .await
+        .context("NATS did not answer within 10s")??;
+    match state {
+        None => Ok(()),
+        Some(PauseState::Running(None)) => {
+            println!("running (never paused)");
+            Ok(())
+        }
+        Some(PauseState::Running(Some(r))) => {
+            println!("{r}");
+            Ok(())
+        }
+        Some(PauseState::Paused(r)) => {
+            println!("{r}");
+            // Like `systemctl is-active`: scripts can test it.
+            std::process::exit(3)
+        }
+        Some(PauseState::Unknown(why)) => anyhow::bail!("the kill switch cannot be read: {why}"),
+    }
+}
+
 fn check_policy(path: &std::path::Path) -> anyhow::Result<()> {
     let policy = falco_nats::respond::policy::Policy::load(path)?;
     println!("{}: OK, {} rules", path.display(), policy.rules.len());

@@ -10,6 +10,7 @@ use std::future::Future;
 use std::path::Path;
 use std::time::Duration;
 
+use k8s_openapi::api::apps::v1::{Deployment, ReplicaSet, StatefulSet};
 use k8s_openapi::api::core::v1::{Event, EventSource, ObjectReference, Pod};
 use k8s_openapi::api::networking::v1::{NetworkPolicy, NetworkPolicySpec};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta, Time};
@@ -18,6 +19,7 @@ use kube::config::{KubeConfigOptions, Kubeconfig};
 use kube::{Client, Config};
 use serde_json::json;
 
+use super::workload::{replicated_owner, Workload};
 use crate::alert::PodRef;
 use crate::telemetry::health::ReadyFlag;
 
@@ -51,6 +53,32 @@ impl CallError {
             CallError::Kube(kube::Error::HyperError(_) | kube::Error::Service(_)) => true,
             CallError::Kube(_) => false,
         }
+    }
+}
+
+/// Why a pod's workload cannot be known.
+#[derive(Debug, thiserror::Error)]
+pub enum OwnerError {
+    #[error("its {kind} {namespace}/{name} is not found")]
+    Missing {
+        kind: &'static str,
+        namespace: String,
+        name: String,
+    },
+    #[error("cannot read its {kind} {namespace}/{name}: {source}")]
+    Call {
+        kind: &'static str,
+        namespace: String,
+        name: String,
+        #[source]
+        source: CallError,
+    },
+}
+
+impl OwnerError {
+    /// Whether trying again later may succeed.
+    pub fn is_transient(&self) -> bool {
+        matches!(self, OwnerError::Call { source, .. } if source.is_transient())
     }
 }
 
@@ -161,6 +189,98 @@ impl Cluster {
     pub async fn get_pod(&self, pod: &PodRef) -> Result<Option<Pod>, CallError> {
         self.call(self.pods(&pod.namespace).get_opt(&pod.name))
             .await
+    }
+
+    /// One `apps/v1` object of the pod's namespace.
+    async fn get_apps<K>(&self, namespace: &str, name: &str) -> Result<K, OwnerError>
+    where
+        K: kube::Resource<Scope = k8s_openapi::NamespaceResourceScope>
+            + Clone
+            + serde::de::DeserializeOwned
+            + std::fmt::Debug,
+        K::DynamicType: Default,
+    {
+        let kind = K::kind(&K::DynamicType::default()).into_owned();
+        let kind: &'static str = match kind.as_str() {
+            "ReplicaSet" => "ReplicaSet",
+            "Deployment" => "Deployment",
+            _ => "StatefulSet",
+        };
+        let api: Api<K> = Api::namespaced(self.client.clone(), namespace);
+        match self.call(api.get_opt(name)).await {
+            Ok(Some(object)) => Ok(object),
+            Ok(None) => Err(OwnerError::Missing {
+                kind,
+                namespace: namespace.to_owned(),
+                name: name.to_owned(),
+            }),
+            Err(source) => Err(OwnerError::Call {
+                kind,
+                namespace: namespace.to_owned(),
+                name: name.to_owned(),
+                source,
+            }),
+        }
+    }
+
+    /// The replicated workload the pod belongs to, as its status says: the
+    /// Deployment of its ReplicaSet (or the ReplicaSet alone), or its
+    /// StatefulSet; `None` for any other pod.
+    pub async fn workload_of(&self, pod: &Pod) -> Result<Option<Workload>, OwnerError> {
+        let Some((kind, name)) = replicated_owner(pod) else {
+            return Ok(None);
+        };
+        let namespace = pod.metadata.namespace.clone().unwrap_or_default();
+        let count = |n: Option<i32>| n.and_then(|n| u32::try_from(n).ok()).unwrap_or(0);
+        let workload = |kind, name: &str, desired: Option<i32>, available: Option<i32>| Workload {
+            kind,
+            namespace: namespace.clone(),
+            name: name.to_owned(),
+            // An unset `replicas` means one, as the API defaults it.
+            desired: desired.map_or(1, |n| count(Some(n))),
+            available: count(available),
+        };
+        if kind == "StatefulSet" {
+            let set: StatefulSet = self.get_apps(&namespace, name).await?;
+            let status = set.status.unwrap_or_default();
+            let available = status.available_replicas.or(status.ready_replicas);
+            return Ok(Some(workload(
+                "StatefulSet",
+                name,
+                set.spec.and_then(|s| s.replicas),
+                available,
+            )));
+        }
+        let rs: ReplicaSet = self.get_apps(&namespace, name).await?;
+        let deployment = rs
+            .metadata
+            .owner_references
+            .as_deref()
+            .unwrap_or_default()
+            .iter()
+            .find(|o| o.controller == Some(true) && o.kind == "Deployment")
+            .map(|o| o.name.clone());
+        match deployment {
+            Some(d) => {
+                let dep: Deployment = self.get_apps(&namespace, &d).await?;
+                let available = dep.status.and_then(|s| s.available_replicas);
+                Ok(Some(workload(
+                    "Deployment",
+                    &d,
+                    dep.spec.and_then(|s| s.replicas),
+                    available,
+                )))
+            }
+            None => {
+                let available = rs.status.as_ref().and_then(|s| s.available_replicas);
+                Ok(Some(workload(
+                    "ReplicaSet",
+                    name,
+                    rs.spec.and_then(|s| s.replicas),
+                    available,
+                )))
+            }
+        }
     }
 
     /// Deletes the pod, with its UID as a precondition when known.

@@ -11,8 +11,10 @@
 
 pub mod audit;
 pub mod cluster;
+pub mod control;
 pub mod policy;
 pub mod rails;
+pub mod workload;
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -35,8 +37,10 @@ use crate::telemetry::health::{self, Readiness, ReadyFlag};
 use crate::telemetry::metrics::RespondMetrics;
 use audit::Audit;
 use cluster::{Applied, CallError, Cluster, ClusterError};
+use control::{Control, ControlOptions, Gate, PauseState};
 use policy::{ActionSpec, Policy, PolicyRule};
 use rails::{DedupKey, Rails, RailsConfig, Refusal};
+use workload::{MinHealthy, Reservation, Reservations};
 
 /// The responder's default `--listen` address (the bridge's plus one).
 pub const DEFAULT_LISTEN: &str = "0.0.0.0:2811";
@@ -80,6 +84,8 @@ pub struct RespondOptions {
     pub drain_timeout: Duration,
     /// When set, only alerts signed by one of its keys are acted on.
     pub verifier: Option<Verifier>,
+    /// The bucket of the kill switch and the cluster-wide rate limit.
+    pub control: ControlOptions,
 }
 
 /// Why the responder stopped with an error.
@@ -89,6 +95,8 @@ pub enum RespondError {
     Nats(#[from] NatsError),
     #[error(transparent)]
     Cluster(#[from] ClusterError),
+    #[error(transparent)]
+    Control(#[from] control::ControlError),
     #[error("cannot subscribe to {subject:?}")]
     Subscribe {
         subject: String,
@@ -129,6 +137,8 @@ pub enum Settle {
 pub struct Responder {
     policy: Policy,
     rails: Rails,
+    control: Arc<Control>,
+    reservations: Reservations,
     cluster: Arc<Cluster>,
     dry_run: bool,
     audit: Audit,
@@ -146,6 +156,11 @@ pub enum Verdict {
     NoAction(NoAction),
     /// Refused by a rail.
     Refused(Refusal),
+    /// Refused by a guard, which says why.
+    Guarded(Refusal, String),
+    /// Not taken because a guard could not be checked (fail closed); another
+    /// delivery may check it again.
+    Unavailable(Refusal, String),
     Done,
     DryRun,
     Gone,
@@ -171,8 +186,20 @@ impl Verdict {
             Verdict::Failed {
                 transient: true,
                 ..
-            }
+            } | Verdict::Unavailable(..)
         )
+    }
+
+    /// The verdict a shared-state gate gives.
+    fn gated(gate: Gate) -> Self {
+        match gate {
+            Gate::Paused => Verdict::Refused(Refusal::Paused),
+            Gate::RateLimited => Verdict::Refused(Refusal::RateLimited),
+            Gate::PauseUnknown(why) => Verdict::Unavailable(Refusal::PauseUnknown, why),
+            Gate::RateLimitUnavailable(why) => {
+                Verdict::Unavailable(Refusal::RateLimitUnavailable, why)
+            }
+        }
     }
 
     /// Writes the verdict into `d`: outcome and reason.
@@ -183,6 +210,9 @@ impl Verdict {
             Verdict::Logged => (Outcome::Done, "logged".to_owned()),
             Verdict::NoAction(why) => (Outcome::Skipped, why.as_str().to_owned()),
             Verdict::Refused(why) => (Outcome::Skipped, why.as_str().to_owned()),
+            Verdict::Guarded(why, detail) | Verdict::Unavailable(why, detail) => {
+                (Outcome::Skipped, format!("{}: {detail}", why.as_str()))
+            }
             Verdict::Done => (Outcome::Done, what),
             Verdict::DryRun => (Outcome::DryRun, format!("would {what}")),
             Verdict::Gone => (Outcome::Gone, "the pod no longer exists".to_owned()),
@@ -282,7 +312,9 @@ impl Responder {
         d.action = action.kind();
         // The pod the action is about (none for `log`, which writes no Event).
         let mut target = pod.cloned().filter(|_| action.needs_pod());
-        let verdict = self.decide(alert, target.as_mut(), action, d.dry_run).await;
+        let verdict = self
+            .decide(alert, target.as_mut(), (rule, action), d.dry_run)
+            .await;
         let transient = verdict.is_transient();
         if transient && !delivery.last {
             // Not final: the decision is made again on the next delivery.
@@ -317,13 +349,13 @@ impl Responder {
     }
 
     /// Decides on one action and carries it out: the rails before and after
-    /// reading the pod, then the API call. `pod` is updated to what the API
-    /// answered.
+    /// reading the pod, the guards, then the API call. `pod` is updated to
+    /// what the API answered.
     async fn decide(
         &self,
         alert: &Alert,
         pod: Option<&mut PodRef>,
-        action: &ActionSpec,
+        (rule, action): (&PolicyRule, &ActionSpec),
         dry_run: bool,
     ) -> Verdict {
         if !action.needs_pod() {
@@ -336,20 +368,29 @@ impl Responder {
             Ok(key) => key,
             Err(refusal) => return Verdict::Refused(refusal),
         };
-        let verdict = self.execute(pod, &key, action, dry_run).await;
-        if !matches!(verdict, Verdict::Done | Verdict::DryRun | Verdict::Gone) {
+        let mut reservation = None;
+        let verdict = self
+            .execute(pod, &key, (rule, action), dry_run, &mut reservation)
+            .await;
+        let kept = matches!(verdict, Verdict::Done | Verdict::DryRun | Verdict::Gone);
+        if !kept {
             self.rails.release(&key);
+        }
+        if let Some(reservation) = reservation.filter(|_| !matches!(verdict, Verdict::Done)) {
+            self.reservations.release(&reservation);
         }
         verdict
     }
 
-    /// Reads the pod, asks the rails, and acts.
+    /// Reads the pod, asks the rails and the guards, and acts. A deletion
+    /// reserved against the pod's workload is left in `reservation`.
     async fn execute(
         &self,
         pod: &mut PodRef,
         key: &DedupKey,
-        action: &ActionSpec,
+        (rule, action): (&PolicyRule, &ActionSpec),
         dry_run: bool,
+        reservation: &mut Option<Reservation>,
     ) -> Verdict {
         let found = match self.cluster.get_pod(pod).await {
             Ok(None) => return Verdict::Gone,
@@ -367,11 +408,28 @@ impl Responder {
         if pod.uid.is_none() {
             pod.uid.clone_from(&found.metadata.uid);
         }
-        if let Err(refusal) = self
-            .rails
-            .permit(key, &found, action.is_destructive(), dry_run)
-        {
+        if let Err(refusal) = self.rails.permit(key, &found) {
             return Verdict::Refused(refusal);
+        }
+        if let ActionSpec::DeletePod { .. } = action {
+            let min = rule
+                .min_healthy_replicas
+                .unwrap_or(self.rails.min_healthy_replicas());
+            match self.keep_healthy(&found, min).await {
+                Ok(r) => *reservation = r,
+                Err(verdict) => return verdict,
+            }
+        }
+        if action.is_destructive() {
+            // The kill switch, then the cluster-wide budget: a paused
+            // responder uses none of it.
+            if let Err(gate) = self.control.check_pause() {
+                return Verdict::gated(gate);
+            }
+            let limit = self.rails.max_actions_per_minute();
+            if let Err(gate) = self.control.take_slot(limit, !dry_run).await {
+                return Verdict::gated(gate);
+            }
         }
         if dry_run {
             return Verdict::DryRun;
@@ -390,6 +448,41 @@ impl Responder {
             Ok(Applied::Replaced) => Verdict::Replaced,
             Err(e) => Verdict::failed("", &e),
         }
+    }
+
+    /// `min_healthy_replicas`: the pod's workload keeps at least `min`
+    /// healthy replicas once the pod is deleted; the deletion reserved.
+    /// A workload that cannot be read is a refusal (or, when the API
+    /// failed for now, a transient failure), never a deletion.
+    async fn keep_healthy(
+        &self,
+        found: &k8s_openapi::api::core::v1::Pod,
+        min: MinHealthy,
+    ) -> Result<Option<Reservation>, Verdict> {
+        if min.is_off() {
+            return Ok(None);
+        }
+        let workload = match self.cluster.workload_of(found).await {
+            Ok(Some(workload)) => workload,
+            Ok(None) => return Ok(None),
+            Err(e) if e.is_transient() => {
+                return Err(Verdict::Failed {
+                    reason: format!("cannot check min_healthy_replicas: {e}"),
+                    transient: true,
+                })
+            }
+            Err(e) => {
+                return Err(Verdict::Guarded(
+                    Refusal::MinHealthyReplicas,
+                    format!("cannot tell the workload's healthy replicas: {e}"),
+                ))
+            }
+        };
+        let healthy = workload::is_healthy(found);
+        self.reservations
+            .reserve(&workload, healthy, min)
+            .map(Some)
+            .map_err(|why| Verdict::Guarded(Refusal::MinHealthyReplicas, why))
     }
 }
 
@@ -455,13 +548,51 @@ pub async fn run(
     let kube_ready = readiness.check("kubernetes");
     let kubeconfig = options.kubeconfig.as_deref();
     let cluster = Arc::new(Cluster::connect(kubeconfig, options.kube_timeout, kube_ready).await?);
+    let control_ready = readiness.check("kill switch");
+    let kill_switch = readiness.detail("kill switch");
     let client = connect(&options.nats, watch).await?.client;
     let router = health::router(readiness, Arc::new(registry));
     let server = Listen::probes(listener, router);
+    // The kill switch is read before the first alert: a responder that
+    // starts while paused is paused from the start.
+    let Some(control) = open_control(&client, &options.control, &shutdown).await else {
+        server.stop().await;
+        return Ok(());
+    };
+    let control = Arc::new(control);
+    let watcher = tokio::spawn(Arc::clone(&control).watch_pause(shutdown.clone(), {
+        let gauge = metrics.kill_switch.clone();
+        move |state| {
+            let (name, text) = match state {
+                PauseState::Running(None) => ("running", "running".to_owned()),
+                PauseState::Running(Some(r)) => ("running", r.to_string()),
+                PauseState::Paused(r) => ("paused", r.to_string()),
+                PauseState::Unknown(why) => (
+                    "unknown",
+                    format!("unknown ({why}); destructive actions are skipped"),
+                ),
+            };
+            for s in ["running", "paused", "unknown"] {
+                gauge
+                    .get_or_create(&[("state", s)])
+                    .set(i64::from(s == name));
+            }
+            control_ready.set(name != "unknown");
+            match name {
+                "paused" => {
+                    tracing::warn!(state = %text, "kill switch: destructive actions are skipped")
+                }
+                "unknown" => tracing::warn!(state = %text, "kill switch cannot be read"),
+                _ => tracing::info!(state = %text, "kill switch"),
+            }
+            kill_switch.set(text);
+        }
+    }));
     tracing::info!(
         rules = options.policy.rules.len(),
         dry_run = options.dry_run,
         concurrency = options.concurrency,
+        bucket = control.bucket(),
         "responder starting"
     );
     let audit = Audit {
@@ -475,6 +606,8 @@ pub async fn run(
     let responder = Responder {
         policy: options.policy,
         rails: Rails::new(options.rails),
+        control,
+        reservations: Reservations::default(),
         cluster,
         dry_run: options.dry_run,
         audit,
@@ -494,8 +627,36 @@ pub async fn run(
     };
     let result = consume.run(options.subscription).await;
     confirm_results(&client, &deadline).await;
+    watcher.abort();
     server.stop().await;
     result
+}
+
+/// Opens the kill switch's bucket, retrying (with backoff) until it works
+/// or shutdown; `None` on shutdown.
+async fn open_control(
+    client: &async_nats::Client,
+    options: &ControlOptions,
+    shutdown: &CancellationToken,
+) -> Option<Control> {
+    let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(5));
+    loop {
+        let opened = tokio::select! {
+            opened = Control::open(client, options) => opened,
+            _ = shutdown.cancelled() => return None,
+        };
+        match opened {
+            Ok(control) => return Some(control),
+            Err(e) => {
+                let delay = backoff.next_delay();
+                tracing::error!(error = %e, ?delay, "cannot read the kill switch; not taking alerts until it can be read");
+                tokio::select! {
+                    _ = tokio::time::sleep(delay) => {}
+                    _ = shutdown.cancelled() => return None,
+                }
+            }
+        }
+    }
 }
 
 /// Waits (until the drain deadline) for NATS to confirm it has every result

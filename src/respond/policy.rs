@@ -28,6 +28,7 @@ use std::path::Path;
 
 use serde::Deserialize;
 
+use super::workload::MinHealthy;
 use crate::alert::Alert;
 use crate::decision::Action;
 use crate::priority::Priority;
@@ -53,6 +54,11 @@ pub struct PolicyRule {
     /// Evaluate later rules too when this one matches.
     #[serde(default, rename = "continue")]
     pub continue_after: bool,
+    /// Healthy replicas `delete-pod` leaves the pod's workload at least (a
+    /// number or a percentage); unset: the responder's
+    /// `--min-healthy-replicas`.
+    #[serde(default)]
+    pub min_healthy_replicas: Option<MinHealthy>,
 }
 
 /// What an alert must look like for a rule to apply. Unset parts match anything.
@@ -397,6 +403,7 @@ impl Policy {
                 }],
                 dry_run: false,
                 continue_after: false,
+                min_healthy_replicas: None,
             }],
         }
     }

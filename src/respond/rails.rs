@@ -1,14 +1,17 @@
-//! Safety rails: what the responder refuses to touch, and how often it may
-//! act. No I/O here: [`Rails::admit`] decides before the pod is read,
-//! [`Rails::permit`] once it is; both are unit-tested below.
+//! Safety rails: what the responder refuses to touch. No I/O here:
+//! [`Rails::admit`] decides before the pod is read, [`Rails::permit`] once
+//! it is; both are unit-tested below. The guards that need I/O are
+//! elsewhere: the kill switch and the cluster-wide rate limit in
+//! [`super::control`], healthy replicas in [`super::workload`].
 
-use std::collections::{BTreeSet, HashMap, VecDeque};
+use std::collections::{BTreeSet, HashMap};
 use std::hash::Hash;
 use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use k8s_openapi::api::core::v1::Pod;
 
+use super::workload::MinHealthy;
 use crate::alert::PodRef;
 use crate::decision::Action;
 
@@ -30,6 +33,17 @@ pub enum Refusal {
     StaticPod,
     Duplicate,
     RateLimited,
+    /// The cluster-wide rate limit could not be checked (fail closed).
+    RateLimitUnavailable,
+    /// The kill switch is pulled (`falco-nats pause`).
+    Paused,
+    /// The kill switch could not be read lately (fail closed).
+    PauseUnknown,
+    StatefulSetPod,
+    /// A pod without a controller (`--skip-standalone-pods`).
+    StandalonePod,
+    /// Deleting the pod would leave its workload fewer healthy replicas than asked.
+    MinHealthyReplicas,
 }
 
 impl Refusal {
@@ -41,6 +55,12 @@ impl Refusal {
             Refusal::StaticPod => "static_pod",
             Refusal::Duplicate => "duplicate",
             Refusal::RateLimited => "rate_limited",
+            Refusal::RateLimitUnavailable => "rate_limit_unavailable",
+            Refusal::Paused => "paused",
+            Refusal::PauseUnknown => "pause_unknown",
+            Refusal::StatefulSetPod => "statefulset_pod",
+            Refusal::StandalonePod => "standalone_pod",
+            Refusal::MinHealthyReplicas => "min_healthy_replicas",
         }
     }
 }
@@ -53,10 +73,18 @@ pub struct RailsConfig {
     pub only_namespaces: Option<BTreeSet<String>>,
     pub allow_daemonset_pods: bool,
     pub allow_static_pods: bool,
+    /// Refuse pods of StatefulSets (off by default).
+    pub skip_statefulset_pods: bool,
+    /// Refuse pods without a controller (off by default).
+    pub skip_standalone_pods: bool,
+    /// Healthy replicas `delete-pod` leaves a workload at least, unless a
+    /// policy rule says otherwise.
+    pub min_healthy_replicas: MinHealthy,
     /// One action per pod, Falco rule and action within this window; at
     /// most one Kubernetes Event per pod and reason too.
     pub dedup_window: Duration,
-    /// Destructive actions (delete, isolate) in any 60 s, at most.
+    /// Destructive actions (delete, isolate) in any 60 s, at most, across
+    /// every replica (counted in NATS: [`super::control`]).
     pub max_actions_per_minute: u32,
 }
 
@@ -77,7 +105,6 @@ pub struct Rails {
     config: RailsConfig,
     recent_actions: Recent<DedupKey>,
     owner_skips: Mutex<HashMap<(String, String), (Instant, Refusal)>>,
-    destructive: Mutex<VecDeque<Instant>>,
 }
 
 /// Keys seen within a window, pruned as the map grows.
@@ -120,7 +147,6 @@ impl Rails {
             config,
             recent_actions: Recent::default(),
             owner_skips: Mutex::default(),
-            destructive: Mutex::default(),
         }
     }
 
@@ -145,28 +171,25 @@ impl Rails {
         Ok(key)
     }
 
-    /// Once the pod is read: its owner, then the rate limit for a
-    /// destructive action (a dry run only looks). A refusal gives the claim
-    /// back; an owner refusal is remembered.
-    pub fn permit(
-        &self,
-        key: &DedupKey,
-        found: &Pod,
-        destructive: bool,
-        dry_run: bool,
-    ) -> Result<(), Refusal> {
-        let result = self.check_owner(found).inspect_err(|refusal| {
-            self.cache_owner_skip(&key.namespace, &key.pod, *refusal);
-        });
-        let result = result.and_then(|()| match (destructive, dry_run) {
-            (false, _) => Ok(()),
-            (true, true) => self.would_get_slot(),
-            (true, false) => self.take_destructive_slot(),
-        });
-        if result.is_err() {
+    /// Once the pod is read: its owner. A refusal gives the claim back and
+    /// is remembered.
+    pub fn permit(&self, key: &DedupKey, found: &Pod) -> Result<(), Refusal> {
+        let result = self.check_owner(found);
+        if let Err(refusal) = result {
+            self.cache_owner_skip(&key.namespace, &key.pod, refusal);
             self.release(key);
         }
         result
+    }
+
+    /// The global `min_healthy_replicas`.
+    pub fn min_healthy_replicas(&self) -> MinHealthy {
+        self.config.min_healthy_replicas
+    }
+
+    /// The rate limit's setting.
+    pub fn max_actions_per_minute(&self) -> u32 {
+        self.config.max_actions_per_minute
     }
 
     pub fn check_namespace(&self, namespace: &str) -> Result<(), Refusal> {
@@ -194,6 +217,13 @@ impl Rails {
         }
         if owners.iter().any(|o| o.kind == "DaemonSet") && !self.config.allow_daemonset_pods {
             return Err(Refusal::DaemonSetPod);
+        }
+        if owners.iter().any(|o| o.kind == "StatefulSet") && self.config.skip_statefulset_pods {
+            return Err(Refusal::StatefulSetPod);
+        }
+        let controlled = owners.iter().any(|o| o.controller == Some(true));
+        if !controlled && !is_static && self.config.skip_standalone_pods {
+            return Err(Refusal::StandalonePod);
         }
         Ok(())
     }
@@ -228,36 +258,6 @@ impl Rails {
     pub fn release(&self, key: &DedupKey) {
         self.recent_actions.forget(key);
     }
-
-    /// Takes a slot for a destructive action, or refuses when the last
-    /// minute had `max_actions_per_minute` already.
-    pub fn take_destructive_slot(&self) -> Result<(), Refusal> {
-        let mut recent = lock(&self.destructive);
-        Self::prune(&mut recent);
-        if recent.len() >= self.config.max_actions_per_minute as usize {
-            return Err(Refusal::RateLimited);
-        }
-        recent.push_back(Instant::now());
-        Ok(())
-    }
-
-    /// Whether a destructive action would get a slot now, without taking
-    /// one: a dry run uses up nothing.
-    pub fn would_get_slot(&self) -> Result<(), Refusal> {
-        let mut recent = lock(&self.destructive);
-        Self::prune(&mut recent);
-        if recent.len() >= self.config.max_actions_per_minute as usize {
-            return Err(Refusal::RateLimited);
-        }
-        Ok(())
-    }
-
-    fn prune(recent: &mut VecDeque<Instant>) {
-        let minute = Duration::from_secs(60);
-        while recent.front().is_some_and(|t| t.elapsed() >= minute) {
-            recent.pop_front();
-        }
-    }
 }
 
 #[cfg(test)]
@@ -271,6 +271,9 @@ mod tests {
             only_namespaces: Some(["shop".to_string(), "kube-system".to_string()].into()),
             allow_daemonset_pods: false,
             allow_static_pods: false,
+            skip_statefulset_pods: false,
+            skip_standalone_pods: false,
+            min_healthy_replicas: MinHealthy::Off,
             dedup_window: Duration::from_secs(60),
             max_actions_per_minute: max,
         })
@@ -331,16 +334,35 @@ mod tests {
     }
 
     #[test]
-    fn rate_limit_and_dry_runs() {
-        let r = rails(3);
-        for _ in 0..10 {
-            assert_eq!(r.would_get_slot(), Ok(()), "looking takes nothing");
+    fn statefulset_and_standalone_pods_only_when_asked() {
+        let mut controlled = owned_by("StatefulSet");
+        if let Some(owners) = controlled.metadata.owner_references.as_mut() {
+            owners[0].controller = Some(true);
         }
-        for _ in 0..3 {
-            assert_eq!(r.take_destructive_slot(), Ok(()));
+        let mut rs = owned_by("ReplicaSet");
+        if let Some(owners) = rs.metadata.owner_references.as_mut() {
+            owners[0].controller = Some(true);
         }
-        assert_eq!(r.take_destructive_slot(), Err(Refusal::RateLimited));
-        assert_eq!(r.would_get_slot(), Err(Refusal::RateLimited));
+        let r = rails(1);
+        assert_eq!(r.check_owner(&controlled), Ok(()), "off by default");
+        assert_eq!(r.check_owner(&Pod::default()), Ok(()), "off by default");
+        let mut config = r.config.clone();
+        config.skip_statefulset_pods = true;
+        config.skip_standalone_pods = true;
+        let r = Rails::new(config);
+        assert_eq!(r.check_owner(&controlled), Err(Refusal::StatefulSetPod));
+        assert_eq!(r.check_owner(&Pod::default()), Err(Refusal::StandalonePod));
+        assert_eq!(
+            r.check_owner(&owned_by("ReplicaSet")),
+            Err(Refusal::StandalonePod),
+            "an owner that is not its controller leaves the pod standalone"
+        );
+        assert_eq!(r.check_owner(&rs), Ok(()));
+        assert_eq!(
+            r.check_owner(&owned_by("Node")),
+            Err(Refusal::StaticPod),
+            "a static pod says so"
+        );
     }
 
     #[test]
@@ -366,6 +388,9 @@ mod decision_tests {
             only_namespaces: None,
             allow_daemonset_pods: false,
             allow_static_pods: false,
+            skip_statefulset_pods: false,
+            skip_standalone_pods: false,
+            min_healthy_replicas: MinHealthy::Off,
             dedup_window: Duration::from_secs(60),
             max_actions_per_minute: max,
         })
@@ -410,26 +435,18 @@ mod decision_tests {
         assert!(r
             .admit(&pod("shop", "web", Some("u2")), "rule", Action::DeletePod)
             .is_ok());
-        // A dry run looks at the budget; the real action takes it.
-        assert_eq!(r.permit(&key, &owned("ReplicaSet"), true, true), Ok(()));
-        assert_eq!(r.permit(&key, &owned("ReplicaSet"), true, false), Ok(()));
+        assert_eq!(r.permit(&key, &owned("ReplicaSet")), Ok(()));
         let next = r
             .admit(&pod("shop", "api", None), "rule", Action::DeletePod)
             .unwrap();
         assert_eq!(
-            r.permit(&next, &owned("ReplicaSet"), true, false),
-            Err(Refusal::RateLimited)
+            r.permit(&next, &owned("DaemonSet")),
+            Err(Refusal::DaemonSetPod)
         );
         assert!(
-            r.admit(&pod("shop", "api", None), "rule", Action::DeletePod)
-                .is_ok(),
+            r.claim(next.clone()),
             "a refused action gives its claim back"
         );
-        // Non-destructive actions need no slot.
-        let label = r
-            .admit(&pod("shop", "api", None), "rule", Action::LabelPod)
-            .unwrap();
-        assert_eq!(r.permit(&label, &owned("ReplicaSet"), false, false), Ok(()));
     }
 
     #[test]
@@ -438,7 +455,7 @@ mod decision_tests {
         let agent = pod("shop", "agent", None);
         let key = r.admit(&agent, "rule", Action::DeletePod).unwrap();
         assert_eq!(
-            r.permit(&key, &owned("DaemonSet"), true, false),
+            r.permit(&key, &owned("DaemonSet")),
             Err(Refusal::DaemonSetPod)
         );
         assert_eq!(

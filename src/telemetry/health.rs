@@ -13,9 +13,32 @@ use axum::Router;
 use prometheus_client::registry::Registry;
 
 /// A set of named readiness checks; `/readyz` passes when all are up.
+/// Details (a state worth seeing, such as the responders' kill switch)
+/// follow on their own lines either way.
 #[derive(Clone, Default)]
 pub struct Readiness {
     checks: Arc<Mutex<Vec<(&'static str, ReadyFlag)>>>,
+    details: Arc<Mutex<Vec<(&'static str, Detail)>>>,
+}
+
+/// One line of `/readyz` details, set by the component it describes.
+#[derive(Clone, Default, Debug)]
+pub struct Detail(Arc<Mutex<String>>);
+
+impl Detail {
+    pub fn set(&self, text: String) {
+        *self
+            .0
+            .lock()
+            .expect("no code panics while holding a detail") = text;
+    }
+
+    pub fn get(&self) -> String {
+        self.0
+            .lock()
+            .expect("no code panics while holding a detail")
+            .clone()
+    }
 }
 
 /// One readiness check, set by the component it watches.
@@ -44,6 +67,29 @@ impl Readiness {
         let flag = ReadyFlag::default();
         self.lock().push((name, flag.clone()));
         flag
+    }
+
+    /// Adds a detail line `name: ...`, empty until set.
+    pub fn detail(&self, name: &'static str) -> Detail {
+        let detail = Detail::default();
+        self.details
+            .lock()
+            .expect("no code panics while holding the details")
+            .push((name, detail.clone()));
+        detail
+    }
+
+    /// The detail lines, `name: text`.
+    pub fn details(&self) -> String {
+        let details = self
+            .details
+            .lock()
+            .expect("no code panics while holding the details");
+        let mut out = String::new();
+        for (name, detail) in details.iter() {
+            out += &format!("{name}: {}\n", detail.get());
+        }
+        out
     }
 
     /// The names of the checks that are not ready; empty when ready.
@@ -76,12 +122,13 @@ pub fn router(readiness: Readiness, registry: Arc<Registry>) -> Router {
 
 async fn readyz(State(state): State<HealthState>) -> impl IntoResponse {
     let missing = state.readiness.not_ready();
+    let details = state.readiness.details();
     if missing.is_empty() {
-        (StatusCode::OK, "ready\n".to_owned())
+        (StatusCode::OK, format!("ready\n{details}"))
     } else {
         (
             StatusCode::SERVICE_UNAVAILABLE,
-            format!("not ready: {}\n", missing.join(", ")),
+            format!("not ready: {}\n{details}", missing.join(", ")),
         )
     }
 }

@@ -171,6 +171,8 @@ pub struct RespondMetrics {
     pub event_failures: Counter,
     pub retries: Counter,
     pub bad_signatures: Counter,
+    /// 1 for the kill switch's state (running, paused, unknown), 0 for the others.
+    pub kill_switch: Family<[(&'static str, &'static str); 1], Gauge>,
 }
 
 impl RespondMetrics {
@@ -182,6 +184,7 @@ impl RespondMetrics {
             event_failures: Counter::default(),
             retries: Counter::default(),
             bad_signatures: Counter::default(),
+            kill_switch: Family::default(),
         };
         let r = registry.sub_registry_with_prefix("falco_nats_respond");
         r.register(
@@ -203,6 +206,11 @@ impl RespondMetrics {
             "event_failures",
             "Kubernetes Events that could not be recorded",
             m.event_failures.clone(),
+        );
+        r.register(
+            "kill_switch",
+            "The kill switch as this responder knows it: 1 for the current state (running, paused, unknown)",
+            m.kill_switch.clone(),
         );
         r.register(
             "bad_signatures",

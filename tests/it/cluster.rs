@@ -110,6 +110,8 @@ async fn responders_on_different_servers_act_once_and_survive_their_server() {
             ack_wait: Duration::from_secs(5),
             max_deliver: 5,
         };
+        // The kill switch and the shared budget survive a server too.
+        options.control.replicas = 3;
         let stop = tokio_util::sync::CancellationToken::new();
         tasks.push(tokio::spawn(respond::run(options, None, stop.clone())));
         stops.push(stop);

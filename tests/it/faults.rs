@@ -49,7 +49,10 @@ authorization {
     { user: bridge, password: bridgepw,
       permissions: { publish: { allow: ["falco.>", "$JS.API.>", "_INBOX.>"] }, subscribe: { allow: ["_INBOX.>"] } } }
     { user: responder, password: responderpw,
-      permissions: { publish: { allow: ["falco.response.>", "_INBOX.>"] }, subscribe: { allow: ["falco.>", "_INBOX.>"] } } }
+      permissions: { publish: { allow: ["falco.response.>", "_INBOX.>", "$JS.API.INFO", "$JS.API.STREAM.INFO.KV_falco-nats",
+                                        "$JS.API.STREAM.CREATE.KV_falco-nats", "$JS.API.DIRECT.GET.KV_falco-nats.>",
+                                        "$JS.API.STREAM.MSG.GET.KV_falco-nats", "$KV.falco-nats.actions"] },
+                     subscribe: { allow: ["falco.>", "_INBOX.>"] } } }
     { user: admin, password: adminpw }
   ]
 }
@@ -91,12 +94,18 @@ async fn nats_permissions_both_work_and_a_refused_publish_is_reported_not_retrie
     respond_options.nats.user = Some("responder".into());
     respond_options.nats.password = Some("responderpw".into());
     let stop_responder = tokio_util::sync::CancellationToken::new();
+    let probes = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let probes_at = probes.local_addr().unwrap();
     let responder = tokio::spawn(falco_nats::respond::run(
         respond_options,
-        None,
+        Some(probes),
         stop_responder.clone(),
     ));
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // Ready: subscribed, and the kill switch read (its bucket is allowed).
+    wait_for("the responder ready", Duration::from_secs(15), || async {
+        http_get(probes_at, "/readyz").await.0 == 200
+    })
+    .await;
 
     // The bridge may only publish falco.>: alerts flow to the responder.
     let socket = dir.path().join("falco.sock");
@@ -214,7 +223,7 @@ async fn responder_sigkilled_during_a_storm_acts_on_every_alert_once_after_resta
                 "--listen",
                 "off",
             ])
-            .args(["--max-actions-per-minute", "100000", "-s", &nats.url()])
+            .args(["--max-actions-per-minute", "10000", "-s", &nats.url()])
             .arg("--kubeconfig")
             .arg(&kubeconfig)
             .env("RUST_LOG", "warn")
