@@ -3,7 +3,10 @@
 //! a kubeconfig. It answers like the real API for what the responder uses: bearer-token auth, `Status` bodies, 404 for a
 //! missing pod, 409 for a failed UID precondition (from `DeleteOptions` in the
 //! body, or `metadata.uid` in a merge patch), label merge patches, Events,
-//! and NetworkPolicies (409 AlreadyExists on a second create).
+//! and NetworkPolicies (409 AlreadyExists on a second create); ReplicaSets,
+//! Deployments and StatefulSets to read (their status as the controllers
+//! write it: zero counts left out; 404 when missing; 403 Forbidden in a
+//! namespace made unreadable, as RBAC answers).
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -37,6 +40,11 @@ pub struct FakeState {
     pub deletes: Vec<DeleteCall>,
     pub events: Vec<Value>,
     pub network_policies: BTreeMap<(String, String), Value>,
+    /// `apps/v1` objects by (resource, namespace, name): `replicasets`,
+    /// `deployments`, `statefulsets`.
+    pub apps: BTreeMap<(String, String, String), Value>,
+    /// Namespaces whose `apps/v1` objects this user may not read.
+    pub apps_forbidden: std::collections::BTreeSet<String>,
     /// Every request: method and path.
     pub requests: Vec<(String, String)>,
     /// Added before every answer, to make calls take time.
@@ -84,6 +92,24 @@ fn ok(code: StatusCode, body: &Value) -> Response {
         body.to_string(),
     )
         .into_response()
+}
+
+/// A workload's status as its controller writes it: counts of zero are
+/// left out (`omitempty`).
+fn status_counts(replicas: u32, available: u32) -> Value {
+    let mut status = json!({"observedGeneration": 1});
+    for (key, n) in [
+        ("replicas", replicas),
+        ("readyReplicas", available),
+        ("availableReplicas", available),
+        ("currentReplicas", replicas),
+        ("updatedReplicas", replicas),
+    ] {
+        if n > 0 {
+            status[key] = json!(n);
+        }
+    }
+    status
 }
 
 fn not_found(kind: &str, name: &str) -> Response {
@@ -146,7 +172,10 @@ impl KubeApi {
             "apiVersion": "v1", "kind": "Pod",
             "metadata": {"name": name, "namespace": namespace, "uid": uid, "resourceVersion": "1", "labels": {"app": name}},
             "spec": {"containers": [{"name": "main", "image": "nginx"}]},
-            "status": {"phase": "Running"},
+            "status": {"phase": "Running", "conditions": [
+                {"type": "Ready", "status": "True"},
+                {"type": "ContainersReady", "status": "True"},
+            ]},
         });
         if let Some(kind) = owner_kind {
             pod["metadata"]["ownerReferences"] = json!([{
@@ -157,6 +186,101 @@ impl KubeApi {
         self.lock()
             .pods
             .insert((namespace.into(), name.into()), pod);
+    }
+
+    /// Adds a pod controlled by `owner_kind` `owner_name`, Ready or not.
+    pub fn add_pod_of(
+        &self,
+        namespace: &str,
+        name: &str,
+        (owner_kind, owner_name): (&str, &str),
+        ready: bool,
+    ) {
+        self.add_pod(namespace, name, &format!("uid-{name}"), Some(owner_kind));
+        let mut st = self.lock();
+        if let Some(pod) = st.pods.get_mut(&(namespace.into(), name.into())) {
+            pod["metadata"]["ownerReferences"][0]["name"] = json!(owner_name);
+            pod["metadata"]["ownerReferences"][0]["uid"] = json!(format!("uid-{owner_name}"));
+            let ready = if ready { "True" } else { "False" };
+            pod["status"]["conditions"][0]["status"] = json!(ready);
+            pod["status"]["conditions"][1]["status"] = json!(ready);
+        }
+    }
+
+    /// Adds a Deployment of `replicas` with `available` of them available,
+    /// and its current ReplicaSet `<name>-5d8f7c9b6` (returned).
+    pub fn add_deployment(
+        &self,
+        namespace: &str,
+        name: &str,
+        replicas: u32,
+        available: u32,
+    ) -> String {
+        let rs = format!("{name}-5d8f7c9b6");
+        let deployment = json!({
+            "apiVersion": "apps/v1", "kind": "Deployment",
+            "metadata": {"name": name, "namespace": namespace, "uid": format!("uid-{name}"), "generation": 1, "resourceVersion": "1"},
+            "spec": {
+                "replicas": replicas,
+                "selector": {"matchLabels": {"app": name}},
+                "template": {"metadata": {"labels": {"app": name}}, "spec": {"containers": [{"name": "main", "image": "nginx"}]}},
+            },
+            "status": status_counts(replicas, available),
+        });
+        let replica_set = json!({
+            "apiVersion": "apps/v1", "kind": "ReplicaSet",
+            "metadata": {
+                "name": rs, "namespace": namespace, "uid": format!("uid-{rs}"), "generation": 1, "resourceVersion": "1",
+                "ownerReferences": [{"apiVersion": "apps/v1", "kind": "Deployment", "name": name,
+                                     "uid": format!("uid-{name}"), "controller": true, "blockOwnerDeletion": true}],
+            },
+            "spec": {
+                "replicas": replicas,
+                "selector": {"matchLabels": {"app": name}},
+                "template": {"metadata": {"labels": {"app": name}}, "spec": {"containers": [{"name": "main", "image": "nginx"}]}},
+            },
+            "status": status_counts(replicas, available),
+        });
+        let mut st = self.lock();
+        st.apps.insert(
+            ("deployments".into(), namespace.into(), name.into()),
+            deployment,
+        );
+        st.apps.insert(
+            ("replicasets".into(), namespace.into(), rs.clone()),
+            replica_set,
+        );
+        rs
+    }
+
+    /// Adds a StatefulSet of `replicas` with `available` of them available.
+    pub fn add_statefulset(&self, namespace: &str, name: &str, replicas: u32, available: u32) {
+        let set = json!({
+            "apiVersion": "apps/v1", "kind": "StatefulSet",
+            "metadata": {"name": name, "namespace": namespace, "uid": format!("uid-{name}"), "generation": 1, "resourceVersion": "1"},
+            "spec": {
+                "replicas": replicas,
+                "serviceName": name,
+                "selector": {"matchLabels": {"app": name}},
+                "template": {"metadata": {"labels": {"app": name}}, "spec": {"containers": [{"name": "main", "image": "postgres"}]}},
+            },
+            "status": status_counts(replicas, available),
+        });
+        self.lock()
+            .apps
+            .insert(("statefulsets".into(), namespace.into(), name.into()), set);
+    }
+
+    /// Removes an `apps/v1` object (`deployments`, `replicasets`, `statefulsets`).
+    pub fn remove_apps(&self, resource: &str, namespace: &str, name: &str) {
+        self.lock()
+            .apps
+            .remove(&(resource.into(), namespace.into(), name.into()));
+    }
+
+    /// Answers 403 to reads of `apps/v1` objects in `namespace`.
+    pub fn forbid_apps(&self, namespace: &str) {
+        self.lock().apps_forbidden.insert(namespace.into());
     }
 
     /// Adds `count` pods `<prefix>-<i>` with UIDs `uid-<i>`, owned by a ReplicaSet.
@@ -263,6 +387,11 @@ async fn handle(
             patch_pod(&mut st, ns, name, &headers, &body)
         }
         ("POST", ["api", "v1", "namespaces", ns, "events"]) => create_event(&mut st, ns, &body),
+        ("GET", ["apis", "apps", "v1", "namespaces", ns, resource, name])
+            if ["replicasets", "deployments", "statefulsets"].contains(resource) =>
+        {
+            get_apps(&st, ns, resource, name)
+        }
         ("POST", ["apis", "networking.k8s.io", "v1", "namespaces", ns, "networkpolicies"]) => {
             create_network_policy(&mut st, ns, &body)
         }
@@ -298,6 +427,24 @@ fn fail_if_asked(st: &mut FakeState, method: &str, parts: &[&str]) -> Option<Res
         "InternalError",
         format!("the server is failing ({code})"),
     ))
+}
+
+fn get_apps(st: &FakeState, ns: &str, resource: &str, name: &str) -> Response {
+    if st.apps_forbidden.contains(ns) {
+        return status(
+            403,
+            "Forbidden",
+            format!("{resource}.apps \"{name}\" is forbidden: User \"system:serviceaccount:falco-nats:falco-nats-respond\" cannot get resource \"{resource}\" in API group \"apps\" in the namespace \"{ns}\""),
+        );
+    }
+    match st.apps.get(&(resource.into(), ns.into(), name.into())) {
+        Some(object) => ok(StatusCode::OK, object),
+        None => status(
+            404,
+            "NotFound",
+            format!("{resource}.apps \"{name}\" not found"),
+        ),
+    }
 }
 
 fn get_pod(st: &FakeState, ns: &str, name: &str) -> Response {

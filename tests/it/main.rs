@@ -20,6 +20,7 @@ mod deploy_helm;
 mod deploy_nats;
 mod faults;
 mod fuzz_smoke;
+mod guards;
 mod instructions;
 mod leaf;
 mod respond;

@@ -17,15 +17,15 @@ const WAIT: Duration = Duration::from_secs(15);
 
 /// A nats-server, the Kubernetes API stand-in, a client, and a
 /// subscription to the responder's results: what every test starts with.
-struct Scene {
-    nats: NatsServer,
-    kube: FakeKube,
-    client: async_nats::Client,
-    out: async_nats::Subscriber,
+pub(crate) struct Scene {
+    pub(crate) nats: NatsServer,
+    pub(crate) kube: FakeKube,
+    pub(crate) client: async_nats::Client,
+    pub(crate) out: async_nats::Subscriber,
 }
 
 impl Scene {
-    async fn start() -> Self {
+    pub(crate) async fn start() -> Self {
         let nats = NatsServer::start();
         let kube = FakeKube::start().await.unwrap();
         let (client, out) = nats.subscribed("falco.response.>").await;
@@ -39,23 +39,23 @@ impl Scene {
 }
 
 /// A policy from YAML text.
-fn policy(yaml: &str) -> Policy {
+pub(crate) fn policy(yaml: &str) -> Policy {
     Policy::parse("policy.yaml", yaml).unwrap()
 }
 
-fn options(nats: &NatsServer, kube: &FakeKube) -> RespondOptions {
+pub(crate) fn options(nats: &NatsServer, kube: &FakeKube) -> RespondOptions {
     respond_options(&nats.url(), &kubeconfig(kube))
 }
 
-struct Responder {
+pub(crate) struct Responder {
     shutdown: CancellationToken,
     task: JoinHandle<Result<(), respond::RespondError>>,
     /// Its probes and metrics.
-    http: std::net::SocketAddr,
+    pub(crate) http: std::net::SocketAddr,
 }
 
 impl Responder {
-    async fn start(options: RespondOptions) -> Self {
+    pub(crate) async fn start(options: RespondOptions) -> Self {
         let shutdown = CancellationToken::new();
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let http = listener.local_addr().unwrap();
@@ -72,11 +72,11 @@ impl Responder {
         }
     }
 
-    async fn metric(&self, series: &str) -> f64 {
+    pub(crate) async fn metric(&self, series: &str) -> f64 {
         metric_value(&http_get(self.http, "/metrics").await.1, series)
     }
 
-    async fn stop(self) {
+    pub(crate) async fn stop(self) {
         self.shutdown.cancel();
         tokio::time::timeout(WAIT, self.task)
             .await
@@ -86,7 +86,7 @@ impl Responder {
     }
 }
 
-fn alert(priority: &str, rule: &str, fields: Value) -> Vec<u8> {
+pub(crate) fn alert(priority: &str, rule: &str, fields: Value) -> Vec<u8> {
     json!({
         "hostname": "node-1",
         "output": format!("12:00:00.000000000: {priority} {rule}"),
@@ -101,7 +101,7 @@ fn alert(priority: &str, rule: &str, fields: Value) -> Vec<u8> {
     .into_bytes()
 }
 
-fn pod_alert(priority: &str, ns: &str, pod: &str, uid: Option<&str>) -> Vec<u8> {
+pub(crate) fn pod_alert(priority: &str, ns: &str, pod: &str, uid: Option<&str>) -> Vec<u8> {
     let mut fields = json!({"k8s.ns.name": ns, "k8s.pod.name": pod, "proc.pid": 42});
     if let Some(uid) = uid {
         fields["k8s.pod.uid"] = json!(uid);
@@ -109,7 +109,7 @@ fn pod_alert(priority: &str, ns: &str, pod: &str, uid: Option<&str>) -> Vec<u8> 
     alert(priority, "Drop and execute new binary in container", fields)
 }
 
-async fn publish(client: &async_nats::Client, payload: Vec<u8>) {
+pub(crate) async fn publish(client: &async_nats::Client, payload: Vec<u8>) {
     client
         .publish(
             "falco.critical.drop_and_execute_new_binary_in_container",
@@ -119,7 +119,7 @@ async fn publish(client: &async_nats::Client, payload: Vec<u8>) {
         .unwrap();
 }
 
-async fn results(sub: &mut async_nats::Subscriber, n: usize) -> Vec<Value> {
+pub(crate) async fn results(sub: &mut async_nats::Subscriber, n: usize) -> Vec<Value> {
     receive(sub, n, WAIT)
         .await
         .iter()
