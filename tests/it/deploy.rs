@@ -268,6 +268,16 @@ fn every_overlay_with_every_component_renders_and_validates() {
                 replicas.map(|e| e["value"].clone()),
                 cluster.then(|| "3".into())
             );
+            let kv_replicas = respond["env"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .find(|e| e["name"] == "FALCO_NATS_KV_REPLICAS");
+            assert_eq!(
+                kv_replicas.map(|e| e["value"].clone()),
+                cluster.then(|| "3".into()),
+                "the kill switch's bucket is replicated with the stream"
+            );
             assert_eq!(find("StatefulSet", "nats").is_none(), cluster);
             assert_eq!(
                 find("ClusterRole", "falco-nats-respond").is_none(),
