@@ -179,23 +179,45 @@ pub async fn open_bucket(
     let open = async {
         match js.get_key_value(&options.bucket).await {
             Ok(store) => Ok(store),
-            Err(e) if e.kind() == jetstream::context::KeyValueErrorKind::GetBucket => js
-                .create_key_value(kv::Config {
-                    bucket: options.bucket.clone(),
-                    description: "falco-nats responders: kill switch and shared rate limit".into(),
-                    history: 1,
-                    num_replicas: options.replicas.max(1),
-                    storage: jetstream::stream::StorageType::File,
-                    ..Default::default()
-                })
-                .await
-                .map_err(|e| fail(e.to_string())),
+            Err(e) if e.kind() == jetstream::context::KeyValueErrorKind::GetBucket => {
+                // The bucket's stream, made as a key-value bucket is made
+                // (async-nats's own create asks the account first, which
+                // nats-server 2.9's answer fails).
+                js.create_stream(bucket_stream(options))
+                    .await
+                    .map_err(|e| fail(e.to_string()))?;
+                js.get_key_value(&options.bucket)
+                    .await
+                    .map_err(|e| fail(e.to_string()))
+            }
             Err(e) => Err(fail(e.to_string())),
         }
     };
     tokio::time::timeout(OP_TIMEOUT * 5, open)
         .await
         .map_err(|_| fail(format!("no answer within {:?}", OP_TIMEOUT * 5)))?
+}
+
+/// The stream behind a key-value bucket: the settings every NATS client
+/// gives one (one value per key, rollups, direct gets, no deletes of messages).
+fn bucket_stream(options: &ControlOptions) -> jetstream::stream::Config {
+    use jetstream::stream;
+    stream::Config {
+        name: format!("KV_{}", options.bucket),
+        description: Some("falco-nats responders: kill switch and shared rate limit".into()),
+        subjects: vec![format!("$KV.{}.>", options.bucket)],
+        max_messages_per_subject: 1,
+        max_bytes: -1,
+        max_messages: -1,
+        max_message_size: -1,
+        storage: stream::StorageType::File,
+        num_replicas: options.replicas.max(1),
+        allow_rollup: true,
+        deny_delete: true,
+        allow_direct: true,
+        discard: stream::DiscardPolicy::New,
+        ..Default::default()
+    }
 }
 
 /// Milliseconds since the Unix epoch.
