@@ -127,6 +127,12 @@ fn the_values_schema_refuses_typos_and_bad_values() {
         "respond.jetstream.durable=a.b",
         "logFormat=yaml",
         "nats.url=http://nats:4222",
+        "respond.minHealthyReplicas=lots",
+        "respond.minHealthyReplicas=150%",
+        "respond.maxActionsPerMinute=20000",
+        "respond.kv.replicas=7",
+        // A seed where a public key belongs.
+        "signing.publicKeys={SUAFWJBFFPDK4Y2BRMRV7S6ZSSTJ65G76YIYZHMN5GUQPNWCOP5S42FWWQ}",
     ] {
         let out = Command::new(helm())
             .args(["template", "x"])
@@ -284,6 +290,44 @@ fn the_chart_renders_valid_manifests_the_cli_accepts() {
 /// directory where the Falco chart mounts `certs.existingClientSecret`; the
 /// FIFO sidecar values run a bridge the CLI accepts on the FIFO Falco
 /// writes, in a pod that validates.
+/// Signed alerts through the chart: the bridge's --sign-key is the seed
+/// its Secret mounts, and the responder's --verify-key files, taken from
+/// the ConfigMap as rendered, are public keys the responder accepts.
+#[test]
+fn signing_keys_reach_the_bridge_and_the_responder() {
+    let docs = render(&chart_dir().join("ci/mtls-cluster-values.yaml"));
+    let bridge = find(&docs, "Deployment", "falco-nats-bridge").unwrap();
+    let container = &bridge["spec"]["template"]["spec"]["containers"][0];
+    assert!(args_of(bridge).contains(&"--sign-key=/etc/falco-nats/signing/seed".to_owned()));
+    let mount = container["volumeMounts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|m| m["name"] == "signing")
+        .unwrap();
+    assert_eq!(mount["mountPath"], "/etc/falco-nats/signing");
+    let respond = find(&docs, "Deployment", "falco-nats-respond").unwrap();
+    let policy = find(&docs, "ConfigMap", "falco-nats-respond-policy").unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let mut files = Vec::new();
+    for arg in args_of(respond) {
+        let Some(path) = arg.strip_prefix("--verify-key=/etc/falco-nats/policy/") else {
+            continue;
+        };
+        let file = dir.path().join(path);
+        std::fs::write(&file, policy["data"][path].as_str().unwrap()).unwrap();
+        files.push(file);
+    }
+    assert_eq!(files.len(), 2, "two keys during a rotation");
+    falco_nats::signing::Verifier::from_files(&files).unwrap();
+    // Without signing values, neither flag.
+    let plain = render(&chart_dir().join("ci/default-values.yaml"));
+    for name in ["falco-nats-bridge", "falco-nats-respond"] {
+        let args = args_of(find(&plain, "Deployment", name).unwrap());
+        assert!(!args.iter().any(|a| a.contains("-key")), "{args:?}");
+    }
+}
+
 #[test]
 fn the_falco_chart_values_agree_with_the_bridge() {
     let docs = render(&chart_dir().join("ci/mtls-cluster-values.yaml"));
