@@ -29,6 +29,7 @@ use crate::signing::{Signer, Verifier};
 use crate::simulate::{SimulateOptions, SimulateOutput};
 use crate::tail::{ColorChoice, TailOptions};
 use crate::telemetry::logging::LogFormat;
+use crate::ui::UiOptions;
 
 /// Carries Falco's alerts onto NATS, and acts on them.
 #[derive(Debug, Parser)]
@@ -63,10 +64,72 @@ pub enum Command {
     Tail(Box<TailArgs>),
     /// Make a key pair for signed alerts (bridge --sign-key, respond --verify-key)
     Keygen(KeygenArgs),
+    /// Serve a live page of alerts and the responders' decisions
+    Ui(Box<UiArgs>),
     /// Pull the responders' kill switch: every replica stops destructive actions within a second
     Pause(PauseArgs),
     /// Release the responders' kill switch
     Resume(PauseArgs),
+}
+
+/// `ui` settings.
+#[derive(Debug, Clone, Args)]
+pub struct UiArgs {
+    #[command(flatten)]
+    pub nats: NatsOptions,
+    /// Subject of the alerts (and the decisions) to show
+    #[arg(long, env = "FALCO_NATS_SUBJECT", default_value = "falco.>")]
+    pub subject: String,
+    /// Subject prefix of the responders' decisions
+    #[arg(long, env = "FALCO_NATS_RESULT_SUBJECT", default_value = DEFAULT_RESULT_SUBJECT)]
+    pub result_subject: String,
+    /// JetStream stream to load history from ("" or a missing stream: live alerts only)
+    #[arg(long, env = "FALCO_NATS_STREAM", default_value = "FALCO")]
+    pub stream: String,
+    /// Messages (alerts and decisions) loaded from the stream and kept, at most
+    #[arg(long, env = "FALCO_NATS_UI_HISTORY", default_value_t = 2000,
+          value_parser = clap::value_parser!(u64).range(1..=100_000))]
+    pub history: u64,
+    /// Messages older than this are not loaded from the stream
+    #[arg(long, env = "FALCO_NATS_UI_HISTORY_AGE", value_parser = humantime::parse_duration, default_value = "1h")]
+    pub history_age: Duration,
+    /// Token the page and its events require (open the page as
+    /// /?token=...); --token is the NATS server's, as for every subcommand
+    #[arg(long, env = "FALCO_NATS_HTTP_TOKEN", hide_env_values = true)]
+    pub http_token: Option<String>,
+    /// Read that token from this file
+    #[arg(
+        long,
+        env = "FALCO_NATS_HTTP_TOKEN_FILE",
+        conflicts_with = "http_token"
+    )]
+    pub http_token_file: Option<PathBuf>,
+    /// Events a page may fall behind by before it is cut off (it reconnects)
+    #[arg(long, env = "FALCO_NATS_UI_CLIENT_BUFFER", default_value_t = 4096)]
+    pub client_buffer: usize,
+    /// Address of the page, /healthz, /readyz and /metrics
+    #[arg(long, env = "FALCO_NATS_UI_LISTEN", default_value = crate::ui::DEFAULT_LISTEN)]
+    pub listen: String,
+}
+
+impl UiArgs {
+    pub fn listen_address(&self) -> Option<&str> {
+        listen_address(&self.listen)
+    }
+
+    pub fn into_options(self) -> Result<UiOptions, InputError> {
+        let token = http_token(self.http_token, self.http_token_file.as_deref())?;
+        Ok(UiOptions {
+            nats: self.nats,
+            subject: self.subject,
+            result_prefix: self.result_subject,
+            stream: Some(self.stream).filter(|s| !s.is_empty()),
+            history: self.history as usize,
+            history_age: self.history_age,
+            token,
+            client_buffer: self.client_buffer,
+        })
+    }
 }
 
 /// The key-value bucket the responders share (kill switch, rate limit).
@@ -358,7 +421,7 @@ impl BridgeArgs {
     }
 }
 
-/// The HTTP input's bearer token, from the flag or a file. An empty one is
+/// The HTTP input's (and the ui's) bearer token, from the flag or a file. An empty one is
 /// an error: it must not silently turn authentication off.
 fn http_token(
     flag: Option<String>,

@@ -57,3 +57,4 @@ pub mod signing;
 pub mod simulate;
 pub mod tail;
 pub mod telemetry;
+pub mod ui;

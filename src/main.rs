@@ -77,6 +77,11 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             };
             println!("{public}");
         }
+        Command::Ui(args) => {
+            let listener = bind(args.listen_address()).await?;
+            let options = (*args).into_options()?;
+            falco_nats::ui::run(options, listener, shutdown).await?;
+        }
         Command::Pause(args) => return kill_switch(&args, true).await,
         Command::Resume(args) => return kill_switch(&args, false).await,
         Command::Simulate(args) => {

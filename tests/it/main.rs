@@ -24,3 +24,4 @@ mod guards;
 mod instructions;
 mod leaf;
 mod respond;
+mod ui;

@@ -1,0 +1,741 @@
+//! `falco-nats ui`: a live page of alerts and the responders' decisions,
+//! served by the binary itself.
+//!
+//! One feed per process takes alerts and decisions off NATS (from the
+//! JetStream stream when there is one: the last `--history` messages of the
+//! last `--history-age` first, then live; else core NATS, live only) into a
+//! bounded ring, and hands each to every open page through a bounded
+//! broadcast channel. A page gets the ring, then the live events, as
+//! server-sent events; a page that falls a channel's worth behind is cut
+//! off (its browser reconnects and starts again from the ring) rather than
+//! buffered without end.
+//!
+//! Safe by construction: every string in an alert is the watched
+//! container's; the page puts them into the DOM as text only, and a
+//! Content-Security-Policy forbids any script but the page's own file.
+//! Read-only: no request changes anything. `--token` guards the page, its
+//! assets and its events (not the probes).
+
+use std::collections::VecDeque;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use async_nats::jetstream::{self, consumer};
+use axum::extract::{Request, State};
+use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
+use axum::middleware::{self, Next};
+use axum::response::sse::{Event, KeepAlive, Sse};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::Router;
+use futures_util::stream::{self, Stream, StreamExt};
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
+use tokio::net::TcpListener;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use crate::nats::subject::{covers, is_under};
+use crate::nats::{connect, ConnectionWatch, NatsError, NatsOptions};
+use crate::server::Listen;
+use crate::telemetry::health::{self, Readiness, ReadyFlag};
+
+/// The default `--listen`: loopback only (the page shows security alerts;
+/// listen wider with a `--token`).
+pub const DEFAULT_LISTEN: &str = "127.0.0.1:2812";
+
+/// The cookie the page's token is kept in once given in its URL.
+const COOKIE: &str = "falco_nats_ui_token";
+
+/// What the page may load: its own script and style, nothing inline,
+/// nothing from elsewhere, no frames, no forms.
+pub const CONTENT_SECURITY_POLICY: &str = "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; connect-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'";
+
+const INDEX_HTML: &str = include_str!("index.html");
+const APP_JS: &str = include_str!("app.js");
+const APP_CSS: &str = include_str!("app.css");
+
+/// `ui` settings.
+#[derive(Debug, Clone)]
+pub struct UiOptions {
+    pub nats: NatsOptions,
+    /// Alerts (and decisions) to show.
+    pub subject: String,
+    /// Decisions are on `<prefix>.<action>`.
+    pub result_prefix: String,
+    /// The stream to read history from; none or missing: live only.
+    pub stream: Option<String>,
+    /// Messages kept (and loaded from the stream) at most.
+    pub history: usize,
+    /// Messages older than this are not loaded from the stream.
+    pub history_age: Duration,
+    /// Required for the page and its events when set.
+    pub token: Option<String>,
+    /// Events a page may fall behind by before it is cut off.
+    pub client_buffer: usize,
+}
+
+/// Why the ui stopped with an error.
+#[derive(Debug, thiserror::Error)]
+pub enum UiError {
+    #[error(transparent)]
+    Nats(#[from] NatsError),
+    #[error("cannot subscribe to {subject:?}")]
+    Subscribe {
+        subject: String,
+        #[source]
+        source: async_nats::SubscribeError,
+    },
+}
+
+/// One message for the page: an alert or a decision, its JSON as received.
+#[derive(Debug)]
+pub struct UiEvent {
+    pub seq: u64,
+    pub decision: bool,
+    /// The SSE data line: `{"seq":…,"subject":…,"msg":…}`.
+    pub data: String,
+}
+
+/// The ui's metrics.
+#[derive(Clone, Default)]
+struct UiMetrics {
+    clients: Gauge,
+    dropped: Counter,
+    events: Family<[(&'static str, &'static str); 1], Counter>,
+    history: Gauge,
+}
+
+impl UiMetrics {
+    fn register(registry: &mut Registry) -> Self {
+        let m = UiMetrics::default();
+        let r = registry.sub_registry_with_prefix("falco_nats_ui");
+        r.register(
+            "clients",
+            "Pages with an open event stream",
+            m.clients.clone(),
+        );
+        r.register(
+            "clients_dropped",
+            "Pages cut off for falling behind (their browsers reconnect)",
+            m.dropped.clone(),
+        );
+        r.register(
+            "events",
+            "Alerts and decisions received, by kind",
+            m.events.clone(),
+        );
+        r.register(
+            "history_loaded",
+            "Messages loaded from the stream at start",
+            m.history.clone(),
+        );
+        m
+    }
+}
+
+/// The ring of recent events and the open pages' queues, under one lock:
+/// a page joining gets the ring and every event after it, no gap, no
+/// repeat. Each page has a bounded queue; a page whose queue is full is
+/// dropped (its stream ends, its browser reconnects and resumes from the
+/// ring), so a stalled page costs at most its queue.
+struct Hub {
+    inner: Mutex<HubInner>,
+    capacity: usize,
+    client_buffer: usize,
+    dropped: Counter,
+}
+
+struct HubInner {
+    ring: VecDeque<Arc<UiEvent>>,
+    next: u64,
+    pages: Vec<mpsc::Sender<Arc<UiEvent>>>,
+}
+
+impl Hub {
+    fn new(capacity: usize, client_buffer: usize, dropped: Counter) -> Self {
+        Hub {
+            inner: Mutex::new(HubInner {
+                ring: VecDeque::with_capacity(capacity.min(65_536)),
+                next: 1,
+                pages: Vec::new(),
+            }),
+            capacity: capacity.max(1),
+            client_buffer: client_buffer.max(1),
+            dropped,
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HubInner> {
+        self.inner
+            .lock()
+            .expect("no code panics while holding the ui's ring")
+    }
+
+    /// Adds a message: into the ring (the oldest out when full) and to every page.
+    fn push(&self, subject: &str, payload: &[u8], decision: bool) {
+        let mut inner = self.lock();
+        let seq = inner.next;
+        inner.next += 1;
+        let event = Arc::new(UiEvent {
+            seq,
+            decision,
+            data: event_data(seq, subject, payload),
+        });
+        if inner.ring.len() >= self.capacity {
+            inner.ring.pop_front();
+        }
+        inner.ring.push_back(Arc::clone(&event));
+        let dropped = &self.dropped;
+        inner
+            .pages
+            .retain(|page| match page.try_send(Arc::clone(&event)) {
+                Ok(()) => true,
+                Err(mpsc::error::TrySendError::Full(_)) => {
+                    dropped.inc();
+                    tracing::warn!("a page fell behind; dropped (its browser reconnects)");
+                    false
+                }
+                Err(mpsc::error::TrySendError::Closed(_)) => false,
+            });
+    }
+
+    /// The ring after `after` (a page's `Last-Event-ID`; whether it could
+    /// resume), and the page's queue of live events from then on.
+    fn join(&self, after: Option<u64>) -> (Vec<Arc<UiEvent>>, bool, mpsc::Receiver<Arc<UiEvent>>) {
+        let mut inner = self.lock();
+        let resumed = match (after, inner.ring.front()) {
+            (Some(id), Some(first)) => id + 1 >= first.seq,
+            (Some(_), None) => true,
+            (None, _) => false,
+        };
+        let from = if resumed { after.unwrap_or(0) } else { 0 };
+        let snapshot = inner
+            .ring
+            .iter()
+            .filter(|e| e.seq > from)
+            .cloned()
+            .collect();
+        let (tx, rx) = mpsc::channel(self.client_buffer);
+        inner.pages.push(tx);
+        (snapshot, resumed, rx)
+    }
+}
+
+/// The JSON the page receives for one message. The payload goes in as
+/// JSON when it is (an alert, a decision), else as a string: the page
+/// shows what came, whatever it is.
+pub fn event_data(seq: u64, subject: &str, payload: &[u8]) -> String {
+    let msg: Box<serde_json::value::RawValue> = std::str::from_utf8(payload)
+        .ok()
+        .and_then(|text| serde_json::value::RawValue::from_string(text.trim().to_owned()).ok())
+        .filter(|raw| raw.get().starts_with('{'))
+        .unwrap_or_else(|| {
+            let text = String::from_utf8_lossy(payload);
+            serde_json::value::to_raw_value(&text).expect("a string always serializes")
+        });
+    serde_json::json!({ "seq": seq, "subject": subject, "msg": msg }).to_string()
+}
+
+#[derive(Clone)]
+struct UiState {
+    hub: Arc<Hub>,
+    metrics: UiMetrics,
+    token: Option<Arc<str>>,
+    stream: Option<String>,
+    shutdown: CancellationToken,
+}
+
+/// Runs the ui until `shutdown`, serving the page, its events and the
+/// probes on `listener`.
+pub async fn run(
+    options: UiOptions,
+    listener: Option<TcpListener>,
+    shutdown: CancellationToken,
+) -> Result<(), UiError> {
+    let mut registry = Registry::default();
+    let readiness = Readiness::default();
+    let watch = ConnectionWatch::register(&readiness, &mut registry);
+    let fed = readiness.check("feed");
+    let metrics = UiMetrics::register(&mut registry);
+    let client = connect(&options.nats, watch).await?.client;
+    let hub = Arc::new(Hub::new(
+        options.history,
+        options.client_buffer,
+        metrics.dropped.clone(),
+    ));
+    if options.token.is_none() {
+        tracing::warn!("no --token: anyone who reaches --listen sees every alert");
+    }
+    let feed = Feed {
+        client: client.clone(),
+        hub: Arc::clone(&hub),
+        metrics: metrics.clone(),
+        options: options.clone(),
+        fed,
+    };
+    let stream = feed.start().await?;
+    let state = UiState {
+        hub,
+        metrics,
+        token: options.token.map(Arc::from),
+        stream,
+        shutdown: shutdown.clone(),
+    };
+    let router = router(state).merge(health::router(readiness, Arc::new(registry)));
+    let server = Listen::probes(listener, router);
+    shutdown.cancelled().await;
+    server.stop().await;
+    Ok(())
+}
+
+/// The page's routes, behind the token when there is one.
+fn router(state: UiState) -> Router {
+    Router::new()
+        .route("/", get(index))
+        .route(
+            "/app.js",
+            get(|| async { asset("text/javascript; charset=utf-8", APP_JS) }),
+        )
+        .route(
+            "/app.css",
+            get(|| async { asset("text/css; charset=utf-8", APP_CSS) }),
+        )
+        .route("/events", get(events))
+        .layer(middleware::from_fn_with_state(state.clone(), guard))
+        .with_state(state)
+}
+
+/// Headers every page response carries.
+fn hardened(mut response: Response) -> Response {
+    let h = response.headers_mut();
+    h.insert(
+        header::CONTENT_SECURITY_POLICY,
+        HeaderValue::from_static(CONTENT_SECURITY_POLICY),
+    );
+    h.insert(
+        header::X_CONTENT_TYPE_OPTIONS,
+        HeaderValue::from_static("nosniff"),
+    );
+    h.insert(
+        header::REFERRER_POLICY,
+        HeaderValue::from_static("no-referrer"),
+    );
+    h.insert(header::X_FRAME_OPTIONS, HeaderValue::from_static("DENY"));
+    h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    response
+}
+
+fn asset(content_type: &'static str, body: &'static str) -> Response {
+    ([(header::CONTENT_TYPE, content_type)], body).into_response()
+}
+
+async fn index() -> Response {
+    asset("text/html; charset=utf-8", INDEX_HTML)
+}
+
+/// Whether two secrets are equal, in time that depends on their lengths only.
+fn same_secret(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+/// The token a request carries: `Authorization: Bearer`, the cookie, or
+/// `?token=` (the page's first load; an EventSource cannot set headers).
+fn presented_token<'a>(headers: &'a HeaderMap, query: Option<&'a str>) -> Vec<&'a str> {
+    let mut found = Vec::new();
+    if let Some(bearer) = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+    {
+        found.push(bearer.trim());
+    }
+    for cookies in headers.get_all(header::COOKIE) {
+        let Ok(cookies) = cookies.to_str() else {
+            continue;
+        };
+        for pair in cookies.split(';') {
+            if let Some(value) = pair
+                .trim()
+                .strip_prefix(COOKIE)
+                .and_then(|r| r.strip_prefix('='))
+            {
+                found.push(value);
+            }
+        }
+    }
+    for pair in query.unwrap_or_default().split('&') {
+        if let Some(value) = pair.strip_prefix("token=") {
+            found.push(value);
+        }
+    }
+    found
+}
+
+/// Refuses a request without the token (when there is one); hardens every answer.
+async fn guard(State(state): State<UiState>, request: Request, next: Next) -> Response {
+    let Some(token) = &state.token else {
+        return hardened(next.run(request).await);
+    };
+    let query = request.uri().query().map(str::to_owned);
+    let presented = presented_token(request.headers(), query.as_deref());
+    // A token from the URL may be percent-encoded.
+    let ok = presented.iter().any(|p| {
+        same_secret(p.as_bytes(), token.as_bytes())
+            || percent_decode(p).is_some_and(|d| same_secret(d.as_bytes(), token.as_bytes()))
+    });
+    if !ok {
+        let mut refused = (
+            StatusCode::UNAUTHORIZED,
+            [(header::WWW_AUTHENTICATE, "Bearer realm=\"falco-nats ui\"")],
+            "a token is needed: open the page as /?token=…\n",
+        )
+            .into_response();
+        refused
+            .headers_mut()
+            .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+        return hardened(refused);
+    }
+    let from_query = query.is_some_and(|q| q.split('&').any(|p| p.starts_with("token=")));
+    let mut response = next.run(request).await;
+    if from_query {
+        // Kept for the page's own requests (assets, events), never sent elsewhere.
+        let cookie = format!("{COOKIE}={token}; Path=/; HttpOnly; SameSite=Strict");
+        if let Ok(value) = HeaderValue::from_str(&cookie) {
+            response.headers_mut().append(header::SET_COOKIE, value);
+        }
+    }
+    hardened(response)
+}
+
+/// `%XX` decoded, or `None` when malformed or not UTF-8.
+fn percent_decode(s: &str) -> Option<String> {
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        match bytes[i] {
+            b'%' => {
+                let hex = s.get(i + 1..i + 3)?;
+                out.push(u8::from_str_radix(hex, 16).ok()?);
+                i += 3;
+            }
+            b'+' => {
+                out.push(b' ');
+                i += 1;
+            }
+            b => {
+                out.push(b);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8(out).ok()
+}
+
+/// The event stream of one page: `hello`, the ring (or what it missed,
+/// with `Last-Event-ID`), then live events, until it falls behind or the
+/// ui stops.
+async fn events(
+    State(state): State<UiState>,
+    headers: HeaderMap,
+) -> Sse<impl Stream<Item = Result<Event, std::convert::Infallible>>> {
+    let after = headers
+        .get("last-event-id")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    let (snapshot, resumed, live) = state.hub.join(after);
+    state.metrics.clients.inc();
+    let hello = Event::default()
+        .event("hello")
+        .retry(Duration::from_secs(2))
+        .data(
+            serde_json::json!({
+                "resumed": resumed,
+                "history": snapshot.len(),
+                "stream": state.stream,
+            })
+            .to_string(),
+        );
+    let first = stream::once(async move { Ok(hello) });
+    let replay = stream::iter(snapshot).map(|e| Ok(sse(&e)));
+    let gone = ClientGone(state.metrics.clients.clone());
+    let shutdown = state.shutdown.clone();
+    let live = stream::unfold((live, false, gone), move |(mut rx, done, gone)| {
+        let shutdown = shutdown.clone();
+        async move {
+            if done {
+                return None;
+            }
+            tokio::select! {
+                received = rx.recv() => match received {
+                    Some(e) => Some((Ok(sse(&e)), (rx, false, gone))),
+                    // Dropped for falling behind: say so, and end.
+                    None => {
+                        let note = Event::default().event("dropped").data("behind");
+                        Some((Ok(note), (rx, true, gone)))
+                    }
+                },
+                _ = shutdown.cancelled() => None,
+            }
+        }
+    });
+    Sse::new(first.chain(replay).chain(live)).keep_alive(KeepAlive::default())
+}
+
+/// Counts a page's stream out when it ends, however it ends.
+struct ClientGone(Gauge);
+
+impl Drop for ClientGone {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
+}
+
+fn sse(e: &UiEvent) -> Event {
+    Event::default()
+        .event(if e.decision { "decision" } else { "alert" })
+        .id(e.seq.to_string())
+        .data(&e.data)
+}
+
+/// Takes alerts and decisions off NATS into the hub.
+struct Feed {
+    client: async_nats::Client,
+    hub: Arc<Hub>,
+    metrics: UiMetrics,
+    options: UiOptions,
+    fed: ReadyFlag,
+}
+
+impl Feed {
+    /// Starts the feed: from the stream when it exists (history first),
+    /// else core NATS. Returns the stream's name when it is used.
+    async fn start(self) -> Result<Option<String>, UiError> {
+        let stream = match &self.options.stream {
+            Some(name) if !name.is_empty() => self.find_stream(name).await,
+            _ => None,
+        };
+        let Some(stream) = stream else {
+            let sub = self.subscribe(self.options.subject.clone()).await?;
+            tracing::info!(subject = %self.options.subject, "live alerts from core NATS (no stream: no history)");
+            self.fed.set(true);
+            tokio::spawn(self.core(sub));
+            return Ok(None);
+        };
+        let name = stream.cached_info().config.name.clone();
+        // Decisions the stream does not hold come from core NATS beside it.
+        let results = format!("{}.>", self.options.result_prefix);
+        let covered = stream
+            .cached_info()
+            .config
+            .subjects
+            .iter()
+            .any(|s| covers(s, &format!("{}.x", self.options.result_prefix)));
+        if !covered {
+            // A stream of their own keeps their history (README, "ui").
+            let js = jetstream::new(self.client.clone());
+            let own = match tokio::time::timeout(
+                Duration::from_secs(5),
+                js.stream_by_subject(results.clone()),
+            )
+            .await
+            {
+                Ok(Ok(found)) if found != name => self.find_stream(&found).await,
+                _ => None,
+            };
+            let feed = Feed {
+                options: self.options.clone(),
+                fed: ReadyFlag::default(),
+                client: self.client.clone(),
+                hub: Arc::clone(&self.hub),
+                metrics: self.metrics.clone(),
+            };
+            match own {
+                Some(decisions) => {
+                    tracing::info!(stream = %decisions.cached_info().config.name, "decisions' history from their stream");
+                    tokio::spawn(feed.jetstream(decisions));
+                }
+                None => {
+                    tracing::info!(subject = %results, "decisions live from core NATS (no stream holds them)");
+                    let sub = self.subscribe(results).await?;
+                    tokio::spawn(feed.core(sub));
+                }
+            }
+        }
+        tokio::spawn(self.jetstream(stream));
+        Ok(Some(name))
+    }
+
+    async fn find_stream(&self, name: &str) -> Option<jetstream::stream::Stream> {
+        let js = jetstream::new(self.client.clone());
+        match tokio::time::timeout(Duration::from_secs(5), js.get_stream(name)).await {
+            Ok(Ok(stream)) => Some(stream),
+            Ok(Err(e)) => {
+                tracing::info!(stream = name, error = %e, "no stream to read history from; live alerts only");
+                None
+            }
+            Err(_) => {
+                tracing::warn!(stream = name, "JetStream did not answer; live alerts only");
+                None
+            }
+        }
+    }
+
+    async fn subscribe(&self, subject: String) -> Result<async_nats::Subscriber, UiError> {
+        self.client
+            .subscribe(subject.clone())
+            .await
+            .map_err(|source| UiError::Subscribe { subject, source })
+    }
+
+    fn take(&self, subject: &str, payload: &[u8]) {
+        let decision = is_under(subject, &self.options.result_prefix);
+        self.metrics
+            .events
+            .get_or_create(&[("kind", if decision { "decision" } else { "alert" })])
+            .inc();
+        self.hub.push(subject, payload, decision);
+    }
+
+    async fn core(self, mut sub: async_nats::Subscriber) {
+        while let Some(message) = sub.next().await {
+            self.take(message.subject.as_str(), &message.payload);
+        }
+    }
+
+    /// History, then live, from one ordered consumer: in the stream's
+    /// order, nothing twice. Recreated from where it stopped if it fails.
+    async fn jetstream(self, stream: jetstream::stream::Stream) {
+        let info = stream.cached_info().state.clone();
+        let history = self.options.history as u64;
+        let start = info
+            .first_sequence
+            .max(info.last_sequence.saturating_sub(history.saturating_sub(1)))
+            .max(1);
+        let oldest = std::time::SystemTime::now()
+            .checked_sub(self.options.history_age)
+            .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+            .map_or(0, |d| d.as_secs() as i64);
+        let mut next = start;
+        loop {
+            let config = consumer::pull::OrderedConfig {
+                deliver_policy: consumer::DeliverPolicy::ByStartSequence {
+                    start_sequence: next,
+                },
+                ..Default::default()
+            };
+            let messages = match stream.create_consumer(config).await {
+                Ok(c) => c.messages().await.map_err(|e| e.to_string()),
+                Err(e) => Err(e.to_string()),
+            };
+            let mut messages = match messages {
+                Ok(m) => m,
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot read the stream; retrying");
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                    continue;
+                }
+            };
+            self.fed.set(true);
+            while let Some(message) = messages.next().await {
+                let message = match message {
+                    Ok(m) => m,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "the stream's consumer failed; resuming");
+                        break;
+                    }
+                };
+                let Ok(meta) = message.info() else { continue };
+                next = meta.stream_sequence + 1;
+                let replaying = meta.stream_sequence <= info.last_sequence;
+                if replaying {
+                    if meta.published.unix_timestamp() < oldest {
+                        continue;
+                    }
+                    self.metrics.history.inc();
+                }
+                self.take(message.subject.as_str(), &message.payload);
+            }
+            self.fed.set(false);
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn events_carry_json_as_json_and_anything_else_as_a_string() {
+        let alert = event_data(7, "falco.critical.x", br#"{"rule":"<img src=x>"}"#);
+        let v: serde_json::Value = serde_json::from_str(&alert).unwrap();
+        assert_eq!(v["msg"]["rule"], "<img src=x>");
+        assert_eq!(v["seq"], 7);
+        for odd in [&b"not json"[..], b"[1,2]", b"\xff\xfe", b"{broken", b""] {
+            let v: serde_json::Value = serde_json::from_str(&event_data(1, "s", odd)).unwrap();
+            assert!(v["msg"].is_string(), "{odd:?}: {v}");
+        }
+    }
+
+    #[test]
+    fn the_ring_is_bounded_and_a_page_resumes_where_it_was() {
+        let hub = Hub::new(3, 16, Counter::default());
+        for i in 0..5 {
+            hub.push("falco.x", format!("{{\"n\":{i}}}").as_bytes(), false);
+        }
+        let (all, resumed, _) = hub.join(None);
+        assert!(!resumed);
+        assert_eq!(all.iter().map(|e| e.seq).collect::<Vec<_>>(), [3, 4, 5]);
+        let (missed, resumed, _) = hub.join(Some(4));
+        assert!(resumed);
+        assert_eq!(missed.iter().map(|e| e.seq).collect::<Vec<_>>(), [5]);
+        let (again, resumed, _) = hub.join(Some(1));
+        assert!(!resumed, "too old to resume: everything again");
+        assert_eq!(again.len(), 3);
+    }
+
+    #[test]
+    fn a_page_that_falls_behind_is_dropped_not_buffered() {
+        let dropped = Counter::default();
+        let hub = Hub::new(100, 4, dropped.clone());
+        let (_, _, mut slow) = hub.join(None);
+        let (_, _, mut fast) = hub.join(None);
+        for i in 0..10 {
+            hub.push("falco.x", b"{}", false);
+            assert_eq!(fast.try_recv().unwrap().seq, i + 1);
+        }
+        assert_eq!(dropped.get(), 1);
+        for seq in 1..=4 {
+            assert_eq!(slow.try_recv().unwrap().seq, seq, "what it had queued");
+        }
+        assert!(matches!(
+            slow.try_recv(),
+            Err(mpsc::error::TryRecvError::Disconnected)
+        ));
+    }
+
+    #[test]
+    fn tokens_are_found_where_browsers_put_them() {
+        let mut h = HeaderMap::new();
+        h.insert(
+            header::COOKIE,
+            HeaderValue::from_static("a=b; falco_nats_ui_token=s3cret"),
+        );
+        assert_eq!(presented_token(&h, None), ["s3cret"]);
+        h.insert(header::AUTHORIZATION, HeaderValue::from_static("Bearer t"));
+        assert_eq!(
+            presented_token(&h, Some("x=1&token=q")),
+            ["t", "s3cret", "q"]
+        );
+        assert!(same_secret(b"abc", b"abc"));
+        assert!(!same_secret(b"abc", b"abd"));
+        assert!(!same_secret(b"abc", b"abcd"));
+        assert_eq!(percent_decode("a%2Fb+c").as_deref(), Some("a/b c"));
+        assert_eq!(percent_decode("%zz"), None);
+        assert_eq!(percent_decode("%"), None);
+    }
+}
