@@ -105,7 +105,7 @@ pub struct UiArgs {
     )]
     pub http_token_file: Option<PathBuf>,
     /// Events a page may fall behind by before it is cut off (it reconnects)
-    #[arg(long, env = "FALCO_NATS_UI_CLIENT_BUFFER", default_value_t = 4096)]
+    #[arg(long, env = "FALCO_NATS_UI_CLIENT_BUFFER", default_value_t = 1024)]
     pub client_buffer: usize,
     /// Address of the page, /healthz, /readyz and /metrics
     #[arg(long, env = "FALCO_NATS_UI_LISTEN", default_value = crate::ui::DEFAULT_LISTEN)]

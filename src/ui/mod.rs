@@ -82,6 +82,8 @@ pub struct UiOptions {
 pub enum UiError {
     #[error(transparent)]
     Nats(#[from] NatsError),
+    #[error("the --http-token must be printable ASCII without spaces, quotes, ',', ';' or '\\' (it is kept in a cookie)")]
+    Token,
     #[error("cannot subscribe to {subject:?}")]
     Subscribe {
         subject: String,
@@ -207,7 +209,7 @@ impl Hub {
     fn join(&self, after: Option<u64>) -> (Vec<Arc<UiEvent>>, bool, mpsc::Receiver<Arc<UiEvent>>) {
         let mut inner = self.lock();
         let resumed = match (after, inner.ring.front()) {
-            (Some(id), Some(first)) => id + 1 >= first.seq,
+            (Some(id), Some(first)) => id.saturating_add(1) >= first.seq,
             (Some(_), None) => true,
             (None, _) => false,
         };
@@ -224,10 +226,22 @@ impl Hub {
     }
 }
 
+/// The largest message the page is sent whole (a Falco alert is 1 to 2
+/// KiB); a larger one shows as a note of its size. With the ring and each
+/// page's queue bounded in messages, this bounds them in bytes.
+pub const MAX_EVENT_BYTES: usize = 64 * 1024;
+
 /// The JSON the page receives for one message. The payload goes in as
 /// JSON when it is (an alert, a decision), else as a string: the page
 /// shows what came, whatever it is.
 pub fn event_data(seq: u64, subject: &str, payload: &[u8]) -> String {
+    if payload.len() > MAX_EVENT_BYTES {
+        let note = format!(
+            "(a message of {} bytes, larger than the ui shows: {MAX_EVENT_BYTES})",
+            payload.len()
+        );
+        return serde_json::json!({ "seq": seq, "subject": subject, "msg": note }).to_string();
+    }
     let msg: Box<serde_json::value::RawValue> = std::str::from_utf8(payload)
         .ok()
         .and_then(|text| serde_json::value::RawValue::from_string(text.trim().to_owned()).ok())
@@ -255,6 +269,11 @@ pub async fn run(
     listener: Option<TcpListener>,
     shutdown: CancellationToken,
 ) -> Result<(), UiError> {
+    if let Some(token) = &options.token {
+        if !token_fits_a_cookie(token) {
+            return Err(UiError::Token);
+        }
+    }
     let mut registry = Registry::default();
     let readiness = Readiness::default();
     let watch = ConnectionWatch::register(&readiness, &mut registry);
@@ -334,6 +353,14 @@ fn asset(content_type: &'static str, body: &'static str) -> Response {
 
 async fn index() -> Response {
     asset("text/html; charset=utf-8", INDEX_HTML)
+}
+
+/// Whether a token can be a cookie's value as it is (RFC 6265's cookie-octet).
+pub fn token_fits_a_cookie(token: &str) -> bool {
+    !token.is_empty()
+        && token
+            .bytes()
+            .all(|b| b.is_ascii_graphic() && !matches!(b, b'"' | b',' | b';' | b'\\'))
 }
 
 /// Whether two secrets are equal, in time that depends on their lengths only.
@@ -679,6 +706,10 @@ mod tests {
             let v: serde_json::Value = serde_json::from_str(&event_data(1, "s", odd)).unwrap();
             assert!(v["msg"].is_string(), "{odd:?}: {v}");
         }
+        let huge = format!("{{\"output\":\"{}\"}}", "x".repeat(MAX_EVENT_BYTES));
+        let data = event_data(2, "falco.x", huge.as_bytes());
+        assert!(data.len() < 300, "{data}");
+        assert!(data.contains("larger than the ui shows"));
     }
 
     #[test]
@@ -696,6 +727,9 @@ mod tests {
         let (again, resumed, _) = hub.join(Some(1));
         assert!(!resumed, "too old to resume: everything again");
         assert_eq!(again.len(), 3);
+        // Last-Event-ID is the browser's (or anyone's) to write.
+        let (none, resumed, _) = hub.join(Some(u64::MAX));
+        assert!(resumed && none.is_empty());
     }
 
     #[test]
@@ -737,5 +771,9 @@ mod tests {
         assert_eq!(percent_decode("a%2Fb+c").as_deref(), Some("a/b c"));
         assert_eq!(percent_decode("%zz"), None);
         assert_eq!(percent_decode("%"), None);
+        assert!(token_fits_a_cookie("s3cret-Token_1.~"));
+        for bad in ["", "a b", "a;b", "a,b", "a\"b", "a\\b", "é", "a\nb"] {
+            assert!(!token_fits_a_cookie(bad), "{bad:?}");
+        }
     }
 }
