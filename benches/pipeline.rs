@@ -250,17 +250,34 @@ fn percentile(sorted: &[f64], p: f64) -> f64 {
 struct Corpus {
     responses: Vec<Response>,
     lines: Vec<Bytes>,
+    /// Each line's subject and headers as the bridge publishes it: the
+    /// floors publish the same messages (subject, headers, payload).
+    messages: Vec<(String, async_nats::HeaderMap)>,
 }
 
 impl Corpus {
     fn new(n: u64) -> Self {
         let mut factory = AlertFactory::new("bench-node", false);
         let responses: Vec<Response> = (0..n).map(|_| factory.next_response()).collect();
-        let lines = responses
+        let events: Vec<_> = responses
             .iter()
-            .map(|r| event_from_response(r.clone()).unwrap().payload)
+            .map(|r| event_from_response(r.clone()).unwrap())
             .collect();
-        Corpus { responses, lines }
+        let template = falco_nats::nats::SubjectTemplate::default();
+        let messages = events
+            .iter()
+            .map(|e| {
+                let subject = template.render(e);
+                let headers = falco_nats::nats::alert_headers(e, &subject, None);
+                (subject, headers)
+            })
+            .collect();
+        let lines = events.into_iter().map(|e| e.payload).collect();
+        Corpus {
+            responses,
+            lines,
+            messages,
+        }
     }
 
     fn mean_size(&self) -> usize {
@@ -313,9 +330,10 @@ struct Run {
     cpu: f64,
 }
 
-/// The JetStream ceiling: a plain publisher of the same bytes to a stream
-/// like the bridge's, acknowledged, at most `inflight` awaiting their ack,
-/// a `Nats-Msg-Id` each (as the bridge publishes).
+/// The JetStream ceiling: a plain publisher of the same messages (subject,
+/// headers with their `Nats-Msg-Id`, payload) to a stream like the
+/// bridge's, acknowledged, at most `inflight` awaiting their ack; alone on
+/// a single-threaded runtime, as the bridge runs.
 async fn jetstream_ceiling(
     url: &str,
     corpus: &Corpus,
@@ -324,44 +342,72 @@ async fn jetstream_ceiling(
 ) -> Option<Run> {
     use futures_util::stream::FuturesUnordered;
     let counter = Counter::stream(url, "CEILING").await;
-    let client = support::connect_any(url).await.unwrap();
-    let js = async_nats::jetstream::ContextBuilder::new()
-        .max_ack_inflight(inflight)
-        .build(client);
-    let config = async_nats::jetstream::stream::Config {
-        name: "CEILING".into(),
-        subjects: vec!["falco.>".into()],
-        duplicate_window: Duration::from_secs(120),
-        num_replicas: replicas,
-        ..Default::default()
-    };
-    // A new cluster elects its JetStream leader first: retry for a while.
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while let Err(e) = js.get_or_create_stream(config.clone()).await {
-        assert!(Instant::now() < deadline, "cannot create the stream: {e}");
-        tokio::time::sleep(Duration::from_millis(250)).await;
-    }
-    let n = corpus.lines.len() as u64;
-    let cpu0 = process_cpu();
-    let mut acks = FuturesUnordered::new();
-    for (i, line) in corpus.lines.iter().enumerate() {
-        let mut headers = async_nats::HeaderMap::new();
-        headers.insert("Nats-Msg-Id", i.to_string().as_str());
-        let ack = js
-            .publish_with_headers("falco.notice.bench", headers, line.clone())
-            .await
-            .unwrap();
-        acks.push(std::future::IntoFuture::into_future(ack));
-        while acks.len() >= inflight {
-            acks.next().await;
+    {
+        let js = async_nats::jetstream::new(support::connect_any(url).await.unwrap());
+        let config = async_nats::jetstream::stream::Config {
+            name: "CEILING".into(),
+            subjects: vec!["falco.>".into()],
+            duplicate_window: Duration::from_secs(120),
+            num_replicas: replicas,
+            ..Default::default()
+        };
+        // A new cluster elects its JetStream leader first: retry for a while.
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while let Err(e) = js.get_or_create_stream(config.clone()).await {
+            assert!(Instant::now() < deadline, "cannot create the stream: {e}");
+            tokio::time::sleep(Duration::from_millis(250)).await;
         }
     }
-    while acks.next().await.is_some() {}
+    let n = corpus.lines.len() as u64;
+    let (lines, messages, url) = (
+        corpus.lines.clone(),
+        corpus.messages.clone(),
+        url.to_owned(),
+    );
+    let cpu0 = process_cpu();
+    alone(move || async move {
+        let client = support::connect_any(&url).await.unwrap();
+        let js = async_nats::jetstream::ContextBuilder::new()
+            .max_ack_inflight(inflight)
+            .build(client);
+        let mut acks = FuturesUnordered::new();
+        for (line, (subject, headers)) in lines.into_iter().zip(messages) {
+            let ack = js
+                .publish_with_headers(subject, headers, line)
+                .await
+                .unwrap();
+            acks.push(std::future::IntoFuture::into_future(ack));
+            while acks.len() >= inflight {
+                acks.next().await;
+            }
+        }
+        while acks.next().await.is_some() {}
+    })
+    .await;
     let rate = counter.rate(n, Duration::from_secs(120)).await?;
     Some(Run {
         rate,
         cpu: process_cpu() - cpu0,
     })
+}
+
+/// Runs a floor's publishing loop alone, on a thread of its own with a
+/// single-threaded runtime (as the bridge runs, `--threads 1`); what
+/// counts the messages stays on the benchmark's runtime.
+async fn alone<F, Fut>(publish: F)
+where
+    F: FnOnce() -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = ()>,
+{
+    tokio::task::spawn_blocking(move || {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap()
+            .block_on(publish())
+    })
+    .await
+    .unwrap();
 }
 
 /// The fast batch ceiling: the same alerts through the bridge's own fast
@@ -420,21 +466,32 @@ async fn jetstream_fast_ceiling(url: &str, corpus: &Corpus, window: usize) -> Op
     })
 }
 
+/// The core ceiling: a plain publisher of the same messages (subject,
+/// headers, payload), alone on a single-threaded runtime; with
+/// `flush_each`, the 2018 proof of concept's flush after every alert.
 async fn ceiling(url: &str, corpus: &Corpus, flush_each: bool) -> Option<Run> {
     let counter = Counter::start(url, "falco.>").await;
-    let client = async_nats::connect(url).await.unwrap();
     let n = corpus.lines.len() as u64;
+    let (lines, messages, url) = (
+        corpus.lines.clone(),
+        corpus.messages.clone(),
+        url.to_owned(),
+    );
     let cpu0 = process_cpu();
-    for line in &corpus.lines {
-        client
-            .publish("falco.notice.bench", line.clone())
-            .await
-            .unwrap();
-        if flush_each {
-            client.flush().await.unwrap();
+    alone(move || async move {
+        let client = async_nats::connect(url).await.unwrap();
+        for (line, (subject, headers)) in lines.into_iter().zip(messages) {
+            client
+                .publish_with_headers(subject, headers, line)
+                .await
+                .unwrap();
+            if flush_each {
+                client.flush().await.unwrap();
+            }
         }
-    }
-    client.flush().await.unwrap();
+        client.flush().await.unwrap();
+    })
+    .await;
     let rate = counter.rate(n, Duration::from_secs(120)).await?;
     Some(Run {
         rate,

@@ -17,6 +17,6 @@ pub use connection::{
 };
 pub use fast_batch::FastBatches;
 pub use ledger::DeliveryLedger;
-pub use publisher::{JetStreamOptions, PublishOptions, Publisher, StreamMismatch};
+pub use publisher::{alert_headers, JetStreamOptions, PublishOptions, Publisher, StreamMismatch};
 pub use round_trip::{round_trip, RoundTripError};
 pub use subject::SubjectTemplate;
