@@ -93,17 +93,8 @@ pub struct UiArgs {
     /// Messages older than this are not loaded from the stream
     #[arg(long, env = "FALCO_NATS_UI_HISTORY_AGE", value_parser = humantime::parse_duration, default_value = "1h")]
     pub history_age: Duration,
-    /// Token the page and its events require (open the page as
-    /// /?token=...); --token is the NATS server's, as for every subcommand
-    #[arg(long, env = "FALCO_NATS_HTTP_TOKEN", hide_env_values = true)]
-    pub http_token: Option<String>,
-    /// Read that token from this file
-    #[arg(
-        long,
-        env = "FALCO_NATS_HTTP_TOKEN_FILE",
-        conflicts_with = "http_token"
-    )]
-    pub http_token_file: Option<PathBuf>,
+    #[command(flatten)]
+    pub http_token: HttpTokenArgs,
     /// Events a page may fall behind by before it is cut off (it reconnects)
     #[arg(long, env = "FALCO_NATS_UI_CLIENT_BUFFER", default_value_t = 1024)]
     pub client_buffer: usize,
@@ -118,7 +109,7 @@ impl UiArgs {
     }
 
     pub fn into_options(self) -> Result<UiOptions, InputError> {
-        let token = http_token(self.http_token, self.http_token_file.as_deref())?;
+        let token = self.http_token.token()?;
         Ok(UiOptions {
             nats: self.nats,
             subject: self.subject,
@@ -266,17 +257,8 @@ pub struct BridgeArgs {
     /// Largest accepted HTTP body in bytes (--input http); larger ones get 413
     #[arg(long, env = "FALCO_NATS_MAX_BODY", default_value_t = DEFAULT_MAX_BODY)]
     pub max_body: usize,
-    /// Bearer token HTTP senders must present (--input http); Falco's own
-    /// http_output cannot send one (use TLS client certificates there)
-    #[arg(long, env = "FALCO_NATS_HTTP_TOKEN", hide_env_values = true)]
-    pub http_token: Option<String>,
-    /// File holding the bearer token (a mounted Secret)
-    #[arg(
-        long,
-        env = "FALCO_NATS_HTTP_TOKEN_FILE",
-        conflicts_with = "http_token"
-    )]
-    pub http_token_file: Option<PathBuf>,
+    #[command(flatten)]
+    pub http_token: HttpTokenArgs,
     /// TLS certificate chain (PEM) for the --listen address
     #[arg(long, env = "FALCO_NATS_TLS_CERT", requires = "tls_key")]
     pub tls_cert: Option<PathBuf>,
@@ -373,7 +355,7 @@ impl BridgeArgs {
             }),
             InputKind::Http => InputOptions::Http(HttpOptions {
                 max_body: self.max_body,
-                token: http_token(self.http_token, self.http_token_file.as_deref())?,
+                token: self.http_token.token()?,
                 client_certificate: self.tls_client_ca.is_some(),
                 body_timeout: self.http_body_timeout,
             }),
@@ -421,8 +403,32 @@ impl BridgeArgs {
     }
 }
 
-/// The HTTP input's (and the ui's) bearer token, from the flag or a file. An empty one is
-/// an error: it must not silently turn authentication off.
+/// The bearer token HTTP clients must present: the bridge's HTTP input
+/// (`--input http`), the ui's page and its events.
+#[derive(Debug, Clone, Args)]
+pub struct HttpTokenArgs {
+    /// Bearer token HTTP clients must present: senders to the bridge's
+    /// --input http (Falco's own http_output cannot send one: use TLS
+    /// client certificates there), the ui's page (opened as /?token=...)
+    #[arg(long, env = "FALCO_NATS_HTTP_TOKEN", hide_env_values = true)]
+    pub http_token: Option<String>,
+    /// File holding that token (a mounted Secret)
+    #[arg(
+        long,
+        env = "FALCO_NATS_HTTP_TOKEN_FILE",
+        conflicts_with = "http_token"
+    )]
+    pub http_token_file: Option<PathBuf>,
+}
+
+impl HttpTokenArgs {
+    /// The token, from the flag or the file. An empty one is an error: it
+    /// must not silently turn authentication off.
+    pub fn token(&self) -> Result<Option<String>, InputError> {
+        http_token(self.http_token.clone(), self.http_token_file.as_deref())
+    }
+}
+
 fn http_token(
     flag: Option<String>,
     file: Option<&std::path::Path>,
