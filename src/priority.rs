@@ -112,18 +112,28 @@ impl FromStr for Priority {
     /// Case-insensitive; also accepts the short forms Falco's configuration
     /// accepts (`info`, `warn`, `err`, `emerg`, `crit`).
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        let p = match s.trim().to_ascii_lowercase().as_str() {
-            "emergency" | "emerg" => Priority::Emergency,
-            "alert" => Priority::Alert,
-            "critical" | "crit" => Priority::Critical,
-            "error" | "err" => Priority::Error,
-            "warning" | "warn" => Priority::Warning,
-            "notice" => Priority::Notice,
-            "informational" | "info" => Priority::Informational,
-            "debug" => Priority::Debug,
-            _ => return Err(PriorityError::UnknownName(s.to_owned())),
-        };
-        Ok(p)
+        // Compared without a lower-cased copy: this runs once per alert.
+        const NAMES: [(&str, Priority); 13] = [
+            ("emergency", Priority::Emergency),
+            ("alert", Priority::Alert),
+            ("critical", Priority::Critical),
+            ("error", Priority::Error),
+            ("warning", Priority::Warning),
+            ("notice", Priority::Notice),
+            ("informational", Priority::Informational),
+            ("debug", Priority::Debug),
+            ("emerg", Priority::Emergency),
+            ("crit", Priority::Critical),
+            ("err", Priority::Error),
+            ("warn", Priority::Warning),
+            ("info", Priority::Informational),
+        ];
+        let name = s.trim();
+        NAMES
+            .iter()
+            .find(|(n, _)| n.eq_ignore_ascii_case(name))
+            .map(|(_, p)| *p)
+            .ok_or_else(|| PriorityError::UnknownName(s.to_owned()))
     }
 }
 
