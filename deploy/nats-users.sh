@@ -35,6 +35,20 @@ secret nats-user-bridge falco "$bridge"
 secret nats-user-respond falco-nats "$(password)"
 secret nats-user-reader falco-nats "$(password)"
 secret nats-user-admin falco-nats "$(password)"
+# The ui's page token (deploy/components/ui), under `token`.
+cat <<YAML
+---
+apiVersion: v1
+kind: Secret
+metadata:
+  name: falco-nats-ui-token
+  namespace: falco-nats
+  labels:
+    app.kubernetes.io/part-of: falco-nats
+type: Opaque
+stringData:
+  token: "$(password)"
+YAML
 leaf=$(password)
 # The leaf layout (deploy/components/leaf): leaf nats-servers beside Falco.
 secret nats-user-leaf falco-nats "$leaf"

@@ -83,7 +83,7 @@ pub struct UiArgs {
     /// Subject prefix of the responders' decisions
     #[arg(long, env = "FALCO_NATS_RESULT_SUBJECT", default_value = DEFAULT_RESULT_SUBJECT)]
     pub result_subject: String,
-    /// JetStream stream to load history from ("" or a missing stream: live alerts only)
+    /// JetStream stream to load history from ("off", or a missing stream: live alerts only)
     #[arg(long, env = "FALCO_NATS_STREAM", default_value = "FALCO")]
     pub stream: String,
     /// Messages (alerts and decisions) loaded from the stream and kept, at most
@@ -114,7 +114,7 @@ impl UiArgs {
             nats: self.nats,
             subject: self.subject,
             result_prefix: self.result_subject,
-            stream: Some(self.stream).filter(|s| !s.is_empty()),
+            stream: Some(self.stream).filter(|s| !matches!(s.trim(), "" | "off" | "none")),
             history: self.history as usize,
             history_age: self.history_age,
             token,

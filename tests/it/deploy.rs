@@ -127,8 +127,8 @@ fn kustomizations_reference_what_exists() {
         .collect();
     assert_eq!(
         kustomizations.len(),
-        7,
-        "base, three overlays, the namespaced-RBAC, leaf and nats-cluster components"
+        8,
+        "base, three overlays, the namespaced-RBAC, leaf, nats-cluster and ui components"
     );
     let mut referenced = BTreeSet::new();
     for k in &kustomizations {
@@ -212,12 +212,13 @@ fn render(overlay: &str, components: &[&str], out: &Path) -> PathBuf {
 #[test]
 fn every_overlay_with_every_component_renders_and_validates() {
     let out = tempfile::tempdir().unwrap();
-    let sets: [&[&str]; 5] = [
+    let sets: [&[&str]; 6] = [
         &[],
         &["namespaced-rbac"],
         &["leaf"],
         &["nats-cluster"],
-        &["leaf", "nats-cluster", "namespaced-rbac"],
+        &["ui"],
+        &["leaf", "nats-cluster", "namespaced-rbac", "ui"],
     ];
     let mut files = Vec::new();
     for overlay in ["grpc", "fifo", "http"] {
@@ -241,6 +242,17 @@ fn every_overlay_with_every_component_renders_and_validates() {
             let respond = &respond["spec"]["template"]["spec"]["containers"][0];
             for c in [bridge, respond] {
                 assert_cli_accepts(c, &format!("{overlay} {set:?}"));
+            }
+            let ui = find("Deployment", "falco-nats-ui");
+            assert_eq!(ui.is_some(), set.contains(&"ui"));
+            if let Some(ui) = &ui {
+                let c = &ui["spec"]["template"]["spec"]["containers"][0];
+                assert_cli_accepts(c, &format!("{overlay} {set:?} ui"));
+                let labels = &ui["spec"]["template"]["metadata"]["labels"];
+                assert_eq!(
+                    labels["falco-nats.io/nats-client"], "reader",
+                    "NATS's NetworkPolicy lets it in"
+                );
             }
             let respond_args = respond["args"].as_sequence_strs();
             let leaf = set.contains(&"leaf");
@@ -388,8 +400,8 @@ fn container_args_and_env_are_accepted_by_the_cli() {
     let containers = falco_nats_containers();
     assert_eq!(
         containers.len(),
-        4,
-        "three bridges and the responder: {containers:?}"
+        5,
+        "three bridges, the responder and the ui: {containers:?}"
     );
     for (file, args, env) in containers {
         let argv = std::iter::once("falco-nats".to_owned()).chain(args.iter().cloned());

@@ -184,7 +184,8 @@ fn the_chart_renders_valid_manifests_the_cli_accepts() {
 
         let bridge = find(&docs, "Deployment", "falco-nats-bridge");
         let respond = find(&docs, "Deployment", "falco-nats-respond");
-        let expected = usize::from(bridge.is_some()) + usize::from(respond.is_some());
+        let ui = find(&docs, "Deployment", "falco-nats-ui");
+        let expected = [bridge, respond, ui].iter().filter(|d| d.is_some()).count();
         assert_eq!(
             check_falco_nats_containers(&docs, &name),
             expected,
@@ -255,6 +256,11 @@ fn the_chart_renders_valid_manifests_the_cli_accepts() {
                     .count();
                 assert_eq!(monitors, 2);
                 assert!(find(&docs, "Service", "falco-nats-respond-metrics").is_some());
+                // The ui, reading as the shipped reader, behind its token.
+                let ui_args = args_of(ui.unwrap());
+                assert!(ui_args.contains(&"--http-token-file=/etc/falco-nats/ui/token".to_owned()));
+                assert!(ui_args.contains(&"--stream=off".to_owned()), "{ui_args:?}");
+                assert!(find(&docs, "Service", "falco-nats-ui").is_some());
             }
             "core-nats-namespaced-values.yaml" => {
                 assert!(cluster_role.is_none());

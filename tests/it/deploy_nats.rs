@@ -34,7 +34,7 @@ fn yaml_docs(text: &str) -> Vec<Value> {
 }
 
 /// The passwords deploy/nats-users.sh makes, by Secret name (the bridge's
-/// twice, in two namespaces, the same).
+/// twice, in two namespaces, the same), and the ui's token.
 fn passwords() -> BTreeMap<String, String> {
     let out = Command::new(deploy().join("nats-users.sh"))
         .output()
@@ -44,7 +44,13 @@ fn passwords() -> BTreeMap<String, String> {
     for doc in yaml_docs(&String::from_utf8(out.stdout).unwrap()) {
         assert_eq!(doc["kind"], "Secret");
         let name = doc["metadata"]["name"].as_str().unwrap().to_owned();
-        let password = doc["stringData"]["password"].as_str().unwrap().to_owned();
+        // The ui's page token (components/ui) is a Secret of the same kind.
+        let secret = &doc["stringData"];
+        let password = secret["password"]
+            .as_str()
+            .or(secret["token"].as_str())
+            .unwrap()
+            .to_owned();
         assert!(password.len() >= 32, "{password}");
         if let Some(before) = by_name.insert(name, password.clone()) {
             assert_eq!(before, password, "one password per user");
@@ -125,6 +131,28 @@ async fn the_shipped_nats_lets_each_user_do_its_job_and_nothing_else() {
     let reader = client_as(&url, "reader", &pw["nats-user-reader"]).await;
     let mut seen = reader.subscribe("falco.>").await.unwrap();
     reader.flush().await.unwrap();
+    // The ui, as components/ui runs it: user reader, live only.
+    let ui_stop = tokio_util::sync::CancellationToken::new();
+    let ui_listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let ui_at = ui_listener.local_addr().unwrap();
+    let ui = tokio::spawn(falco_nats::ui::run(
+        falco_nats::ui::UiOptions {
+            nats: user(&url, "reader", &pw["nats-user-reader"], dir.path()),
+            subject: "falco.>".into(),
+            result_prefix: "falco.response".into(),
+            stream: None,
+            history: 100,
+            history_age: Duration::from_secs(3600),
+            token: Some(pw["falco-nats-ui-token"].clone()),
+            client_buffer: 64,
+        },
+        Some(ui_listener),
+        ui_stop.clone(),
+    ));
+    wait_for("the ui ready", WAIT, || async {
+        http_get(ui_at, "/readyz").await.0 == 200
+    })
+    .await;
 
     let kube = KubeApi::start().await.unwrap();
     kube.add_pod("shop", "web", "u-web", Some("ReplicaSet"));
@@ -145,6 +173,13 @@ async fn the_shipped_nats_lets_each_user_do_its_job_and_nothing_else() {
     let quiet = factory.next_json();
     assert_eq!(http_post(bridge.http, &[], quiet.as_bytes()).await.0, 200);
     receive(&mut seen, 1, WAIT).await;
+    wait_for("the ui to show the alert", WAIT, || async {
+        let metrics = http_get(ui_at, "/metrics").await.1;
+        metric_value(&metrics, "falco_nats_ui_events_total{kind=\"alert\"}") >= 1.0
+    })
+    .await;
+    ui_stop.cancel();
+    ui.await.unwrap().unwrap();
 
     // The responder, as respond.yaml runs it: the durable consumer, user respond.
     let mut respond_options = respond_options(&url, &kubeconfig(&kube));
