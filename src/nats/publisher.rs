@@ -285,8 +285,8 @@ impl CorePublisher {
     }
 
     async fn publish(&self, event: FalcoEvent) {
-        let subject = self.subject.render(&event);
-        let headers = alert_headers(&event, &subject, self.signer.as_deref());
+        let subject = self.subject.subject(&event);
+        let headers = alert_headers(&event, subject.as_str(), self.signer.as_deref());
         let received_at = event.received_at;
         match self
             .client
@@ -409,8 +409,9 @@ impl JetStreamPublisher {
                 next = alerts.recv(), if acks.len() + retries.len() < max => match next {
                     Some(event) => {
                         count += 1;
-                        let subject = self.subject.render(&event);
-                        let headers = alert_headers(&event, &subject, self.signer.as_deref());
+                        let subject = self.subject.subject(&event);
+                        let headers =
+                            alert_headers(&event, subject.as_str(), self.signer.as_deref());
                         let payload = event.payload.clone();
                         match self.context.publish_with_headers(subject, headers, payload).await {
                             Ok(ack) => acks.push(with_event(ack, event)),

@@ -138,6 +138,22 @@ impl SubjectTemplate {
         out
     }
 
+    /// [`SubjectTemplate::render`] as the `Subject` async-nats publishes
+    /// on, remembered per thread for recent (template, priority, rule, and
+    /// hostname and source where the template uses them): alerts repeat a
+    /// few rules, and a remembered subject is a shared buffer whose clone
+    /// is a reference count, where rendering one walks the rule character
+    /// by character and allocates twice.
+    pub fn subject(&self, event: &FalcoEvent) -> async_nats::Subject {
+        RENDERED.with(|memo| memo.borrow_mut().subject(self, event))
+    }
+
+    fn uses(&self, part: &Part) -> bool {
+        self.parts
+            .iter()
+            .any(|p| std::mem::discriminant(p) == std::mem::discriminant(part))
+    }
+
     /// Subjects that cover everything this template can produce, for a
     /// JetStream stream: one per priority when the template has a
     /// `{priority}` token, `*` for the tokens of the other placeholders.
@@ -160,6 +176,71 @@ impl SubjectTemplate {
         } else {
             vec![render(None)]
         }
+    }
+}
+
+/// How many rendered subjects are remembered (per thread).
+const RENDERED_SUBJECTS: usize = 64;
+
+thread_local! {
+    /// A memo, not state: what it returns depends on the template and the
+    /// alert alone. Per thread, so no lock.
+    static RENDERED: std::cell::RefCell<SubjectMemo> = std::cell::RefCell::new(SubjectMemo::default());
+}
+
+/// Recently rendered subjects, the oldest replaced first.
+#[derive(Default)]
+struct SubjectMemo {
+    /// (template, priority, rule, hostname or "", source or "", subject)
+    entries: Vec<(
+        String,
+        Priority,
+        String,
+        String,
+        String,
+        async_nats::Subject,
+    )>,
+    next: usize,
+}
+
+impl SubjectMemo {
+    fn subject(&mut self, template: &SubjectTemplate, event: &FalcoEvent) -> async_nats::Subject {
+        let host = if template.uses(&Part::Hostname) {
+            event.hostname.as_str()
+        } else {
+            ""
+        };
+        let source = if template.uses(&Part::Source) {
+            event.source.as_str()
+        } else {
+            ""
+        };
+        let hit = self.entries.iter().find(|(t, p, r, h, s, _)| {
+            *p == event.priority
+                && r == &event.rule
+                && h == host
+                && s == source
+                && t == &template.source
+        });
+        if let Some((.., subject)) = hit {
+            return subject.clone();
+        }
+        let subject = async_nats::Subject::from(template.render(event));
+        let entry = (
+            template.source.clone(),
+            event.priority,
+            event.rule.clone(),
+            host.to_owned(),
+            source.to_owned(),
+            subject.clone(),
+        );
+        if self.entries.len() < RENDERED_SUBJECTS {
+            self.entries.push(entry);
+        } else {
+            self.entries[self.next] = entry;
+            self.next = (self.next + 1) % RENDERED_SUBJECTS;
+        }
+        subject
     }
 }
 
@@ -233,6 +314,39 @@ mod tests {
             hostname: hostname.into(),
             source: source.into(),
             received_at: std::time::Instant::now(),
+        }
+    }
+
+    /// The remembered subject is always the rendered one: across
+    /// templates (two bridges in one process), hosts and sources where a
+    /// template uses them, and more combinations than are remembered.
+    #[test]
+    fn remembered_subjects_are_the_rendered_ones() {
+        let templates: Vec<SubjectTemplate> = [
+            DEFAULT_SUBJECT,
+            "alerts.{hostname}.{rule}",
+            "x.{source}.{priority}",
+            "FALCO",
+        ]
+        .iter()
+        .map(|t| t.parse().unwrap())
+        .collect();
+        for round in 0..3 {
+            for i in 0..100 {
+                let e = event(
+                    Priority::ALL[i % 8],
+                    &format!("Rule {}", i % 70),
+                    &format!("node-{}", i % 3),
+                    ["syscall", "k8s_audit"][i % 2],
+                );
+                for t in &templates {
+                    assert_eq!(
+                        t.subject(&e).as_str(),
+                        t.render(&e),
+                        "round {round}, {i}, {t}"
+                    );
+                }
+            }
         }
     }
 
