@@ -391,6 +391,9 @@ impl JetStreamPublisher {
         let max = self.options.max_inflight.max(1);
         let mut acks = FuturesUnordered::new();
         let mut retries = FuturesUnordered::new();
+        // Whatever is queued is taken at once (as much as the in-flight
+        // bound leaves room for): one pass of the loop for many alerts.
+        let mut taken = Vec::with_capacity(BATCH);
         let stop = async {
             match until {
                 Some(at) => tokio::time::sleep_until(at).await,
@@ -399,6 +402,7 @@ impl JetStreamPublisher {
         };
         tokio::pin!(stop);
         loop {
+            let room = max.saturating_sub(acks.len() + retries.len()).min(BATCH);
             tokio::select! {
                 biased;
                 Some((result, event)) = acks.next(), if !acks.is_empty() => match result as AckResult {
@@ -406,8 +410,12 @@ impl JetStreamPublisher {
                     Err(e) => retries.push(self.publish_one(config, event, Some(e))),
                 },
                 Some(()) = retries.next(), if !retries.is_empty() => {}
-                next = alerts.recv(), if acks.len() + retries.len() < max => match next {
-                    Some(event) => {
+                n = alerts.recv_many(&mut taken, room), if room > 0 => {
+                    if n == 0 {
+                        closed = true;
+                        break;
+                    }
+                    for event in taken.drain(..) {
                         count += 1;
                         let subject = self.subject.subject(&event);
                         let headers =
@@ -418,11 +426,7 @@ impl JetStreamPublisher {
                             Err(e) => retries.push(self.publish_one(config, event, Some(e))),
                         }
                     }
-                    None => {
-                        closed = true;
-                        break;
-                    }
-                },
+                }
                 () = &mut stop => break,
             }
         }
