@@ -8,6 +8,7 @@
 mod connection;
 pub mod fast_batch;
 mod ledger;
+mod memo;
 mod publisher;
 mod round_trip;
 pub mod subject;

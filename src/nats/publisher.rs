@@ -16,6 +16,7 @@ use crate::event::FalcoEvent;
 use crate::nats::connection::{DeniedSubjects, NatsConnection};
 use crate::nats::fast_batch::{BatchOutcome, FastBatches};
 use crate::nats::ledger::DeliveryLedger;
+use crate::nats::memo::Memo;
 use crate::nats::round_trip::round_trip;
 use crate::nats::subject::{covers, SubjectTemplate};
 use crate::priority::Priority;
@@ -176,7 +177,24 @@ const SIGNATURE_NAME: HeaderName = HeaderName::from_static(crate::signing::SIGNA
 /// With a `signer`, the alert's signature over `subject` and the payload
 /// too ([`crate::signing`]).
 pub fn alert_headers(event: &FalcoEvent, subject: &str, signer: Option<&Signer>) -> HeaderMap {
-    let mut headers = FILTER_HEADERS.with(|cache| cache.borrow_mut().headers(event));
+    let mut headers = FILTER_HEADERS.with(|memo| {
+        let mut memo = memo.borrow_mut();
+        let (.., headers) = memo.get_or_make(
+            |(priority, rule, source, _)| {
+                *priority == event.priority && *rule == event.rule && *source == event.source
+            },
+            || {
+                let headers = rule_headers(event);
+                (
+                    event.priority,
+                    event.rule.clone(),
+                    event.source.clone(),
+                    headers,
+                )
+            },
+        );
+        headers.clone()
+    });
     headers.insert(HOSTNAME_NAME, header_value(&event.hostname));
     headers.insert(MSG_ID_NAME, event.msg_id());
     if let Some(signer) = signer {
@@ -199,51 +217,16 @@ fn rule_headers(event: &FalcoEvent) -> HeaderMap {
     headers
 }
 
-/// How many rules' headers are remembered (per thread).
-const FILTER_HEADER_CACHE: usize = 64;
-
 thread_local! {
     /// A memo, not state: alerts repeat a few rules, and cloning a
     /// remembered header map costs less than building one (async-nats
-    /// hashes each name with SipHash and grows its map twice). Keyed by
-    /// the rule, not the host: a bridge behind a Service hears from every
+    /// hashes each name with SipHash and grows its map twice). The
+    /// [`rule_headers`] of recent (priority, rule, source): keyed by the
+    /// rule, not the host, since a bridge behind a Service hears from every
     /// node. Per thread, so no lock; what it returns depends on the alert
     /// alone.
-    static FILTER_HEADERS: std::cell::RefCell<FilterHeaderCache> =
-        std::cell::RefCell::new(FilterHeaderCache::default());
-}
-
-/// The [`rule_headers`] of recent (priority, rule, source) combinations,
-/// the oldest replaced first.
-#[derive(Default)]
-struct FilterHeaderCache {
-    entries: Vec<(Priority, String, String, HeaderMap)>,
-    next: usize,
-}
-
-impl FilterHeaderCache {
-    fn headers(&mut self, event: &FalcoEvent) -> HeaderMap {
-        let hit = self.entries.iter().find(|(priority, rule, source, _)| {
-            *priority == event.priority && *rule == event.rule && *source == event.source
-        });
-        if let Some((.., headers)) = hit {
-            return headers.clone();
-        }
-        let headers = rule_headers(event);
-        let entry = (
-            event.priority,
-            event.rule.clone(),
-            event.source.clone(),
-            headers.clone(),
-        );
-        if self.entries.len() < FILTER_HEADER_CACHE {
-            self.entries.push(entry);
-        } else {
-            self.entries[self.next] = entry;
-            self.next = (self.next + 1) % FILTER_HEADER_CACHE;
-        }
-        headers
-    }
+    static FILTER_HEADERS: std::cell::RefCell<Memo<(Priority, String, String, HeaderMap)>> =
+        std::cell::RefCell::new(Memo::default());
 }
 
 /// Longest header value, in bytes: a consumer filters on these, and no
@@ -824,7 +807,7 @@ mod tests {
         };
         // More combinations than are remembered, each seen twice, in turns.
         for round in 0..3 {
-            for i in 0..(FILTER_HEADER_CACHE * 2) {
+            for i in 0..(crate::nats::memo::ENTRIES * 2) {
                 let event = alert(&format!("rule {}", i % 80), &format!("node-{}", i % 7));
                 let headers = alert_headers(&event, "falco.x", None);
                 let mut expected = HeaderMap::new();

@@ -13,6 +13,7 @@ use std::fmt;
 use std::str::FromStr;
 
 use crate::event::FalcoEvent;
+use crate::nats::memo::Memo;
 use crate::priority::Priority;
 
 /// The default subject template.
@@ -145,7 +146,41 @@ impl SubjectTemplate {
     /// is a reference count, where rendering one walks the rule character
     /// by character and allocates twice.
     pub fn subject(&self, event: &FalcoEvent) -> async_nats::Subject {
-        RENDERED.with(|memo| memo.borrow_mut().subject(self, event))
+        let host = if self.uses(&Part::Hostname) {
+            event.hostname.as_str()
+        } else {
+            ""
+        };
+        let source = if self.uses(&Part::Source) {
+            event.source.as_str()
+        } else {
+            ""
+        };
+        RENDERED.with(|memo| {
+            let mut memo = memo.borrow_mut();
+            let (.., subject) = memo.get_or_make(
+                |(t, p, r, h, s, _)| {
+                    *p == event.priority
+                        && r == &event.rule
+                        && h == host
+                        && s == source
+                        && t == &self.source
+                },
+                || {
+                    let subject = async_nats::Subject::from(self.render(event));
+                    let (host, source) = (host.to_owned(), source.to_owned());
+                    (
+                        self.source.clone(),
+                        event.priority,
+                        event.rule.clone(),
+                        host,
+                        source,
+                        subject,
+                    )
+                },
+            );
+            subject.clone()
+        })
     }
 
     fn uses(&self, part: &Part) -> bool {
@@ -179,69 +214,20 @@ impl SubjectTemplate {
     }
 }
 
-/// How many rendered subjects are remembered (per thread).
-const RENDERED_SUBJECTS: usize = 64;
+/// (template, priority, rule, hostname or "", source or "", subject)
+type Rendered = (
+    String,
+    Priority,
+    String,
+    String,
+    String,
+    async_nats::Subject,
+);
 
 thread_local! {
     /// A memo, not state: what it returns depends on the template and the
     /// alert alone. Per thread, so no lock.
-    static RENDERED: std::cell::RefCell<SubjectMemo> = std::cell::RefCell::new(SubjectMemo::default());
-}
-
-/// Recently rendered subjects, the oldest replaced first.
-#[derive(Default)]
-struct SubjectMemo {
-    /// (template, priority, rule, hostname or "", source or "", subject)
-    entries: Vec<(
-        String,
-        Priority,
-        String,
-        String,
-        String,
-        async_nats::Subject,
-    )>,
-    next: usize,
-}
-
-impl SubjectMemo {
-    fn subject(&mut self, template: &SubjectTemplate, event: &FalcoEvent) -> async_nats::Subject {
-        let host = if template.uses(&Part::Hostname) {
-            event.hostname.as_str()
-        } else {
-            ""
-        };
-        let source = if template.uses(&Part::Source) {
-            event.source.as_str()
-        } else {
-            ""
-        };
-        let hit = self.entries.iter().find(|(t, p, r, h, s, _)| {
-            *p == event.priority
-                && r == &event.rule
-                && h == host
-                && s == source
-                && t == &template.source
-        });
-        if let Some((.., subject)) = hit {
-            return subject.clone();
-        }
-        let subject = async_nats::Subject::from(template.render(event));
-        let entry = (
-            template.source.clone(),
-            event.priority,
-            event.rule.clone(),
-            host.to_owned(),
-            source.to_owned(),
-            subject.clone(),
-        );
-        if self.entries.len() < RENDERED_SUBJECTS {
-            self.entries.push(entry);
-        } else {
-            self.entries[self.next] = entry;
-            self.next = (self.next + 1) % RENDERED_SUBJECTS;
-        }
-        subject
-    }
+    static RENDERED: std::cell::RefCell<Memo<Rendered>> = std::cell::RefCell::new(Memo::default());
 }
 
 /// Appends `value` as one subject token (see the module docs).

@@ -162,6 +162,43 @@ impl BridgeMetrics {
     }
 }
 
+/// The ui's metrics.
+#[derive(Clone, Default)]
+pub struct UiMetrics {
+    pub clients: Gauge,
+    pub dropped: Counter,
+    pub events: Family<[(&'static str, &'static str); 1], Counter>,
+    pub history: Gauge,
+}
+
+impl UiMetrics {
+    pub fn register(registry: &mut Registry) -> Self {
+        let m = UiMetrics::default();
+        let r = registry.sub_registry_with_prefix("falco_nats_ui");
+        r.register(
+            "clients",
+            "Pages with an open event stream",
+            m.clients.clone(),
+        );
+        r.register(
+            "clients_dropped",
+            "Pages cut off for falling behind (their browsers reconnect)",
+            m.dropped.clone(),
+        );
+        r.register(
+            "events",
+            "Alerts and decisions received, by kind",
+            m.events.clone(),
+        );
+        r.register(
+            "history_loaded",
+            "Messages loaded from the stream at start",
+            m.history.clone(),
+        );
+        m
+    }
+}
+
 /// The responder's metrics.
 #[derive(Clone)]
 pub struct RespondMetrics {

@@ -30,7 +30,6 @@ use axum::routing::get;
 use axum::Router;
 use futures_util::stream::{self, Stream, StreamExt};
 use prometheus_client::metrics::counter::Counter;
-use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
 use tokio::net::TcpListener;
@@ -41,6 +40,7 @@ use crate::nats::subject::{covers, is_under};
 use crate::nats::{connect, ConnectionWatch, NatsError, NatsOptions};
 use crate::server::Listen;
 use crate::telemetry::health::{self, Readiness, ReadyFlag};
+use crate::telemetry::metrics::UiMetrics;
 
 /// The default `--listen`: loopback only (the page shows security alerts;
 /// listen wider with a `--token`).
@@ -99,43 +99,6 @@ pub struct UiEvent {
     pub decision: bool,
     /// The SSE data line: `{"seq":…,"subject":…,"msg":…}`.
     pub data: String,
-}
-
-/// The ui's metrics.
-#[derive(Clone, Default)]
-struct UiMetrics {
-    clients: Gauge,
-    dropped: Counter,
-    events: Family<[(&'static str, &'static str); 1], Counter>,
-    history: Gauge,
-}
-
-impl UiMetrics {
-    fn register(registry: &mut Registry) -> Self {
-        let m = UiMetrics::default();
-        let r = registry.sub_registry_with_prefix("falco_nats_ui");
-        r.register(
-            "clients",
-            "Pages with an open event stream",
-            m.clients.clone(),
-        );
-        r.register(
-            "clients_dropped",
-            "Pages cut off for falling behind (their browsers reconnect)",
-            m.dropped.clone(),
-        );
-        r.register(
-            "events",
-            "Alerts and decisions received, by kind",
-            m.events.clone(),
-        );
-        r.register(
-            "history_loaded",
-            "Messages loaded from the stream at start",
-            m.history.clone(),
-        );
-        m
-    }
 }
 
 /// The ring of recent events and the open pages' queues, under one lock:
@@ -529,6 +492,7 @@ fn sse(e: &UiEvent) -> Event {
 }
 
 /// Takes alerts and decisions off NATS into the hub.
+#[derive(Clone)]
 struct Feed {
     client: async_nats::Client,
     hub: Arc<Hub>,
@@ -573,12 +537,10 @@ impl Feed {
                 Ok(Ok(found)) if found != name => self.find_stream(&found).await,
                 _ => None,
             };
+            // The decisions' feed does not decide readiness.
             let feed = Feed {
-                options: self.options.clone(),
                 fed: ReadyFlag::default(),
-                client: self.client.clone(),
-                hub: Arc::clone(&self.hub),
-                metrics: self.metrics.clone(),
+                ..self.clone()
             };
             match own {
                 Some(decisions) => {
