@@ -17,7 +17,7 @@ use tokio_util::sync::CancellationToken;
 use crate::format::Format;
 use crate::input::fifo::{FifoInput, FifoOptions};
 use crate::input::grpc::{GrpcInput, GrpcOptions};
-use crate::input::http::{http_routes, HttpOptions};
+use crate::input::http::{AlertEndpoint, HttpOptions};
 use crate::input::stdin::{self, StdinInput, StdinOptions};
 use crate::input::{AlertSink, InputError};
 use crate::nats::{
@@ -25,7 +25,7 @@ use crate::nats::{
     StreamMismatch,
 };
 use crate::priority::Priority;
-use crate::server::{Listen, ServerLimits};
+use crate::server::{Endpoints, Listen, ServerLimits};
 use crate::telemetry::health::{self, Readiness};
 use crate::telemetry::metrics::{BridgeMetrics, HttpServerMetrics, QueueDepth};
 
@@ -161,9 +161,10 @@ pub async fn run(
         ),
         Err(http) => {
             let (http, sink) = *http;
-            let router = probes.merge(http_routes(sink, http, limits.metrics.clone()));
+            let alerts = AlertEndpoint::new(sink, http, limits.metrics.clone());
+            let endpoints = Endpoints::with_alerts(probes, alerts);
             (
-                Input::Http(Listen::start(listener, router, tls, limits, grace)),
+                Input::Http(Listen::start(listener, endpoints, tls, limits, grace)),
                 None,
             )
         }

@@ -7,10 +7,9 @@
 use std::borrow::Cow;
 use std::time::Instant;
 
-use bytes::Bytes;
-use serde::Deserialize;
-
 use crate::priority::{Priority, PriorityError};
+use crate::scan::ScanError;
+use bytes::Bytes;
 
 /// The source Falco gives an alert that names none: its system-call source.
 pub const DEFAULT_SOURCE: &str = "syscall";
@@ -67,67 +66,6 @@ impl AlertError {
     }
 }
 
-/// The fields of a Falco JSON alert that the bridge reads; everything else
-/// is validated as JSON and skipped.
-#[derive(Deserialize)]
-struct AlertHead<'a> {
-    #[serde(borrow, default, deserialize_with = "borrowed")]
-    priority: Option<Cow<'a, str>>,
-    #[serde(borrow, default, deserialize_with = "borrowed")]
-    rule: Option<Cow<'a, str>>,
-    #[serde(borrow, default, deserialize_with = "borrowed")]
-    hostname: Option<Cow<'a, str>>,
-    #[serde(borrow, default, deserialize_with = "borrowed")]
-    source: Option<Cow<'a, str>>,
-}
-
-/// A string field borrowed from the line when it has no escapes (serde's
-/// own `Option<Cow<str>>` always copies), `None` for `null`.
-fn borrowed<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Cow<'de, str>>, D::Error> {
-    struct Text;
-    impl<'de> serde::de::Visitor<'de> for Text {
-        type Value = Option<Cow<'de, str>>;
-        fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-            f.write_str("a string")
-        }
-        fn visit_borrowed_str<E>(self, v: &'de str) -> Result<Self::Value, E> {
-            Ok(Some(Cow::Borrowed(v)))
-        }
-        fn visit_str<E>(self, v: &str) -> Result<Self::Value, E> {
-            Ok(Some(Cow::Owned(v.to_owned())))
-        }
-        fn visit_string<E>(self, v: String) -> Result<Self::Value, E> {
-            Ok(Some(Cow::Owned(v)))
-        }
-        fn visit_unit<E>(self) -> Result<Self::Value, E> {
-            Ok(None)
-        }
-        fn visit_none<E>(self) -> Result<Self::Value, E> {
-            Ok(None)
-        }
-        fn visit_some<D: serde::Deserializer<'de>>(self, d: D) -> Result<Self::Value, D::Error> {
-            d.deserialize_str(Text)
-        }
-    }
-    d.deserialize_option(Text)
-}
-
-/// Tells text that is not JSON at all (Falco without `json_output`) from JSON
-/// that is not an alert.
-fn classify(text: &str, err: serde_json::Error) -> AlertError {
-    let is_json = match err.classify() {
-        serde_json::error::Category::Data => {
-            serde_json::from_str::<serde::de::IgnoredAny>(text).is_ok()
-        }
-        _ => false,
-    };
-    if is_json {
-        AlertError::NotAnAlert(err.to_string())
-    } else {
-        AlertError::NotJson(err.to_string())
-    }
-}
-
 impl FalcoEvent {
     /// Reads one Falco JSON alert (a FIFO or stdin line, an HTTP body).
     /// The payload is kept byte for byte, less surrounding whitespace.
@@ -142,7 +80,10 @@ impl FalcoEvent {
             .map_or(start, |i| i + 1);
         let payload = raw.slice(start..end);
         let text = std::str::from_utf8(&payload).map_err(|_| AlertError::NotUtf8)?;
-        let head: AlertHead<'_> = serde_json::from_str(text).map_err(|e| classify(text, e))?;
+        let head = crate::scan::head(text).map_err(|e| match e {
+            ScanError::Syntax { .. } => AlertError::NotJson(e.to_string()),
+            ScanError::Shape(shape) => AlertError::NotAnAlert(shape),
+        })?;
         let priority = head
             .priority
             .ok_or(AlertError::MissingField("priority"))?

@@ -17,8 +17,32 @@ use crate::respond::policy::Policy;
 /// The JSON line reader (FIFO, stdin, HTTP bodies): any bytes give an alert
 /// or an error (with a reason, by its type); an accepted alert is forwarded
 /// byte for byte, less surrounding whitespace, and renders valid subjects.
+/// And it answers as serde_json did before the one-pass scan
+/// ([`crate::scan`]): the same lines accepted with the same fields, the same
+/// reasons for the rest (less the scan's limit on nesting).
 pub fn json_line(data: &[u8]) {
-    let Ok(event) = FalcoEvent::from_json(Bytes::copy_from_slice(data)) else {
+    let result = FalcoEvent::from_json(Bytes::copy_from_slice(data));
+    let fields = result.as_ref().map(|e| {
+        (
+            e.priority,
+            e.rule.clone(),
+            e.hostname.clone(),
+            e.source.clone(),
+        )
+    });
+    let reference = serde_reference::read(data);
+    let nested = matches!(&result, Err(e) if e.to_string().contains("nested deeper"));
+    if !nested {
+        assert_eq!(
+            reason(&result),
+            reason(&reference),
+            "scan: {result:?}, serde_json: {reference:?}"
+        );
+        if let (Ok(fields), Ok(expected)) = (&fields, &reference) {
+            assert_eq!(fields, expected, "fields read");
+        }
+    }
+    let Ok(event) = result else {
         return;
     };
     assert_eq!(
@@ -235,5 +259,76 @@ pub fn tail_line(data: &[u8]) {
     if let Ok(decision) = crate::decision::Decision::from_json(data) {
         let line = crate::tail::format_decision(&decision, false);
         assert!(!line.chars().any(char::is_control), "{line:?}");
+    }
+}
+
+fn reason<T>(r: &Result<T, crate::event::AlertError>) -> &'static str {
+    match r {
+        Ok(_) => "accepted",
+        Err(e) => e.reason(),
+    }
+}
+
+/// How the bridge read an alert's fields before [`crate::scan`]: serde's
+/// derive over serde_json, kept as the reference the scan is held to.
+mod serde_reference {
+    use std::borrow::Cow;
+
+    use serde::Deserialize;
+
+    use crate::event::{AlertError, DEFAULT_SOURCE};
+    use crate::priority::Priority;
+
+    #[derive(Deserialize)]
+    struct AlertHead<'a> {
+        #[serde(borrow, default)]
+        priority: Option<Cow<'a, str>>,
+        #[serde(borrow, default)]
+        rule: Option<Cow<'a, str>>,
+        #[serde(borrow, default)]
+        hostname: Option<Cow<'a, str>>,
+        #[serde(borrow, default)]
+        source: Option<Cow<'a, str>>,
+    }
+
+    pub type Fields = (Priority, String, String, String);
+
+    pub fn read(data: &[u8]) -> Result<Fields, AlertError> {
+        let text = std::str::from_utf8(data.trim_ascii()).map_err(|_| AlertError::NotUtf8)?;
+        let json = || serde_json::from_str::<serde::de::IgnoredAny>(text).is_ok();
+        // The scan's refusal; serde's derive read a struct from an array.
+        if !text.starts_with('{') {
+            return Err(if json() {
+                AlertError::NotAnAlert("an alert is a JSON object".into())
+            } else {
+                AlertError::NotJson(String::new())
+            });
+        }
+        let head: AlertHead<'_> = serde_json::from_str(text).map_err(|e| {
+            // A number where a string belongs is a wrong type, even one out
+            // of f64's range, which serde_json reports as it builds the
+            // error message.
+            let is_json = (matches!(e.classify(), serde_json::error::Category::Data)
+                || e.to_string().starts_with("number out of range"))
+                && json();
+            if is_json {
+                AlertError::NotAnAlert(e.to_string())
+            } else {
+                AlertError::NotJson(e.to_string())
+            }
+        })?;
+        let priority = head
+            .priority
+            .ok_or(AlertError::MissingField("priority"))?
+            .parse::<Priority>()?;
+        let rule = head.rule.ok_or(AlertError::MissingField("rule"))?;
+        Ok((
+            priority,
+            rule.into_owned(),
+            head.hostname.map(Cow::into_owned).unwrap_or_default(),
+            head.source
+                .map(Cow::into_owned)
+                .unwrap_or_else(|| DEFAULT_SOURCE.to_owned()),
+        ))
     }
 }

@@ -52,6 +52,7 @@ pub mod nats;
 pub mod priority;
 pub mod proto;
 pub mod respond;
+pub mod scan;
 pub mod server;
 pub mod signing;
 pub mod simulate;

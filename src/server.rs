@@ -1,10 +1,11 @@
 //! The HTTP server every subcommand's `--listen` runs: plain or TLS
 //! (optionally asking for client certificates), HTTP/1.1 only (what Falco
 //! speaks), with a time limit on a request's headers and a shutdown that
-//! closes connections after a grace period. What it serves (probes,
-//! metrics, the HTTP input) is the caller's router; each request carries a
-//! [`VerifiedClientCertificate`] extension when its connection presented a
-//! verified client certificate.
+//! closes connections after a grace period. What it serves is the caller's
+//! [`Endpoints`]: a router (probes, metrics), and for the bridge's HTTP
+//! input the alert endpoint, answered before the router. Each request the
+//! router gets carries a [`VerifiedClientCertificate`] extension when its
+//! connection presented a verified client certificate.
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -12,19 +13,46 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::Router;
+use futures_util::future::{Either, FutureExt};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
-use hyper_util::service::TowerToHyperService;
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 use tokio::net::TcpListener;
 use tokio::task::JoinSet;
 use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
-use tower::util::MapRequestLayer;
+use tower::ServiceExt;
 
+use crate::input::http::AlertEndpoint;
 use crate::telemetry::metrics::HttpServerMetrics;
+
+/// What the `--listen` server answers.
+#[derive(Clone)]
+pub struct Endpoints {
+    router: Router,
+    alerts: Option<AlertEndpoint>,
+}
+
+impl Endpoints {
+    /// `alerts` answers its own path (`/`); `router` all others.
+    pub fn with_alerts(router: Router, alerts: AlertEndpoint) -> Self {
+        Endpoints {
+            router,
+            alerts: Some(alerts),
+        }
+    }
+}
+
+impl From<Router> for Endpoints {
+    fn from(router: Router) -> Self {
+        Endpoints {
+            router,
+            alerts: None,
+        }
+    }
+}
 
 /// On a request whose connection presented a client certificate that the
 /// `--tls-client-ca` verified (a certificate that does not verify ends the
@@ -37,7 +65,7 @@ pub struct VerifiedClientCertificate;
 async fn connection(
     tcp: tokio::net::TcpStream,
     peer: std::net::SocketAddr,
-    router: Router,
+    endpoints: Endpoints,
     tls: Option<TlsAcceptor>,
     limits: Arc<ServerLimits>,
     watcher: hyper_util::server::graceful::Watcher,
@@ -48,15 +76,20 @@ async fn connection(
     let served = Arc::new(AtomicBool::new(false));
     let mark = Arc::clone(&served);
     let service = |verified: bool| {
-        TowerToHyperService::new(router.layer(MapRequestLayer::new(
-            move |mut request: axum::extract::Request| {
-                mark.store(true, Ordering::Relaxed);
-                if verified {
-                    request.extensions_mut().insert(VerifiedClientCertificate);
+        hyper::service::service_fn(move |mut request: hyper::Request<hyper::body::Incoming>| {
+            mark.store(true, Ordering::Relaxed);
+            match &endpoints.alerts {
+                Some(alerts) if alerts.takes(&request) => {
+                    Either::Left(alerts.clone().answer(request, verified).map(Ok))
                 }
-                request
-            },
-        )))
+                _ => {
+                    if verified {
+                        request.extensions_mut().insert(VerifiedClientCertificate);
+                    }
+                    Either::Right(endpoints.router.clone().oneshot(request))
+                }
+            }
+        })
     };
     let mut builder = auto::Builder::new(TokioExecutor::new()).http1_only();
     builder
@@ -227,14 +260,15 @@ pub struct Listen {
 impl Listen {
     pub fn start(
         listener: Option<TcpListener>,
-        router: Router,
+        endpoints: impl Into<Endpoints>,
         tls: Option<TlsAcceptor>,
         limits: ServerLimits,
         grace: Duration,
     ) -> Self {
         let stop = CancellationToken::new();
+        let endpoints = endpoints.into();
         let task = listener.map(|listener| {
-            tokio::spawn(serve(listener, router, tls, limits, stop.clone(), grace))
+            tokio::spawn(serve(listener, endpoints, tls, limits, stop.clone(), grace))
         });
         Listen { stop, task }
     }
@@ -274,7 +308,7 @@ pub const DEFAULT_MAX_CONNECTIONS: usize = 1024;
 /// however little of a request its client has sent.
 pub async fn serve(
     listener: TcpListener,
-    router: Router,
+    endpoints: Endpoints,
     tls: Option<TlsAcceptor>,
     limits: ServerLimits,
     stop: CancellationToken,
@@ -313,7 +347,7 @@ pub async fn serve(
         let conn = connection(
             tcp,
             peer,
-            router.clone(),
+            endpoints.clone(),
             tls.clone(),
             Arc::clone(&limits),
             graceful.watcher(),

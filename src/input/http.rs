@@ -1,4 +1,4 @@
-//! [`http_routes`]: receives alerts from Falco's `http_output` and from
+//! [`AlertEndpoint`]: receives alerts from Falco's `http_output` and from
 //! falcosidekick's webhook forwarding: `POST /` with one Falco JSON alert.
 //!
 //! Served on the bridge's `--listen` address beside `/healthz`, `/readyz`
@@ -11,14 +11,16 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::extract::{Request, State};
-use axum::http::{header, StatusCode};
+use std::future::Future;
+use std::task::Poll;
+
+use axum::http::{header, HeaderMap, Method, Request, StatusCode};
 use axum::response::{IntoResponse, Response};
-use axum::routing::post;
-use axum::Router;
+use bytes::Bytes;
+use http_body_util::{BodyExt, Limited};
+use hyper::body::Incoming;
 
 use super::AlertSink;
-use crate::server::VerifiedClientCertificate;
 use crate::telemetry::metrics::HttpServerMetrics;
 
 /// Default largest accepted body: 1 MiB, as for a FIFO line.
@@ -53,112 +55,160 @@ impl Default for HttpOptions {
     }
 }
 
+/// The bridge's `POST /`, which the `--listen` server answers before its
+/// router ([`crate::server::Endpoints`]): every alert takes this path, so it
+/// goes through no routing layer, no boxed body and no timer when the body
+/// came with the headers. Any other method on `/` is answered 405.
 #[derive(Clone)]
+pub struct AlertEndpoint(Arc<Receiver>);
+
 struct Receiver {
     sink: AlertSink,
-    options: Arc<HttpOptions>,
+    options: HttpOptions,
     metrics: HttpServerMetrics,
 }
 
-/// The alert-receiving route, to merge into the probe router. An empty
-/// token is refused before this (the command line says so).
-pub fn http_routes(sink: AlertSink, options: HttpOptions, metrics: HttpServerMetrics) -> Router {
-    sink.set_connected(true);
-    Router::new()
-        .route("/", post(receive))
-        .with_state(Receiver {
+impl AlertEndpoint {
+    /// An empty token is refused before this (the command line says so).
+    pub fn new(sink: AlertSink, options: HttpOptions, metrics: HttpServerMetrics) -> Self {
+        sink.set_connected(true);
+        AlertEndpoint(Arc::new(Receiver {
             sink,
-            options: Arc::new(options),
+            options,
             metrics,
-        })
+        }))
+    }
+
+    /// Whether `request` is this endpoint's (its path is `/`).
+    pub fn takes<B>(&self, request: &Request<B>) -> bool {
+        request.uri().path() == "/"
+    }
+
+    /// Answers one request to `/`; `verified` when its connection came with
+    /// a client certificate the bridge verified.
+    pub async fn answer(self, request: Request<Incoming>, verified: bool) -> Response {
+        if request.method() != Method::POST {
+            return (
+                StatusCode::METHOD_NOT_ALLOWED,
+                [(header::ALLOW, "POST")],
+                "alerts are POSTed to /\n",
+            )
+                .into_response();
+        }
+        let (parts, body) = request.into_parts();
+        let rx = &*self.0;
+        if let Err(refusal) = rx.admit(&parts.headers, verified) {
+            return *refusal;
+        }
+        let body = match rx.body(body).await {
+            Ok(body) => body,
+            Err(refusal) => return *refusal,
+        };
+        match crate::event::FalcoEvent::from_json(body) {
+            Ok(event) => match rx.sink.send(event).await {
+                Ok(()) => (StatusCode::OK, "queued\n").into_response(),
+                Err(_) => {
+                    (StatusCode::SERVICE_UNAVAILABLE, "the bridge is stopping\n").into_response()
+                }
+            },
+            Err(err) => {
+                rx.sink.reject(&err);
+                text(StatusCode::BAD_REQUEST, err.to_string())
+            }
+        }
+    }
 }
+
+/// A request turned away, with its answer (boxed: the usual result is a
+/// small `Ok`).
+type Refusal = Box<Response>;
 
 fn text(status: StatusCode, message: String) -> Response {
     (status, message + "\n").into_response()
 }
 
-async fn receive(State(rx): State<Receiver>, request: Request) -> Response {
-    let (parts, body) = request.into_parts();
-    let headers = parts.headers;
-    let options = &*rx.options;
-    if options.client_certificate
-        && parts
-            .extensions
-            .get::<VerifiedClientCertificate>()
-            .is_none()
-    {
-        return text(
-            StatusCode::FORBIDDEN,
-            "a client certificate signed by the bridge's --tls-client-ca is required".into(),
-        );
-    }
-    if let Some(token) = &options.token {
-        let given = headers
-            .get(header::AUTHORIZATION)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer "));
-        if !given.is_some_and(|g| constant_time_eq(g.as_bytes(), token.as_bytes())) {
-            return (
-                StatusCode::UNAUTHORIZED,
-                [(header::WWW_AUTHENTICATE, "Bearer")],
-                "missing or wrong bearer token\n",
-            )
-                .into_response();
+impl Receiver {
+    /// The checks on a request's headers, before a byte of its body is read.
+    fn admit(&self, headers: &HeaderMap, verified: bool) -> Result<(), Refusal> {
+        let options = &self.options;
+        if options.client_certificate && !verified {
+            return Err(Box::new(text(
+                StatusCode::FORBIDDEN,
+                "a client certificate signed by the bridge's --tls-client-ca is required".into(),
+            )));
         }
+        if let Some(token) = &options.token {
+            let given = headers
+                .get(header::AUTHORIZATION)
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.strip_prefix("Bearer "));
+            if !given.is_some_and(|g| constant_time_eq(g.as_bytes(), token.as_bytes())) {
+                return Err(Box::new(
+                    (
+                        StatusCode::UNAUTHORIZED,
+                        [(header::WWW_AUTHENTICATE, "Bearer")],
+                        "missing or wrong bearer token\n",
+                    )
+                        .into_response(),
+                ));
+            }
+        }
+        if let Some(encoding) = headers.get(header::CONTENT_ENCODING) {
+            let encoding = encoding.to_str().unwrap_or("(not text)");
+            if !encoding.eq_ignore_ascii_case("identity") {
+                return Err(Box::new(text(
+                    StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                    format!("Content-Encoding {encoding} is not supported: set Falco's http_output.compress_uploads: false"),
+                )));
+            }
+        }
+        let declared = headers
+            .get(header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<u64>().ok());
+        if declared.is_some_and(|n| n > options.max_body as u64) {
+            return Err(Box::new(self.too_large()));
+        }
+        Ok(())
     }
-    let encoding = headers
-        .get(header::CONTENT_ENCODING)
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or("identity");
-    if !encoding.eq_ignore_ascii_case("identity") {
-        return text(
-            StatusCode::UNSUPPORTED_MEDIA_TYPE,
-            format!("Content-Encoding {encoding} is not supported: set Falco's http_output.compress_uploads: false"),
-        );
-    }
-    let too_large = || {
+
+    fn too_large(&self) -> Response {
         text(
             StatusCode::PAYLOAD_TOO_LARGE,
-            format!("body larger than --max-body ({} bytes)", options.max_body),
-        )
-    };
-    let declared = headers
-        .get(header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<u64>().ok());
-    if declared.is_some_and(|n| n > options.max_body as u64) {
-        return too_large();
-    }
-    let body = match tokio::time::timeout(
-        options.body_timeout,
-        axum::body::to_bytes(body, options.max_body),
-    )
-    .await
-    {
-        Ok(Ok(body)) => body,
-        Ok(Err(_)) => return too_large(),
-        Err(_) => {
-            rx.metrics.stalled("body");
-            return (
-                StatusCode::REQUEST_TIMEOUT,
-                [(header::CONNECTION, "close")],
-                "the body did not arrive in time\n",
-            )
-                .into_response();
-        }
-    };
-    match crate::event::FalcoEvent::from_json(body) {
-        Ok(event) => match rx.sink.send(event).await {
-            Ok(()) => text(StatusCode::OK, "queued".into()),
-            Err(_) => text(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "the bridge is stopping".into(),
+            format!(
+                "body larger than --max-body ({} bytes)",
+                self.options.max_body
             ),
-        },
-        Err(err) => {
-            rx.sink.reject(&err);
-            text(StatusCode::BAD_REQUEST, err.to_string())
-        }
+        )
+    }
+
+    /// The whole body, at most `--max-body` bytes, within `--body-timeout`.
+    /// A body that came with the headers (Falco sends each request at once)
+    /// is taken without starting a timer.
+    async fn body(&self, body: Incoming) -> Result<Bytes, Refusal> {
+        let mut collect = std::pin::pin!(Limited::new(body, self.options.max_body).collect());
+        let first = std::future::poll_fn(|cx| Poll::Ready(collect.as_mut().poll(cx))).await;
+        let collected = match first {
+            Poll::Ready(collected) => collected,
+            Poll::Pending => match tokio::time::timeout(self.options.body_timeout, collect).await {
+                Ok(collected) => collected,
+                Err(_) => {
+                    self.metrics.stalled("body");
+                    return Err(Box::new(
+                        (
+                            StatusCode::REQUEST_TIMEOUT,
+                            [(header::CONNECTION, "close")],
+                            "the body did not arrive in time\n",
+                        )
+                            .into_response(),
+                    ));
+                }
+            },
+        };
+        // Over the limit, or the connection broke mid-body.
+        collected
+            .map(|c| c.to_bytes())
+            .map_err(|_| Box::new(self.too_large()))
     }
 }
 

@@ -1,5 +1,5 @@
 //! The inputs that read Falco's alerts: [`grpc::GrpcInput`] (Falco <= 0.43),
-//! [`fifo::FifoInput`] (`file_output` into a named pipe), [`http::http_routes`]
+//! [`fifo::FifoInput`] (`file_output` into a named pipe), [`http::AlertEndpoint`]
 //! (`http_output`, falcosidekick's webhook) and [`stdin::StdinInput`]
 //! (`program_output`). Each hands its alerts to an [`AlertSink`], the
 //! bounded queue in front of NATS.
