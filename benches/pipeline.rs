@@ -194,11 +194,54 @@ impl Counter {
         }
     }
 
-    /// A subscriber on `subject` for core NATS, the stream `stream`'s state
-    /// for JetStream.
-    async fn for_mode(url: &str, mode: Mode, stream: &str) -> Self {
+    /// Counts the messages the server took in (`in_msgs` of its `/varz`
+    /// on `monitor`, polled every 2 ms, less what it had at the start): for
+    /// core rows, with no subscriber taking CPU from the publisher and the
+    /// server.
+    async fn varz(monitor: u16) -> Self {
+        let addr: std::net::SocketAddr = format!("127.0.0.1:{monitor}").parse().unwrap();
+        let in_msgs = move || async move {
+            let (_, body) = support::http_get(addr, "/varz").await;
+            serde_json::from_str::<serde_json::Value>(&body).unwrap()["in_msgs"]
+                .as_u64()
+                .unwrap()
+        };
+        let base = in_msgs().await;
+        let count = Arc::new(AtomicU64::new(0));
+        let first = Arc::new(Mutex::new(None));
+        let last = Arc::new(Mutex::new(None));
+        let (c, f, l) = (count.clone(), first.clone(), last.clone());
+        let task = tokio::spawn(async move {
+            loop {
+                let now = Instant::now();
+                let n = in_msgs().await - base;
+                let before = c.swap(n, Ordering::Relaxed);
+                if before == 0 && n > 0 {
+                    *f.lock().unwrap() = Some(now);
+                }
+                if n > before {
+                    *l.lock().unwrap() = Some(now);
+                }
+                tokio::time::sleep(Duration::from_millis(2)).await;
+            }
+        });
+        Counter {
+            count,
+            first,
+            last,
+            task,
+        }
+    }
+
+    /// For core NATS the server's own count when it has a `monitor` port,
+    /// else a subscriber on `falco.>`; the stream `stream`'s state for
+    /// JetStream.
+    async fn for_mode(url: &str, monitor: Option<u16>, mode: Mode, stream: &str) -> Self {
         match mode {
-            Mode::Core => Counter::start(url, "falco.>").await,
+            Mode::Core => match monitor {
+                Some(monitor) => Counter::varz(monitor).await,
+                None => Counter::start(url, "falco.>").await,
+            },
             Mode::JetStream | Mode::JetStreamEach | Mode::JetStreamR3 => {
                 Counter::stream(url, stream).await
             }
@@ -469,8 +512,13 @@ async fn jetstream_fast_ceiling(url: &str, corpus: &Corpus, window: usize) -> Op
 /// The core ceiling: a plain publisher of the same messages (subject,
 /// headers, payload), alone on a single-threaded runtime; with
 /// `flush_each`, the 2018 proof of concept's flush after every alert.
-async fn ceiling(url: &str, corpus: &Corpus, flush_each: bool) -> Option<Run> {
-    let counter = Counter::start(url, "falco.>").await;
+async fn ceiling(
+    url: &str,
+    monitor: Option<u16>,
+    corpus: &Corpus,
+    flush_each: bool,
+) -> Option<Run> {
+    let counter = Counter::for_mode(url, monitor, Mode::Core, "").await;
     let n = corpus.lines.len() as u64;
     let (lines, messages, url) = (
         corpus.lines.clone(),
@@ -518,14 +566,20 @@ fn cpu_seconds_of(stat_path: &str) -> f64 {
     (field(11) + field(12)) / clock_ticks()
 }
 
-async fn bridge_grpc(url: &str, corpus: &Corpus, mode: Mode, dir: &Path) -> Option<Run> {
+async fn bridge_grpc(
+    url: &str,
+    monitor: Option<u16>,
+    corpus: &Corpus,
+    mode: Mode,
+    dir: &Path,
+) -> Option<Run> {
     let socket = dir.join(format!("falco-{}.sock", free_port()));
     let mut falco = MockFalco::new(&socket);
     falco.start().await.unwrap();
     for r in &corpus.responses {
         falco.push(r.clone());
     }
-    let counter = Counter::for_mode(url, mode, "FALCO").await;
+    let counter = Counter::for_mode(url, monitor, mode, "FALCO").await;
     let sock = format!("unix://{}", socket.display());
     let bridge = Proc::spawn(&bridge_args(
         "grpc",
@@ -558,8 +612,14 @@ async fn spawn_fifo_bridge(url: &str, mode: Mode, dir: &Path) -> (Proc, PathBuf)
     (bridge, fifo)
 }
 
-async fn bridge_fifo(url: &str, corpus: &Corpus, mode: Mode, dir: &Path) -> Option<Run> {
-    let counter = Counter::for_mode(url, mode, "FALCO").await;
+async fn bridge_fifo(
+    url: &str,
+    monitor: Option<u16>,
+    corpus: &Corpus,
+    mode: Mode,
+    dir: &Path,
+) -> Option<Run> {
+    let counter = Counter::for_mode(url, monitor, mode, "FALCO").await;
     let (bridge, fifo) = spawn_fifo_bridge(url, mode, dir).await;
     let lines = corpus.lines.clone();
     let writer = std::thread::spawn(move || {
@@ -770,10 +830,16 @@ async fn post_all(addr: std::net::SocketAddr, lines: Vec<Bytes>) {
     }
 }
 
-async fn bridge_http(url: &str, corpus: &Corpus, mode: Mode, connections: usize) -> Option<Run> {
+async fn bridge_http(
+    url: &str,
+    monitor: Option<u16>,
+    corpus: &Corpus,
+    mode: Mode,
+    connections: usize,
+) -> Option<Run> {
     let port = free_port();
     let listen = format!("127.0.0.1:{port}");
-    let counter = Counter::for_mode(url, mode, "FALCO").await;
+    let counter = Counter::for_mode(url, monitor, mode, "FALCO").await;
     let bridge = Proc::spawn(&bridge_args("http", &["--listen", &listen], url, mode));
     let addr: std::net::SocketAddr = listen.parse().unwrap();
     let tasks = post_spread(addr, corpus, connections);
@@ -1028,10 +1094,12 @@ impl Throughput {
         }
     }
 
-    /// One run against the nats-server at `url`, in the working dir `dir`.
-    async fn run(&self, url: &str, corpus: &Corpus, dir: &Path) -> Option<Run> {
+    /// One run against the nats-server at `url` (its monitoring port
+    /// `monitor`), in the working dir `dir`.
+    async fn run(&self, url: &str, monitor: u16, corpus: &Corpus, dir: &Path) -> Option<Run> {
+        let monitor = Some(monitor);
         match *self {
-            Throughput::Ceiling => ceiling(url, corpus, false).await,
+            Throughput::Ceiling => ceiling(url, monitor, corpus, false).await,
             Throughput::JetStreamCeiling => jetstream_ceiling(url, corpus, 256, 1).await,
             Throughput::JetStreamCeilingR3 => {
                 let cluster = NatsCluster::start(3);
@@ -1039,15 +1107,15 @@ impl Throughput {
             }
             Throughput::BridgeFifo(Mode::JetStreamR3) => {
                 let cluster = NatsCluster::start(3);
-                bridge_fifo(&cluster.urls(), corpus, Mode::JetStreamR3, dir).await
+                bridge_fifo(&cluster.urls(), None, corpus, Mode::JetStreamR3, dir).await
             }
-            Throughput::FlushEach => ceiling(url, corpus, true).await,
+            Throughput::FlushEach => ceiling(url, monitor, corpus, true).await,
             Throughput::GrpcTransport => null_grpc(corpus, dir).await,
             Throughput::HttpTransport => null_http(corpus, 4).await,
             Throughput::JetStreamFastCeiling => jetstream_fast_ceiling(url, corpus, 256).await,
-            Throughput::BridgeGrpc(mode) => bridge_grpc(url, corpus, mode, dir).await,
-            Throughput::BridgeFifo(mode) => bridge_fifo(url, corpus, mode, dir).await,
-            Throughput::BridgeHttp(mode) => bridge_http(url, corpus, mode, 4).await,
+            Throughput::BridgeGrpc(mode) => bridge_grpc(url, monitor, corpus, mode, dir).await,
+            Throughput::BridgeFifo(mode) => bridge_fifo(url, monitor, corpus, mode, dir).await,
+            Throughput::BridgeHttp(mode) => bridge_http(url, monitor, corpus, mode, 4).await,
         }
     }
 }
@@ -1081,9 +1149,10 @@ async fn run() {
             .filter(|s| only.split('|').any(|o| s.name().contains(o)))
         {
             let name = scenario.name();
-            let nats = NatsServer::start();
+            let monitor = free_port();
+            let nats = NatsServer::start_on(free_port(), &["-m", &monitor.to_string()]);
             eprintln!("round {} {name}", round + 1);
-            if let Some(run) = scenario.run(&nats.url(), &corpus, &d).await {
+            if let Some(run) = scenario.run(&nats.url(), monitor, &corpus, &d).await {
                 let e = results.entry(name).or_default();
                 e.0.push(run.rate);
                 e.1.push(run.cpu);
@@ -1103,7 +1172,7 @@ async fn run() {
             .map(|r| r.0.clone())
             .unwrap_or_default(),
     );
-    let _ = writeln!(md, "## Throughput\n\n{alerts} alerts per run, {reps} runs per row interleaved, median shown. Rate from the subscriber's first to its last message (JetStream rows: from the stream's state, polled every 2 ms, no subscriber). CPU: the bridge process's user+system seconds per 100k alerts (for the baselines: the benchmark process, which also runs the core subscriber).\n");
+    let _ = writeln!(md, "## Throughput\n\n{alerts} alerts per run, {reps} runs per row interleaved, median shown. Rate from the first to the last message counted, with no subscriber: core rows count at the server (`in_msgs` of its `/varz`), JetStream rows at the stream (its state); both polled every 2 ms. CPU: the bridge process's user+system seconds per 100k alerts (for the baselines: the benchmark process).\n");
     let _ = writeln!(md, "| scenario | alerts/s | vs ceiling | vs flush-per-alert | CPU s / 100k alerts |\n| --- | ---: | ---: | ---: | ---: |");
     for name in Throughput::ALL.iter().map(Throughput::name) {
         if let Some((rates, cpus)) = results.get(name) {
