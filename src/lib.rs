@@ -11,13 +11,13 @@
 //! | [`bridge`] | `bridge`: one input, a bounded queue, one publisher, the drain on shutdown |
 //! | [`input`] | the inputs (`grpc`, `fifo`, `http`, `stdin`) and the [`input::AlertSink`] they fill |
 //! | [`proto`], [`convert`] | Falco's gRPC API, and its responses turned into Falco's JSON |
-//! | [`event`] | [`event::FalcoEvent`]: an alert on the bridge's side, its JSON kept as it came |
+//! | [`event`], [`scan`] | [`event::FalcoEvent`]: an alert on the bridge's side, its JSON kept as it came; the one-pass check that reads its four fields |
 //! | [`nats`] | connection flags, the one connection, subjects, the publisher (core or JetStream) |
 //! | [`alert`], [`decision`] | the read side: an alert and a responder's decision as typed values |
 //! | [`respond`] | `respond`: policy, rails, the Kubernetes calls, and the audit of every decision |
 //! | [`tail`] | `tail`: alerts and decisions printed readably |
 //! | [`simulate`] | a Falco stand-in (gRPC, FIFO) and a Kubernetes API stand-in |
-//! | [`server`], [`telemetry`], [`drain`] | the `--listen` server, probes, metrics, logs; the shutdown deadline |
+//! | [`server`], [`telemetry`], [`drain`] | the `--listen` server (the HTTP input's `POST /` answered before its router), probes, metrics, logs; the shutdown deadline |
 //! | [`priority`], [`backoff`] | Falco's priorities; reconnect back-off |
 //!
 //! One alert from an input to NATS: an input reads a line, a body or a gRPC

@@ -65,6 +65,20 @@ async fn http_alerts_arrive_unchanged_and_bad_bodies_are_refused() {
     .await;
     assert_eq!(status, 415);
     assert!(body.contains("compress_uploads"), "{body}");
+    // An encoding that is not even text is not identity either.
+    let (status, _) = http_post(
+        bridge.http,
+        &[JSON, ("Content-Encoding", "id\u{e9}ntity")],
+        alerts[2].as_bytes(),
+    )
+    .await;
+    assert_eq!(status, 415);
+    // `/` takes POSTs only; the probes and everything else are the router's.
+    let (status, body) = http_get(bridge.http, "/").await;
+    assert_eq!(status, 405, "{body}");
+    assert_eq!(http_get(bridge.http, "/healthz").await.0, 200);
+    assert_eq!(http_get(bridge.http, "/nothing-here").await.0, 404);
+    assert_eq!(http_get(bridge.http, "//").await.0, 404);
 
     assert_eq!(
         http_post(bridge.http, &[JSON], alerts[2].as_bytes())
