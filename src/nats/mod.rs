@@ -2,9 +2,10 @@
 //! long-lived connection that reconnects forever, and the [`Publisher`] that
 //! turns alerts into messages (core NATS or JetStream).
 //!
-//! Dependencies run one way: `publisher` → `fast_batch`, `connection` → `ledger` →
+//! Dependencies run one way: `publisher` → `fast_batch` and `acks`, `connection` → `ledger` →
 //! `round_trip`; `subject` stands alone.
 
+mod acks;
 mod connection;
 pub mod fast_batch;
 mod ledger;

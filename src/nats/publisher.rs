@@ -13,6 +13,7 @@ use tokio::sync::mpsc;
 
 use crate::backoff::Backoff;
 use crate::event::FalcoEvent;
+use crate::nats::acks::{Acks, Answer};
 use crate::nats::connection::{DeniedSubjects, NatsConnection};
 use crate::nats::fast_batch::{BatchOutcome, FastBatches};
 use crate::nats::ledger::DeliveryLedger;
@@ -361,8 +362,9 @@ impl JetStreamPublisher {
     /// One acknowledgement per alert, at most `max_inflight` awaited at
     /// once, until the queue is closed or (when given) `until` has come.
     /// Returns the alerts taken, and whether the queue was closed. The first
-    /// attempt is a plain publish whose acknowledgement is awaited with the
-    /// others; an alert whose first attempt fails goes on retrying alone.
+    /// attempt is a plain publish whose acknowledgement comes back with the
+    /// others on one subscription ([`Acks`]); an alert whose first attempt
+    /// fails goes on retrying alone.
     async fn run_each(
         &self,
         alerts: &mut mpsc::Receiver<FalcoEvent>,
@@ -372,7 +374,15 @@ impl JetStreamPublisher {
         let mut count = 0u64;
         let mut closed = false;
         let max = self.options.max_inflight.max(1);
-        let mut acks = FuturesUnordered::new();
+        // Without a subscription for the answers (the client is closed),
+        // every alert is retried alone until the connection is back.
+        let mut acks = match Acks::new(self.client.clone(), ACK_WAIT).await {
+            Ok(acks) => Some(acks),
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot subscribe for acknowledgements; publishing alert by alert");
+                None
+            }
+        };
         let mut retries = FuturesUnordered::new();
         // Whatever is queued is taken at once (as much as the in-flight
         // bound leaves room for): one pass of the loop for many alerts.
@@ -385,13 +395,15 @@ impl JetStreamPublisher {
         };
         tokio::pin!(stop);
         loop {
-            let room = max.saturating_sub(acks.len() + retries.len()).min(BATCH);
+            let waiting = acks.as_ref().map_or(0, Acks::len);
+            let room = max.saturating_sub(waiting + retries.len()).min(BATCH);
             tokio::select! {
                 biased;
-                Some((result, event)) = acks.next(), if !acks.is_empty() => match result as AckResult {
-                    Ok(ack) => record_stored(&self.metrics, &event, ack.duplicate),
-                    Err(e) => retries.push(self.publish_one(config, event, Some(e))),
-                },
+                Some(answer) = next_answer(&mut acks), if waiting > 0 => {
+                    if let Some((event, e)) = self.answered(answer) {
+                        retries.push(self.publish_one(config, event, Some(e)));
+                    }
+                }
                 Some(()) = retries.next(), if !retries.is_empty() => {}
                 n = alerts.recv_many(&mut taken, room), if room > 0 => {
                     if n == 0 {
@@ -400,27 +412,40 @@ impl JetStreamPublisher {
                     }
                     for event in taken.drain(..) {
                         count += 1;
+                        let Some(acks) = acks.as_mut() else {
+                            retries.push(self.publish_one(config, event, None));
+                            continue;
+                        };
                         let subject = self.subject.subject(&event);
                         let headers =
                             alert_headers(&event, subject.as_str(), self.signer.as_deref());
-                        let payload = event.payload.clone();
-                        match self.context.publish_with_headers(subject, headers, payload).await {
-                            Ok(ack) => acks.push(with_event(ack, event)),
-                            Err(e) => retries.push(self.publish_one(config, event, Some(e))),
+                        if let Err(failed) = acks.publish(subject, headers, event).await {
+                            let (event, e) = *failed;
+                            retries.push(self.publish_one(config, event, Some(e)));
                         }
                     }
                 }
                 () = &mut stop => break,
             }
         }
-        while let Some((result, event)) = acks.next().await {
-            match result {
-                Ok(ack) => record_stored(&self.metrics, &event, ack.duplicate),
-                Err(e) => retries.push(self.publish_one(config, event, Some(e))),
+        while let Some(answer) = next_answer(&mut acks).await {
+            if let Some((event, e)) = self.answered(answer) {
+                retries.push(self.publish_one(config, event, Some(e)));
             }
         }
         while retries.next().await.is_some() {}
         (count, closed)
+    }
+
+    /// Records a stored alert; gives back one that failed, to retry.
+    fn answered(&self, answer: Answer) -> Option<(FalcoEvent, jetstream::context::PublishError)> {
+        match answer {
+            Answer::Stored { event, duplicate } => {
+                record_stored(&self.metrics, &event, duplicate);
+                None
+            }
+            Answer::Failed { event, error } => Some((event, error)),
+        }
     }
 
     /// Alerts go out in fast batches, at most `max_inflight` unconfirmed.
@@ -493,15 +518,13 @@ impl JetStreamPublisher {
     }
 }
 
-/// A publish's acknowledgement, or why there is none.
-type AckResult = Result<jetstream::publish::PublishAck, jetstream::context::PublishError>;
+/// How long a publish's acknowledgement may take (async-nats's own
+/// default for a JetStream context).
+const ACK_WAIT: Duration = Duration::from_secs(5);
 
-/// Awaits `ack`, keeping the alert it acknowledges.
-async fn with_event(
-    ack: jetstream::context::PublishAckFuture,
-    event: FalcoEvent,
-) -> (AckResult, FalcoEvent) {
-    (ack.await, event)
+/// The next answer of `acks`, if there are any.
+async fn next_answer(acks: &mut Option<Acks>) -> Option<Answer> {
+    acks.as_mut()?.next().await
 }
 
 /// How long to wait for an answer to a fast batch with alerts unconfirmed.
