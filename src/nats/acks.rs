@@ -12,7 +12,7 @@
 //! stream, and an answer that does not come within the wait is a time-out.
 
 use std::collections::HashMap;
-use std::fmt::Write as _;
+use std::hash::{BuildHasherDefault, Hasher};
 use std::time::Duration;
 
 use async_nats::jetstream;
@@ -35,8 +35,31 @@ pub struct Acks {
     /// The lowest number that may still be waiting (numbers are given in
     /// sending order, so it is the oldest).
     oldest: u64,
-    waiting: HashMap<u64, Waiting>,
+    waiting: HashMap<u64, Waiting, BuildHasherDefault<NumberHasher>>,
     wait: Duration,
+}
+
+/// Hashes an alert's number with one multiplication: the numbers are
+/// consecutive and given out here, and SipHash cost more than the rest of
+/// the map's work. (Fibonacci hashing: the product's high bits, which the
+/// map's probing reads, differ for consecutive numbers.)
+#[derive(Default)]
+struct NumberHasher(u64);
+
+impl Hasher for NumberHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.0 = ((self.0 << 8) | u64::from(b)).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+        }
+    }
+
+    fn write_u64(&mut self, n: u64) {
+        self.0 = n.wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    }
 }
 
 struct Waiting {
@@ -68,7 +91,7 @@ impl Acks {
             prefix: format!("{inbox}."),
             next: 0,
             oldest: 0,
-            waiting: HashMap::new(),
+            waiting: HashMap::default(),
             wait,
         })
     }
@@ -90,7 +113,7 @@ impl Acks {
         self.next += 1;
         let mut reply = String::with_capacity(self.prefix.len() + 20);
         reply.push_str(&self.prefix);
-        let _ = write!(reply, "{n}");
+        push_decimal(&mut reply, n);
         let sent = self
             .client
             .publish_with_reply_and_headers(subject, reply, headers, event.payload.clone())
@@ -159,6 +182,21 @@ impl Acks {
     }
 }
 
+/// Appends `n` in decimal (without the formatting machinery: once an alert).
+fn push_decimal(out: &mut String, mut n: u64) {
+    let mut digits = [0u8; 20];
+    let mut at = digits.len();
+    loop {
+        at -= 1;
+        digits[at] = b'0' + (n % 10) as u8;
+        n /= 10;
+        if n == 0 {
+            break;
+        }
+    }
+    out.push_str(std::str::from_utf8(&digits[at..]).expect("decimal digits are ASCII"));
+}
+
 /// A publish acknowledgement, or a stream's error.
 #[derive(Deserialize)]
 struct Reply {
@@ -201,6 +239,15 @@ fn read(status: Option<StatusCode>, payload: &[u8]) -> Result<bool, PublishError
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn numbers_are_written_in_decimal() {
+        for n in [0, 7, 10, 99, 12345, u64::MAX] {
+            let mut s = String::from("x.");
+            push_decimal(&mut s, n);
+            assert_eq!(s, format!("x.{n}"));
+        }
+    }
 
     #[test]
     fn answers_are_read_as_async_nats_reads_them() {
