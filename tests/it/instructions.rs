@@ -1,4 +1,5 @@
-//! Instructions per alert, for each input into core NATS, counted by
+//! Instructions per alert, for each input into core NATS (and stdin into
+//! JetStream with one acknowledgement per alert), counted by
 //! valgrind's callgrind on the release binary: a figure that repeats on a
 //! noisy machine where times do not. Each path runs twice, with
 //! `SMALL` and `LARGE` alerts; the difference of the two totals over the
@@ -117,8 +118,16 @@ async fn run(input: &str, n: u64) -> u64 {
     let out = dir.path().join("callgrind.out");
     let url = nats.url();
     match input {
-        "stdin" => {
-            let mut child = under_callgrind(&out, &url, "stdin", &[])
+        // JetStream: alerts from stdin, one acknowledgement each (the
+        // path a server without fast batches takes), into the stream the
+        // bridge makes.
+        "stdin" | "jetstream" => {
+            let args: &[&str] = if input == "jetstream" {
+                &["--jetstream", "--fast-batch", "off"]
+            } else {
+                &[]
+            };
+            let mut child = under_callgrind(&out, &url, "stdin", args)
                 .stdin(Stdio::piped())
                 .spawn()
                 .unwrap();
@@ -215,8 +224,13 @@ async fn instructions_per_alert_stay_within_their_budgets() {
         let small = run(input, SMALL).await;
         let large = run(input, LARGE).await;
         let per_alert = large.saturating_sub(small) as f64 / (LARGE - SMALL) as f64;
+        let into = if input == "jetstream" {
+            "stdin -> JetStream, one ack each"
+        } else {
+            "-> core NATS"
+        };
         eprintln!(
-            "instructions per alert, {input} -> core NATS: {per_alert:.0} (budget {budget:.0}, {:.2}x)",
+            "instructions per alert, {input} {into}: {per_alert:.0} (budget {budget:.0}, {:.2}x)",
             per_alert / budget
         );
         if per_alert > budget * TOLERANCE {
@@ -228,7 +242,7 @@ async fn instructions_per_alert_stay_within_their_budgets() {
     assert!(over.is_empty(), "over budget: {over:?}");
     assert_eq!(
         budgets.keys().map(String::as_str).collect::<Vec<_>>(),
-        ["fifo", "grpc", "http", "stdin"],
+        ["fifo", "grpc", "http", "jetstream", "stdin"],
         "a budget for every input"
     );
 }
