@@ -157,30 +157,27 @@ impl Counter {
         }
     }
 
-    /// Counts what `stream` stores, from its state, polled every 2 ms: for
-    /// JetStream rows, with no subscriber taking CPU from the publisher and
-    /// the server. (The stream is looked up until it exists.)
-    async fn stream(url: &str, stream: &str) -> Self {
-        let client = support::connect_any(url).await.unwrap();
-        let js = async_nats::jetstream::new(client);
-        let name = stream.to_owned();
+    /// Counts by `read`ing a total every 2 ms (`None`: not readable yet),
+    /// noting when it first moved and when it last grew.
+    fn polled<F, Fut>(mut read: F) -> Self
+    where
+        F: FnMut() -> Fut + Send + 'static,
+        Fut: std::future::Future<Output = Option<u64>> + Send,
+    {
         let count = Arc::new(AtomicU64::new(0));
         let first = Arc::new(Mutex::new(None));
         let last = Arc::new(Mutex::new(None));
         let (c, f, l) = (count.clone(), first.clone(), last.clone());
         let task = tokio::spawn(async move {
             loop {
-                if let Ok(mut s) = js.get_stream(&name).await {
-                    if let Ok(info) = s.info().await {
-                        let now = Instant::now();
-                        let n = info.state.messages;
-                        let before = c.swap(n, Ordering::Relaxed);
-                        if before == 0 && n > 0 {
-                            *f.lock().unwrap() = Some(now);
-                        }
-                        if n > before {
-                            *l.lock().unwrap() = Some(now);
-                        }
+                if let Some(n) = read().await {
+                    let now = Instant::now();
+                    let before = c.swap(n, Ordering::Relaxed);
+                    if before == 0 && n > 0 {
+                        *f.lock().unwrap() = Some(now);
+                    }
+                    if n > before {
+                        *l.lock().unwrap() = Some(now);
                     }
                 }
                 tokio::time::sleep(Duration::from_millis(2)).await;
@@ -194,10 +191,25 @@ impl Counter {
         }
     }
 
+    /// Counts what `stream` stores, from its state: for JetStream rows,
+    /// with no subscriber taking CPU from the publisher and the server.
+    /// (The stream is looked up until it exists.)
+    async fn stream(url: &str, stream: &str) -> Self {
+        let client = support::connect_any(url).await.unwrap();
+        let js = async_nats::jetstream::new(client);
+        let name = stream.to_owned();
+        Counter::polled(move || {
+            let (js, name) = (js.clone(), name.clone());
+            async move {
+                let mut s = js.get_stream(&name).await.ok()?;
+                Some(s.info().await.ok()?.state.messages)
+            }
+        })
+    }
+
     /// Counts the messages the server took in (`in_msgs` of its `/varz`
-    /// on `monitor`, polled every 2 ms, less what it had at the start): for
-    /// core rows, with no subscriber taking CPU from the publisher and the
-    /// server.
+    /// on `monitor`, less what it had at the start): for core rows, with no
+    /// subscriber taking CPU from the publisher and the server.
     async fn varz(monitor: u16) -> Self {
         let addr: std::net::SocketAddr = format!("127.0.0.1:{monitor}").parse().unwrap();
         let in_msgs = move || async move {
@@ -207,30 +219,7 @@ impl Counter {
                 .unwrap()
         };
         let base = in_msgs().await;
-        let count = Arc::new(AtomicU64::new(0));
-        let first = Arc::new(Mutex::new(None));
-        let last = Arc::new(Mutex::new(None));
-        let (c, f, l) = (count.clone(), first.clone(), last.clone());
-        let task = tokio::spawn(async move {
-            loop {
-                let now = Instant::now();
-                let n = in_msgs().await - base;
-                let before = c.swap(n, Ordering::Relaxed);
-                if before == 0 && n > 0 {
-                    *f.lock().unwrap() = Some(now);
-                }
-                if n > before {
-                    *l.lock().unwrap() = Some(now);
-                }
-                tokio::time::sleep(Duration::from_millis(2)).await;
-            }
-        });
-        Counter {
-            count,
-            first,
-            last,
-            task,
-        }
+        Counter::polled(move || async move { Some(in_msgs().await - base) })
     }
 
     /// For core NATS the server's own count when it has a `monitor` port,

@@ -49,11 +49,7 @@ const FIELDS: [&str; 4] = ["priority", "rule", "hostname", "source"];
 /// Reads `text`, which must be one JSON object and nothing else (whitespace
 /// around it aside).
 pub fn head(text: &str) -> Result<Head<'_>, ScanError> {
-    let mut s = Scanner {
-        text,
-        b: text.as_bytes(),
-        i: 0,
-    };
+    let mut s = Scanner { text, i: 0 };
     s.ws();
     if s.peek() != Some(b'{') {
         s.value(0)?;
@@ -154,14 +150,18 @@ impl From<Bad> for ScanError {
 
 struct Scanner<'a> {
     text: &'a str,
-    b: &'a [u8],
     i: usize,
 }
 
 impl<'a> Scanner<'a> {
     #[inline(always)]
+    fn b(&self) -> &'a [u8] {
+        self.text.as_bytes()
+    }
+
+    #[inline(always)]
     fn peek(&self) -> Option<u8> {
-        self.b.get(self.i).copied()
+        self.b().get(self.i).copied()
     }
 
     #[inline(always)]
@@ -175,7 +175,7 @@ impl<'a> Scanner<'a> {
     fn error_before(&self, what: &'static str) -> Bad {
         Bad {
             what,
-            at: self.i.saturating_sub(1).min(self.b.len()),
+            at: self.i.saturating_sub(1).min(self.b().len()),
         }
     }
 
@@ -196,7 +196,7 @@ impl<'a> Scanner<'a> {
     #[inline(always)]
     fn ws(&mut self) {
         // Falco writes no whitespace between tokens: one test, mostly.
-        while let Some(&c) = self.b.get(self.i) {
+        while let Some(&c) = self.b().get(self.i) {
             if c > b' ' || !matches!(c, b' ' | b'\n' | b'\r' | b'\t') {
                 break;
             }
@@ -207,14 +207,14 @@ impl<'a> Scanner<'a> {
     /// Only whitespace is left.
     fn end(&mut self) -> Result<(), Bad> {
         self.ws();
-        if self.i < self.b.len() {
+        if self.i < self.b().len() {
             return Err(self.error("trailing characters"));
         }
         Ok(())
     }
 
     fn literal(&mut self, word: &[u8]) -> Result<(), Bad> {
-        if self.b[self.i.min(self.b.len())..].starts_with(word) {
+        if self.b()[self.i.min(self.b().len())..].starts_with(word) {
             self.i += word.len();
             Ok(())
         } else {
@@ -358,7 +358,7 @@ impl<'a> Scanner<'a> {
     #[inline(always)]
     fn skip_string(&mut self) -> Result<(), Bad> {
         loop {
-            self.i += plain_run(&self.b[self.i..]);
+            self.i += plain_run(&self.b()[self.i..]);
             match self.bump() {
                 Some(b'"') => return Ok(()),
                 Some(b'\\') => match self.bump() {
@@ -378,7 +378,7 @@ impl<'a> Scanner<'a> {
     /// when it has no escape, decoded when it has.
     fn string(&mut self) -> Result<Cow<'a, str>, Bad> {
         let start = self.i;
-        self.i += plain_run(&self.b[self.i..]);
+        self.i += plain_run(&self.b()[self.i..]);
         if self.peek() == Some(b'"') {
             let s = &self.text[start..self.i];
             self.i += 1;
@@ -408,7 +408,7 @@ impl<'a> Scanner<'a> {
                 None => return Err(self.error_before("end of line in a string")),
             }
             let from = self.i;
-            self.i += plain_run(&self.b[self.i..]);
+            self.i += plain_run(&self.b()[self.i..]);
             out.push_str(&self.text[from..self.i]);
         }
     }
@@ -419,7 +419,7 @@ impl<'a> Scanner<'a> {
         let first = u32::from(self.hex4()?);
         let code = match first {
             0xD800..=0xDBFF => {
-                if !self.b[self.i.min(self.b.len())..].starts_with(b"\\u") {
+                if !self.b()[self.i.min(self.b().len())..].starts_with(b"\\u") {
                     return Err(self.error("lone leading surrogate in an escape"));
                 }
                 self.i += 2;

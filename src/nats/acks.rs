@@ -137,8 +137,8 @@ impl Acks {
     }
 
     /// The next answer, or the oldest alert whose answer is overdue;
-    /// `None` once nothing waits. Cancel-safe: nothing changes until an
-    /// answer is returned.
+    /// `None` once nothing waits. Cancel-safe: dropped before it returns,
+    /// it has only moved past numbers already answered.
     pub async fn next(&mut self) -> Option<Answer> {
         loop {
             while self.oldest < self.next && !self.waiting.contains_key(&self.oldest) {
