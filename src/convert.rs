@@ -20,6 +20,9 @@ use bytes::Bytes;
 use crate::event::{AlertError, FalcoEvent};
 use crate::priority::Priority;
 use crate::proto::outputs::Response;
+use prost::Message;
+
+mod wire;
 
 /// `output_fields` whose values are integers in Falco's JSON output.
 pub const INTEGER_FIELDS: &[&str] = &[
@@ -70,137 +73,252 @@ const NOT_AVAILABLE: &str = "<NA>";
 /// Converts one gRPC response into a [`FalcoEvent`].
 ///
 /// An unknown priority number is an error: the caller counts and logs it.
-pub fn event_from_response(mut response: Response) -> Result<FalcoEvent, AlertError> {
-    let priority = Priority::from_number(response.priority)?;
-    let source = source_name(&mut response);
-    let payload = if is_json_output(&response.output) {
-        // Falco's own JSON line: moved, not copied, less surrounding whitespace.
-        let output = std::mem::take(&mut response.output);
-        let trimmed = output.trim();
-        if trimmed.len() == output.len() {
-            Bytes::from(output)
-        } else {
-            Bytes::copy_from_slice(trimmed.as_bytes())
-        }
-    } else {
-        Bytes::from(build_json(&response, priority, &source))
-    };
-    Ok(FalcoEvent {
-        payload,
-        priority,
-        rule: response.rule,
-        hostname: response.hostname,
-        source,
-        received_at: Instant::now(),
-    })
+pub fn event_from_response(response: Response) -> Result<FalcoEvent, AlertError> {
+    event_from_response_at(response, utc_now)
 }
 
-/// The source as a string: field 9 (taken), or the deprecated enum for old Falco.
-fn source_name(response: &mut Response) -> String {
-    if !response.source.is_empty() {
-        return std::mem::take(&mut response.source);
-    }
+/// [`event_from_response`] with the clock it reads when the message has no time.
+pub(crate) fn event_from_response_at(
+    response: Response,
+    now: fn() -> (i64, u32),
+) -> Result<FalcoEvent, AlertError> {
     #[allow(deprecated)]
     let deprecated = response.source_deprecated;
+    let fields = response
+        .output_fields
+        .iter()
+        .map(|(k, v)| (k.as_str(), v.as_str()))
+        .collect();
+    let parts = Parts {
+        time: response.time.as_ref().map(|t| (t.seconds, t.nanos)),
+        priority: Priority::from_number(response.priority)?,
+        rule: &response.rule,
+        output: &response.output,
+        // A map: sorted, each key once.
+        fields,
+        hostname: &response.hostname,
+        tags: response.tags.iter().map(String::as_str).collect(),
+        source: source_name(&response.source, deprecated),
+        size: response.output.len() * 3,
+    };
+    Ok(parts.event(now, |line| Bytes::copy_from_slice(line.as_bytes())))
+}
+
+/// Converts one gRPC response from its protobuf bytes (as Falco sent them)
+/// into a [`FalcoEvent`]: the same alert as [`event_from_response`] of the
+/// decoded message, without building the message. Falco's own JSON line
+/// (`json_output: true`) is a slice of `message`, not a copy.
+pub fn event_from_wire(message: Bytes) -> Result<FalcoEvent, AlertError> {
+    event_from_wire_at(message, utc_now)
+}
+
+/// [`event_from_wire`] with the clock it reads when the message has no time.
+pub(crate) fn event_from_wire_at(
+    message: Bytes,
+    now: fn() -> (i64, u32),
+) -> Result<FalcoEvent, AlertError> {
+    let Ok(wire) = wire::read(&message) else {
+        // Groups, errors, anything odd: prost's answer stands.
+        return event_from_response_at(Response::decode(message)?, now);
+    };
+    let mut fields = wire.fields;
+    // Falco's map may come in any order and (in protobuf) a later entry
+    // replaces an earlier one of the same key, as prost's map keeps it.
+    if !fields.windows(2).all(|w| w[0].0 < w[1].0) {
+        fields.sort_by(|a, b| a.0.cmp(b.0));
+        fields.dedup_by(|later, kept| {
+            let same = later.0 == kept.0;
+            if same {
+                kept.1 = later.1;
+            }
+            same
+        });
+    }
+    let parts = Parts {
+        time: wire.time,
+        priority: Priority::from_number(wire.priority)?,
+        rule: wire.rule,
+        output: wire.output,
+        fields,
+        hostname: wire.hostname,
+        tags: wire.tags,
+        source: source_name(wire.source, wire.source_deprecated),
+        size: message.len(),
+    };
+    Ok(parts.event(now, |line| message.slice_ref(line.as_bytes())))
+}
+
+/// Seconds and nanoseconds since the epoch, now.
+fn utc_now() -> (i64, u32) {
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default();
+    (now.as_secs() as i64, now.subsec_nanos())
+}
+
+/// The source's name: field 9, or the deprecated enum for old Falco.
+fn source_name(source: &str, deprecated: i32) -> &str {
+    if !source.is_empty() {
+        return source;
+    }
     match deprecated {
         1 => "k8s_audit",
         2 => "internal",
         3 => "plugin",
         _ => crate::event::DEFAULT_SOURCE,
     }
-    .to_owned()
 }
 
-/// Whether Falco already formatted the output as a JSON object.
-fn is_json_output(output: &str) -> bool {
-    let trimmed = output.trim();
-    trimmed.starts_with('{') && serde_json::from_str::<serde::de::IgnoredAny>(trimmed).is_ok()
+/// One alert's parts as gRPC carried them, borrowed from a decoded
+/// `Response` or from its bytes.
+struct Parts<'a> {
+    time: Option<(i64, i32)>,
+    priority: Priority,
+    rule: &'a str,
+    output: &'a str,
+    /// `output_fields`: sorted by key, each key once.
+    fields: Vec<(&'a str, &'a str)>,
+    hostname: &'a str,
+    tags: Vec<&'a str>,
+    source: &'a str,
+    /// About how long the alert's JSON will be.
+    size: usize,
 }
 
-/// (Long: one object written key by key, in the order Falco sorts them;
-/// split up, the order would be harder to see.)
-/// Writes the Falco >= 0.39 layout directly: keys in sorted order, strings
-/// escaped by serde_json, no intermediate JSON tree.
-fn build_json(response: &Response, priority: Priority, source: &str) -> Vec<u8> {
-    let (secs, nanos) = match &response.time {
-        Some(t) => normalise(t.seconds, t.nanos),
-        None => {
-            let now = SystemTime::now()
-                .duration_since(UNIX_EPOCH)
-                .unwrap_or_default();
-            (now.as_secs() as i64, now.subsec_nanos())
+impl Parts<'_> {
+    /// The alert: Falco's own JSON line if `output` is one (taken by
+    /// `verbatim`), else the JSON built from the parts.
+    fn event(
+        mut self,
+        now: fn() -> (i64, u32),
+        verbatim: impl FnOnce(&str) -> Bytes,
+    ) -> FalcoEvent {
+        let payload = match json_output(self.output) {
+            Some(line) => verbatim(line),
+            None => Bytes::from(self.json(now)),
+        };
+        FalcoEvent {
+            payload,
+            priority: self.priority,
+            rule: self.rule.to_owned(),
+            hostname: self.hostname.to_owned(),
+            source: self.source.to_owned(),
+            received_at: Instant::now(),
         }
-    };
-    let mut fields: Vec<(&str, Field<'_>)> = response
-        .output_fields
-        .iter()
-        .map(|(k, v)| (k.as_str(), Field::Text(v)))
-        .collect();
-    if !response.output_fields.contains_key("evt.time") {
-        if let Some(ns) = secs
+    }
+
+    /// (Long: one object written key by key, in the order Falco sorts them;
+    /// split up, the order would be harder to see.)
+    /// Writes the Falco >= 0.39 layout directly: keys in sorted order, no
+    /// intermediate JSON tree.
+    fn json(&mut self, now: fn() -> (i64, u32)) -> Vec<u8> {
+        let (secs, nanos) = match self.time {
+            Some((secs, nanos)) => normalise(secs, nanos),
+            None => now(),
+        };
+        let evt_time = secs
             .checked_mul(1_000_000_000)
-            .and_then(|s| s.checked_add(i64::from(nanos)))
-        {
-            fields.push(("evt.time", Field::Int(ns)));
-        }
-    }
-    // Byte order, as a sorted map of strings has it (the map is sorted; the
-    // synthesised `evt.time` may need moving into place).
-    fields.sort_by(|a, b| a.0.cmp(b.0));
-    let mut tags: Vec<&str> = response.tags.iter().map(String::as_str).collect();
-    tags.sort_unstable();
+            .and_then(|s| s.checked_add(i64::from(nanos)));
+        self.tags.sort_unstable();
 
-    let mut out = Vec::with_capacity(256 + response.output.len() * 2);
-    out.extend_from_slice(b"{\"hostname\":");
-    push_str(&mut out, &response.hostname);
-    out.extend_from_slice(b",\"output\":");
-    push_str(&mut out, &response.output);
-    out.extend_from_slice(b",\"output_fields\":{");
-    for (i, (key, value)) in fields.iter().enumerate() {
-        if i > 0 {
-            out.push(b',');
+        let mut out = Vec::with_capacity(self.size + self.size / 4 + 160);
+        out.extend_from_slice(b"{\"hostname\":");
+        push_str(&mut out, self.hostname);
+        out.extend_from_slice(b",\"output\":");
+        push_str(&mut out, self.output);
+        out.extend_from_slice(b",\"output_fields\":{");
+        // `evt.time` is synthesised where the map has none, in its place
+        // in byte order.
+        let mut synthesised = evt_time.filter(|_| {
+            self.fields
+                .binary_search_by(|(k, _)| (*k).cmp("evt.time"))
+                .is_err()
+        });
+        let mut first = true;
+        let mut comma = |out: &mut Vec<u8>| {
+            if !std::mem::take(&mut first) {
+                out.push(b',');
+            }
+        };
+        for (key, value) in &self.fields {
+            if let Some(ns) = synthesised.filter(|_| *key > "evt.time") {
+                comma(&mut out);
+                out.extend_from_slice(b"\"evt.time\":");
+                push_int(&mut out, ns);
+                synthesised = None;
+            }
+            comma(&mut out);
+            push_str(&mut out, key);
+            out.push(b':');
+            push_typed(&mut out, key, value);
         }
-        push_str(&mut out, key);
-        out.push(b':');
-        match value {
-            Field::Int(n) => push_json(&mut out, n),
-            Field::Text(v) => push_typed(&mut out, key, v),
+        if let Some(ns) = synthesised {
+            comma(&mut out);
+            out.extend_from_slice(b"\"evt.time\":");
+            push_int(&mut out, ns);
         }
+        out.extend_from_slice(b"},\"priority\":");
+        push_str(&mut out, self.priority.as_str());
+        out.extend_from_slice(b",\"rule\":");
+        push_str(&mut out, self.rule);
+        out.extend_from_slice(b",\"source\":");
+        push_str(&mut out, self.source);
+        out.extend_from_slice(b",\"tags\":[");
+        for (i, tag) in self.tags.iter().enumerate() {
+            if i > 0 {
+                out.push(b',');
+            }
+            push_str(&mut out, tag);
+        }
+        out.extend_from_slice(b"],\"time\":\"");
+        push_rfc3339_nanos(&mut out, secs, nanos);
+        out.extend_from_slice(b"\"}");
+        out
     }
-    out.extend_from_slice(b"},\"priority\":");
-    push_str(&mut out, priority.as_str());
-    out.extend_from_slice(b",\"rule\":");
-    push_str(&mut out, &response.rule);
-    out.extend_from_slice(b",\"source\":");
-    push_str(&mut out, source);
-    out.extend_from_slice(b",\"tags\":[");
-    for (i, tag) in tags.iter().enumerate() {
-        if i > 0 {
-            out.push(b',');
-        }
-        push_str(&mut out, tag);
-    }
-    out.extend_from_slice(b"],\"time\":");
-    push_str(&mut out, &format_rfc3339_nanos(secs, nanos));
-    out.push(b'}');
-    out
 }
 
-/// An `output_fields` value before it is written.
-enum Field<'a> {
-    /// As gRPC carried it.
-    Text(&'a str),
-    /// Synthesised (`evt.time`).
-    Int(i64),
+/// Falco's own JSON line, if `output` is one (`json_output: true`), less
+/// surrounding whitespace.
+fn json_output(output: &str) -> Option<&str> {
+    let trimmed = output.trim();
+    (trimmed.starts_with('{') && serde_json::from_str::<serde::de::IgnoredAny>(trimmed).is_ok())
+        .then_some(trimmed)
 }
 
-/// Writes a JSON value; serialising strings and numbers into a Vec cannot fail.
-fn push_json<T: serde::Serialize + ?Sized>(out: &mut Vec<u8>, value: &T) {
-    let _ = serde_json::to_writer(out, value);
-}
-
+/// Writes `s` as a JSON string, escaped as serde_json escapes it: runs of
+/// plain characters copied whole, `"`, `\` and control characters escaped.
 fn push_str(out: &mut Vec<u8>, s: &str) {
-    push_json(out, s);
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    out.push(b'"');
+    let mut rest = s.as_bytes();
+    loop {
+        let plain = crate::scan::plain_run(rest);
+        out.extend_from_slice(&rest[..plain]);
+        let Some(&c) = rest.get(plain) else { break };
+        match c {
+            b'"' => out.extend_from_slice(b"\\\""),
+            b'\\' => out.extend_from_slice(b"\\\\"),
+            b'\n' => out.extend_from_slice(b"\\n"),
+            b'\r' => out.extend_from_slice(b"\\r"),
+            b'\t' => out.extend_from_slice(b"\\t"),
+            0x08 => out.extend_from_slice(b"\\b"),
+            0x0c => out.extend_from_slice(b"\\f"),
+            _ => out.extend_from_slice(&[
+                b'\\',
+                b'u',
+                b'0',
+                b'0',
+                HEX[usize::from(c >> 4)],
+                HEX[usize::from(c & 0xf)],
+            ]),
+        }
+        rest = &rest[plain + 1..];
+    }
+    out.push(b'"');
+}
+
+fn push_int(out: &mut Vec<u8>, n: impl itoa::Integer) {
+    out.extend_from_slice(itoa::Buffer::new().format(n).as_bytes());
 }
 
 /// Writes a gRPC string value with its JSON type given back (see the module docs).
@@ -211,10 +329,10 @@ fn push_typed(out: &mut Vec<u8>, key: &str, value: &str) {
     }
     if INTEGER_FIELDS.binary_search(&key).is_ok() {
         if let Ok(n) = value.parse::<i64>() {
-            return push_json(out, &n);
+            return push_int(out, n);
         }
         if let Ok(n) = value.parse::<u64>() {
-            return push_json(out, &n);
+            return push_int(out, n);
         }
     }
     if BOOLEAN_FIELDS.binary_search(&key).is_ok() && (value == "true" || value == "false") {
@@ -233,15 +351,47 @@ fn normalise(secs: i64, nanos: i32) -> (i64, u32) {
 
 /// Formats a UTC instant as Falco does: RFC 3339, nine fractional digits, `Z`.
 pub fn format_rfc3339_nanos(secs: i64, nanos: u32) -> String {
+    let mut out = Vec::with_capacity(30);
+    push_rfc3339_nanos(&mut out, secs, nanos);
+    String::from_utf8(out).expect("digits and ASCII punctuation")
+}
+
+/// Writes [`format_rfc3339_nanos`]'s text; digit by digit for years 0 to 9999.
+fn push_rfc3339_nanos(out: &mut Vec<u8>, secs: i64, nanos: u32) {
     let days = secs.div_euclid(86_400);
-    let rem = secs.rem_euclid(86_400);
+    let rem = secs.rem_euclid(86_400) as u32;
     let (year, month, day) = civil_from_days(days);
-    format!(
-        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}.{nanos:09}Z",
-        rem / 3600,
-        rem % 3600 / 60,
-        rem % 60
-    )
+    let (hour, minute, second) = (rem / 3600, rem % 3600 / 60, rem % 60);
+    let year = match u32::try_from(year) {
+        Ok(year @ 0..=9999) if nanos < 1_000_000_000 => year,
+        _ => {
+            let text = format!(
+                "{year:04}-{month:02}-{day:02}T{hour:02}:{minute:02}:{second:02}.{nanos:09}Z"
+            );
+            out.extend_from_slice(text.as_bytes());
+            return;
+        }
+    };
+    push_digits(out, year, 4);
+    for (separator, n, width) in [
+        (b'-', month, 2),
+        (b'-', day, 2),
+        (b'T', hour, 2),
+        (b':', minute, 2),
+        (b':', second, 2),
+        (b'.', nanos, 9),
+    ] {
+        out.push(separator);
+        push_digits(out, n, width);
+    }
+    out.push(b'Z');
+}
+
+/// Writes the last `width` decimal digits of `n`, leading zeros included.
+fn push_digits(out: &mut Vec<u8>, n: u32, width: u32) {
+    for i in (0..width).rev() {
+        out.push(b'0' + (n / 10u32.pow(i) % 10) as u8);
+    }
 }
 
 /// Proleptic Gregorian date of a count of days since 1970-01-01
@@ -391,6 +541,37 @@ mod tests {
         let v: Value = serde_json::from_str(&json(r)).unwrap();
         assert_eq!(v["source"], "internal");
         assert_eq!(v["tags"], Value::Array(vec![]));
+    }
+
+    #[test]
+    fn strings_are_escaped_as_serde_json_escapes_them() {
+        let mut every: String = (0u8..0x80).map(char::from).collect();
+        every.push_str("ünïcødé 🐧 \u{2028}");
+        for s in [
+            every.as_str(),
+            "",
+            "plain",
+            "\"",
+            "a\u{1f}b",
+            "twelve bytes\n",
+        ] {
+            let mut out = Vec::new();
+            push_str(&mut out, s);
+            assert_eq!(
+                String::from_utf8(out).unwrap(),
+                serde_json::to_string(s).unwrap()
+            );
+        }
+    }
+
+    #[test]
+    fn the_wire_path_gives_the_same_alert_and_refuses_what_does_not_decode() {
+        let r = response();
+        let wire = event_from_wire(Bytes::from(r.encode_to_vec())).unwrap();
+        assert_eq!(wire.payload, event_from_response(r).unwrap().payload);
+        let err = event_from_wire(Bytes::from_static(b"\x22\x05cut")).unwrap_err();
+        assert_eq!(err.reason(), "not_protobuf");
+        assert!(err.to_string().contains("gRPC message"), "{err}");
     }
 
     #[test]

@@ -42,16 +42,19 @@ pub enum AlertError {
     TooLarge { size: usize, limit: usize },
     #[error("alert is not valid UTF-8")]
     NotUtf8,
+    #[error("gRPC message is not a Falco response: {0}")]
+    NotProtobuf(#[from] prost::DecodeError),
 }
 
 impl AlertError {
     /// Every [`Self::reason`], so that the metric shows each from the start.
-    pub const REASONS: [&'static str; 5] = [
+    pub const REASONS: [&'static str; 6] = [
         "not_json",
         "not_an_alert",
         "unknown_priority",
         "oversized",
         "not_utf8",
+        "not_protobuf",
     ];
 
     /// A bounded label for the `rejected` metric.
@@ -62,6 +65,7 @@ impl AlertError {
             AlertError::Priority(_) => "unknown_priority",
             AlertError::TooLarge { .. } => "oversized",
             AlertError::NotUtf8 => "not_utf8",
+            AlertError::NotProtobuf(_) => "not_protobuf",
         }
     }
 }

@@ -8,8 +8,8 @@ use bytes::Bytes;
 use prost::Message;
 
 use crate::alert::Alert;
-use crate::convert::event_from_response;
-use crate::event::FalcoEvent;
+use crate::convert::{event_from_response, event_from_response_at, event_from_wire_at};
+use crate::event::{AlertError, FalcoEvent};
 use crate::nats::subject::{SubjectTemplate, DEFAULT_SUBJECT};
 use crate::proto::outputs::Response;
 use crate::respond::policy::Policy;
@@ -134,27 +134,61 @@ pub fn falcosidekick_payload(data: &[u8]) {
     assert_eq!(out.get("hostname").is_some(), !hostname.is_empty());
 }
 
-/// gRPC to JSON: any decodable `falco.outputs.response` converts to JSON
-/// that parses (or to an error, for an unknown priority).
+/// gRPC to JSON: any bytes the wire reader converts as prost's decoder
+/// and [`event_from_response`] do (the same alert, or an error with the
+/// same reason), and any decodable `falco.outputs.response` converts to
+/// JSON that parses (or to an error, for an unknown priority).
 pub fn grpc_to_json(data: &[u8]) {
+    fn clock() -> (i64, u32) {
+        (1_700_000_000, 5)
+    }
+    let by_wire = event_from_wire_at(Bytes::copy_from_slice(data), clock);
+    let by_prost = Response::decode(data)
+        .map_err(AlertError::from)
+        .and_then(|r| event_from_response_at(r, clock));
+    match (&by_wire, &by_prost) {
+        (Ok(wire), Ok(prost)) => {
+            assert_eq!(
+                (
+                    &wire.payload,
+                    wire.priority,
+                    &wire.rule,
+                    &wire.hostname,
+                    &wire.source
+                ),
+                (
+                    &prost.payload,
+                    prost.priority,
+                    &prost.rule,
+                    &prost.hostname,
+                    &prost.source
+                ),
+                "the wire reader and prost disagree"
+            );
+        }
+        (Err(wire), Err(prost)) => assert_eq!(wire.reason(), prost.reason(), "{wire} / {prost}"),
+        _ => panic!("the wire reader gives {by_wire:?}, prost {by_prost:?}"),
+    }
     let Ok(response) = Response::decode(data) else {
         return;
     };
-    let verbatim = response.output.trim_start().starts_with('{');
     let built_from = response.clone();
     let Ok(event) = event_from_response(response) else {
         return;
     };
-    let parsed = serde_json::from_slice::<serde_json::Value>(&event.payload);
-    let Ok(json) = parsed else {
+    let output = built_from.output.trim();
+    if output.starts_with('{') && serde_json::from_str::<serde::de::IgnoredAny>(output).is_ok() {
+        // Falco's own JSON line (`json_output: true`), forwarded as it came
+        // (checked as the line inputs check theirs).
+        assert_eq!(event.payload, output.as_bytes());
+        return;
+    }
+    let Ok(json) = serde_json::from_slice::<serde_json::Value>(&event.payload) else {
         panic!(
-            "the JSON must parse (verbatim json_output: {verbatim}): {:?}",
+            "the JSON must parse: {:?}",
             String::from_utf8_lossy(&event.payload)
         );
     };
-    if verbatim && serde_json::from_str::<serde::de::IgnoredAny>(built_from.output.trim()).is_ok() {
-        return;
-    }
     // Built from the fields: it reads back to them.
     assert_eq!(json["rule"], built_from.rule.as_str());
     assert_eq!(json["output"], built_from.output.as_str());

@@ -456,7 +456,7 @@ impl<'a> Scanner<'a> {
 /// neither a quote, a backslash nor a control character. Eight bytes at a
 /// time, all tested at once; the last few one at a time.
 #[inline(always)]
-fn plain_run(b: &[u8]) -> usize {
+pub(crate) fn plain_run(b: &[u8]) -> usize {
     const ONES: u64 = 0x0101_0101_0101_0101;
     const HIGH: u64 = 0x8080_8080_8080_8080;
     let mut i = 0;

@@ -18,19 +18,23 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use bytes::{Buf, Bytes};
 use clap::ValueEnum;
 use hyper_util::rt::TokioIo;
 use tokio::net::UnixStream;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
+use tonic::client::Grpc;
+use tonic::codec::{Codec, DecodeBuf, Decoder, EncodeBuf, Encoder};
+use tonic::codegen::http::uri::PathAndQuery;
 use tonic::transport::{Channel, Endpoint, Uri};
+use tonic::Status;
 
 use super::{AlertSink, InputError};
 use crate::backoff::Backoff;
-use crate::convert::event_from_response;
-use crate::proto::outputs::service_client::ServiceClient as OutputsClient;
-use crate::proto::outputs::{Request, Response};
+use crate::convert::event_from_wire;
+use crate::proto::outputs::Request;
 use crate::proto::version::service_client::ServiceClient as VersionClient;
 
 /// Falco's default gRPC socket.
@@ -51,6 +55,9 @@ const NAP_MAX: Duration = Duration::from_millis(10);
 const QUIET: Duration = Duration::from_micros(200);
 /// How long after the last alert the input keeps polling fast.
 const ACTIVE_FOR: Duration = Duration::from_secs(1);
+
+/// The largest message the input takes from Falco.
+const MAX_MESSAGE: usize = 64 * 1024 * 1024;
 
 /// Which RPC reads the alerts.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Default)]
@@ -105,7 +112,7 @@ enum SessionError {
     #[error("cannot connect to Falco's socket: {0}")]
     Connect(#[from] tonic::transport::Error),
     #[error("Falco's gRPC call failed: {0}")]
-    Call(#[from] tonic::Status),
+    Call(#[from] Status),
     #[error("cannot start the poll thread: {0}")]
     PollThread(std::io::Error),
 }
@@ -177,16 +184,21 @@ impl GrpcInput {
         // Connected. Falco may send no response headers before its first
         // alert, so the call below can wait that long: no timeout on it.
         self.sink.set_connected(true);
-        let client = OutputsClient::new(channel).max_decoding_message_size(64 * 1024 * 1024);
+        let mut client = Grpc::new(channel).max_decoding_message_size(MAX_MESSAGE);
+        client
+            .ready()
+            .await
+            .map_err(|e| Status::unavailable(format!("Falco's gRPC service is not ready: {e}")))?;
         match self.options.method {
             GrpcMethod::Sub => self.sub(client, shutdown).await,
             GrpcMethod::Get => self.get(client, shutdown).await,
         }
     }
 
-    /// Handles one alert; `false` when the bridge is stopping.
-    async fn deliver(&self, response: Response) -> bool {
-        match event_from_response(response) {
+    /// Handles one alert (a `response` message as Falco sent it); `false`
+    /// when the bridge is stopping.
+    async fn deliver(&self, response: Bytes) -> bool {
+        match event_from_wire(response) {
             Ok(event) => self.sink.send(event).await.is_ok(),
             Err(err) => {
                 self.sink.reject(&err);
@@ -197,7 +209,7 @@ impl GrpcInput {
 
     async fn sub(
         &self,
-        mut client: OutputsClient<Channel>,
+        mut client: Grpc<Channel>,
         shutdown: &CancellationToken,
     ) -> Result<SessionEnd, SessionError> {
         let (requests, rx) = mpsc::channel::<Request>(4);
@@ -212,7 +224,11 @@ impl GrpcInput {
         let _stop_polling = poller.state.stop.clone().drop_guard();
         poller.waiting();
         tracing::info!("subscribing to Falco's alerts");
-        let call = client.sub(ReceiverStream::new(rx));
+        let call = client.streaming(
+            tonic::Request::new(ReceiverStream::new(rx)),
+            PathAndQuery::from_static("/falco.outputs.service/sub"),
+            AlertCodec,
+        );
         let mut stream = tokio::select! {
             answered = call => answered?.into_inner(),
             _ = shutdown.cancelled() => return Ok(SessionEnd::Shutdown),
@@ -253,11 +269,21 @@ impl GrpcInput {
 
     async fn get(
         &self,
-        mut client: OutputsClient<Channel>,
+        mut client: Grpc<Channel>,
         shutdown: &CancellationToken,
     ) -> Result<SessionEnd, SessionError> {
         loop {
-            let mut stream = client.get(Request {}).await?.into_inner();
+            client.ready().await.map_err(|e| {
+                Status::unavailable(format!("Falco's gRPC service is not ready: {e}"))
+            })?;
+            let mut stream = client
+                .server_streaming(
+                    tonic::Request::new(Request {}),
+                    PathAndQuery::from_static("/falco.outputs.service/get"),
+                    AlertCodec,
+                )
+                .await?
+                .into_inner();
             let mut batch = 0u64;
             while let Some(response) = stream.message().await? {
                 batch += 1;
@@ -275,6 +301,47 @@ impl GrpcInput {
                 }
             }
         }
+    }
+}
+
+/// The outputs service's codec on the client side: requests encoded by
+/// prost, each `response` handed on as its bytes, for
+/// [`event_from_wire`] to read without building the message.
+#[derive(Debug, Clone, Copy, Default)]
+struct AlertCodec;
+
+impl Codec for AlertCodec {
+    type Encode = Request;
+    type Decode = Bytes;
+    type Encoder = AlertCodec;
+    type Decoder = AlertCodec;
+
+    fn encoder(&mut self) -> Self::Encoder {
+        AlertCodec
+    }
+
+    fn decoder(&mut self) -> Self::Decoder {
+        AlertCodec
+    }
+}
+
+impl Encoder for AlertCodec {
+    type Item = Request;
+    type Error = Status;
+
+    fn encode(&mut self, request: Request, dst: &mut EncodeBuf<'_>) -> Result<(), Status> {
+        prost::Message::encode(&request, dst)
+            .map_err(|e| Status::internal(format!("cannot encode a request: {e}")))
+    }
+}
+
+impl Decoder for AlertCodec {
+    type Item = Bytes;
+    type Error = Status;
+
+    fn decode(&mut self, src: &mut DecodeBuf<'_>) -> Result<Option<Bytes>, Status> {
+        // The message's bytes, split off tonic's buffer (not copied).
+        Ok(Some(src.copy_to_bytes(src.remaining())))
     }
 }
 

@@ -176,6 +176,7 @@ fn falcosidekick_payloads_keep_the_alert() {
 fn grpc_to_json_survives_mutated_responses() {
     let mut plain = AlertFactory::new("node-fuzz", false);
     let mut verbatim = AlertFactory::new("node-fuzz", true);
+    let mut more = AlertFactory::new("node-merged", false);
     let seeds: Vec<Vec<u8>> = (0..4)
         .flat_map(|_| {
             [
@@ -183,6 +184,22 @@ fn grpc_to_json_survives_mutated_responses() {
                 verbatim.next_response().encode_to_vec(),
             ]
         })
+        .chain((0..4).map(|_| {
+            // Two messages back to back are one, merged: strings replaced,
+            // tags added, map entries out of order and keys repeated (a
+            // later entry wins), as another protobuf library may write.
+            let mut first = more.next_response();
+            first.output_fields.insert("zz.last".into(), "kept?".into());
+            let mut merged = first.encode_to_vec();
+            let mut second = more.next_response();
+            second
+                .output_fields
+                .retain(|k, _| k.as_str() < "evt" || k.as_str() > "zz");
+            second.output_fields.insert("zz.last".into(), "<NA>".into());
+            second.output_fields.insert("aa.first".into(), "1".into());
+            merged.extend(second.encode_to_vec());
+            merged
+        }))
         .collect();
     run("grpc_to_json", &seeds, fuzzing::grpc_to_json);
 }

@@ -9,7 +9,9 @@
 //!
 //! It needs valgrind and `target/release/falco-nats`, which `scripts/test`
 //! builds before running it (`cargo test --test it instructions --
-//! --ignored`); `cargo test` alone leaves it out.
+//! --ignored`); `cargo test` alone leaves it out. For profiling,
+//! `INSTRUCTIONS_ONLY=<input>` runs one path and `INSTRUCTIONS_KEEP=<dir>`
+//! keeps callgrind's files there for `callgrind_annotate`.
 
 use std::collections::BTreeMap;
 use std::io::Write;
@@ -212,6 +214,11 @@ async fn run(input: &str, n: u64) -> u64 {
         }
         other => panic!("no input {other}"),
     }
+    if let Some(keep) = std::env::var_os("INSTRUCTIONS_KEEP") {
+        let kept = Path::new(&keep).join(format!("callgrind.{input}.{n}"));
+        std::fs::copy(&out, &kept).unwrap();
+        eprintln!("kept {}", kept.display());
+    }
     total(&out)
 }
 
@@ -219,8 +226,12 @@ async fn run(input: &str, n: u64) -> u64 {
 #[ignore = "needs valgrind and the release binary: scripts/test runs it"]
 async fn instructions_per_alert_stay_within_their_budgets() {
     let budgets = budgets();
+    let only = std::env::var("INSTRUCTIONS_ONLY").ok();
     let mut over = Vec::new();
     for (input, budget) in &budgets {
+        if only.as_ref().is_some_and(|only| only != input) {
+            continue;
+        }
         let small = run(input, SMALL).await;
         let large = run(input, LARGE).await;
         let per_alert = large.saturating_sub(small) as f64 / (LARGE - SMALL) as f64;
@@ -240,6 +251,9 @@ async fn instructions_per_alert_stay_within_their_budgets() {
         }
     }
     assert!(over.is_empty(), "over budget: {over:?}");
+    if only.is_some() {
+        return;
+    }
     assert_eq!(
         budgets.keys().map(String::as_str).collect::<Vec<_>>(),
         ["fifo", "grpc", "http", "jetstream", "stdin"],

@@ -1,0 +1,256 @@
+//! Falco's `falco.outputs.response` read straight from its protobuf bytes:
+//! every string borrowed from the message, nothing built but two small
+//! lists (the `output_fields` pairs and the tags).
+//!
+//! prost's generated decoder copies each of an alert's hundred or so strings
+//! into a `String` of its own and inserts fifty of them into a map, which
+//! costs more than the rest of the bridge together. This reader handles the
+//! wire format Falco and every protobuf library write: known fields with
+//! their wire types, unknown fields of wire types 0, 1, 2 and 5, any field
+//! repeated, map entries in any order. Anything else, and anything wrong
+//! (a group, a bad wire type, a cut message, invalid UTF-8), is
+//! [`Unusual`]: the caller then decodes the message with prost, whose
+//! answer, an alert or an error, stands. `fuzzing::grpc_wire` holds the two
+//! to the same alert for every mutated message.
+
+/// What the message held, as prost would decode it (strings last-wins,
+/// `time` merged, map entries and tags in wire order).
+#[derive(Debug, Default)]
+pub(super) struct Wire<'a> {
+    /// `time`: seconds and nanoseconds, if the message had the field.
+    pub time: Option<(i64, i32)>,
+    pub priority: i32,
+    pub source_deprecated: i32,
+    pub rule: &'a str,
+    pub output: &'a str,
+    /// `output_fields` entries in wire order (a key may repeat).
+    pub fields: Vec<(&'a str, &'a str)>,
+    pub hostname: &'a str,
+    pub tags: Vec<&'a str>,
+    pub source: &'a str,
+}
+
+/// A message this reader leaves to prost.
+#[derive(Debug, PartialEq, Eq)]
+pub(super) struct Unusual;
+
+const VARINT: u8 = 0;
+const FIXED64: u8 = 1;
+const LENGTH: u8 = 2;
+const FIXED32: u8 = 5;
+
+/// Reads one `response`.
+pub(super) fn read(message: &[u8]) -> Result<Wire<'_>, Unusual> {
+    let mut r = Reader { b: message, at: 0 };
+    let mut wire = Wire {
+        // Falco's alerts carry about fifty fields and a few tags.
+        fields: Vec::with_capacity(64),
+        tags: Vec::with_capacity(8),
+        ..Wire::default()
+    };
+    while !r.done() {
+        let (tag, kind) = r.key()?;
+        match (tag, kind) {
+            (1, LENGTH) => {
+                let (mut secs, mut nanos) = wire.time.unwrap_or_default();
+                let mut t = Reader::new(r.bytes()?);
+                while !t.done() {
+                    match t.key()? {
+                        // int64 and int32: the varint's low bits.
+                        (1, VARINT) => secs = t.varint()? as i64,
+                        (2, VARINT) => nanos = t.varint()? as i32,
+                        (1 | 2, _) => return Err(Unusual),
+                        (_, kind) => t.skip(kind)?,
+                    }
+                }
+                wire.time = Some((secs, nanos));
+            }
+            (2, VARINT) => wire.priority = r.varint()? as i32,
+            (3, VARINT) => wire.source_deprecated = r.varint()? as i32,
+            (4, LENGTH) => wire.rule = r.string()?,
+            (5, LENGTH) => wire.output = r.string()?,
+            (6, LENGTH) => {
+                let (mut key, mut value) = ("", "");
+                let mut e = Reader::new(r.bytes()?);
+                while !e.done() {
+                    match e.key()? {
+                        (1, LENGTH) => key = e.string()?,
+                        (2, LENGTH) => value = e.string()?,
+                        (1 | 2, _) => return Err(Unusual),
+                        (_, kind) => e.skip(kind)?,
+                    }
+                }
+                wire.fields.push((key, value));
+            }
+            (7, LENGTH) => wire.hostname = r.string()?,
+            (8, LENGTH) => wire.tags.push(r.string()?),
+            (9, LENGTH) => wire.source = r.string()?,
+            (1..=9, _) => return Err(Unusual),
+            (_, kind) => r.skip(kind)?,
+        }
+    }
+    Ok(wire)
+}
+
+struct Reader<'a> {
+    b: &'a [u8],
+    at: usize,
+}
+
+impl<'a> Reader<'a> {
+    fn new(b: &'a [u8]) -> Self {
+        Reader { b, at: 0 }
+    }
+
+    fn done(&self) -> bool {
+        self.at >= self.b.len()
+    }
+
+    /// A base-128 varint of at most ten bytes, the tenth 0 or 1 (prost's rule).
+    fn varint(&mut self) -> Result<u64, Unusual> {
+        let mut value = 0u64;
+        for i in 0..10 {
+            let byte = *self.b.get(self.at).ok_or(Unusual)?;
+            self.at += 1;
+            if i == 9 && byte > 1 {
+                return Err(Unusual);
+            }
+            value |= u64::from(byte & 0x7f) << (7 * i);
+            if byte < 0x80 {
+                return Ok(value);
+            }
+        }
+        Err(Unusual)
+    }
+
+    /// A field's number and wire type.
+    fn key(&mut self) -> Result<(u32, u8), Unusual> {
+        let key = u32::try_from(self.varint()?).map_err(|_| Unusual)?;
+        let tag = key >> 3;
+        if tag == 0 {
+            return Err(Unusual);
+        }
+        Ok((tag, (key & 7) as u8))
+    }
+
+    fn take(&mut self, len: usize) -> Result<&'a [u8], Unusual> {
+        let end = self
+            .at
+            .checked_add(len)
+            .filter(|&end| end <= self.b.len())
+            .ok_or(Unusual)?;
+        let taken = &self.b[self.at..end];
+        self.at = end;
+        Ok(taken)
+    }
+
+    /// A length-delimited field's bytes.
+    fn bytes(&mut self) -> Result<&'a [u8], Unusual> {
+        let len = usize::try_from(self.varint()?).map_err(|_| Unusual)?;
+        self.take(len)
+    }
+
+    fn string(&mut self) -> Result<&'a str, Unusual> {
+        std::str::from_utf8(self.bytes()?).map_err(|_| Unusual)
+    }
+
+    /// Skips a field this reader does not use; groups are left to prost.
+    fn skip(&mut self, kind: u8) -> Result<(), Unusual> {
+        match kind {
+            VARINT => self.varint().map(drop),
+            FIXED64 => self.take(8).map(drop),
+            LENGTH => self.bytes().map(drop),
+            FIXED32 => self.take(4).map(drop),
+            _ => Err(Unusual),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::proto::outputs::Response;
+    use prost::Message;
+
+    fn response() -> Response {
+        Response {
+            time: Some(prost_types::Timestamp {
+                seconds: 1_685_022_245,
+                nanos: 478_445_995,
+            }),
+            priority: 5,
+            rule: "Terminal shell in container".into(),
+            output: "A shell was spawned".into(),
+            output_fields: [("user.name", "root"), ("proc.tty", "34816")]
+                .into_iter()
+                .map(|(k, v)| (k.to_owned(), v.to_owned()))
+                .collect(),
+            hostname: "node-a".into(),
+            tags: vec!["shell".into(), "container".into()],
+            source: "syscall".into(),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn reads_what_prost_writes() {
+        let bytes = response().encode_to_vec();
+        let w = read(&bytes).unwrap();
+        assert_eq!(w.time, Some((1_685_022_245, 478_445_995)));
+        assert_eq!(w.priority, 5);
+        assert_eq!(w.rule, "Terminal shell in container");
+        assert_eq!(w.output, "A shell was spawned");
+        assert_eq!(w.fields, [("proc.tty", "34816"), ("user.name", "root")]);
+        assert_eq!(w.hostname, "node-a");
+        assert_eq!(w.tags, ["shell", "container"]);
+        assert_eq!(w.source, "syscall");
+    }
+
+    #[test]
+    fn repeated_fields_and_unknown_ones() {
+        let mut bytes = response().encode_to_vec();
+        // rule again (last wins), a map entry with its value first and an
+        // unknown field inside, unknown fields of each plain wire type.
+        bytes.extend_from_slice(&[0x22, 1, b'R']);
+        bytes.extend_from_slice(&[0x32, 8, 0x12, 1, b'v', 0x18, 7, 0x0a, 1, b'k']);
+        bytes.extend_from_slice(&[0x50, 0x96, 0x01]); // 10: varint
+        bytes.extend_from_slice(&[0x59, 1, 2, 3, 4, 5, 6, 7, 8]); // 11: fixed64
+        bytes.extend_from_slice(&[0x62, 2, b'x', b'y']); // 12: bytes
+        bytes.extend_from_slice(&[0x6d, 1, 2, 3, 4]); // 13: fixed32
+        let w = read(&bytes).unwrap();
+        assert_eq!(w.rule, "R");
+        assert_eq!(w.fields.last(), Some(&("k", "v")));
+        let prost = Response::decode(bytes.as_slice()).unwrap();
+        assert_eq!(prost.rule, "R");
+        assert_eq!(prost.output_fields["k"], "v");
+    }
+
+    #[test]
+    fn leaves_the_unusual_to_prost() {
+        let good = response().encode_to_vec();
+        // Cut short, anywhere inside the last field.
+        for cut in 1..6 {
+            assert_eq!(read(&good[..good.len() - cut]).unwrap_err(), Unusual);
+        }
+        for odd in [
+            &[0x23, 0x24][..],             // field 4 as a group
+            &[0x53, 0x54][..],             // an unknown group
+            &[0x10, 0x80][..],             // a varint cut short
+            &[0x12, 0x01, 0x02][..],       // priority as bytes
+            &[0x22, 0x01, 0xff][..],       // rule not UTF-8
+            &[0x02, 0x00][..],             // field number 0
+            &[0x16][..],                   // wire type 6
+            &[0x32, 0x02, 0x08, 0x01][..], // a map key as a varint
+            &[0x0a, 0x02, 0x0a, 0x00][..], // time's seconds as bytes
+        ] {
+            assert_eq!(read(odd).unwrap_err(), Unusual, "{odd:?}");
+        }
+        // A ten-byte varint is read if its last byte is 0 or 1.
+        let mut long = vec![0x10];
+        long.extend_from_slice(&[0xff; 9]);
+        long.push(1);
+        assert_eq!(read(&long).unwrap().priority, -1);
+        *long.last_mut().unwrap() = 2;
+        assert_eq!(read(&long).unwrap_err(), Unusual);
+    }
+}
