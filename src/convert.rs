@@ -327,15 +327,16 @@ fn push_typed(out: &mut Vec<u8>, key: &str, value: &str) {
         out.extend_from_slice(b"null");
         return;
     }
-    if INTEGER_FIELDS.binary_search(&key).is_ok() {
-        if let Ok(n) = value.parse::<i64>() {
+    // The value first: most are not numbers, and few are booleans.
+    if let Ok(n) = value.parse::<i64>() {
+        if INTEGER_FIELDS.binary_search(&key).is_ok() {
             return push_int(out, n);
         }
-        if let Ok(n) = value.parse::<u64>() {
+    } else if let Ok(n) = value.parse::<u64>() {
+        if INTEGER_FIELDS.binary_search(&key).is_ok() {
             return push_int(out, n);
         }
-    }
-    if BOOLEAN_FIELDS.binary_search(&key).is_ok() && (value == "true" || value == "false") {
+    } else if (value == "true" || value == "false") && BOOLEAN_FIELDS.binary_search(&key).is_ok() {
         out.extend_from_slice(value.as_bytes());
         return;
     }

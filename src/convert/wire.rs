@@ -107,7 +107,20 @@ impl<'a> Reader<'a> {
     }
 
     /// A base-128 varint of at most ten bytes, the tenth 0 or 1 (prost's rule).
+    #[inline]
     fn varint(&mut self) -> Result<u64, Unusual> {
+        // Most are one byte: keys, and lengths below 128.
+        match self.b.get(self.at) {
+            Some(&byte) if byte < 0x80 => {
+                self.at += 1;
+                Ok(u64::from(byte))
+            }
+            _ => self.long_varint(),
+        }
+    }
+
+    #[inline(never)]
+    fn long_varint(&mut self) -> Result<u64, Unusual> {
         let mut value = 0u64;
         for i in 0..10 {
             let byte = *self.b.get(self.at).ok_or(Unusual)?;
