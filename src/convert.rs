@@ -68,7 +68,9 @@ pub const BOOLEAN_FIELDS: &[&str] = &[
 ];
 
 /// Falco's marker for a field without a value.
-const NOT_AVAILABLE: &str = "<NA>";
+const NOT_AVAILABLE: &[u8] = b"<NA>";
+/// The field synthesised from `response.time` where the map has none.
+const EVT_TIME: &[u8] = b"evt.time";
 
 /// Converts one gRPC response into a [`FalcoEvent`].
 ///
@@ -87,7 +89,7 @@ pub(crate) fn event_from_response_at(
     let fields = response
         .output_fields
         .iter()
-        .map(|(k, v)| (k.as_str(), v.as_str()))
+        .map(|(k, v)| (k.as_bytes(), v.as_bytes()))
         .collect();
     let parts = Parts {
         time: response.time.as_ref().map(|t| (t.seconds, t.nanos)),
@@ -97,7 +99,7 @@ pub(crate) fn event_from_response_at(
         // A map: sorted, each key once.
         fields,
         hostname: &response.hostname,
-        tags: response.tags.iter().map(String::as_str).collect(),
+        tags: response.tags.iter().map(String::as_bytes).collect(),
         source: source_name(&response.source, deprecated),
         size: response.output.len() * 3,
     };
@@ -117,7 +119,13 @@ pub(crate) fn event_from_wire_at(
     message: Bytes,
     now: fn() -> (i64, u32),
 ) -> Result<FalcoEvent, AlertError> {
-    let Ok(wire) = wire::read(&message) else {
+    let text = |s| std::str::from_utf8(s).map_err(|_| wire::Unusual);
+    let read = wire::read(&message).and_then(|wire| {
+        let strings = (text(wire.rule)?, text(wire.output)?, text(wire.hostname)?);
+        let source = text(wire.source)?;
+        Ok((wire, strings, source))
+    });
+    let Ok((wire, (rule, output, hostname), source)) = read else {
         // Groups, errors, anything odd: prost's answer stands.
         return event_from_response_at(Response::decode(message)?, now);
     };
@@ -137,12 +145,12 @@ pub(crate) fn event_from_wire_at(
     let parts = Parts {
         time: wire.time,
         priority: Priority::from_number(wire.priority)?,
-        rule: wire.rule,
-        output: wire.output,
+        rule,
+        output,
         fields,
-        hostname: wire.hostname,
+        hostname,
         tags: wire.tags,
-        source: source_name(wire.source, wire.source_deprecated),
+        source: source_name(source, wire.source_deprecated),
         size: message.len(),
     };
     Ok(parts.event(now, |line| message.slice_ref(line.as_bytes())))
@@ -176,10 +184,11 @@ struct Parts<'a> {
     priority: Priority,
     rule: &'a str,
     output: &'a str,
-    /// `output_fields`: sorted by key, each key once.
-    fields: Vec<(&'a str, &'a str)>,
+    /// `output_fields`: sorted by key, each key once; UTF-8.
+    fields: Vec<(&'a [u8], &'a [u8])>,
     hostname: &'a str,
-    tags: Vec<&'a str>,
+    /// UTF-8.
+    tags: Vec<&'a [u8]>,
     source: &'a str,
     /// About how long the alert's JSON will be.
     size: usize,
@@ -223,15 +232,15 @@ impl Parts<'_> {
 
         let mut out = Vec::with_capacity(self.size + self.size / 4 + 160);
         out.extend_from_slice(b"{\"hostname\":");
-        push_str(&mut out, self.hostname);
+        push_str(&mut out, self.hostname.as_bytes());
         out.extend_from_slice(b",\"output\":");
-        push_str(&mut out, self.output);
+        push_str(&mut out, self.output.as_bytes());
         out.extend_from_slice(b",\"output_fields\":{");
         // `evt.time` is synthesised where the map has none, in its place
         // in byte order.
         let mut synthesised = evt_time.filter(|_| {
             self.fields
-                .binary_search_by(|(k, _)| (*k).cmp("evt.time"))
+                .binary_search_by(|(k, _)| (*k).cmp(EVT_TIME))
                 .is_err()
         });
         let mut first = true;
@@ -241,7 +250,7 @@ impl Parts<'_> {
             }
         };
         for (key, value) in &self.fields {
-            if let Some(ns) = synthesised.filter(|_| *key > "evt.time") {
+            if let Some(ns) = synthesised.filter(|_| *key > EVT_TIME) {
                 comma(&mut out);
                 out.extend_from_slice(b"\"evt.time\":");
                 push_int(&mut out, ns);
@@ -258,11 +267,11 @@ impl Parts<'_> {
             push_int(&mut out, ns);
         }
         out.extend_from_slice(b"},\"priority\":");
-        push_str(&mut out, self.priority.as_str());
+        push_str(&mut out, self.priority.as_str().as_bytes());
         out.extend_from_slice(b",\"rule\":");
-        push_str(&mut out, self.rule);
+        push_str(&mut out, self.rule.as_bytes());
         out.extend_from_slice(b",\"source\":");
-        push_str(&mut out, self.source);
+        push_str(&mut out, self.source.as_bytes());
         out.extend_from_slice(b",\"tags\":[");
         for (i, tag) in self.tags.iter().enumerate() {
             if i > 0 {
@@ -285,12 +294,13 @@ fn json_output(output: &str) -> Option<&str> {
         .then_some(trimmed)
 }
 
-/// Writes `s` as a JSON string, escaped as serde_json escapes it: runs of
-/// plain characters copied whole, `"`, `\` and control characters escaped.
-fn push_str(out: &mut Vec<u8>, s: &str) {
+/// Writes `s` (UTF-8) as a JSON string, escaped as serde_json escapes it:
+/// runs of plain characters copied whole, `"`, `\` and control characters
+/// escaped.
+fn push_str(out: &mut Vec<u8>, s: &[u8]) {
     const HEX: &[u8; 16] = b"0123456789abcdef";
     out.push(b'"');
-    let mut rest = s.as_bytes();
+    let mut rest = s;
     loop {
         let plain = crate::scan::plain_run(rest);
         out.extend_from_slice(&rest[..plain]);
@@ -321,23 +331,28 @@ fn push_int(out: &mut Vec<u8>, n: impl itoa::Integer) {
     out.extend_from_slice(itoa::Buffer::new().format(n).as_bytes());
 }
 
-/// Writes a gRPC string value with its JSON type given back (see the module docs).
-fn push_typed(out: &mut Vec<u8>, key: &str, value: &str) {
+/// Writes a gRPC string value (UTF-8) with its JSON type given back (see
+/// the module docs).
+fn push_typed(out: &mut Vec<u8>, key: &[u8], value: &[u8]) {
     if value == NOT_AVAILABLE {
         out.extend_from_slice(b"null");
         return;
     }
+    let listed = |list: &[&str]| list.binary_search_by(|k| k.as_bytes().cmp(key)).is_ok();
     // The value first: most are not numbers, and few are booleans.
-    if let Ok(n) = value.parse::<i64>() {
-        if INTEGER_FIELDS.binary_search(&key).is_ok() {
-            return push_int(out, n);
+    if matches!(value.first(), Some(b'0'..=b'9' | b'-' | b'+')) {
+        let number = std::str::from_utf8(value).unwrap_or_default();
+        if let Ok(n) = number.parse::<i64>() {
+            if listed(INTEGER_FIELDS) {
+                return push_int(out, n);
+            }
+        } else if let Ok(n) = number.parse::<u64>() {
+            if listed(INTEGER_FIELDS) {
+                return push_int(out, n);
+            }
         }
-    } else if let Ok(n) = value.parse::<u64>() {
-        if INTEGER_FIELDS.binary_search(&key).is_ok() {
-            return push_int(out, n);
-        }
-    } else if (value == "true" || value == "false") && BOOLEAN_FIELDS.binary_search(&key).is_ok() {
-        out.extend_from_slice(value.as_bytes());
+    } else if (value == b"true" || value == b"false") && listed(BOOLEAN_FIELDS) {
+        out.extend_from_slice(value);
         return;
     }
     push_str(out, value);
@@ -557,7 +572,7 @@ mod tests {
             "twelve bytes\n",
         ] {
             let mut out = Vec::new();
-            push_str(&mut out, s);
+            push_str(&mut out, s.as_bytes());
             assert_eq!(
                 String::from_utf8(out).unwrap(),
                 serde_json::to_string(s).unwrap()

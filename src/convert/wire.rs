@@ -14,20 +14,21 @@
 //! to the same alert for every mutated message.
 
 /// What the message held, as prost would decode it (strings last-wins,
-/// `time` merged, map entries and tags in wire order).
+/// `time` merged, map entries and tags in wire order). Strings are bytes,
+/// each valid UTF-8.
 #[derive(Debug, Default)]
 pub(super) struct Wire<'a> {
     /// `time`: seconds and nanoseconds, if the message had the field.
     pub time: Option<(i64, i32)>,
     pub priority: i32,
     pub source_deprecated: i32,
-    pub rule: &'a str,
-    pub output: &'a str,
+    pub rule: &'a [u8],
+    pub output: &'a [u8],
     /// `output_fields` entries in wire order (a key may repeat).
-    pub fields: Vec<(&'a str, &'a str)>,
-    pub hostname: &'a str,
-    pub tags: Vec<&'a str>,
-    pub source: &'a str,
+    pub fields: Vec<(&'a [u8], &'a [u8])>,
+    pub hostname: &'a [u8],
+    pub tags: Vec<&'a [u8]>,
+    pub source: &'a [u8],
 }
 
 /// A message this reader leaves to prost.
@@ -39,12 +40,25 @@ const FIXED64: u8 = 1;
 const LENGTH: u8 = 2;
 const FIXED32: u8 = 5;
 
-/// Reads one `response`.
+/// Reads one `response`. Its strings are checked for UTF-8 at once: if no
+/// byte of any is above 0x7f, all are ASCII; otherwise the message is read
+/// again, each string checked on its own.
 pub(super) fn read(message: &[u8]) -> Result<Wire<'_>, Unusual> {
-    let mut r = Reader { b: message, at: 0 };
+    let (wire, high) = read_checking(message, false)?;
+    if high < 0x80 {
+        return Ok(wire);
+    }
+    read_checking(message, true).map(|(wire, _)| wire)
+}
+
+/// Reads one `response`, each string checked for UTF-8 if `check`; also
+/// returns the bits of every string's bytes ORed together.
+fn read_checking(message: &[u8], check: bool) -> Result<(Wire<'_>, u8), Unusual> {
+    let mut r = Reader::new(message, check);
     let mut wire = Wire {
-        // Falco's alerts carry about fifty fields and a few tags.
-        fields: Vec::with_capacity(64),
+        // Falco's alerts carry tens of fields (32 pairs fit the allocator's
+        // small sizes) and a few tags.
+        fields: Vec::with_capacity(32),
         tags: Vec::with_capacity(8),
         ..Wire::default()
     };
@@ -53,7 +67,7 @@ pub(super) fn read(message: &[u8]) -> Result<Wire<'_>, Unusual> {
         match (tag, kind) {
             (1, LENGTH) => {
                 let (mut secs, mut nanos) = wire.time.unwrap_or_default();
-                let mut t = Reader::new(r.bytes()?);
+                let mut t = Reader::new(r.bytes()?, check);
                 while !t.done() {
                     match t.key()? {
                         // int64 and int32: the varint's low bits.
@@ -70,8 +84,8 @@ pub(super) fn read(message: &[u8]) -> Result<Wire<'_>, Unusual> {
             (4, LENGTH) => wire.rule = r.string()?,
             (5, LENGTH) => wire.output = r.string()?,
             (6, LENGTH) => {
-                let (mut key, mut value) = ("", "");
-                let mut e = Reader::new(r.bytes()?);
+                let (mut key, mut value): (&[u8], &[u8]) = (b"", b"");
+                let mut e = Reader::new(r.bytes()?, check);
                 while !e.done() {
                     match e.key()? {
                         (1, LENGTH) => key = e.string()?,
@@ -80,6 +94,7 @@ pub(super) fn read(message: &[u8]) -> Result<Wire<'_>, Unusual> {
                         (_, kind) => e.skip(kind)?,
                     }
                 }
+                r.high |= e.high;
                 wire.fields.push((key, value));
             }
             (7, LENGTH) => wire.hostname = r.string()?,
@@ -89,17 +104,26 @@ pub(super) fn read(message: &[u8]) -> Result<Wire<'_>, Unusual> {
             (_, kind) => r.skip(kind)?,
         }
     }
-    Ok(wire)
+    Ok((wire, r.high))
 }
 
 struct Reader<'a> {
     b: &'a [u8],
     at: usize,
+    /// Check each string for UTF-8.
+    check: bool,
+    /// Every unchecked string's bytes ORed together.
+    high: u8,
 }
 
 impl<'a> Reader<'a> {
-    fn new(b: &'a [u8]) -> Self {
-        Reader { b, at: 0 }
+    fn new(b: &'a [u8], check: bool) -> Self {
+        Reader {
+            b,
+            at: 0,
+            check,
+            high: 0,
+        }
     }
 
     fn done(&self) -> bool {
@@ -163,8 +187,15 @@ impl<'a> Reader<'a> {
         self.take(len)
     }
 
-    fn string(&mut self) -> Result<&'a str, Unusual> {
-        std::str::from_utf8(self.bytes()?).map_err(|_| Unusual)
+    /// A string's bytes: valid UTF-8 if checked, else folded into `high`.
+    fn string(&mut self) -> Result<&'a [u8], Unusual> {
+        let s = self.bytes()?;
+        if self.check {
+            std::str::from_utf8(s).map_err(|_| Unusual)?;
+        } else {
+            self.high |= s.iter().fold(0, |high, &b| high | b);
+        }
+        Ok(s)
     }
 
     /// Skips a field this reader does not use; groups are left to prost.
@@ -211,12 +242,26 @@ mod tests {
         let w = read(&bytes).unwrap();
         assert_eq!(w.time, Some((1_685_022_245, 478_445_995)));
         assert_eq!(w.priority, 5);
-        assert_eq!(w.rule, "Terminal shell in container");
-        assert_eq!(w.output, "A shell was spawned");
-        assert_eq!(w.fields, [("proc.tty", "34816"), ("user.name", "root")]);
-        assert_eq!(w.hostname, "node-a");
-        assert_eq!(w.tags, ["shell", "container"]);
-        assert_eq!(w.source, "syscall");
+        assert_eq!(w.rule, b"Terminal shell in container");
+        assert_eq!(w.output, b"A shell was spawned");
+        let fields: [(&[u8], &[u8]); 2] = [(b"proc.tty", b"34816"), (b"user.name", b"root")];
+        assert_eq!(w.fields, fields);
+        assert_eq!(w.hostname, b"node-a");
+        assert_eq!(w.tags, [b"shell".as_slice(), b"container"]);
+        assert_eq!(w.source, b"syscall");
+    }
+
+    #[test]
+    fn strings_of_a_message_that_is_not_ascii_are_checked_one_by_one() {
+        let mut r = response();
+        r.rule = "Règle 🐧".into();
+        let bytes = r.encode_to_vec();
+        assert_eq!(read(&bytes).unwrap().rule, "Règle 🐧".as_bytes());
+        // The same bytes cut inside the penguin: not UTF-8.
+        let at = bytes.windows(4).position(|w| w == "🐧".as_bytes()).unwrap();
+        let mut cut = bytes.clone();
+        cut[at + 3] = b'!';
+        assert_eq!(read(&cut).unwrap_err(), Unusual);
     }
 
     #[test]
@@ -231,8 +276,8 @@ mod tests {
         bytes.extend_from_slice(&[0x62, 2, b'x', b'y']); // 12: bytes
         bytes.extend_from_slice(&[0x6d, 1, 2, 3, 4]); // 13: fixed32
         let w = read(&bytes).unwrap();
-        assert_eq!(w.rule, "R");
-        assert_eq!(w.fields.last(), Some(&("k", "v")));
+        assert_eq!(w.rule, b"R");
+        assert_eq!(w.fields.last(), Some(&(b"k".as_slice(), b"v".as_slice())));
         let prost = Response::decode(bytes.as_slice()).unwrap();
         assert_eq!(prost.rule, "R");
         assert_eq!(prost.output_fields["k"], "v");

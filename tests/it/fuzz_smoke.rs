@@ -189,7 +189,9 @@ fn grpc_to_json_survives_mutated_responses() {
             // tags added, map entries out of order and keys repeated (a
             // later entry wins), as another protobuf library may write.
             let mut first = more.next_response();
-            first.output_fields.insert("zz.last".into(), "kept?".into());
+            first
+                .output_fields
+                .insert("zz.last".into(), "kept? ünï 🐧".into());
             let mut merged = first.encode_to_vec();
             let mut second = more.next_response();
             second
