@@ -50,6 +50,10 @@ const ACTIVE_POLL: Duration = Duration::from_millis(1);
 /// The poller's shortest and longest sleep (it checks for a stop after each).
 const NAP_MIN: Duration = Duration::from_micros(100);
 const NAP_MAX: Duration = Duration::from_millis(10);
+/// While the input stays busy (Falco is draining its queue), the nap doubles
+/// from [`NAP_MIN`] this many times (to 800 µs): a long drain wakes the
+/// poller about a thousand times a second instead of ten thousand.
+const BUSY_DOUBLINGS: u32 = 3;
 /// No poll unless the input has waited this long for Falco to send
 /// anything: before that, Falco may still be draining its queue.
 const QUIET: Duration = Duration::from_micros(200);
@@ -407,10 +411,11 @@ impl Poller {
     }
 
     /// What the poller knows now, in microseconds since it started.
-    fn clock(&self, last_request: u64) -> PollClock {
+    fn clock(&self, last_request: u64, busy_checks: u32) -> PollClock {
         PollClock {
             now: micros(self.state.started.elapsed()),
             last_request,
+            busy_checks,
             last_alert: self.state.last_alert.load(Ordering::Relaxed),
             waiting_since: self.state.waiting_since.load(Ordering::Relaxed),
         }
@@ -420,8 +425,11 @@ impl Poller {
     fn run(self, requests: mpsc::Sender<Request>) {
         let _ = requests.try_send(Request {});
         let mut last_request = micros(self.state.started.elapsed());
+        let mut busy_checks = 0;
         loop {
-            match next_poll(self.idle, &self.clock(last_request)) {
+            let clock = self.clock(last_request, busy_checks);
+            busy_checks = if clock.busy() { busy_checks + 1 } else { 0 };
+            match next_poll(self.idle, &clock) {
                 PollStep::Sleep(nap) => std::thread::sleep(nap),
                 PollStep::Send => {
                     // A full request buffer means Falco has requests enough.
@@ -450,6 +458,16 @@ struct PollClock {
     last_alert: u64,
     /// When the input began waiting for Falco to send (0: busy with an alert).
     waiting_since: u64,
+    /// How many checks in a row before this one found the input busy.
+    busy_checks: u32,
+}
+
+impl PollClock {
+    /// Whether Falco may still be sending: the input is busy with an alert
+    /// or has not yet waited [`QUIET`].
+    fn busy(&self) -> bool {
+        self.waiting_since == 0 || self.now.saturating_sub(self.waiting_since) < micros(QUIET)
+    }
 }
 
 /// What the poller does next.
@@ -471,16 +489,17 @@ fn next_poll(idle: Duration, clock: &PollClock) -> PollStep {
         _ => idle,
     };
     let since_request = Duration::from_micros(clock.now.saturating_sub(clock.last_request));
-    let busy =
-        clock.waiting_since == 0 || clock.now.saturating_sub(clock.waiting_since) < micros(QUIET);
+    let busy = clock.busy();
     if since_request >= interval && !busy {
         return PollStep::Send;
     }
-    PollStep::Sleep(
-        interval
-            .saturating_sub(since_request)
-            .clamp(NAP_MIN, NAP_MAX),
-    )
+    let nap = interval.saturating_sub(since_request);
+    let nap = if busy {
+        nap.max(NAP_MIN * (1 << clock.busy_checks.min(BUSY_DOUBLINGS)))
+    } else {
+        nap
+    };
+    PollStep::Sleep(nap.clamp(NAP_MIN, NAP_MAX))
 }
 
 /// Asks Falco for its version and logs it, warning about the gRPC removal.
@@ -512,6 +531,7 @@ mod tests {
             last_request,
             last_alert,
             waiting_since,
+            busy_checks: 0,
         }
     }
 
@@ -539,6 +559,34 @@ mod tests {
             next_poll(IDLE, &clock(10_100, 10_000, 10_000, 10_000)),
             PollStep::Sleep(Duration::from_micros(150))
         );
+    }
+
+    #[test]
+    fn naps_longer_while_falco_drains_its_queue() {
+        let busy = |checks| PollClock {
+            busy_checks: checks,
+            ..clock(90_000, 10_000, 89_990, 89_995)
+        };
+        let naps: Vec<_> = (0..6).map(|n| next_poll(IDLE, &busy(n))).collect();
+        let micros = |us| PollStep::Sleep(Duration::from_micros(us));
+        assert_eq!(
+            naps,
+            [
+                micros(100),
+                micros(200),
+                micros(400),
+                micros(800),
+                micros(800),
+                micros(800)
+            ]
+        );
+        // Once the input waits, the next check polls as before.
+        let quiet = PollClock {
+            busy_checks: 5,
+            ..clock(90_500, 10_000, 89_990, 90_100)
+        };
+        assert!(!quiet.busy());
+        assert_eq!(next_poll(IDLE, &quiet), PollStep::Send);
     }
 
     #[test]
