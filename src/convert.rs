@@ -103,13 +103,14 @@ pub(crate) fn event_from_response_at(
         source: source_name(&response.source, deprecated),
         size: response.output.len() * 3,
     };
-    Ok(parts.event(now, |line| Bytes::copy_from_slice(line.as_bytes())))
+    Ok(parts.event(now))
 }
 
 /// Converts one gRPC response from its protobuf bytes (as Falco sent them)
 /// into a [`FalcoEvent`]: the same alert as [`event_from_response`] of the
 /// decoded message, without building the message. Falco's own JSON line
-/// (`json_output: true`) is a slice of `message`, not a copy.
+/// (`json_output: true`) is copied out: a slice would hold tonic's whole
+/// read buffer for as long as the alert waits in the queue.
 pub fn event_from_wire(message: Bytes) -> Result<FalcoEvent, AlertError> {
     event_from_wire_at(message, utc_now)
 }
@@ -153,7 +154,7 @@ pub(crate) fn event_from_wire_at(
         source: source_name(source, wire.source_deprecated),
         size: message.len(),
     };
-    Ok(parts.event(now, |line| message.slice_ref(line.as_bytes())))
+    Ok(parts.event(now))
 }
 
 /// Seconds and nanoseconds since the epoch, now.
@@ -195,15 +196,11 @@ struct Parts<'a> {
 }
 
 impl Parts<'_> {
-    /// The alert: Falco's own JSON line if `output` is one (taken by
-    /// `verbatim`), else the JSON built from the parts.
-    fn event(
-        mut self,
-        now: fn() -> (i64, u32),
-        verbatim: impl FnOnce(&str) -> Bytes,
-    ) -> FalcoEvent {
+    /// The alert: Falco's own JSON line if `output` is one, else the JSON
+    /// built from the parts.
+    fn event(mut self, now: fn() -> (i64, u32)) -> FalcoEvent {
         let payload = match json_output(self.output) {
-            Some(line) => verbatim(line),
+            Some(line) => Bytes::copy_from_slice(line.as_bytes()),
             None => Bytes::from(self.json(now)),
         };
         FalcoEvent {
