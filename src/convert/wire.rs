@@ -10,7 +10,7 @@
 //! repeated, map entries in any order. Anything else, and anything wrong
 //! (a group, a bad wire type, a cut message, invalid UTF-8), is
 //! [`Unusual`]: the caller then decodes the message with prost, whose
-//! answer, an alert or an error, stands. `fuzzing::grpc_wire` holds the two
+//! answer, an alert or an error, stands. `fuzzing::grpc_to_json` holds the two
 //! to the same alert for every mutated message.
 
 /// What the message held, as prost would decode it (strings last-wins,
