@@ -50,7 +50,7 @@ const ACTIVE_POLL: Duration = Duration::from_millis(1);
 /// The poller's shortest and longest sleep (it checks for a stop after each).
 const NAP_MIN: Duration = Duration::from_micros(100);
 const NAP_MAX: Duration = Duration::from_millis(10);
-/// While the input stays busy (Falco is draining its queue), the nap doubles
+/// While alerts keep coming (Falco is draining its queue), the nap doubles
 /// from [`NAP_MIN`] this many times (to 800 µs): a long drain wakes the
 /// poller about a thousand times a second instead of ten thousand.
 const BUSY_DOUBLINGS: u32 = 3;
@@ -425,10 +425,13 @@ impl Poller {
     fn run(self, requests: mpsc::Sender<Request>) {
         let _ = requests.try_send(Request {});
         let mut last_request = micros(self.state.started.elapsed());
-        let mut busy_checks = 0;
+        let (mut busy_checks, mut alert_seen) = (0, 0);
         loop {
             let clock = self.clock(last_request, busy_checks);
-            busy_checks = if clock.busy() { busy_checks + 1 } else { 0 };
+            // Draining: busy, and an alert came since the last check.
+            let draining = clock.busy() && clock.last_alert != alert_seen;
+            busy_checks = if draining { busy_checks + 1 } else { 0 };
+            alert_seen = clock.last_alert;
             match next_poll(self.idle, &clock) {
                 PollStep::Sleep(nap) => std::thread::sleep(nap),
                 PollStep::Send => {
@@ -458,7 +461,8 @@ struct PollClock {
     last_alert: u64,
     /// When the input began waiting for Falco to send (0: busy with an alert).
     waiting_since: u64,
-    /// How many checks in a row before this one found the input busy.
+    /// How many checks in a row before this one found the input busy with
+    /// alerts that kept coming (Falco draining its queue).
     busy_checks: u32,
 }
 
