@@ -120,38 +120,19 @@ pub(crate) fn event_from_wire_at(
     message: Bytes,
     now: fn() -> (i64, u32),
 ) -> Result<FalcoEvent, AlertError> {
-    let text = |s| std::str::from_utf8(s).map_err(|_| wire::Unusual);
-    let read = wire::read(&message).and_then(|wire| {
-        let strings = (text(wire.rule)?, text(wire.output)?, text(wire.hostname)?);
-        let source = text(wire.source)?;
-        Ok((wire, strings, source))
-    });
-    let Ok((wire, (rule, output, hostname), source)) = read else {
+    let Ok(wire) = wire::read(&message) else {
         // Groups, errors, anything odd: prost's answer stands.
         return event_from_response_at(Response::decode(message)?, now);
     };
-    let mut fields = wire.fields;
-    // Falco's map may come in any order and (in protobuf) a later entry
-    // replaces an earlier one of the same key, as prost's map keeps it.
-    if !fields.windows(2).all(|w| w[0].0 < w[1].0) {
-        fields.sort_by(|a, b| a.0.cmp(b.0));
-        fields.dedup_by(|later, kept| {
-            let same = later.0 == kept.0;
-            if same {
-                kept.1 = later.1;
-            }
-            same
-        });
-    }
     let parts = Parts {
         time: wire.time,
         priority: Priority::from_number(wire.priority)?,
-        rule,
-        output,
-        fields,
-        hostname,
+        rule: wire.rule,
+        output: wire.output,
+        fields: wire.fields,
+        hostname: wire.hostname,
         tags: wire.tags,
-        source: source_name(source, wire.source_deprecated),
+        source: source_name(wire.source, wire.source_deprecated),
         size: message.len(),
     };
     Ok(parts.event(now))
@@ -235,33 +216,28 @@ impl Parts<'_> {
         out.extend_from_slice(b",\"output_fields\":{");
         // `evt.time` is synthesised where the map has none, in its place
         // in byte order.
-        let mut synthesised = evt_time.filter(|_| {
-            self.fields
-                .binary_search_by(|(k, _)| (*k).cmp(EVT_TIME))
-                .is_err()
-        });
-        let mut first = true;
-        let mut comma = |out: &mut Vec<u8>| {
-            if !std::mem::take(&mut first) {
+        let (before, after, synthesised) = match (
+            evt_time,
+            self.fields.binary_search_by(|(k, _)| (*k).cmp(EVT_TIME)),
+        ) {
+            (Some(ns), Err(at)) => (&self.fields[..at], &self.fields[at..], Some(ns)),
+            _ => (&self.fields[..], &[][..], None),
+        };
+        let written = before
+            .iter()
+            .map(|&(key, value)| (key, Field::Text(value)))
+            .chain(synthesised.map(|ns| (EVT_TIME, Field::Int(ns))))
+            .chain(after.iter().map(|&(key, value)| (key, Field::Text(value))));
+        for (i, (key, value)) in written.enumerate() {
+            if i > 0 {
                 out.push(b',');
             }
-        };
-        for (key, value) in &self.fields {
-            if let Some(ns) = synthesised.filter(|_| *key > EVT_TIME) {
-                comma(&mut out);
-                out.extend_from_slice(b"\"evt.time\":");
-                push_int(&mut out, ns);
-                synthesised = None;
-            }
-            comma(&mut out);
             push_str(&mut out, key);
             out.push(b':');
-            push_typed(&mut out, key, value);
-        }
-        if let Some(ns) = synthesised {
-            comma(&mut out);
-            out.extend_from_slice(b"\"evt.time\":");
-            push_int(&mut out, ns);
+            match value {
+                Field::Text(value) => push_typed(&mut out, key, value),
+                Field::Int(ns) => push_int(&mut out, ns),
+            }
         }
         out.extend_from_slice(b"},\"priority\":");
         push_str(&mut out, self.priority.as_str().as_bytes());
@@ -281,6 +257,14 @@ impl Parts<'_> {
         out.extend_from_slice(b"\"}");
         out
     }
+}
+
+/// An `output_fields` value before it is written.
+enum Field<'a> {
+    /// As gRPC carried it (UTF-8).
+    Text(&'a [u8]),
+    /// Synthesised (`evt.time`).
+    Int(i64),
 }
 
 /// Falco's own JSON line, if `output` is one (`json_output: true`), less
@@ -428,7 +412,8 @@ mod tests {
     use prost_types::Timestamp;
     use serde_json::Value;
 
-    fn response() -> Response {
+    /// An alert with text output (also the wire reader's tests' fixture).
+    pub(super) fn response() -> Response {
         Response {
             time: Some(Timestamp {
                 seconds: 1_685_022_245,

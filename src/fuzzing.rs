@@ -142,8 +142,10 @@ pub fn grpc_to_json(data: &[u8]) {
     fn clock() -> (i64, u32) {
         (1_700_000_000, 5)
     }
+    let decoded = Response::decode(data);
     let by_wire = event_from_wire_at(Bytes::copy_from_slice(data), clock);
-    let by_prost = Response::decode(data)
+    let by_prost = decoded
+        .clone()
         .map_err(AlertError::from)
         .and_then(|r| event_from_response_at(r, clock));
     match (&by_wire, &by_prost) {
@@ -169,7 +171,7 @@ pub fn grpc_to_json(data: &[u8]) {
         (Err(wire), Err(prost)) => assert_eq!(wire.reason(), prost.reason(), "{wire} / {prost}"),
         _ => panic!("the wire reader gives {by_wire:?}, prost {by_prost:?}"),
     }
-    let Ok(response) = Response::decode(data) else {
+    let Ok(response) = decoded else {
         return;
     };
     let built_from = response.clone();

@@ -14,21 +14,21 @@
 //! to the same alert for every mutated message.
 
 /// What the message held, as prost would decode it (strings last-wins,
-/// `time` merged, map entries and tags in wire order). Strings are bytes,
-/// each valid UTF-8.
+/// `time` merged, tags in wire order, the map as a map). The map's keys and
+/// values and the tags are bytes, each valid UTF-8.
 #[derive(Debug, Default)]
 pub(super) struct Wire<'a> {
     /// `time`: seconds and nanoseconds, if the message had the field.
     pub time: Option<(i64, i32)>,
     pub priority: i32,
     pub source_deprecated: i32,
-    pub rule: &'a [u8],
-    pub output: &'a [u8],
-    /// `output_fields` entries in wire order (a key may repeat).
+    pub rule: &'a str,
+    pub output: &'a str,
+    /// `output_fields`: sorted by key, each key once (a later entry wins).
     pub fields: Vec<(&'a [u8], &'a [u8])>,
-    pub hostname: &'a [u8],
+    pub hostname: &'a str,
     pub tags: Vec<&'a [u8]>,
-    pub source: &'a [u8],
+    pub source: &'a str,
 }
 
 /// A message this reader leaves to prost.
@@ -44,11 +44,23 @@ const FIXED32: u8 = 5;
 /// byte of any is above 0x7f, all are ASCII; otherwise the message is read
 /// again, each string checked on its own.
 pub(super) fn read(message: &[u8]) -> Result<Wire<'_>, Unusual> {
-    let (wire, high) = read_checking(message, false)?;
-    if high < 0x80 {
-        return Ok(wire);
+    let (mut wire, high) = read_checking(message, false)?;
+    if high >= 0x80 {
+        wire = read_checking(message, true)?.0;
     }
-    read_checking(message, true).map(|(wire, _)| wire)
+    // Falco's map may come in any order, and a later entry of a key
+    // replaces an earlier one, as prost's map keeps it.
+    if !wire.fields.windows(2).all(|w| w[0].0 < w[1].0) {
+        wire.fields.sort_by(|a, b| a.0.cmp(b.0));
+        wire.fields.dedup_by(|later, kept| {
+            let same = later.0 == kept.0;
+            if same {
+                kept.1 = later.1;
+            }
+            same
+        });
+    }
+    Ok(wire)
 }
 
 /// Reads one `response`, each string checked for UTF-8 if `check`; also
@@ -81,8 +93,8 @@ fn read_checking(message: &[u8], check: bool) -> Result<(Wire<'_>, u8), Unusual>
             }
             (2, VARINT) => wire.priority = r.varint()? as i32,
             (3, VARINT) => wire.source_deprecated = r.varint()? as i32,
-            (4, LENGTH) => wire.rule = r.string()?,
-            (5, LENGTH) => wire.output = r.string()?,
+            (4, LENGTH) => wire.rule = r.text()?,
+            (5, LENGTH) => wire.output = r.text()?,
             (6, LENGTH) => {
                 let (mut key, mut value): (&[u8], &[u8]) = (b"", b"");
                 let mut e = Reader::new(r.bytes()?, check);
@@ -97,9 +109,9 @@ fn read_checking(message: &[u8], check: bool) -> Result<(Wire<'_>, u8), Unusual>
                 r.high |= e.high;
                 wire.fields.push((key, value));
             }
-            (7, LENGTH) => wire.hostname = r.string()?,
+            (7, LENGTH) => wire.hostname = r.text()?,
             (8, LENGTH) => wire.tags.push(r.string()?),
-            (9, LENGTH) => wire.source = r.string()?,
+            (9, LENGTH) => wire.source = r.text()?,
             (1..=9, _) => return Err(Unusual),
             (_, kind) => r.skip(kind)?,
         }
@@ -187,6 +199,11 @@ impl<'a> Reader<'a> {
         self.take(len)
     }
 
+    /// A string kept as text (rule, output, hostname, source): checked.
+    fn text(&mut self) -> Result<&'a str, Unusual> {
+        std::str::from_utf8(self.bytes()?).map_err(|_| Unusual)
+    }
+
     /// A string's bytes: valid UTF-8 if checked, else folded into `high`.
     fn string(&mut self) -> Result<&'a [u8], Unusual> {
         let s = self.bytes()?;
@@ -213,50 +230,43 @@ impl<'a> Reader<'a> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::convert::tests::response;
     use crate::proto::outputs::Response;
     use prost::Message;
 
-    fn response() -> Response {
-        Response {
-            time: Some(prost_types::Timestamp {
-                seconds: 1_685_022_245,
-                nanos: 478_445_995,
-            }),
-            priority: 5,
-            rule: "Terminal shell in container".into(),
-            output: "A shell was spawned".into(),
-            output_fields: [("user.name", "root"), ("proc.tty", "34816")]
-                .into_iter()
-                .map(|(k, v)| (k.to_owned(), v.to_owned()))
-                .collect(),
-            hostname: "node-a".into(),
-            tags: vec!["shell".into(), "container".into()],
-            source: "syscall".into(),
-            ..Default::default()
-        }
+    /// The map as prost decodes it.
+    fn map_of(r: &Response) -> Vec<(&[u8], &[u8])> {
+        r.output_fields
+            .iter()
+            .map(|(k, v)| (k.as_bytes(), v.as_bytes()))
+            .collect()
     }
 
     #[test]
     fn reads_what_prost_writes() {
-        let bytes = response().encode_to_vec();
+        let r = response();
+        let bytes = r.encode_to_vec();
         let w = read(&bytes).unwrap();
         assert_eq!(w.time, Some((1_685_022_245, 478_445_995)));
         assert_eq!(w.priority, 5);
-        assert_eq!(w.rule, b"Terminal shell in container");
-        assert_eq!(w.output, b"A shell was spawned");
-        let fields: [(&[u8], &[u8]); 2] = [(b"proc.tty", b"34816"), (b"user.name", b"root")];
-        assert_eq!(w.fields, fields);
-        assert_eq!(w.hostname, b"node-a");
-        assert_eq!(w.tags, [b"shell".as_slice(), b"container"]);
-        assert_eq!(w.source, b"syscall");
+        assert_eq!(w.rule, "Terminal shell in container");
+        assert_eq!(w.output, r.output);
+        assert_eq!(w.fields, map_of(&r));
+        assert_eq!(w.hostname, "falco-xczjd");
+        assert_eq!(
+            w.tags,
+            [b"shell".as_slice(), b"container", b"mitre_execution"]
+        );
+        assert_eq!(w.source, "syscall");
     }
 
     #[test]
     fn strings_of_a_message_that_is_not_ascii_are_checked_one_by_one() {
         let mut r = response();
-        r.rule = "Règle 🐧".into();
+        r.output_fields
+            .insert("fd.name".into(), "/tmp/règle 🐧".into());
         let bytes = r.encode_to_vec();
-        assert_eq!(read(&bytes).unwrap().rule, "Règle 🐧".as_bytes());
+        assert_eq!(read(&bytes).unwrap().fields, map_of(&r));
         // The same bytes cut inside the penguin: not UTF-8.
         let at = bytes.windows(4).position(|w| w == "🐧".as_bytes()).unwrap();
         let mut cut = bytes.clone();
@@ -268,19 +278,24 @@ mod tests {
     fn repeated_fields_and_unknown_ones() {
         let mut bytes = response().encode_to_vec();
         // rule again (last wins), a map entry with its value first and an
-        // unknown field inside, unknown fields of each plain wire type.
+        // unknown field inside, one repeating a key (it wins), unknown
+        // fields of each plain wire type.
         bytes.extend_from_slice(&[0x22, 1, b'R']);
         bytes.extend_from_slice(&[0x32, 8, 0x12, 1, b'v', 0x18, 7, 0x0a, 1, b'k']);
+        bytes.extend_from_slice(&[0x32, 14, 0x0a, 9]);
+        bytes.extend_from_slice(b"user.name");
+        bytes.extend_from_slice(&[0x12, 1, b'x']);
         bytes.extend_from_slice(&[0x50, 0x96, 0x01]); // 10: varint
         bytes.extend_from_slice(&[0x59, 1, 2, 3, 4, 5, 6, 7, 8]); // 11: fixed64
         bytes.extend_from_slice(&[0x62, 2, b'x', b'y']); // 12: bytes
         bytes.extend_from_slice(&[0x6d, 1, 2, 3, 4]); // 13: fixed32
         let w = read(&bytes).unwrap();
-        assert_eq!(w.rule, b"R");
-        assert_eq!(w.fields.last(), Some(&(b"k".as_slice(), b"v".as_slice())));
+        assert_eq!(w.rule, "R");
         let prost = Response::decode(bytes.as_slice()).unwrap();
         assert_eq!(prost.rule, "R");
         assert_eq!(prost.output_fields["k"], "v");
+        assert_eq!(prost.output_fields["user.name"], "x");
+        assert_eq!(w.fields, map_of(&prost));
     }
 
     #[test]
