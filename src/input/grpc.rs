@@ -188,11 +188,7 @@ impl GrpcInput {
         // Connected. Falco may send no response headers before its first
         // alert, so the call below can wait that long: no timeout on it.
         self.sink.set_connected(true);
-        let mut client = Grpc::new(channel).max_decoding_message_size(MAX_MESSAGE);
-        client
-            .ready()
-            .await
-            .map_err(|e| Status::unavailable(format!("Falco's gRPC service is not ready: {e}")))?;
+        let client = Grpc::new(channel).max_decoding_message_size(MAX_MESSAGE);
         match self.options.method {
             GrpcMethod::Sub => self.sub(client, shutdown).await,
             GrpcMethod::Get => self.get(client, shutdown).await,
@@ -227,6 +223,7 @@ impl GrpcInput {
             .map_err(SessionError::PollThread)?;
         let _stop_polling = poller.state.stop.clone().drop_guard();
         poller.waiting();
+        ready(&mut client).await?;
         tracing::info!("subscribing to Falco's alerts");
         let call = client.streaming(
             tonic::Request::new(ReceiverStream::new(rx)),
@@ -277,9 +274,7 @@ impl GrpcInput {
         shutdown: &CancellationToken,
     ) -> Result<SessionEnd, SessionError> {
         loop {
-            client.ready().await.map_err(|e| {
-                Status::unavailable(format!("Falco's gRPC service is not ready: {e}"))
-            })?;
+            ready(&mut client).await?;
             let mut stream = client
                 .server_streaming(
                     tonic::Request::new(Request {}),
@@ -306,6 +301,14 @@ impl GrpcInput {
             }
         }
     }
+}
+
+/// Waits until the channel can take a call (tonic asks this before each).
+async fn ready(client: &mut Grpc<Channel>) -> Result<(), Status> {
+    client
+        .ready()
+        .await
+        .map_err(|e| Status::unavailable(format!("Falco's gRPC service is not ready: {e}")))
 }
 
 /// The outputs service's codec on the client side: requests encoded by
@@ -428,9 +431,11 @@ impl Poller {
         let (mut busy_checks, mut alert_seen) = (0, 0);
         loop {
             let clock = self.clock(last_request, busy_checks);
-            // Draining: busy, and an alert came since the last check.
-            let draining = clock.busy() && clock.last_alert != alert_seen;
-            busy_checks = if draining { busy_checks + 1 } else { 0 };
+            busy_checks = if clock.draining(alert_seen) {
+                busy_checks + 1
+            } else {
+                0
+            };
             alert_seen = clock.last_alert;
             match next_poll(self.idle, &clock) {
                 PollStep::Sleep(nap) => std::thread::sleep(nap),
@@ -471,6 +476,12 @@ impl PollClock {
     /// or has not yet waited [`QUIET`].
     fn busy(&self) -> bool {
         self.waiting_since == 0 || self.now.saturating_sub(self.waiting_since) < micros(QUIET)
+    }
+
+    /// Whether Falco is draining its queue: the input is busy, and an alert
+    /// came since the poller's last look (when the last was `alert_seen`).
+    fn draining(&self, alert_seen: u64) -> bool {
+        self.busy() && self.last_alert != alert_seen
     }
 }
 
@@ -584,6 +595,9 @@ mod tests {
                 micros(800)
             ]
         );
+        // Counted as draining only while alerts keep coming.
+        assert!(busy(0).draining(1));
+        assert!(!busy(0).draining(89_990));
         // Once the input waits, the next check polls as before.
         let quiet = PollClock {
             busy_checks: 5,
