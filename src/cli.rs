@@ -123,13 +123,16 @@ impl UiArgs {
     }
 }
 
-/// The key-value bucket the responders share (kill switch, rate limit).
+/// The key-value buckets the responders share (kill switch, rate limit).
 #[derive(Debug, Clone, Args)]
 pub struct KvArgs {
-    /// JetStream key-value bucket of the kill switch and the shared rate limit
+    /// JetStream key-value bucket of the shared rate limit
     #[arg(long, env = "FALCO_NATS_KV_BUCKET", default_value = control::DEFAULT_BUCKET)]
     pub kv_bucket: String,
-    /// Replicas of that bucket when it is created (3 on a clustered JetStream)
+    /// JetStream key-value bucket of the kill switch (responders only read it)
+    #[arg(long, env = "FALCO_NATS_PAUSE_BUCKET", default_value = control::DEFAULT_PAUSE_BUCKET)]
+    pub pause_bucket: String,
+    /// Replicas of those buckets when they are created (3 on a clustered JetStream)
     #[arg(long, env = "FALCO_NATS_KV_REPLICAS", default_value_t = 1,
           value_parser = clap::value_parser!(u8).range(1..=5))]
     pub kv_replicas: u8,
@@ -139,6 +142,7 @@ impl KvArgs {
     pub fn options(&self) -> ControlOptions {
         ControlOptions {
             bucket: self.kv_bucket.clone(),
+            pause_bucket: self.pause_bucket.clone(),
             replicas: usize::from(self.kv_replicas),
         }
     }
@@ -154,27 +158,9 @@ pub struct PauseArgs {
     /// Why (kept with the state, shown by --status and in /readyz)
     #[arg(long, env = "FALCO_NATS_PAUSE_REASON", default_value = "")]
     pub reason: String,
-    /// Who (default: $USER@hostname)
-    #[arg(long, env = "FALCO_NATS_PAUSE_BY")]
-    pub by: Option<String>,
     /// Only print the kill switch's state (exit code 0 running, 3 paused)
     #[arg(long)]
     pub status: bool,
-}
-
-impl PauseArgs {
-    /// Who is pausing or resuming.
-    pub fn who(&self) -> String {
-        if let Some(by) = self.by.as_ref().filter(|b| !b.is_empty()) {
-            return by.clone();
-        }
-        let user = std::env::var("USER").unwrap_or_else(|_| "unknown".into());
-        let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
-            .map(|h| h.trim().to_owned())
-            .or_else(|_| std::env::var("HOSTNAME"))
-            .unwrap_or_else(|_| "unknown".into());
-        format!("{user}@{host}")
-    }
 }
 
 /// `keygen`: a new NKey seed for the bridge, or the public key of one.

@@ -104,7 +104,7 @@ async fn bind(address: Option<&str>) -> anyhow::Result<Option<TcpListener>> {
 /// `pause` (`--status`) and `resume`: writes or reads the kill switch,
 /// giving up after 10 s without NATS.
 async fn kill_switch(args: &falco_nats::cli::PauseArgs, pause: bool) -> anyhow::Result<()> {
-    use falco_nats::respond::control::{self, PauseRecord, PauseState};
+    use falco_nats::respond::control::{self, PauseState};
     let work = async {
         let mut registry = prometheus_client::registry::Registry::default();
         let readiness = falco_nats::telemetry::health::Readiness::default();
@@ -114,8 +114,7 @@ async fn kill_switch(args: &falco_nats::cli::PauseArgs, pause: bool) -> anyhow::
         if args.status {
             return Ok(Some(control::pause_status(&client, &options).await?));
         }
-        let record = PauseRecord::now(pause, &args.who(), &args.reason);
-        control::set_pause(&client, &options, &record).await?;
+        let record = control::set_pause(&client, &options, pause, &args.reason).await?;
         client.flush().await.context("cannot flush to NATS")?;
         println!("{record}");
         anyhow::Ok(None)

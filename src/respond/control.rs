@@ -1,17 +1,22 @@
-//! What every responder replica shares through NATS, in one JetStream
-//! key-value bucket (`--kv-bucket`, default `falco-nats`):
+//! What every responder replica shares through NATS, in two JetStream
+//! key-value buckets:
 //!
-//! - `pause`: the kill switch. `falco-nats pause` writes who, why and when;
-//!   `resume` writes that it is over. Each responder reads it every
-//!   [`POLL`]; while paused, destructive actions are skipped (reason
-//!   `paused`). When the key cannot be read for [`STALE_AFTER`], the state
-//!   is unknown and destructive actions are skipped too (`pause_unknown`):
-//!   a kill switch that cannot be read is treated as pulled.
-//! - `actions`: the destructive actions of the last minute, across all
-//!   replicas: their times, updated with compare-and-set on the key's
-//!   revision, so two replicas cannot both take the last slot. When the
-//!   bucket cannot be reached, the action is not taken
-//!   (`rate_limit_unavailable`).
+//! - `pause` in the bucket `--pause-bucket` (default `falco-nats-pause`):
+//!   the kill switch. `falco-nats pause` writes who (the NATS user the
+//!   server says it is), why and when; `resume` writes that it is over.
+//!   Responders may only read that bucket, and its stream refuses roll-ups,
+//!   purges and deletes, so no responder can release it. Each responder
+//!   reads it every [`POLL`]; while paused, destructive actions are skipped
+//!   (reason `paused`). When the key cannot be read for [`STALE_AFTER`], is
+//!   malformed, is missing after having been set, or its stream's settings
+//!   would let a writer undo it, the state is unknown and destructive
+//!   actions are skipped too (`pause_unknown`): a kill switch that cannot be
+//!   trusted is treated as pulled.
+//! - `actions` in the bucket `--kv-bucket` (default `falco-nats`): the
+//!   destructive actions of the last minute, across all replicas: their
+//!   times, updated with compare-and-set on the key's revision, so two
+//!   replicas cannot both take the last slot. When the bucket cannot be
+//!   reached, the action is not taken (`rate_limit_unavailable`).
 //!
 //! Nothing here comes from an alert; values are written by responders and
 //! the `pause` command, but read as untrusted all the same: a malformed one
@@ -20,12 +25,14 @@
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use async_nats::jetstream::{self, kv};
+use async_nats::jetstream::{self, kv, stream};
 use serde::{Deserialize, Serialize};
 use tokio_util::sync::CancellationToken;
 
-/// The default bucket.
+/// The default bucket of the shared rate limit.
 pub const DEFAULT_BUCKET: &str = "falco-nats";
+/// The default bucket of the kill switch.
+pub const DEFAULT_PAUSE_BUCKET: &str = "falco-nats-pause";
 /// The kill switch's key.
 pub const PAUSE_KEY: &str = "pause";
 /// The shared rate limit's key.
@@ -46,8 +53,11 @@ pub const MAX_ACTIONS_PER_MINUTE: u32 = 10_000;
 /// Where the shared state lives.
 #[derive(Debug, Clone)]
 pub struct ControlOptions {
+    /// The rate limit's bucket.
     pub bucket: String,
-    /// Replicas of the bucket when this process creates it.
+    /// The kill switch's bucket.
+    pub pause_bucket: String,
+    /// Replicas of the buckets when this process creates them.
     pub replicas: usize,
 }
 
@@ -55,6 +65,7 @@ impl Default for ControlOptions {
     fn default() -> Self {
         ControlOptions {
             bucket: DEFAULT_BUCKET.to_owned(),
+            pause_bucket: DEFAULT_PAUSE_BUCKET.to_owned(),
             replicas: 1,
         }
     }
@@ -75,6 +86,8 @@ pub enum ControlError {
     Malformed { key: &'static str, reason: String },
     #[error("{0} responders competed for the last rate-limit slots; try again")]
     Contended(usize),
+    #[error("cannot learn from the NATS server which user this is: {0}")]
+    Identity(String),
 }
 
 /// The kill switch's record, as `pause` and `resume` write it.
@@ -82,7 +95,8 @@ pub enum ControlError {
 #[serde(deny_unknown_fields)]
 pub struct PauseRecord {
     pub paused: bool,
-    /// Who: `--by`, else user@host.
+    /// Who: the NATS user that wrote it, as the server told the writer
+    /// (only users allowed to publish into the bucket can write it).
     pub by: String,
     #[serde(default)]
     pub reason: String,
@@ -124,33 +138,88 @@ impl std::fmt::Display for PauseRecord {
 /// What a responder knows of the kill switch.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum PauseState {
-    /// Never paused, resumed, or the key deleted.
+    /// Never paused (the key never set), or resumed.
     Running(Option<PauseRecord>),
     Paused(PauseRecord),
-    /// Not read yet, not read lately, or malformed: why.
+    /// Not read yet, not read lately, malformed, deleted or missing after
+    /// having been set, or kept in a bucket that lets a writer undo it: why.
     Unknown(String),
 }
 
 impl PauseState {
-    /// The state a read of the `pause` key gives.
-    pub fn from_entry(entry: Option<&kv::Entry>) -> Self {
+    /// The state one read of the `pause` key gives: `entry` as read, and
+    /// whether the key was ever set (the bucket's stream has held a message,
+    /// or this process saw one). A key deleted, purged or missing after
+    /// having been set is unknown, never running.
+    pub fn from_read(entry: Option<&kv::Entry>, was_set: bool) -> Self {
         match entry {
             Some(e) if e.operation == kv::Operation::Put => match PauseRecord::parse(&e.value) {
                 Ok(r) if r.paused => PauseState::Paused(r),
                 Ok(r) => PauseState::Running(Some(r)),
                 Err(e) => PauseState::Unknown(e.to_string()),
             },
-            _ => PauseState::Running(None),
+            Some(e) => PauseState::Unknown(format!(
+                "the key {PAUSE_KEY:?} was {} (revision {}); `falco-nats pause` or `resume` sets it again",
+                if e.operation == kv::Operation::Delete { "deleted" } else { "purged" },
+                e.revision
+            )),
+            None if was_set => PauseState::Unknown(format!(
+                "the key {PAUSE_KEY:?} is missing after having been set; `falco-nats pause` or `resume` sets it again"
+            )),
+            None => PauseState::Running(None),
         }
     }
+}
+
+/// What in a bucket's stream settings would let one writer undo what
+/// another wrote, or the bucket lose its keys by itself: roll-ups, purges,
+/// deletes, an age limit, per-message TTLs or schedules, or messages coming
+/// from elsewhere (a mirror, sources, a subject transform, other subjects).
+/// Empty when the settings are safe.
+pub fn unsafe_settings(config: &stream::Config, bucket: &str) -> Vec<&'static str> {
+    let mut found = Vec::new();
+    let mut check = |bad: bool, what: &'static str| {
+        if bad {
+            found.push(what);
+        }
+    };
+    check(config.allow_rollup, "allows roll-ups");
+    check(!config.deny_purge, "allows purges");
+    check(!config.deny_delete, "allows deletes");
+    check(!config.max_age.is_zero(), "has a maximum age");
+    check(config.allow_message_ttl, "allows per-message TTLs");
+    check(config.allow_message_schedules, "allows message schedules");
+    check(config.mirror.is_some(), "mirrors another stream");
+    check(
+        config.sources.as_ref().is_some_and(|s| !s.is_empty()),
+        "sources other streams",
+    );
+    check(config.subject_transform.is_some(), "transforms subjects");
+    check(
+        config.subjects != [format!("$KV.{bucket}.>")],
+        "takes other subjects than its keys'",
+    );
+    check(
+        config.max_messages_per_subject < 1,
+        "keeps no value per key",
+    );
+    found
 }
 
 /// The shared state, open.
 pub struct Control {
     kv: kv::Store,
+    pause_kv: kv::Store,
     bucket: String,
-    /// The last pause state read, and when.
-    pause: Mutex<(PauseState, Instant)>,
+    /// The last pause state read, when, and whether this process ever saw
+    /// the key set.
+    pause: Mutex<PauseMemo>,
+}
+
+struct PauseMemo {
+    state: PauseState,
+    at: Instant,
+    seen_set: bool,
 }
 
 /// A refusal the shared state gives.
@@ -166,27 +235,30 @@ pub enum Gate {
     RateLimitUnavailable(String),
 }
 
-/// Opens the bucket, creating it when missing.
+/// Opens a bucket, creating it (with [`bucket_stream`]'s safe settings)
+/// when missing.
 pub async fn open_bucket(
     client: &async_nats::Client,
-    options: &ControlOptions,
+    bucket: &str,
+    replicas: usize,
+    description: &str,
 ) -> Result<kv::Store, ControlError> {
     let js = jetstream::new(client.clone());
     let fail = |reason: String| ControlError::Bucket {
-        bucket: options.bucket.clone(),
+        bucket: bucket.to_owned(),
         reason,
     };
     let open = async {
-        match js.get_key_value(&options.bucket).await {
+        match js.get_key_value(bucket).await {
             Ok(store) => Ok(store),
             Err(e) if e.kind() == jetstream::context::KeyValueErrorKind::GetBucket => {
                 // The bucket's stream, made as a key-value bucket is made
                 // (async-nats's own create asks the account first, which
                 // nats-server 2.9's answer fails).
-                js.create_stream(bucket_stream(options))
+                js.create_stream(bucket_stream(bucket, replicas, description))
                     .await
                     .map_err(|e| fail(e.to_string()))?;
-                js.get_key_value(&options.bucket)
+                js.get_key_value(bucket)
                     .await
                     .map_err(|e| fail(e.to_string()))
             }
@@ -198,28 +270,68 @@ pub async fn open_bucket(
         .map_err(|_| fail(format!("no answer within {:?}", OP_TIMEOUT * 5)))?
 }
 
-/// The stream behind a key-value bucket: the settings every NATS client
-/// gives one (one value per key, rollups, direct gets, no deletes of messages).
-fn bucket_stream(options: &ControlOptions) -> jetstream::stream::Config {
-    use jetstream::stream;
+/// The stream behind a bucket: what every NATS client gives a key-value
+/// bucket (one value per key, direct gets), except that it refuses
+/// roll-ups, purges and deletes: a writer of one key cannot wipe the others.
+fn bucket_stream(bucket: &str, replicas: usize, description: &str) -> stream::Config {
     stream::Config {
-        name: format!("KV_{}", options.bucket),
-        description: Some("falco-nats responders: kill switch and shared rate limit".into()),
-        subjects: vec![format!("$KV.{}.>", options.bucket)],
+        name: format!("KV_{bucket}"),
+        description: Some(description.to_owned()),
+        subjects: vec![format!("$KV.{bucket}.>")],
         max_messages_per_subject: 1,
         max_bytes: -1,
         max_messages: -1,
         max_message_size: -1,
         storage: stream::StorageType::File,
-        num_replicas: options.replicas.max(1),
-        allow_rollup: true,
+        num_replicas: replicas.max(1),
+        allow_rollup: false,
         deny_delete: true,
+        deny_purge: true,
         allow_direct: true,
         discard: stream::DiscardPolicy::New,
         ..Default::default()
     }
 }
 
+async fn open_pause_bucket(
+    client: &async_nats::Client,
+    options: &ControlOptions,
+) -> Result<kv::Store, ControlError> {
+    open_bucket(
+        client,
+        &options.pause_bucket,
+        options.replicas,
+        "falco-nats: the responders' kill switch (written by falco-nats pause and resume only)",
+    )
+    .await
+}
+
+/// Reads the kill switch once: its stream's settings and state, then the
+/// key. `seen_set`: whether the caller saw the key set before; returned
+/// with what this read adds to it.
+async fn read_pause_state(
+    kv: &kv::Store,
+    seen_set: bool,
+) -> Result<(PauseState, bool), ControlError> {
+    let read = |reason| ControlError::Read {
+        key: PAUSE_KEY,
+        reason,
+    };
+    let info = timed(kv.stream.get_info(), read).await?;
+    let found = unsafe_settings(&info.config, &kv.name);
+    if !found.is_empty() {
+        let why = format!(
+            "the kill switch's stream {} {}: a writer could undo a pause (README: the kill switch)",
+            info.config.name,
+            found.join(", ")
+        );
+        return Ok((PauseState::Unknown(why), seen_set));
+    }
+    let entry = timed(kv.entry(PAUSE_KEY), read).await?;
+    let was_set = seen_set || info.state.last_sequence > 0;
+    let state = PauseState::from_read(entry.as_ref(), was_set);
+    Ok((state, was_set || entry.is_some()))
+}
 /// Milliseconds since the Unix epoch.
 fn now_ms() -> u64 {
     SystemTime::now()
@@ -254,17 +366,40 @@ async fn timed<T, E: std::fmt::Display>(
 }
 
 impl Control {
-    /// Opens the bucket and reads the kill switch once: a responder that
+    /// Opens the buckets and reads the kill switch once: a responder that
     /// starts while paused is paused from its first alert.
     pub async fn open(
         client: &async_nats::Client,
         options: &ControlOptions,
     ) -> Result<Self, ControlError> {
-        let kv = open_bucket(client, options).await?;
+        let kv = open_bucket(
+            client,
+            &options.bucket,
+            options.replicas,
+            "falco-nats responders: the shared rate limit",
+        )
+        .await?;
+        let found = unsafe_settings(&kv.stream.cached_info().config, &options.bucket);
+        if !found.is_empty() {
+            // Only the rate limit lives here; the kill switch has a bucket
+            // of its own. Still worth an operator's edit.
+            tracing::warn!(
+                stream = %kv.stream_name,
+                settings = %found.join(", "),
+                "the rate limit's bucket lets one writer reset it (made by an older falco-nats?): \
+                 nats stream edit it with --no-allow-rollup --deny-purge --deny-delete"
+            );
+        }
+        let pause_kv = open_pause_bucket(client, options).await?;
         let control = Control {
             kv,
+            pause_kv,
             bucket: options.bucket.clone(),
-            pause: Mutex::new((PauseState::Unknown("not read yet".into()), Instant::now())),
+            pause: Mutex::new(PauseMemo {
+                state: PauseState::Unknown("not read yet".into()),
+                at: Instant::now(),
+                seen_set: false,
+            }),
         };
         control.read_pause().await?;
         Ok(control)
@@ -274,19 +409,22 @@ impl Control {
         &self.bucket
     }
 
+    pub fn pause_bucket(&self) -> &str {
+        &self.pause_kv.name
+    }
+
     /// Reads the kill switch and remembers it.
     async fn read_pause(&self) -> Result<PauseState, ControlError> {
-        let entry = timed(self.kv.entry(PAUSE_KEY), |reason| ControlError::Read {
-            key: PAUSE_KEY,
-            reason,
-        })
-        .await?;
-        let state = PauseState::from_entry(entry.as_ref());
-        *self.lock() = (state.clone(), Instant::now());
+        let seen_set = self.lock().seen_set;
+        let (state, seen_set) = read_pause_state(&self.pause_kv, seen_set).await?;
+        let mut memo = self.lock();
+        memo.seen_set = seen_set;
+        memo.state = state.clone();
+        memo.at = Instant::now();
         Ok(state)
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, (PauseState, Instant)> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, PauseMemo> {
         self.pause
             .lock()
             .expect("no code panics while holding the pause state")
@@ -294,14 +432,23 @@ impl Control {
 
     /// The kill switch as last read; unknown when that was too long ago.
     pub fn pause_state(&self) -> PauseState {
-        let (state, at) = self.lock().clone();
-        if at.elapsed() > STALE_AFTER {
+        let memo = self.lock();
+        if memo.at.elapsed() > STALE_AFTER {
             return PauseState::Unknown(format!(
                 "the kill switch was last read {:.1}s ago",
-                at.elapsed().as_secs_f64()
+                memo.at.elapsed().as_secs_f64()
             ));
         }
-        state
+        memo.state.clone()
+    }
+
+    /// Reads the kill switch now (the watcher does every [`POLL`]); the
+    /// state as [`Self::pause_state`] then gives it.
+    pub async fn refresh(&self) -> PauseState {
+        if let Err(e) = self.read_pause().await {
+            tracing::debug!(error = %e, "cannot read the kill switch");
+        }
+        self.pause_state()
     }
 
     /// Refuses destructive actions while paused, or while the kill switch's state is unknown.
@@ -328,10 +475,7 @@ impl Control {
                 _ = tick.tick() => {}
                 _ = shutdown.cancelled() => return,
             }
-            if let Err(e) = self.read_pause().await {
-                tracing::debug!(error = %e, "cannot read the kill switch");
-            }
-            let now = self.pause_state();
+            let now = self.refresh().await;
             if last.as_ref() != Some(&now) {
                 changed(&now);
                 last = Some(now);
@@ -413,14 +557,61 @@ impl Control {
     }
 }
 
-/// `falco-nats pause` / `resume`: writes the kill switch.
+/// Who this connection is, as the NATS server says (`$SYS.REQ.USER.INFO`,
+/// nats-server 2.10 and later): the user, and the account when it is not
+/// the global one.
+pub async fn identity(client: &async_nats::Client) -> Result<String, ControlError> {
+    #[derive(Deserialize)]
+    struct Answer {
+        data: Option<UserInfo>,
+        error: Option<serde_json::Value>,
+    }
+    #[derive(Deserialize)]
+    struct UserInfo {
+        #[serde(default)]
+        user: String,
+        #[serde(default)]
+        account: String,
+    }
+    let fail = |reason: String| ControlError::Identity(reason);
+    let answer = tokio::time::timeout(
+        OP_TIMEOUT,
+        client.request("$SYS.REQ.USER.INFO", bytes::Bytes::new()),
+    )
+    .await
+    .map_err(|_| fail(format!("no answer within {OP_TIMEOUT:?}")))?
+    .map_err(|e| fail(format!("{e} (nats-server 2.10 or later answers; the user needs permission to publish $SYS.REQ.USER.INFO)")))?;
+    let answer: Answer = serde_json::from_slice(&answer.payload)
+        .map_err(|e| fail(format!("a malformed answer: {e}")))?;
+    if let Some(error) = answer.error {
+        return Err(fail(error.to_string()));
+    }
+    let info = answer
+        .data
+        .ok_or_else(|| fail("an answer without data".into()))?;
+    let user = if info.user.is_empty() {
+        "(no user: the server has no authentication)".to_owned()
+    } else {
+        info.user
+    };
+    Ok(match info.account.as_str() {
+        "" | "$G" => user,
+        account => format!("{user} (account {account})"),
+    })
+}
+
+/// `falco-nats pause` / `resume`: writes the kill switch, signed by the
+/// NATS user the server says this is. Returns what it wrote.
 pub async fn set_pause(
     client: &async_nats::Client,
     options: &ControlOptions,
-    record: &PauseRecord,
-) -> Result<(), ControlError> {
-    let kv = open_bucket(client, options).await?;
-    let value = serde_json::to_vec(record)
+    paused: bool,
+    reason: &str,
+) -> Result<PauseRecord, ControlError> {
+    let by = identity(client).await?;
+    let record = PauseRecord::now(paused, &by, reason);
+    let kv = open_pause_bucket(client, options).await?;
+    let value = serde_json::to_vec(&record)
         .expect("a pause record always serializes")
         .into();
     timed(kv.put(PAUSE_KEY, value), |reason| ControlError::Write {
@@ -428,21 +619,17 @@ pub async fn set_pause(
         reason,
     })
     .await?;
-    Ok(())
+    Ok(record)
 }
 
-/// `falco-nats pause --status`: the kill switch as stored.
+/// `falco-nats pause --status`: the kill switch as stored, read as a
+/// responder reads it.
 pub async fn pause_status(
     client: &async_nats::Client,
     options: &ControlOptions,
 ) -> Result<PauseState, ControlError> {
-    let kv = open_bucket(client, options).await?;
-    let entry = timed(kv.entry(PAUSE_KEY), |reason| ControlError::Read {
-        key: PAUSE_KEY,
-        reason,
-    })
-    .await?;
-    Ok(PauseState::from_entry(entry.as_ref()))
+    let kv = open_pause_bucket(client, options).await?;
+    Ok(read_pause_state(&kv, false).await?.0)
 }
 
 #[cfg(test)]

@@ -593,6 +593,7 @@ pub async fn run(
         dry_run = options.dry_run,
         concurrency = options.concurrency,
         bucket = control.bucket(),
+        pause_bucket = control.pause_bucket(),
         "responder starting"
     );
     let audit = Audit {

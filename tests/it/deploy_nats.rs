@@ -4,119 +4,27 @@
 //! settings their manifests give them. Only the bridge may publish alerts,
 //! only the responder results; readers and strangers are refused.
 
-use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
 use crate::support::fake_kube::KubeApi;
+use crate::support::shipped::{self, client_as, passwords, user};
 use crate::support::*;
 use async_nats::ConnectOptions;
 use falco_nats::bridge::InputOptions;
 use falco_nats::input::http::HttpOptions;
-use falco_nats::nats::NatsOptions;
 use falco_nats::respond::Subscription;
 use falco_nats::simulate::alerts::AlertFactory;
-use serde::Deserialize;
 use serde_json::Value;
 
 const WAIT: Duration = Duration::from_secs(15);
-
-fn deploy() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy")
-}
-
-fn yaml_docs(text: &str) -> Vec<Value> {
-    serde_norway::Deserializer::from_str(text)
-        .map(|d| Value::deserialize(d).unwrap())
-        .filter(|v| !v.is_null())
-        .collect()
-}
-
-/// The passwords deploy/nats-users.sh makes, by Secret name (the bridge's
-/// twice, in two namespaces, the same), and the ui's token.
-fn passwords() -> BTreeMap<String, String> {
-    let out = Command::new(deploy().join("nats-users.sh"))
-        .output()
-        .unwrap();
-    assert!(out.status.success());
-    let mut by_name = BTreeMap::new();
-    for doc in yaml_docs(&String::from_utf8(out.stdout).unwrap()) {
-        assert_eq!(doc["kind"], "Secret");
-        let name = doc["metadata"]["name"].as_str().unwrap().to_owned();
-        // The ui's page token (components/ui) is a Secret of the same kind.
-        let secret = &doc["stringData"];
-        let password = secret["password"]
-            .as_str()
-            .or(secret["token"].as_str())
-            .unwrap()
-            .to_owned();
-        assert!(password.len() >= 32, "{password}");
-        if let Some(before) = by_name.insert(name, password.clone()) {
-            assert_eq!(before, password, "one password per user");
-        }
-    }
-    by_name
-}
-
-/// The shipped nats.conf, on a test's own ports and store (in `dir`), and
-/// the leaf node port it listens on instead of 7422.
-fn shipped_config(dir: &Path) -> (PathBuf, u16) {
-    let text = std::fs::read_to_string(deploy().join("base/nats.yaml")).unwrap();
-    let config = yaml_docs(&text)
-        .into_iter()
-        .find(|d| d["kind"] == "ConfigMap")
-        .unwrap();
-    let conf = config["data"]["nats.conf"]
-        .as_str()
-        .unwrap()
-        .replace("http_port: 8222\n", "")
-        // The test server's own -sd flag gives the store.
-        .replace("store_dir: /data\n", "");
-    assert!(conf.contains("port: 7422"), "the leaf node port");
-    // A leaf node port of the test's own.
-    let leaf_port = free_port();
-    let conf = conf.replace("port: 7422", &format!("port: {leaf_port}"));
-    let path = dir.join("nats.conf");
-    std::fs::write(&path, conf).unwrap();
-    (path, leaf_port)
-}
-
-/// NATS options for one of the shipped users, as its manifest sets them.
-fn user(url: &str, name: &str, password: &str, dir: &Path) -> NatsOptions {
-    let file = dir.join(format!("{name}.password"));
-    std::fs::write(&file, format!("{password}\n")).unwrap();
-    let mut options = NatsOptions::for_server(url);
-    options.user = Some(name.into());
-    options.password_file = Some(file);
-    options.inbox_prefix = format!("_INBOX_{name}");
-    options
-}
-
-async fn client_as(url: &str, name: &str, password: &str) -> async_nats::Client {
-    ConnectOptions::with_user_and_password(name.into(), password.into())
-        .custom_inbox_prefix(format!("_INBOX_{name}"))
-        .connect(url)
-        .await
-        .unwrap()
-}
 
 #[tokio::test]
 async fn the_shipped_nats_lets_each_user_do_its_job_and_nothing_else() {
     let dir = tempfile::tempdir().unwrap();
     let pw = passwords();
-    let (conf, _) = shipped_config(dir.path());
-    let nats = NatsServer::start_with_env(
-        free_port(),
-        &["-c", conf.to_str().unwrap()],
-        &[
-            ("NATS_BRIDGE_PASSWORD", &pw["nats-user-bridge"]),
-            ("NATS_RESPOND_PASSWORD", &pw["nats-user-respond"]),
-            ("NATS_READER_PASSWORD", &pw["nats-user-reader"]),
-            ("NATS_ADMIN_PASSWORD", &pw["nats-user-admin"]),
-            ("NATS_LEAF_PASSWORD", &pw["nats-user-leaf"]),
-        ],
-    );
+    let (nats, _) = shipped::start_hub(dir.path(), &pw);
     let url = nats.url();
 
     // Nobody without a user gets in, nor with a wrong password.
@@ -283,34 +191,16 @@ async fn the_shipped_leaf_layout_brings_each_nodes_alerts_to_the_hub_once() {
     const PER_NODE: usize = 200;
     let dir = tempfile::tempdir().unwrap();
     let pw = passwords();
-    let (hub_conf, leaf_port) = shipped_config(dir.path());
-    let hub = NatsServer::start_with_env(
-        free_port(),
-        &["-c", hub_conf.to_str().unwrap()],
-        &[
-            ("NATS_BRIDGE_PASSWORD", &pw["nats-user-bridge"]),
-            ("NATS_RESPOND_PASSWORD", &pw["nats-user-respond"]),
-            ("NATS_READER_PASSWORD", &pw["nats-user-reader"]),
-            ("NATS_ADMIN_PASSWORD", &pw["nats-user-admin"]),
-            ("NATS_LEAF_PASSWORD", &pw["nats-user-leaf"]),
-        ],
-    );
+    let (hub, leaf_port) = shipped::start_hub(dir.path(), &pw);
     let reader = client_as(&hub.url(), "reader", &pw["nats-user-reader"]).await;
     let mut live = reader.subscribe("falco.>").await.unwrap();
     reader.flush().await.unwrap();
 
-    // The component's files: the leaf's config and its container.
-    let component = deploy().join("components/leaf");
-    let config = yaml_docs(&std::fs::read_to_string(component.join("leaf-config.yaml")).unwrap());
-    let leaf_conf = config[0]["data"]["leaf.conf"]
-        .as_str()
-        .unwrap()
-        // The test's own monitoring-free ports and store (the -sd flag).
-        .replace("http: 127.0.0.1:8222\n", "")
-        .replace("store_dir: /data\n", "");
-    let leaf_conf_path = dir.path().join("leaf.conf");
-    std::fs::write(&leaf_conf_path, leaf_conf).unwrap();
-    let patch = yaml_docs(&std::fs::read_to_string(component.join("falco-leaf.yaml")).unwrap());
+    // The component's files: the bridge's environment and the leaf
+    // container's command.
+    let component = shipped::deploy().join("components/leaf");
+    let patch =
+        shipped::yaml_docs(&std::fs::read_to_string(component.join("falco-leaf.yaml")).unwrap());
     let containers = patch[0]["spec"]["template"]["spec"]["containers"]
         .as_array()
         .unwrap()
@@ -326,15 +216,6 @@ async fn the_shipped_leaf_layout_brings_each_nodes_alerts_to_the_hub_once() {
     assert_eq!(bridge_env[0]["name"], "NATS_URL");
     assert_eq!(bridge_env[0]["value"], "nats://127.0.0.1:4222");
     let command = leaf_container["command"][2].as_str().unwrap();
-    let hub_url_template = leaf_container["env"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|e| e["name"] == "NATS_HUB_URL")
-        .unwrap()["value"]
-        .as_str()
-        .unwrap()
-        .to_owned();
 
     let nodes = ["node-a.example", "node-b"];
     let mut leaves = Vec::new();
@@ -353,17 +234,8 @@ async fn the_shipped_leaf_layout_brings_each_nodes_alerts_to_the_hub_once() {
             .unwrap();
         let domain = String::from_utf8(domain.stdout).unwrap().trim().to_owned();
         assert_eq!(domain, node.replace('.', "-"));
-        let hub_url = hub_url_template
-            .replace("$(NATS_LEAF_PASSWORD)", &pw["nats-user-leaf"])
-            .replace(
-                "nats.falco-nats.svc:7422",
-                &format!("127.0.0.1:{leaf_port}"),
-            );
-        let leaf = NatsServer::start_with_env(
-            free_port(),
-            &["-c", leaf_conf_path.to_str().unwrap()],
-            &[("NATS_LEAF_DOMAIN", &domain), ("NATS_HUB_URL", &hub_url)],
-        );
+        let leaf = shipped::start_leaf(dir.path(), &domain, leaf_port, &pw);
+        // The bridge as the overlays run it (user bridge), on the leaf.
         let mut options = grpc_options(Path::new("/unused"), &leaf.url());
         options.input = InputOptions::Http(HttpOptions {
             max_body: 64 * 1024,
@@ -371,6 +243,7 @@ async fn the_shipped_leaf_layout_brings_each_nodes_alerts_to_the_hub_once() {
             ..Default::default()
         });
         options.publish.jetstream = Some(jetstream_options());
+        options.nats = user(&leaf.url(), "bridge", &pw["nats-user-bridge"], dir.path());
         bridges.push(RunningBridge::start_ready(options).await);
         leaves.push(leaf);
     }
@@ -440,44 +313,16 @@ async fn the_shipped_leaf_layout_brings_each_nodes_alerts_to_the_hub_once() {
     // Each node keeps its own alerts only: the hub sends no alert out to a
     // leaf, or every node's stream would hold every node's alerts.
     for leaf in &leaves {
-        assert_eq!(
-            crate::support::stream_count(&leaf.url(), "FALCO").await,
-            PER_NODE as u64
-        );
+        // As the bridge, the leaf server's one user.
+        let bridge = client_as(&leaf.url(), "bridge", &pw["nats-user-bridge"]).await;
+        let mut falco = async_nats::jetstream::new(bridge)
+            .get_stream("FALCO")
+            .await
+            .unwrap();
+        assert_eq!(falco.info().await.unwrap().state.messages, PER_NODE as u64);
     }
 
-    // A leaf may not publish results into the hub; alerts it may.
-    let mut results = reader.subscribe("falco.response.>").await.unwrap();
-    reader.flush().await.unwrap();
-    let on_leaf = async_nats::connect(leaves[0].url()).await.unwrap();
-    on_leaf
-        .publish("falco.response.forged", "deleted".into())
-        .await
-        .unwrap();
-    on_leaf
-        .publish("falco.critical.probe", "{}".into())
-        .await
-        .unwrap();
-    on_leaf.flush().await.unwrap();
-    let probe = loop {
-        let m = tokio::time::timeout(WAIT, futures_util::StreamExt::next(&mut live))
-            .await
-            .expect("the probe alert reaches the hub")
-            .unwrap();
-        if m.subject.as_str() == "falco.critical.probe" {
-            break m;
-        }
-    };
-    assert_eq!(probe.payload.as_ref(), b"{}");
-    assert!(
-        tokio::time::timeout(
-            Duration::from_millis(500),
-            futures_util::StreamExt::next(&mut results)
-        )
-        .await
-        .is_err(),
-        "a result published on a leaf reached the hub"
-    );
+    // What else a leaf and its clients may do on the hub: tests/it/security.rs.
     for bridge in bridges {
         bridge.stop().await.unwrap();
     }

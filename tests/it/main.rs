@@ -24,4 +24,5 @@ mod guards;
 mod instructions;
 mod leaf;
 mod respond;
+mod security;
 mod ui;

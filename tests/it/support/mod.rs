@@ -4,6 +4,8 @@
 #[allow(unused_imports)]
 pub use falco_nats::simulate::kube_api as fake_kube;
 
+pub mod shipped;
+
 use std::net::TcpListener as StdListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
