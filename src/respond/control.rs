@@ -579,8 +579,15 @@ pub async fn identity(client: &async_nats::Client) -> Result<String, ControlErro
         client.request("$SYS.REQ.USER.INFO", bytes::Bytes::new()),
     )
     .await
-    .map_err(|_| fail(format!("no answer within {OP_TIMEOUT:?}")))?
-    .map_err(|e| fail(format!("{e} (nats-server 2.10 or later answers; the user needs permission to publish $SYS.REQ.USER.INFO)")))?;
+    .map_err(|_| fail(format!("no answer within {OP_TIMEOUT:?} (the user needs permission to publish $SYS.REQ.USER.INFO)")))?;
+    let answer = match answer {
+        Ok(answer) => answer,
+        // nats-server before 2.10 has no such service: it cannot say.
+        Err(e) if e.kind() == async_nats::RequestErrorKind::NoResponders => {
+            return Ok("(not said: nats-server before 2.10)".to_owned())
+        }
+        Err(e) => return Err(fail(e.to_string())),
+    };
     let answer: Answer = serde_json::from_slice(&answer.payload)
         .map_err(|e| fail(format!("a malformed answer: {e}")))?;
     if let Some(error) = answer.error {
