@@ -24,5 +24,6 @@ mod guards;
 mod instructions;
 mod leaf;
 mod respond;
+mod respond_kube;
 mod security;
 mod ui;

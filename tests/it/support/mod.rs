@@ -4,6 +4,7 @@
 #[allow(unused_imports)]
 pub use falco_nats::simulate::kube_api as fake_kube;
 
+pub mod real_kube;
 pub mod shipped;
 
 use std::net::TcpListener as StdListener;
