@@ -29,6 +29,8 @@ use async_nats::jetstream::{self, kv, stream};
 use serde::{Deserialize, Serialize};
 use tokio_util::sync::CancellationToken;
 
+use super::workload::{self, MinHealthy, Reservation, Workload};
+
 /// The default bucket of the shared rate limit.
 pub const DEFAULT_BUCKET: &str = "falco-nats";
 /// The default bucket of the kill switch.
@@ -486,39 +488,116 @@ impl Control {
     /// Takes one slot of the cluster-wide budget of `limit` destructive
     /// actions per minute (`take` false: only looks, for dry runs).
     pub async fn take_slot(&self, limit: u32, take: bool) -> Result<(), Gate> {
-        let unavailable = |e: ControlError| Gate::RateLimitUnavailable(e.to_string());
-        for attempt in 0..CAS_ATTEMPTS {
-            let entry = timed(self.kv.entry(ACTIONS_KEY), |reason| ControlError::Read {
-                key: ACTIONS_KEY,
-                reason,
+        let now = now_ms();
+        let taken = self
+            .update_times(ACTIONS_KEY, |times| {
+                if !admit(times, now, limit, take) {
+                    return Step::Keep(Err(Gate::RateLimited));
+                }
+                if take {
+                    Step::Write(Ok(()))
+                } else {
+                    Step::Keep(Ok(()))
+                }
+            })
+            .await;
+        match taken {
+            Ok(result) => result,
+            Err(e) => Err(Gate::RateLimitUnavailable(e.to_string())),
+        }
+    }
+
+    /// Reserves the deletion of a pod of `workload` in the record every
+    /// replica shares (min_healthy_replicas): refused (why) when it would
+    /// leave fewer than `min` healthy replicas, counting what every replica
+    /// deleted in the last [`workload::RECENT`]. A pod that is not
+    /// `healthy` costs nothing. `Err(Err(_))`: the record cannot be used.
+    pub async fn reserve_replica(
+        &self,
+        workload: &Workload,
+        healthy: bool,
+        min: MinHealthy,
+    ) -> Result<Reservation, Result<String, ControlError>> {
+        let key = workload::reservation_key(workload);
+        if !healthy {
+            return Ok(Reservation { key, at: None });
+        }
+        let now = now_ms();
+        let reserved = self
+            .update_times(&key, |recent| {
+                match workload::reserve_in(recent, workload, min, now) {
+                    Ok(()) => Step::Write(Ok(())),
+                    Err(why) => Step::Keep(Err(why)),
+                }
             })
             .await
-            .map_err(unavailable)?;
+            .map_err(Err)?;
+        reserved.map_err(Ok)?;
+        Ok(Reservation { key, at: Some(now) })
+    }
+
+    /// Gives a reservation back: the pod was not deleted. Best effort: a
+    /// reservation that cannot be given back lapses after
+    /// [`workload::RECENT`].
+    pub async fn release_replica(&self, reservation: &Reservation) {
+        let Some(at) = reservation.at else { return };
+        let released = self
+            .update_times(&reservation.key, |recent| {
+                match recent.iter().position(|&t| t == at) {
+                    Some(i) => {
+                        recent.remove(i);
+                        Step::Write(())
+                    }
+                    None => Step::Keep(()),
+                }
+            })
+            .await;
+        if let Err(e) = released {
+            tracing::warn!(error = %e, key = %reservation.key, "cannot give a healthy-replica reservation back; it lapses in 30s");
+        }
+    }
+
+    /// Reads the record of times under `key`, lets `decide` look at and
+    /// change it, and writes it back with compare-and-set on the revision
+    /// read when `decide` says so, reading again when another replica
+    /// wrote first. A record that cannot be read, parsed or written is an
+    /// error: the caller fails closed.
+    async fn update_times<T>(
+        &self,
+        key: &str,
+        mut decide: impl FnMut(&mut Vec<u64>) -> Step<T>,
+    ) -> Result<T, ControlError> {
+        let name = record_name(key);
+        for attempt in 0..CAS_ATTEMPTS {
+            let entry = timed(self.kv.entry(key), |reason| ControlError::Read {
+                key: name,
+                reason,
+            })
+            .await?;
             let (mut times, revision) = match &entry {
                 Some(e) if e.operation == kv::Operation::Put => {
                     let times: Vec<u64> = serde_json::from_slice(&e.value).map_err(|err| {
-                        unavailable(ControlError::Malformed {
-                            key: ACTIONS_KEY,
+                        ControlError::Malformed {
+                            key: name,
                             reason: err.to_string(),
-                        })
+                        }
                     })?;
                     (times, Some(e.revision))
                 }
                 Some(e) => (Vec::new(), Some(e.revision)),
                 None => (Vec::new(), None),
             };
-            if !admit(&mut times, now_ms(), limit, take) {
-                return Err(Gate::RateLimited);
-            }
-            if !take {
-                return Ok(());
-            }
-            let value = serde_json::to_vec(&times)
+            let value = match decide(&mut times) {
+                Step::Keep(result) => return Ok(result),
+                Step::Write(result) => (result, times),
+            };
+            let (result, times) = value;
+            let bytes = serde_json::to_vec(&times)
                 .expect("a list of numbers always serializes")
                 .into();
             let written = match revision {
                 Some(revision) => {
-                    let update = self.kv.update(ACTIONS_KEY, value, revision);
+                    let update = self.kv.update(key, bytes, revision);
                     match tokio::time::timeout(OP_TIMEOUT, update).await {
                         Ok(Ok(_)) => Ok(true),
                         Ok(Err(e)) if e.kind() == kv::UpdateErrorKind::WrongLastRevision => {
@@ -529,7 +608,7 @@ impl Control {
                     }
                 }
                 None => {
-                    let create = self.kv.create(ACTIONS_KEY, value);
+                    let create = self.kv.create(key, bytes);
                     match tokio::time::timeout(OP_TIMEOUT, create).await {
                         Ok(Ok(_)) => Ok(true),
                         Ok(Err(e)) if e.kind() == kv::CreateErrorKind::AlreadyExists => Ok(false),
@@ -539,21 +618,34 @@ impl Control {
                 }
             };
             match written {
-                Ok(true) => return Ok(()),
+                Ok(true) => return Ok(result),
                 // Another replica wrote first: read again.
                 Ok(false) => {
                     let jitter = fastrand::u64(1..=5 + attempt as u64);
                     tokio::time::sleep(Duration::from_millis(jitter)).await;
                 }
-                Err(reason) => {
-                    return Err(unavailable(ControlError::Write {
-                        key: ACTIONS_KEY,
-                        reason,
-                    }))
-                }
+                Err(reason) => return Err(ControlError::Write { key: name, reason }),
             }
         }
-        Err(unavailable(ControlError::Contended(CAS_ATTEMPTS)))
+        Err(ControlError::Contended(CAS_ATTEMPTS))
+    }
+}
+
+/// What [`Control::update_times`]'s caller decided about a record.
+enum Step<T> {
+    /// Leave the record as it was read; the answer.
+    Keep(T),
+    /// Write the changed record back; the answer once written.
+    Write(T),
+}
+
+/// The name errors give a record: its kind (the key's first part).
+fn record_name(key: &str) -> &'static str {
+    match key.split('.').next() {
+        Some("actions") => ACTIONS_KEY,
+        Some("replicas") => "replicas",
+        Some("seen") => "seen",
+        _ => "record",
     }
 }
 

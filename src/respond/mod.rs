@@ -40,7 +40,7 @@ use cluster::{Applied, CallError, Cluster, ClusterError};
 use control::{Control, ControlOptions, Gate, PauseState};
 use policy::{ActionSpec, Policy, PolicyRule};
 use rails::{DedupKey, Rails, RailsConfig, Refusal};
-use workload::{MinHealthy, Reservation, Reservations};
+use workload::{MinHealthy, Reservation};
 
 /// The responder's default `--listen` address (the bridge's plus one).
 pub const DEFAULT_LISTEN: &str = "0.0.0.0:2811";
@@ -138,7 +138,6 @@ pub struct Responder {
     policy: Policy,
     rails: Rails,
     control: Arc<Control>,
-    reservations: Reservations,
     cluster: Arc<Cluster>,
     dry_run: bool,
     audit: Audit,
@@ -377,7 +376,7 @@ impl Responder {
             self.rails.release(&key);
         }
         if let Some(reservation) = reservation.filter(|_| !matches!(verdict, Verdict::Done)) {
-            self.reservations.release(&reservation);
+            self.control.release_replica(&reservation).await;
         }
         verdict
     }
@@ -479,10 +478,16 @@ impl Responder {
             }
         };
         let healthy = workload::is_healthy(found);
-        self.reservations
-            .reserve(&workload, healthy, min)
-            .map(Some)
-            .map_err(|why| Verdict::Guarded(Refusal::MinHealthyReplicas, why))
+        match self.control.reserve_replica(&workload, healthy, min).await {
+            Ok(reservation) => Ok(Some(reservation)),
+            Err(Ok(why)) => Err(Verdict::Guarded(Refusal::MinHealthyReplicas, why)),
+            // The shared record cannot be used: not now (fail closed,
+            // tried again with JetStream).
+            Err(Err(e)) => Err(Verdict::Failed {
+                reason: format!("cannot check min_healthy_replicas: {e}"),
+                transient: true,
+            }),
+        }
     }
 }
 
@@ -608,7 +613,6 @@ pub async fn run(
         policy: options.policy,
         rails: Rails::new(options.rails),
         control,
-        reservations: Reservations::default(),
         cluster,
         dry_run: options.dry_run,
         audit,

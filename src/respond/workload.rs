@@ -2,20 +2,20 @@
 //! ReplicaSet's Deployment, or its StatefulSet) must keep at least
 //! `min_healthy_replicas` available replicas once the pod is gone.
 //!
-//! The workload's status lags behind deletions, so the deletions this
-//! responder made in the last [`RECENT`] are subtracted as well (counting
-//! one twice errs on the side of deleting less), and a check and its
-//! reservation are one step, so alerts handled at once about replicas of
-//! one workload cannot all pass on the same status.
+//! The workload's status lags behind deletions, so the deletions every
+//! responder replica made in the last [`RECENT`] are subtracted as well
+//! (counting one twice errs on the side of deleting less), and a check and
+//! its reservation are one step, so alerts handled at once about replicas of
+//! one workload cannot all pass on the same status, in one replica or in
+//! several: the record lives in the shared bucket ([`super::control`]),
+//! under [`reservation_key`], updated with compare-and-set.
 //!
 //! Pods without a replicated controller (standalone pods, Jobs, DaemonSets)
 //! have no replicas to keep: the guard does not apply to them (the rails'
 //! `--skip-standalone-pods` and the DaemonSet rule do).
 
-use std::collections::HashMap;
 use std::fmt;
-use std::sync::Mutex;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use k8s_openapi::api::core::v1::Pod;
 use serde::Deserialize;
@@ -149,81 +149,55 @@ pub fn is_healthy(pod: &Pod) -> bool {
         .is_some_and(|c| c.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
 }
 
-/// The deletions this responder made recently, per workload, and the check
-/// that reserves one.
-#[derive(Default)]
-pub struct Reservations(Mutex<HashMap<(String, String, String), Vec<Instant>>>);
+/// The shared record of a workload's recent deletions: a key of the
+/// bucket. Kinds are words and namespaces DNS labels (no dots), so the
+/// name, a DNS subdomain, may have dots without two workloads sharing a key.
+pub fn reservation_key(workload: &Workload) -> String {
+    format!(
+        "replicas.{}.{}.{}",
+        workload.kind, workload.namespace, workload.name
+    )
+}
 
 /// A deletion reserved against a workload, given back when it is not made.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct Reservation {
-    key: (String, String, String),
-    /// `None` for a pod that was not healthy: its deletion costs nothing.
-    at: Option<Instant>,
+    pub key: String,
+    /// When it was reserved (ms since the epoch); `None` for a pod that
+    /// was not healthy: its deletion costs nothing.
+    pub at: Option<u64>,
 }
 
-impl Reservations {
-    /// Reserves the deletion of a pod of `workload` unless it would leave
-    /// fewer than `min` healthy replicas; the refusal says why. A pod that
-    /// is not `healthy` costs no healthy replica: always allowed.
-    pub fn reserve(
-        &self,
-        workload: &Workload,
-        healthy: bool,
-        min: MinHealthy,
-    ) -> Result<Reservation, String> {
-        let key = (
-            workload.kind.to_owned(),
-            workload.namespace.clone(),
-            workload.name.clone(),
-        );
-        if !healthy {
-            return Ok(Reservation { key, at: None });
-        }
-        let mut map = self
-            .0
-            .lock()
-            .expect("no code panics while holding reservations");
-        if map.len() >= 10_000 {
-            map.retain(|_, times| {
-                times.retain(|t| t.elapsed() < RECENT);
-                !times.is_empty()
-            });
-        }
-        let recent = map.entry(key.clone()).or_default();
-        recent.retain(|t| t.elapsed() < RECENT);
-        let required = min.required(workload.desired);
-        let left = workload
-            .available
-            .saturating_sub(1)
-            .saturating_sub(recent.len() as u32);
-        if left < required {
-            return Err(format!(
-                "{workload} has {} of {} replicas available{}; deleting this pod would leave {left}, fewer than {required} (min_healthy_replicas {min})",
-                workload.available,
-                workload.desired,
-                match recent.len() {
-                    0 => String::new(),
-                    n => format!(" and {n} deleted in the last {}s", RECENT.as_secs()),
-                },
-            ));
-        }
-        let at = Instant::now();
-        recent.push(at);
-        Ok(Reservation { key, at: Some(at) })
+/// The guard's decision on one record of a workload's recent deletions
+/// (their times, ms since the epoch): drops those older than [`RECENT`],
+/// and takes one at `now` unless the deletion would leave fewer than `min`
+/// healthy replicas; the refusal says why.
+pub fn reserve_in(
+    recent: &mut Vec<u64>,
+    workload: &Workload,
+    min: MinHealthy,
+    now: u64,
+) -> Result<(), String> {
+    let window = RECENT.as_millis() as u64;
+    recent.retain(|&t| t + window > now && t <= now + window);
+    let required = min.required(workload.desired);
+    let left = workload
+        .available
+        .saturating_sub(1)
+        .saturating_sub(recent.len() as u32);
+    if left < required {
+        return Err(format!(
+            "{workload} has {} of {} replicas available{}; deleting this pod would leave {left}, fewer than {required} (min_healthy_replicas {min})",
+            workload.available,
+            workload.desired,
+            match recent.len() {
+                0 => String::new(),
+                n => format!(" and {n} deleted in the last {}s", RECENT.as_secs()),
+            },
+        ));
     }
-
-    /// Gives a reservation back: the pod was not deleted.
-    pub fn release(&self, reservation: &Reservation) {
-        let Some(at) = reservation.at else { return };
-        let mut map = self
-            .0
-            .lock()
-            .expect("no code panics while holding reservations");
-        if let Some(times) = map.get_mut(&reservation.key) {
-            times.retain(|t| *t != at);
-        }
-    }
+    recent.push(now);
+    Ok(())
 }
 
 #[cfg(test)]
@@ -262,26 +236,21 @@ mod tests {
             desired: 3,
             available: 3,
         };
-        let r = Reservations::default();
-        let first = r.reserve(&web, true, MinHealthy::Count(1)).unwrap();
-        r.reserve(&web, true, MinHealthy::Count(1)).unwrap();
-        let why = r.reserve(&web, true, MinHealthy::Count(1)).unwrap_err();
+        assert_eq!(reservation_key(&web), "replicas.Deployment.shop.web");
+        let mut recent = Vec::new();
+        reserve_in(&mut recent, &web, MinHealthy::Count(1), 1_000).unwrap();
+        reserve_in(&mut recent, &web, MinHealthy::Count(1), 1_001).unwrap();
+        let why = reserve_in(&mut recent, &web, MinHealthy::Count(1), 1_002).unwrap_err();
         assert!(
             why.starts_with("Deployment shop/web has 3 of 3 replicas available and 2 deleted in the last 30s; deleting this pod would leave 0, fewer than 1"),
             "{why}"
         );
-        r.release(&first);
-        assert!(r.reserve(&web, true, MinHealthy::Count(1)).is_ok());
-        // An unhealthy pod's deletion costs no healthy replica.
-        let two = Workload {
-            available: 2,
-            ..web.clone()
-        };
-        let fresh = Reservations::default();
-        for _ in 0..5 {
-            assert!(fresh.reserve(&two, false, MinHealthy::Count(2)).is_ok());
-        }
-        assert!(fresh.reserve(&two, true, MinHealthy::Count(1)).is_ok());
-        assert!(fresh.reserve(&two, true, MinHealthy::Count(1)).is_err());
+        assert_eq!(recent, [1_000, 1_001], "a refusal takes nothing");
+        // 30 s on, the status is trusted again.
+        reserve_in(&mut recent, &web, MinHealthy::Count(1), 31_000).unwrap();
+        assert_eq!(recent, [1_001, 31_000]);
+        // A time far ahead (a clock gone wrong) does not hold it forever.
+        let mut future = vec![u64::MAX / 2, u64::MAX / 2];
+        reserve_in(&mut future, &web, MinHealthy::Count(1), 1_000).unwrap();
     }
 }

@@ -304,6 +304,55 @@ async fn one_rate_limit_for_all_replicas() {
     }
 }
 
+/// min_healthy_replicas across replicas (issue 22, item 4): three
+/// responders, a Deployment of 10 Ready pods whose status says 10/10 the
+/// whole time, min_healthy_replicas 8, an alert for each pod at once:
+/// exactly two deletions in total, not two per replica.
+#[tokio::test]
+async fn healthy_replicas_are_kept_across_replicas() {
+    let Scene {
+        nats,
+        kube,
+        client,
+        mut out,
+    } = Scene::start().await;
+    const PODS: usize = 10;
+    let rs = kube.add_deployment("shop", "web", PODS as u32, PODS as u32);
+    for i in 0..PODS {
+        kube.add_pod_of("shop", &format!("web-{i}"), ("ReplicaSet", &rs), true);
+    }
+    let mut responders = Vec::new();
+    for _ in 0..3 {
+        let mut opts = options(&nats, &kube);
+        opts.rails.min_healthy_replicas = "8".parse().unwrap();
+        opts.concurrency = 4;
+        responders.push(Responder::start(opts).await);
+    }
+    for i in 0..PODS {
+        publish(
+            &client,
+            pod_alert("Critical", "shop", &format!("web-{i}"), None),
+        )
+        .await;
+    }
+    let decisions = results(&mut out, PODS).await;
+    let done = decisions.iter().filter(|d| d["outcome"] == "done").count();
+    assert_eq!(done, 2, "{:?}", by_pod(&decisions));
+    assert_eq!(kube.deletes().len(), 2);
+    let kept = decisions
+        .iter()
+        .filter(|d| {
+            d["reason"]
+                .as_str()
+                .is_some_and(|r| r.starts_with("min_healthy_replicas: Deployment shop/web has 10 of 10 replicas available and 2 deleted"))
+        })
+        .count();
+    assert_eq!(kept, PODS - 2, "{:?}", by_pod(&decisions));
+    for r in responders {
+        r.stop().await;
+    }
+}
+
 /// When the budget cannot be checked (here: NATS refuses the responder's
 /// write of it), the destructive action is not taken, and the decision
 /// says why. Label actions, which take no budget, go on.
