@@ -518,6 +518,10 @@ pub struct RespondArgs {
     /// min_healthy_replicas overrides it)
     #[arg(long, env = "FALCO_NATS_MIN_HEALTHY_REPLICAS", default_value = "0")]
     pub min_healthy_replicas: MinHealthy,
+    /// Signed alerts (--verify-key) signed longer ago than this are not
+    /// acted on (reason stale); 0 for no limit
+    #[arg(long, env = "FALCO_NATS_MAX_ALERT_AGE", value_parser = humantime::parse_duration, default_value = "5m")]
+    pub max_alert_age: Duration,
     /// One action per pod, rule and action within this window
     #[arg(long, env = "FALCO_NATS_DEDUP_WINDOW", value_parser = humantime::parse_duration, default_value = "10m")]
     pub dedup_window: Duration,
@@ -623,6 +627,7 @@ impl RespondArgs {
             concurrency: self.concurrency,
             drain_timeout: self.drain_timeout,
             control: self.kv.options(),
+            max_alert_age: self.max_alert_age,
             verifier: match self.verify_key.as_slice() {
                 [] => None,
                 keys => Some(Verifier::from_files(keys)?),

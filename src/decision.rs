@@ -76,6 +76,8 @@ pub enum NoAction {
     NoPod,
     /// Signatures are required and this alert's is missing or wrong.
     BadSignature,
+    /// Signed longer ago than `--max-alert-age` (or too far ahead).
+    Stale,
 }
 
 impl NoAction {
@@ -86,6 +88,7 @@ impl NoAction {
             NoAction::NoPolicyMatch => "no_policy_match",
             NoAction::NoPod => "no_pod_in_alert",
             NoAction::BadSignature => "bad_signature",
+            NoAction::Stale => "stale",
         }
     }
 }

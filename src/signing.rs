@@ -3,15 +3,20 @@
 //! trusts. NATS permissions keep strangers off `falco.>`; a signature keeps
 //! a stolen credential or a misconfigured account from deleting pods.
 //!
-//! What is signed: a fixed context, the subject and the payload, so a
-//! signature cannot be moved to another subject (another priority) or
-//! another alert. The payload stays Falco's JSON, byte for byte; the
-//! signature travels in two headers:
+//! What is signed: a fixed context, the subject, the signing time, the
+//! message id and the payload, so a signature cannot be moved to another
+//! subject (another priority) or another alert, nor a captured alert be
+//! sent again later under a fresh message id: the responder refuses alerts
+//! signed longer ago than `--max-alert-age` (skip reason `stale`), and
+//! remembers the ones it acted on in the bucket every replica shares. The
+//! payload stays Falco's JSON, byte for byte; the signature travels in
+//! headers:
 //!
 //! - `Falco-Nats-Key`: the signer's public NKey (56 characters), so a
 //!   responder trusting several keys (a rotation) knows which to use;
+//! - `Falco-Nats-Signed-At`: when, in milliseconds since the Unix epoch;
 //! - `Falco-Nats-Signature`: the 64-byte signature, base64url without padding
-//!   (86 characters).
+//!   (86 characters), over the above, `Nats-Msg-Id` and the payload.
 
 use std::path::Path;
 
@@ -23,10 +28,15 @@ use nkeys::KeyPair;
 pub const KEY_HEADER: &str = "Falco-Nats-Key";
 /// The header with the signature.
 pub const SIGNATURE_HEADER: &str = "Falco-Nats-Signature";
+/// The header with the signing time (ms since the Unix epoch).
+pub const SIGNED_AT_HEADER: &str = "Falco-Nats-Signed-At";
+/// JetStream's message id, which the signature covers too.
+pub const MSG_ID_HEADER: &str = "Nats-Msg-Id";
 
 /// Prepended to what is signed: a signature made here means nothing in
-/// any other protocol that signs with the same key.
-const CONTEXT: &[u8] = b"falco-nats alert v1\n";
+/// any other protocol that signs with the same key (v1 signed the subject
+/// and payload only; its signatures do not verify as v2).
+const CONTEXT: &[u8] = b"falco-nats alert v2\n";
 
 /// Why a key file cannot be used.
 #[derive(Debug, thiserror::Error)]
@@ -63,8 +73,19 @@ pub enum SignatureError {
     UnknownKey,
     #[error("the signature header is not 64 bytes of base64url")]
     Malformed,
-    #[error("the signature does not match the subject and payload")]
+    #[error("the signature has no signing time (Falco-Nats-Signed-At, milliseconds)")]
+    NoTime,
+    #[error("the signature has no message id (Nats-Msg-Id)")]
+    NoMessageId,
+    #[error("the signature does not match the subject, signing time, message id and payload")]
     Mismatch,
+}
+
+/// A verified signature: who signed, and when (ms since the Unix epoch).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Signed<'a> {
+    pub key: &'a str,
+    pub at_ms: u64,
 }
 
 /// Signs alerts with one seed.
@@ -82,12 +103,19 @@ impl std::fmt::Debug for Signer {
 }
 
 /// The bytes a signature covers.
-fn signed_bytes(subject: &str, payload: &[u8]) -> Vec<u8> {
-    let mut input = Vec::with_capacity(CONTEXT.len() + subject.len() + 1 + payload.len());
+fn signed_bytes(subject: &str, at_ms: u64, msg_id: &str, payload: &[u8]) -> Vec<u8> {
+    let mut time = itoa::Buffer::new();
+    let time = time.format(at_ms);
+    let mut input = Vec::with_capacity(
+        CONTEXT.len() + subject.len() + time.len() + msg_id.len() + 3 + payload.len(),
+    );
     input.extend_from_slice(CONTEXT);
-    input.extend_from_slice(subject.as_bytes());
-    // Subjects cannot hold a newline: the boundary is unambiguous.
-    input.push(b'\n');
+    // Subjects and header values cannot hold a newline, and the time is
+    // digits: the boundaries are unambiguous.
+    for part in [subject, time, msg_id] {
+        input.extend_from_slice(part.as_bytes());
+        input.push(b'\n');
+    }
     input.extend_from_slice(payload);
     input
 }
@@ -133,11 +161,13 @@ impl Signer {
         &self.public
     }
 
-    /// The signature of an alert on `subject`, for [`SIGNATURE_HEADER`].
-    pub fn sign(&self, subject: &str, payload: &[u8]) -> String {
+    /// The signature of an alert on `subject` with message id `msg_id`,
+    /// signed at `at_ms` (ms since the Unix epoch, [`SIGNED_AT_HEADER`]),
+    /// for [`SIGNATURE_HEADER`].
+    pub fn sign(&self, subject: &str, at_ms: u64, msg_id: &str, payload: &[u8]) -> String {
         let signature = self
             .key
-            .sign(&signed_bytes(subject, payload))
+            .sign(&signed_bytes(subject, at_ms, msg_id, payload))
             .expect("a signer is only made from a seed, which can sign");
         URL_SAFE_NO_PAD.encode(signature)
     }
@@ -191,13 +221,13 @@ impl Verifier {
     }
 
     /// Checks an alert's signature headers against the trusted keys; the
-    /// trusted key that signed it.
+    /// trusted key that signed it, and when.
     pub fn verify(
         &self,
         subject: &str,
         payload: &[u8],
         headers: Option<&async_nats::HeaderMap>,
-    ) -> Result<&str, SignatureError> {
+    ) -> Result<Signed<'_>, SignatureError> {
         let header = |name: &str| {
             headers
                 .and_then(|h| h.get(name))
@@ -218,9 +248,18 @@ impl Verifier {
         let signature = URL_SAFE_NO_PAD
             .decode(signature)
             .map_err(|_| SignatureError::Malformed)?;
-        pair.verify(&signed_bytes(subject, payload), &signature)
+        // Digits only, as the signer writes them: one time, one spelling.
+        let at_ms = header(SIGNED_AT_HEADER)
+            .filter(|t| !t.is_empty() && t.len() <= 20 && t.bytes().all(|b| b.is_ascii_digit()))
+            .filter(|t| t.len() == 1 || !t.starts_with('0'))
+            .and_then(|t| t.parse::<u64>().ok())
+            .ok_or(SignatureError::NoTime)?;
+        let msg_id = header(MSG_ID_HEADER)
+            .filter(|id| !id.is_empty())
+            .ok_or(SignatureError::NoMessageId)?;
+        pair.verify(&signed_bytes(subject, at_ms, msg_id, payload), &signature)
             .map_err(|_| SignatureError::Mismatch)?;
-        Ok(name)
+        Ok(Signed { key: name, at_ms })
     }
 }
 
@@ -264,15 +303,20 @@ pub fn generate() -> (String, String) {
 mod tests {
     use super::*;
 
+    const AT: u64 = 1_764_900_000_000;
+    const ID: &str = "0123456789abcdef0123456789abcdef";
+
     fn headers(key: &str, signature: &str) -> async_nats::HeaderMap {
         let mut h = async_nats::HeaderMap::new();
         h.insert(KEY_HEADER, key);
         h.insert(SIGNATURE_HEADER, signature);
+        h.insert(SIGNED_AT_HEADER, AT.to_string());
+        h.insert(MSG_ID_HEADER, ID);
         h
     }
 
     #[test]
-    fn signatures_bind_key_subject_and_payload() {
+    fn signatures_bind_key_subject_time_id_and_payload() {
         let (seed, public) = generate();
         let (other_seed, other_public) = generate();
         let signer = Signer::from_seed(&seed).unwrap();
@@ -280,12 +324,15 @@ mod tests {
         let verifier = Verifier::from_public_keys([public.as_str()]).unwrap();
         let subject = "falco.critical.x";
         let payload = br#"{"rule":"x"}"#;
-        let sig = signer.sign(subject, payload);
+        let sig = signer.sign(subject, AT, ID, payload);
         assert_eq!(sig.len(), 86);
         let good = headers(&public, &sig);
         assert_eq!(
             verifier.verify(subject, payload, Some(&good)),
-            Ok(public.as_str())
+            Ok(Signed {
+                key: public.as_str(),
+                at_ms: AT
+            })
         );
         assert_eq!(
             verifier.verify("falco.notice.x", payload, Some(&good)),
@@ -297,18 +344,47 @@ mod tests {
             Err(SignatureError::Mismatch),
             "another payload"
         );
+        // Sent again later, or under a fresh message id.
+        for (name, value) in [
+            (SIGNED_AT_HEADER, (AT + 60_000).to_string()),
+            (MSG_ID_HEADER, "ffffffffffffffffffffffffffffffff".to_owned()),
+        ] {
+            let mut moved = good.clone();
+            moved.insert(name, value);
+            assert_eq!(
+                verifier.verify(subject, payload, Some(&moved)),
+                Err(SignatureError::Mismatch),
+                "{name} changed"
+            );
+        }
+        // One time, one spelling: no leading zeros, signs, spaces.
+        for time in ["", "0123", "+1", " 1", "1.5", "99999999999999999999999"] {
+            let mut odd = good.clone();
+            odd.insert(SIGNED_AT_HEADER, time);
+            assert_eq!(
+                verifier.verify(subject, payload, Some(&odd)),
+                Err(SignatureError::NoTime),
+                "{time:?}"
+            );
+        }
+        let mut no_id = headers(&public, &sig);
+        no_id.insert(MSG_ID_HEADER, "");
+        assert_eq!(
+            verifier.verify(subject, payload, Some(&no_id)),
+            Err(SignatureError::NoMessageId)
+        );
         assert_eq!(
             verifier.verify(subject, payload, None),
             Err(SignatureError::Unsigned)
         );
         let other = Signer::from_seed(&other_seed).unwrap();
-        let forged = headers(&other_public, &other.sign(subject, payload));
+        let forged = headers(&other_public, &other.sign(subject, AT, ID, payload));
         assert_eq!(
             verifier.verify(subject, payload, Some(&forged)),
             Err(SignatureError::UnknownKey)
         );
         // Claiming the trusted key with another key's signature.
-        let claimed = headers(&public, &other.sign(subject, payload));
+        let claimed = headers(&public, &other.sign(subject, AT, ID, payload));
         assert_eq!(
             verifier.verify(subject, payload, Some(&claimed)),
             Err(SignatureError::Mismatch)

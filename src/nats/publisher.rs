@@ -172,6 +172,7 @@ const SOURCE_NAME: HeaderName = HeaderName::from_static(header::SOURCE);
 const MSG_ID_NAME: HeaderName = HeaderName::from_static(header::MSG_ID);
 const KEY_NAME: HeaderName = HeaderName::from_static(crate::signing::KEY_HEADER);
 const SIGNATURE_NAME: HeaderName = HeaderName::from_static(crate::signing::SIGNATURE_HEADER);
+const SIGNED_AT_NAME: HeaderName = HeaderName::from_static(crate::signing::SIGNED_AT_HEADER);
 
 /// The headers of an alert message: what a consumer filters on without
 /// parsing the JSON, and the digest JetStream deduplicates on.
@@ -197,11 +198,20 @@ pub fn alert_headers(event: &FalcoEvent, subject: &str, signer: Option<&Signer>)
         headers.clone()
     });
     headers.insert(HOSTNAME_NAME, header_value(&event.hostname));
-    headers.insert(MSG_ID_NAME, event.msg_id());
+    let msg_id = event.msg_id();
     if let Some(signer) = signer {
+        let at_ms = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_millis() as u64)
+            .unwrap_or_default();
         headers.insert(KEY_NAME, signer.public_key());
-        headers.insert(SIGNATURE_NAME, signer.sign(subject, &event.payload));
+        headers.insert(SIGNED_AT_NAME, itoa::Buffer::new().format(at_ms));
+        headers.insert(
+            SIGNATURE_NAME,
+            signer.sign(subject, at_ms, &msg_id, &event.payload),
+        );
     }
+    headers.insert(MSG_ID_NAME, msg_id);
     headers
 }
 
@@ -816,7 +826,10 @@ mod tests {
         let signed = alert_headers(&event, "falco.critical.evil", Some(&signer));
         let verifier = crate::signing::Verifier::from_public_keys([public.as_str()]).unwrap();
         let check = |subject| verifier.verify(subject, &event.payload, Some(&signed));
-        assert_eq!(check("falco.critical.evil"), Ok(public.as_str()));
+        assert_eq!(
+            check("falco.critical.evil").map(|s| s.key),
+            Ok(public.as_str())
+        );
         assert!(check("falco.x").is_err());
     }
 

@@ -29,6 +29,7 @@ use async_nats::jetstream::{self, kv, stream};
 use serde::{Deserialize, Serialize};
 use tokio_util::sync::CancellationToken;
 
+use super::rails::DedupKey;
 use super::workload::{self, MinHealthy, Reservation, Workload};
 
 /// The default bucket of the shared rate limit.
@@ -557,6 +558,51 @@ impl Control {
         }
     }
 
+    /// Claims an action on a pod for every replica (the rails' duplicate
+    /// rule, shared): `None` when any replica claimed the same pod, Falco
+    /// rule and action (and UID) within `window`. A restarted responder
+    /// and the other replicas remember it, so an alert sent again (a
+    /// replay, a redelivery) does not act twice.
+    pub async fn claim_action(
+        &self,
+        key: &DedupKey,
+        window: Duration,
+    ) -> Result<Option<Claim>, ControlError> {
+        let key = claim_key(key);
+        let now = now_ms();
+        let window_ms = window.as_millis().min(u128::from(u64::MAX)) as u64;
+        let claimed = self
+            .update_times(&key, |times| {
+                times.retain(|&t| t.saturating_add(window_ms) > now && t <= now + window_ms);
+                if times.is_empty() {
+                    times.push(now);
+                    Step::Write(true)
+                } else {
+                    Step::Keep(false)
+                }
+            })
+            .await?;
+        Ok(claimed.then_some(Claim { key, at: now }))
+    }
+
+    /// Gives a claim back: the action was not taken.
+    pub async fn release_claim(&self, claim: &Claim) {
+        let released = self
+            .update_times(&claim.key, |times| {
+                let before = times.len();
+                times.retain(|&t| t != claim.at);
+                if times.len() == before {
+                    Step::Keep(())
+                } else {
+                    Step::Write(())
+                }
+            })
+            .await;
+        if let Err(e) = released {
+            tracing::warn!(error = %e, key = %claim.key, "cannot give a claim back; it lapses with the duplicate window");
+        }
+    }
+
     /// Reads the record of times under `key`, lets `decide` look at and
     /// change it, and writes it back with compare-and-set on the revision
     /// read when `decide` says so, reading again when another replica
@@ -629,6 +675,28 @@ impl Control {
         }
         Err(ControlError::Contended(CAS_ATTEMPTS))
     }
+}
+
+/// An action claimed for every replica ([`Control::claim_action`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Claim {
+    key: String,
+    at: u64,
+}
+
+/// The shared key of a claim: `seen.<namespace>.<pod>.<digest>`. Names
+/// are checked Kubernetes names before any claim (a namespace has no dot;
+/// a pod name's dots are key tokens); the digest covers the Falco rule,
+/// the action and the UID, which may hold anything.
+fn claim_key(key: &DedupKey) -> String {
+    let mut hashed = Vec::with_capacity(key.rule.len() + 64);
+    hashed.extend_from_slice(key.rule.as_bytes());
+    hashed.push(0);
+    hashed.extend_from_slice(key.action.as_str().as_bytes());
+    hashed.push(0);
+    hashed.extend_from_slice(key.uid.as_deref().unwrap_or_default().as_bytes());
+    let digest = xxhash_rust::xxh3::xxh3_128(&hashed);
+    format!("seen.{}.{}.{digest:032x}", key.namespace, key.pod)
 }
 
 /// What [`Control::update_times`]'s caller decided about a record.

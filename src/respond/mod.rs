@@ -84,6 +84,8 @@ pub struct RespondOptions {
     pub drain_timeout: Duration,
     /// When set, only alerts signed by one of its keys are acted on.
     pub verifier: Option<Verifier>,
+    /// Signed alerts signed longer ago are skipped (`stale`); zero: no limit.
+    pub max_alert_age: Duration,
     /// The bucket of the kill switch and the cluster-wide rate limit.
     pub control: ControlOptions,
 }
@@ -142,6 +144,43 @@ pub struct Responder {
     dry_run: bool,
     audit: Audit,
     verifier: Option<Verifier>,
+    /// Signed alerts older than this are not acted on (zero: no limit).
+    max_alert_age: Duration,
+}
+
+/// How far a signing clock may run ahead of the responder's.
+const CLOCK_SKEW_MS: u64 = 60_000;
+
+/// Milliseconds since the Unix epoch.
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or_default()
+}
+
+/// Whether an alert signed at `signed_ms` may be acted on at `now_ms`: not
+/// older than `max_age` (zero: any age), not signed ahead of the clock by
+/// more than [`CLOCK_SKEW_MS`]. Why not, when not.
+pub fn freshness(signed_ms: u64, now_ms: u64, max_age: Duration) -> Result<(), String> {
+    if max_age.is_zero() {
+        return Ok(());
+    }
+    if signed_ms > now_ms.saturating_add(CLOCK_SKEW_MS) {
+        return Err(format!(
+            "signed {:.1}s ahead of this responder's clock",
+            (signed_ms - now_ms) as f64 / 1000.0
+        ));
+    }
+    let age = now_ms.saturating_sub(signed_ms);
+    if u128::from(age) > max_age.as_millis() {
+        return Err(format!(
+            "signed {:.1}s ago, more than --max-alert-age {}s",
+            age as f64 / 1000.0,
+            max_age.as_secs()
+        ));
+    }
+    Ok(())
 }
 
 /// How carrying out one action ended: the decision in data, before it is
@@ -250,11 +289,19 @@ impl Responder {
         // Only a trusted signer's alert is acted on; the decision still
         // says what the alert claimed.
         if let Some(verifier) = &self.verifier {
-            if let Err(e) = verifier.verify(subject, payload, headers) {
-                self.audit.metrics.bad_signatures.inc();
+            let refused = match verifier.verify(subject, payload, headers) {
+                Err(e) => {
+                    self.audit.metrics.bad_signatures.inc();
+                    Some(format!("{}: {e}", NoAction::BadSignature.as_str()))
+                }
+                Ok(signed) => freshness(signed.at_ms, now_ms(), self.max_alert_age)
+                    .err()
+                    .map(|why| format!("{}: {why}", NoAction::Stale.as_str())),
+            };
+            if let Some(reason) = refused {
                 let pod = alert.pod().ok().flatten();
                 let mut d = decision_for(&alert, pod.as_ref(), None, subject, self.dry_run);
-                d.reason = format!("{}: {e}", NoAction::BadSignature.as_str());
+                d.reason = reason;
                 return self.only(d, received).await;
             }
         }
@@ -367,6 +414,27 @@ impl Responder {
             Ok(key) => key,
             Err(refusal) => return Verdict::Refused(refusal),
         };
+        // The same claim for every replica, unless dry-running (a dry run
+        // must not hold back a responder that acts).
+        let claim = if dry_run {
+            None
+        } else {
+            match self
+                .control
+                .claim_action(&key, self.rails.dedup_window())
+                .await
+            {
+                Ok(Some(claim)) => Some(claim),
+                Ok(None) => return Verdict::Refused(Refusal::Duplicate),
+                Err(e) => {
+                    self.rails.release(&key);
+                    return Verdict::Failed {
+                        reason: format!("cannot check for duplicates across replicas: {e}"),
+                        transient: true,
+                    };
+                }
+            }
+        };
         let mut reservation = None;
         let verdict = self
             .execute(pod, &key, (rule, action), dry_run, &mut reservation)
@@ -374,6 +442,9 @@ impl Responder {
         let kept = matches!(verdict, Verdict::Done | Verdict::DryRun | Verdict::Gone);
         if !kept {
             self.rails.release(&key);
+            if let Some(claim) = &claim {
+                self.control.release_claim(claim).await;
+            }
         }
         if let Some(reservation) = reservation.filter(|_| !matches!(verdict, Verdict::Done)) {
             self.control.release_replica(&reservation).await;
@@ -617,6 +688,7 @@ pub async fn run(
         dry_run: options.dry_run,
         audit,
         verifier: options.verifier,
+        max_alert_age: options.max_alert_age,
     };
     // Once shutdown starts, finishing the alerts in hand and publishing
     // their results share one deadline.
@@ -962,6 +1034,26 @@ pub fn retry_delay(attempt: u32) -> Duration {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn signed_alerts_are_fresh_within_the_age_and_the_skew() {
+        let five = Duration::from_secs(300);
+        let now = 1_764_900_000_000;
+        assert_eq!(freshness(now, now, five), Ok(()));
+        assert_eq!(freshness(now - 300_000, now, five), Ok(()));
+        let old = freshness(now - 300_001, now, five).unwrap_err();
+        assert_eq!(old, "signed 300.0s ago, more than --max-alert-age 300s");
+        assert_eq!(
+            freshness(now + 60_000, now, five),
+            Ok(()),
+            "within the skew"
+        );
+        let ahead = freshness(now + 60_001, now, five).unwrap_err();
+        assert!(ahead.contains("ahead"), "{ahead}");
+        assert_eq!(freshness(0, now, Duration::ZERO), Ok(()), "no limit");
+        assert!(freshness(u64::MAX, 0, five).is_err());
+        assert!(freshness(0, u64::MAX, five).is_err());
+    }
     use audit::event_reason;
 
     /// Each verdict's outcome and reason, and which of them get an Event:

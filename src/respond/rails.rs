@@ -182,6 +182,11 @@ impl Rails {
         result
     }
 
+    /// One action per pod, rule and action within this window.
+    pub fn dedup_window(&self) -> Duration {
+        self.config.dedup_window
+    }
+
     /// The global `min_healthy_replicas`.
     pub fn min_healthy_replicas(&self) -> MinHealthy {
         self.config.min_healthy_replicas

@@ -1118,7 +1118,9 @@ async fn a_log_action_writes_nothing_to_kubernetes() {
 /// rotation) both work.
 #[tokio::test]
 async fn only_alerts_signed_by_a_trusted_key_delete_pods() {
-    use falco_nats::signing::{self, Signer, Verifier, KEY_HEADER, SIGNATURE_HEADER};
+    use falco_nats::signing::{
+        self, Signer, Verifier, KEY_HEADER, MSG_ID_HEADER, SIGNATURE_HEADER, SIGNED_AT_HEADER,
+    };
     use std::io::Write;
     let nats = NatsServer::start_with(&["--user", "falco", "--pass", "s3cret"]);
     let url = nats.url();
@@ -1169,11 +1171,15 @@ async fn only_alerts_signed_by_a_trusted_key_delete_pods() {
     let subject = "falco.critical.drop_and_execute_new_binary_in_container";
     let stranger = Signer::from_file(&stranger_seed).unwrap();
     let trusted = Signer::from_file(&new_seed).unwrap();
+    let now = now_ms();
+    const ID: &str = "0123456789abcdef0123456789abcdef";
     let forge = |pod: &str, key: &str, signature: String| {
         let payload = pod_alert("Critical", "shop", pod, None);
         let mut headers = async_nats::HeaderMap::new();
         headers.insert(KEY_HEADER, key);
         headers.insert(SIGNATURE_HEADER, signature);
+        headers.insert(SIGNED_AT_HEADER, now.to_string());
+        headers.insert(MSG_ID_HEADER, ID);
         (headers, payload)
     };
     publish(&client, pod_alert("Critical", "shop", "unsigned", None)).await;
@@ -1182,13 +1188,18 @@ async fn only_alerts_signed_by_a_trusted_key_delete_pods() {
         forge(
             "stranger",
             stranger.public_key(),
-            stranger.sign(subject, &payload),
+            stranger.sign(subject, now, ID, &payload),
         ),
         // A trusted key named, with a stranger's signature.
         forge(
             "claimed",
             trusted.public_key(),
-            stranger.sign(subject, &pod_alert("Critical", "shop", "claimed", None)),
+            stranger.sign(
+                subject,
+                now,
+                ID,
+                &pod_alert("Critical", "shop", "claimed", None),
+            ),
         ),
         // Signed by the trusted key for a Notice, replayed as Critical.
         forge(
@@ -1196,6 +1207,8 @@ async fn only_alerts_signed_by_a_trusted_key_delete_pods() {
             trusted.public_key(),
             trusted.sign(
                 "falco.notice.drop_and_execute_new_binary_in_container",
+                now,
+                ID,
                 &pod_alert("Critical", "shop", "moved", None),
             ),
         ),
@@ -1227,11 +1240,11 @@ async fn only_alerts_signed_by_a_trusted_key_delete_pods() {
         ),
         (
             "claimed",
-            "bad_signature: the signature does not match the subject and payload",
+            "bad_signature: the signature does not match the subject, signing time, message id and payload",
         ),
         (
             "moved",
-            "bad_signature: the signature does not match the subject and payload",
+            "bad_signature: the signature does not match the subject, signing time, message id and payload",
         ),
         (
             "short",
@@ -1249,5 +1262,122 @@ async fn only_alerts_signed_by_a_trusted_key_delete_pods() {
             .await,
         5.0
     );
+    responder.stop().await;
+}
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64
+}
+
+/// Signed alerts do not replay (issue 22, item 5). A trusted alert about a
+/// pod without a UID deletes it; its successor under the same name is not
+/// deleted by the captured alert sent again after the responder restarted
+/// (the claim lives in the shared bucket), nor under a fresh message id
+/// (the id is signed); an alert signed ten minutes ago, or ten ahead, is
+/// stale.
+#[tokio::test]
+async fn signed_alerts_do_not_replay() {
+    use falco_nats::signing::{
+        self, Signer, Verifier, KEY_HEADER, MSG_ID_HEADER, SIGNATURE_HEADER, SIGNED_AT_HEADER,
+    };
+    let Scene {
+        nats,
+        kube,
+        client,
+        mut out,
+    } = Scene::start().await;
+    let (seed, public) = signing::generate();
+    let signer = Signer::from_seed(&seed).unwrap();
+    let options = || {
+        let mut o = super::respond::options(&nats, &kube);
+        o.verifier = Some(Verifier::from_public_keys([public.as_str()]).unwrap());
+        o
+    };
+    let subject = "falco.critical.drop_and_execute_new_binary_in_container";
+    let signed = |pod: &str, at: u64, id: &str| {
+        let payload = pod_alert("Critical", "shop", pod, None);
+        let mut headers = async_nats::HeaderMap::new();
+        headers.insert(KEY_HEADER, signer.public_key());
+        headers.insert(SIGNED_AT_HEADER, at.to_string());
+        headers.insert(MSG_ID_HEADER, id);
+        headers.insert(SIGNATURE_HEADER, signer.sign(subject, at, id, &payload));
+        (headers, payload)
+    };
+    let send = |(headers, payload): (async_nats::HeaderMap, Vec<u8>)| {
+        let client = client.clone();
+        async move {
+            client
+                .publish_with_headers(subject, headers, payload.into())
+                .await
+                .unwrap();
+            client.flush().await.unwrap();
+        }
+    };
+    kube.add_pod("shop", "reborn", "uid-1", Some("ReplicaSet"));
+    let responder = Responder::start(options()).await;
+    let captured = signed("reborn", now_ms(), "11111111111111111111111111111111");
+    send(captured.clone()).await;
+    assert_eq!(results(&mut out, 1).await[0]["outcome"], "done");
+    assert!(!kube.has_pod("shop", "reborn"));
+    responder.stop().await;
+
+    // The successor, and a fresh responder (nothing in its memory).
+    kube.add_pod("shop", "reborn", "uid-2", Some("ReplicaSet"));
+    let responder = Responder::start(options()).await;
+    send(captured.clone()).await;
+    let d = &results(&mut out, 1).await[0];
+    assert_eq!(
+        (&d["outcome"], &d["reason"]),
+        (&json!("skipped"), &json!("duplicate"))
+    );
+    let (mut fresh_id, payload) = captured;
+    fresh_id.insert(MSG_ID_HEADER, "22222222222222222222222222222222");
+    send((fresh_id, payload)).await;
+    let d = &results(&mut out, 1).await[0];
+    assert_eq!(d["outcome"], "skipped");
+    assert!(
+        d["reason"]
+            .as_str()
+            .unwrap()
+            .starts_with("bad_signature: the signature does not match"),
+        "{d}"
+    );
+    kube.add_pod("shop", "old", "uid-old", Some("ReplicaSet"));
+    kube.add_pod("shop", "ahead", "uid-ahead", Some("ReplicaSet"));
+    send(signed(
+        "old",
+        now_ms() - 600_000,
+        "33333333333333333333333333333333",
+    ))
+    .await;
+    send(signed(
+        "ahead",
+        now_ms() + 600_000,
+        "44444444444444444444444444444444",
+    ))
+    .await;
+    let got = results(&mut out, 2).await;
+    for d in &got {
+        assert_eq!(d["outcome"], "skipped", "{d}");
+        assert!(
+            d["reason"].as_str().unwrap().starts_with("stale: signed "),
+            "{d}"
+        );
+    }
+    assert!(got[0]["reason"]
+        .as_str()
+        .unwrap()
+        .contains("ago, more than --max-alert-age 300s"));
+    assert!(got[1]["reason"]
+        .as_str()
+        .unwrap()
+        .contains("ahead of this responder's clock"));
+    for pod in ["reborn", "old", "ahead"] {
+        assert!(kube.has_pod("shop", pod), "{pod} must stay");
+    }
+    assert_eq!(kube.deletes().len(), 1);
     responder.stop().await;
 }

@@ -550,6 +550,7 @@ pub fn respond_options(url: &str, kubeconfig: &Path) -> falco_nats::respond::Res
         dry_run: false,
         result_prefix: "falco.response".into(),
         verifier: None,
+        max_alert_age: Duration::from_secs(300),
         control: Default::default(),
         kubeconfig: Some(kubeconfig.to_owned()),
         kube_timeout: Duration::from_secs(10),
