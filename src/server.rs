@@ -236,16 +236,65 @@ pub struct ServerLimits {
     pub header_timeout: Duration,
     /// Connections served at once; more are closed as soon as accepted.
     pub max_connections: usize,
+    /// Connections served at once from one peer (IP address); more from it
+    /// are closed as soon as accepted, so one client cannot fill
+    /// `max_connections` (0: no limit of its own).
+    pub max_per_peer: usize,
     pub metrics: HttpServerMetrics,
 }
 
 impl ServerLimits {
-    /// The limits of the probes-only servers (`respond`, `tail`).
-    pub fn probes() -> Self {
+    /// The limits of the probes-and-metrics servers (`respond`, `tail`,
+    /// `ui`): a kubelet's probe or a scrape sends its request at once, so
+    /// the header time-out is short, and no one peer may hold more than
+    /// [`PROBES_MAX_PER_PEER`] connections: a pod that opens a thousand
+    /// idle ones does not keep the kubelet's probes out.
+    pub fn probes(metrics: HttpServerMetrics) -> Self {
         ServerLimits {
-            header_timeout: DEFAULT_HEADER_TIMEOUT,
+            header_timeout: PROBES_HEADER_TIMEOUT,
             max_connections: DEFAULT_MAX_CONNECTIONS,
-            metrics: HttpServerMetrics::default(),
+            max_per_peer: PROBES_MAX_PER_PEER,
+            metrics,
+        }
+    }
+}
+
+/// A probes server's header time-out.
+pub const PROBES_HEADER_TIMEOUT: Duration = Duration::from_secs(5);
+/// Connections one peer may hold open on a probes server.
+pub const PROBES_MAX_PER_PEER: usize = 32;
+
+/// Connections open per peer address, for [`ServerLimits::max_per_peer`].
+#[derive(Default)]
+struct PerPeer(std::sync::Mutex<std::collections::HashMap<std::net::IpAddr, usize>>);
+
+impl PerPeer {
+    fn lock(
+        &self,
+    ) -> std::sync::MutexGuard<'_, std::collections::HashMap<std::net::IpAddr, usize>> {
+        self.0
+            .lock()
+            .expect("no code panics while holding the per-peer counts")
+    }
+
+    /// Counts one more from `peer` unless it has `max` open (0: no limit).
+    fn take(&self, peer: std::net::IpAddr, max: usize) -> bool {
+        let mut map = self.lock();
+        let open = map.entry(peer).or_default();
+        if max > 0 && *open >= max {
+            return false;
+        }
+        *open += 1;
+        true
+    }
+
+    fn give_back(&self, peer: std::net::IpAddr) {
+        let mut map = self.lock();
+        if let Some(open) = map.get_mut(&peer) {
+            *open = open.saturating_sub(1);
+            if *open == 0 {
+                map.remove(&peer);
+            }
         }
     }
 }
@@ -273,14 +322,19 @@ impl Listen {
         Listen { stop, task }
     }
 
-    /// The probes-only server of `respond` and `tail`: plain HTTP, the
-    /// default limits, a second's grace at the end.
-    pub fn probes(listener: Option<TcpListener>, router: Router) -> Self {
+    /// The probes-and-metrics server of `respond`, `tail` and `ui`: plain
+    /// HTTP, [`ServerLimits::probes`], a second's grace at the end.
+    /// `metrics`: registered where its `/metrics` shows them.
+    pub fn probes(
+        listener: Option<TcpListener>,
+        router: Router,
+        metrics: HttpServerMetrics,
+    ) -> Self {
         Listen::start(
             listener,
             router,
             None,
-            ServerLimits::probes(),
+            ServerLimits::probes(metrics),
             Duration::from_secs(1),
         )
     }
@@ -315,6 +369,7 @@ pub async fn serve(
     grace: Duration,
 ) -> std::io::Result<()> {
     let limits = Arc::new(limits);
+    let per_peer = Arc::new(PerPeer::default());
     let graceful = GracefulShutdown::new();
     let mut connections = JoinSet::new();
     loop {
@@ -341,9 +396,16 @@ pub async fn serve(
             drop(tcp);
             continue;
         }
+        if !per_peer.take(peer.ip(), limits.max_per_peer) {
+            limits.metrics.refused_per_peer.inc();
+            tracing::debug!(%peer, max = limits.max_per_peer, "connection refused: its peer has its share open");
+            drop(tcp);
+            continue;
+        }
         no_delay(&tcp);
         let open = limits.metrics.open.clone();
         open.inc();
+        let peers = Arc::clone(&per_peer);
         let conn = connection(
             tcp,
             peer,
@@ -355,6 +417,7 @@ pub async fn serve(
         connections.spawn(async move {
             conn.await;
             open.dec();
+            peers.give_back(peer.ip());
         });
     }
     drop(listener);

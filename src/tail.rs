@@ -80,8 +80,9 @@ pub async fn run<W: Write + IsTerminal>(
     let watch = ConnectionWatch::register(&readiness, &mut registry);
     let subscribed = readiness.check("subscription");
     let client = connect(&options.nats, watch).await?.client;
+    let http_metrics = crate::telemetry::metrics::HttpServerMetrics::new(&mut registry);
     let router = health::router(readiness, Arc::new(registry));
-    let server = Listen::probes(listener, router);
+    let server = Listen::probes(listener, router, http_metrics);
     let result = print(&options, &client, out, &subscribed, &shutdown).await;
     server.stop().await;
     result

@@ -627,8 +627,9 @@ pub async fn run(
     let control_ready = readiness.check("kill switch");
     let kill_switch = readiness.detail("kill switch");
     let client = connect(&options.nats, watch).await?.client;
+    let http_metrics = crate::telemetry::metrics::HttpServerMetrics::new(&mut registry);
     let router = health::router(readiness, Arc::new(registry));
-    let server = Listen::probes(listener, router);
+    let server = Listen::probes(listener, router, http_metrics);
     // The kill switch is read before the first alert: a responder that
     // starts while paused is paused from the start.
     let Some(control) = open_control(&client, &options.control, &shutdown).await else {

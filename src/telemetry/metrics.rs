@@ -276,6 +276,9 @@ pub struct HttpServerMetrics {
     pub stalled: Family<Label, Counter>,
     /// Connections refused at once: `--max-connections` were open.
     pub refused: Counter,
+    /// Connections refused at once: their peer (IP address) had its share
+    /// open already.
+    pub refused_per_peer: Counter,
 }
 
 impl HttpServerMetrics {
@@ -295,6 +298,11 @@ impl HttpServerMetrics {
             "connections_refused",
             "HTTP connections refused because --max-connections were open",
             m.refused.clone(),
+        );
+        r.register(
+            "connections_refused_per_peer",
+            "HTTP connections refused because their peer (IP address) had its share of connections open",
+            m.refused_per_peer.clone(),
         );
         m
     }

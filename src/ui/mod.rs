@@ -266,8 +266,9 @@ pub async fn run(
         stream,
         shutdown: shutdown.clone(),
     };
+    let http_metrics = crate::telemetry::metrics::HttpServerMetrics::new(&mut registry);
     let router = router(state).merge(health::router(readiness, Arc::new(registry)));
-    let server = Listen::probes(listener, router);
+    let server = Listen::probes(listener, router, http_metrics);
     shutdown.cancelled().await;
     server.stop().await;
     Ok(())

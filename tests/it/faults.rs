@@ -383,3 +383,65 @@ async fn nats_killed_five_times_in_core_mode_counts_what_it_may_have_lost() {
     assert!(bridge.metric("falco_nats_nats_reconnects_total").await >= KILLS as f64);
     bridge.stop().await.unwrap();
 }
+
+/// Issue 22, item 6: a pod that opens 1,100 connections to the responder's
+/// probes port and sends half a request on each does not keep the
+/// kubelet's probes out: its share is 32 connections, the rest are closed
+/// at once and counted; every one of 25 probes from another address is
+/// answered within a second.
+#[tokio::test]
+async fn idle_half_requests_do_not_starve_the_probes() {
+    let nats = NatsServer::start();
+    let kube = crate::support::fake_kube::KubeApi::start().await.unwrap();
+    let options = respond_options(&nats.url(), &kubeconfig(&kube));
+    let stop = tokio_util::sync::CancellationToken::new();
+    let probes = tokio::net::TcpListener::bind("0.0.0.0:0").await.unwrap();
+    let port = probes.local_addr().unwrap().port();
+    let responder = tokio::spawn(falco_nats::respond::run(
+        options,
+        Some(probes),
+        stop.clone(),
+    ));
+    let at = std::net::SocketAddr::from(([127, 0, 0, 1], port));
+    wait_for("the responder ready", Duration::from_secs(15), || async {
+        http_get(at, "/readyz").await.0 == 200
+    })
+    .await;
+
+    // The flood, from 127.0.0.2: half a request each, held open.
+    let mut flood = Vec::new();
+    for _ in 0..1_100 {
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        socket.bind("127.0.0.2:0".parse().unwrap()).unwrap();
+        let Ok(mut stream) = socket.connect(at).await else {
+            continue;
+        };
+        use tokio::io::AsyncWriteExt;
+        let _ = stream
+            .write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n")
+            .await;
+        flood.push(stream);
+    }
+    // The kubelet's probes, from 127.0.0.1, one a 100 ms.
+    let mut answered = 0;
+    for _ in 0..25 {
+        let probe = tokio::time::timeout(Duration::from_secs(1), http_get(at, "/healthz"));
+        if let Ok((200, _)) = probe.await {
+            answered += 1;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(
+        answered, 25,
+        "probes answered while 1,100 idle connections were held"
+    );
+    let metrics = http_get(at, "/metrics").await.1;
+    let refused = metric_value(
+        &metrics,
+        "falco_nats_http_connections_refused_per_peer_total",
+    );
+    assert!(refused >= 1_000.0, "refused: {refused}");
+    drop(flood);
+    stop.cancel();
+    responder.await.unwrap().unwrap();
+}

@@ -449,7 +449,11 @@ pub fn grpc_options(socket: &Path, url: &str) -> BridgeOptions {
         queue_size: 1024,
         drain_timeout: Duration::from_secs(20),
         tls: None,
-        server: falco_nats::server::ServerLimits::probes(),
+        server: falco_nats::server::ServerLimits {
+            header_timeout: falco_nats::server::DEFAULT_HEADER_TIMEOUT,
+            max_connections: falco_nats::server::DEFAULT_MAX_CONNECTIONS,
+            ..Default::default()
+        },
     }
 }
 
