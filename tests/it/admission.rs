@@ -440,3 +440,57 @@ async fn the_responder_as_deployed_acts_on_the_real_api_server() {
         );
     }
 }
+
+/// The policy's literals are the ConfigMap the responder reads
+/// (falco-nats-protected), in deploy/base and in the chart's rendering.
+#[test]
+fn the_policy_and_the_responder_read_one_list() {
+    let base =
+        yaml_docs(&std::fs::read_to_string(deploy().join("base/respond-admission.yaml")).unwrap());
+    let chart =
+        crate::deploy_helm::render(&crate::deploy_helm::chart_dir().join("ci/default-values.yaml"));
+    for (what, docs) in [("deploy/base", &base), ("the chart", &chart)] {
+        let map = docs
+            .iter()
+            .find(|d| {
+                d["kind"] == "ConfigMap"
+                    && d["metadata"]["name"]
+                        .as_str()
+                        .unwrap()
+                        .ends_with("-protected")
+            })
+            .unwrap();
+        let policy = docs
+            .iter()
+            .find(|d| d["kind"] == "ValidatingAdmissionPolicy")
+            .unwrap();
+        let variable = |name: &str| {
+            policy["spec"]["variables"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .find(|v| v["name"] == name)
+                .unwrap()["expression"]
+                .as_str()
+                .unwrap()
+                .to_owned()
+        };
+        let data = &map["data"];
+        assert_eq!(
+            variable("protected"),
+            format!("'{}'.split(',')", data["namespaces"].as_str().unwrap()),
+            "{what}"
+        );
+        for key in ["allowDaemonSetPods", "allowStaticPods"] {
+            assert_eq!(
+                variable(key),
+                format!("'{}' == 'true'", data[key].as_str().unwrap()),
+                "{what}: {key}"
+            );
+        }
+        assert!(
+            policy["spec"].get("paramKind").is_none(),
+            "{what}: no parameter object"
+        );
+    }
+}

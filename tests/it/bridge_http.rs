@@ -691,3 +691,111 @@ async fn falcosidekick_format_is_what_falcosidekick_publishes() {
     assert_eq!(headers.get("Falco-Source").unwrap().as_str(), "syscalls");
     bridge.stop().await.unwrap();
 }
+
+/// Issue 22, item 7: the chart's defaults give an authenticated path. The
+/// certificates `helm install` makes (the bridge's Secret, and Falco's
+/// client Secret for the Falco chart's certs.existingClientSecret) work
+/// with the real bridge: Falco's client certificate is taken, verifying
+/// the bridge under its Service name; no certificate, and no POST.
+#[tokio::test]
+async fn the_charts_generated_certificates_carry_falcos_posts() {
+    use base64::Engine;
+    use rustls_pki_types::pem::PemObject;
+    let docs =
+        crate::deploy_helm::render(&crate::deploy_helm::chart_dir().join("ci/default-values.yaml"));
+    let secret = |name: &str, key: &str| {
+        let doc = crate::deploy_helm::find(&docs, "Secret", name).unwrap();
+        base64::engine::general_purpose::STANDARD
+            .decode(doc["data"][key].as_str().unwrap())
+            .unwrap()
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let paths = ["tls.crt", "tls.key", "ca.crt"].map(|f| {
+        let path = dir.path().join(f);
+        std::fs::write(&path, secret("falco-nats-bridge-tls", f)).unwrap();
+        path
+    });
+    let nats = NatsServer::start();
+    let (_client, mut sub) = nats.subscribed("falco.>").await;
+    let mut options = http_options(&nats, None);
+    if let InputOptions::Http(http) = &mut options.input {
+        http.client_certificate = true;
+    }
+    let [cert, key, client_ca] = paths;
+    options.tls = Some(TlsFiles {
+        cert,
+        key,
+        client_ca: Some(client_ca),
+    });
+    let bridge = RunningBridge::start(options).await;
+
+    // Falco, with what its chart mounts from falco-nats-client.
+    let mut roots = rustls::RootCertStore::empty();
+    roots
+        .add(
+            rustls_pki_types::CertificateDer::from_pem_slice(&secret(
+                "falco-nats-client",
+                "ca.crt",
+            ))
+            .unwrap(),
+        )
+        .unwrap();
+    let builder = || {
+        rustls::ClientConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots.clone())
+    };
+    let falco = builder()
+        .with_client_auth_cert(
+            vec![rustls_pki_types::CertificateDer::from_pem_slice(&secret(
+                "falco-nats-client",
+                "client.crt",
+            ))
+            .unwrap()],
+            rustls_pki_types::PrivateKeyDer::from_pem_slice(&secret(
+                "falco-nats-client",
+                "client.key",
+            ))
+            .unwrap(),
+        )
+        .unwrap();
+    let anonymous = builder().with_no_client_auth();
+    let post = |config: rustls::ClientConfig, body: String| async move {
+        let tcp = tokio::net::TcpStream::connect(bridge.http).await.unwrap();
+        // The name Falco's URL uses (deploy/falco-chart/values.yaml).
+        let name =
+            rustls_pki_types::ServerName::try_from("falco-nats-bridge.falco-nats.svc").unwrap();
+        let tls = tokio_rustls::TlsConnector::from(Arc::new(config))
+            .connect(name, tcp)
+            .await
+            .expect("the bridge's certificate verifies under its Service name");
+        http_exchange(tls, &post_request(&[JSON], body.as_bytes()))
+            .await
+            .0
+    };
+    let mut factory = AlertFactory::new("node-chart", false);
+    let alert = factory.next_json();
+    let mut status = 0;
+    for _ in 0..50 {
+        status = post(falco.clone(), alert.clone()).await;
+        if status != 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(status, 200);
+    assert_eq!(
+        receive(&mut sub, 1, WAIT).await[0].payload,
+        alert.as_bytes()
+    );
+    assert_eq!(
+        post(anonymous, factory.next_json()).await,
+        403,
+        "no client certificate"
+    );
+    assert_quiet(&mut sub, Duration::from_millis(300)).await;
+    bridge.stop().await.unwrap();
+}

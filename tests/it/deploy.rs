@@ -174,7 +174,7 @@ fn kustomize() -> PathBuf {
 }
 
 /// Renders a kustomization made on the fly: `overlay` with `components`.
-fn render(overlay: &str, components: &[&str], out: &Path) -> PathBuf {
+pub(crate) fn render(overlay: &str, components: &[&str], out: &Path) -> PathBuf {
     // Outside deploy/, which other tests read meanwhile; kustomize takes
     // relative paths only: target/kustomize/<dir>/ is three levels down.
     let base = Path::new(env!("CARGO_MANIFEST_DIR")).join("target/kustomize");

@@ -26,7 +26,7 @@ use serde_json::Value;
 use crate::deploy::{assert_cli_accepts, deploy_dir, documents, validate, Strs};
 use crate::support::nats_server_bin;
 
-fn chart_dir() -> PathBuf {
+pub(crate) fn chart_dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("charts/falco-nats")
 }
 
@@ -42,7 +42,7 @@ fn values_files() -> Vec<PathBuf> {
 }
 
 /// `helm template` of the chart as release falco-nats in falco-nats.
-fn render(values: &Path) -> Vec<Value> {
+pub(crate) fn render(values: &Path) -> Vec<Value> {
     let out = Command::new(helm())
         .args(["template", "falco-nats"])
         .arg(chart_dir())
@@ -85,7 +85,7 @@ fn check_falco_nats_containers(docs: &[Value], what: &str) -> usize {
     n
 }
 
-fn find<'a>(docs: &'a [Value], kind: &str, name: &str) -> Option<&'a Value> {
+pub(crate) fn find<'a>(docs: &'a [Value], kind: &str, name: &str) -> Option<&'a Value> {
     docs.iter()
         .find(|d| d["kind"] == kind && d["metadata"]["name"] == name)
 }
@@ -172,7 +172,10 @@ fn the_chart_renders_valid_manifests_the_cli_accepts() {
         // The Prometheus Operator's kinds are not in the Kubernetes schemas.
         let core: Vec<&Value> = docs
             .iter()
-            .filter(|d| d["apiVersion"] != "monitoring.coreos.com/v1")
+            .filter(|d| {
+                d["apiVersion"] != "monitoring.coreos.com/v1"
+                    && d["apiVersion"] != "cert-manager.io/v1"
+            })
             .collect();
         let core_file = dir.path().join(&name);
         let text: String = core
@@ -204,6 +207,13 @@ fn the_chart_renders_valid_manifests_the_cli_accepts() {
                 let args = args_of(bridge);
                 assert!(args.contains(&"--input=http".to_owned()), "{args:?}");
                 assert!(args.contains(&"--jetstream".to_owned()), "{args:?}");
+                // HTTPS with client certificates by default, from Secrets
+                // the chart made (tests/it/bridge_http.rs uses them).
+                assert!(args.contains(&"--tls-client-ca=/etc/falco-nats/tls/ca.crt".to_owned()));
+                let secret = find(&docs, "Secret", "falco-nats-bridge-tls").unwrap();
+                let client = find(&docs, "Secret", "falco-nats-client").unwrap();
+                assert_eq!(client["metadata"]["namespace"], "falco");
+                assert_eq!(secret["data"]["ca.crt"], client["data"]["ca.crt"]);
                 let service = find(&docs, "Service", "falco-nats-bridge").unwrap();
                 assert_eq!(service["spec"]["ports"][0]["port"], 2810);
                 assert!(find(&docs, "PodDisruptionBudget", "falco-nats-bridge").is_some());
@@ -279,7 +289,28 @@ fn the_chart_renders_valid_manifests_the_cli_accepts() {
                 assert!(!bridge_args.contains(&"--jetstream".to_owned()));
                 assert!(bridge_args.contains(&"--format=falcosidekick".to_owned()));
             }
+            "cert-manager-values.yaml" => {
+                let certificates: Vec<&Value> =
+                    docs.iter().filter(|d| d["kind"] == "Certificate").collect();
+                assert_eq!(certificates.len(), 2);
+                assert_eq!(
+                    certificates[0]["spec"]["secretName"],
+                    "falco-nats-bridge-tls"
+                );
+                assert_eq!(certificates[1]["metadata"]["namespace"], "falco");
+                assert_eq!(certificates[1]["spec"]["secretName"], "falco-nats-client");
+                assert!(
+                    docs.iter().all(|d| d["kind"] != "Secret"),
+                    "none made by the chart"
+                );
+                let args = args_of(bridge.unwrap());
+                assert!(args.contains(&"--tls-client-ca=/etc/falco-nats/tls/ca.crt".to_owned()));
+            }
             "bridge-only-values.yaml" => {
+                // Plain HTTP only by an explicit value.
+                let args = args_of(bridge.unwrap());
+                assert!(!args.iter().any(|a| a.starts_with("--tls")), "{args:?}");
+                assert!(docs.iter().all(|d| d["kind"] != "Secret"));
                 assert!(respond.is_none());
                 assert!(docs.iter().all(|d| d["kind"] != "PodDisruptionBudget"
                     && d["kind"] != "NetworkPolicy"
@@ -330,7 +361,12 @@ fn signing_keys_reach_the_bridge_and_the_responder() {
     let plain = render(&chart_dir().join("ci/default-values.yaml"));
     for name in ["falco-nats-bridge", "falco-nats-respond"] {
         let args = args_of(find(&plain, "Deployment", name).unwrap());
-        assert!(!args.iter().any(|a| a.contains("-key")), "{args:?}");
+        assert!(
+            !args
+                .iter()
+                .any(|a| a.starts_with("--sign-key") || a.starts_with("--verify-key")),
+            "{args:?}"
+        );
     }
 }
 

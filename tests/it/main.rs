@@ -18,6 +18,7 @@ mod dashboard;
 mod deploy;
 mod deploy_helm;
 mod deploy_nats;
+mod deploy_real;
 mod faults;
 mod fuzz_smoke;
 mod guards;
