@@ -20,7 +20,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::alert::Alert;
 use crate::decision::{Decision, Outcome};
-use crate::nats::subject::is_under;
+use crate::nats::subject::is_below;
 use crate::nats::{connect, ConnectionWatch, NatsError, NatsOptions};
 use crate::priority::Priority;
 use crate::server::Listen;
@@ -115,7 +115,7 @@ async fn print<W: Write + IsTerminal>(
             _ = shutdown.cancelled() => break,
         };
         let Some(message) = message else { break };
-        let is_result = is_under(message.subject.as_str(), &options.result_subject);
+        let is_result = is_below(message.subject.as_str(), &options.result_subject);
         let line = match (options.json, is_result) {
             (true, true) => Some(escape_json_controls(&String::from_utf8_lossy(
                 &message.payload,
@@ -274,9 +274,10 @@ mod tests {
             "an alert is not a decision"
         );
         assert!(Alert::from_json(d).is_err(), "a decision is not an alert");
-        assert!(is_under("falco.response.delete_pod", "falco.response"));
-        assert!(!is_under("falco.responsex.a", "falco.response"));
-        assert!(!is_under("falco.critical.x", "falco.response"));
+        assert!(is_below("falco.response.delete_pod", "falco.response"));
+        assert!(!is_below("falco.response", "falco.response"));
+        assert!(!is_below("falco.responsex.a", "falco.response"));
+        assert!(!is_below("falco.critical.x", "falco.response"));
     }
 
     #[test]

@@ -280,6 +280,13 @@ pub fn is_under(subject: &str, prefix: &str) -> bool {
         .is_some_and(|rest| rest.is_empty() || rest.starts_with('.'))
 }
 
+/// Whether `subject` is below `prefix` (`prefix.>`), not `prefix` itself.
+pub fn is_below(subject: &str, prefix: &str) -> bool {
+    subject
+        .strip_prefix(prefix)
+        .is_some_and(|rest| rest.len() > 1 && rest.starts_with('.'))
+}
+
 /// `value` as one subject token (see the module docs).
 pub fn slug(value: &str) -> String {
     let mut out = String::with_capacity(value.len());

@@ -169,6 +169,8 @@ pub struct UiMetrics {
     pub dropped: Counter,
     pub events: Family<[(&'static str, &'static str); 1], Counter>,
     pub history: Gauge,
+    /// Requests refused for a missing, wrong or repeated token.
+    pub auth_failures: Counter,
 }
 
 impl UiMetrics {
@@ -194,6 +196,11 @@ impl UiMetrics {
             "history_loaded",
             "Messages loaded from the stream at start",
             m.history.clone(),
+        );
+        r.register(
+            "auth_failures",
+            "Requests refused for a missing, wrong or repeated token (each answered after a delay that grows with them)",
+            m.auth_failures.clone(),
         );
         m
     }

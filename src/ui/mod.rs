@@ -36,7 +36,7 @@ use tokio::net::TcpListener;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-use crate::nats::subject::{covers, is_under};
+use crate::nats::subject::{covers, is_below};
 use crate::nats::{connect, ConnectionWatch, NatsError, NatsOptions};
 use crate::server::Listen;
 use crate::telemetry::health::{self, Readiness, ReadyFlag};
@@ -48,6 +48,12 @@ pub const DEFAULT_LISTEN: &str = "127.0.0.1:2812";
 
 /// The cookie the page's token is kept in once given in its URL.
 const COOKIE: &str = "falco_nats_ui_token";
+/// The shortest `--http-token` taken: guessing it must be hopeless.
+pub const MIN_TOKEN: usize = 32;
+/// The longest wait before a refusal: each refusal in the last minute adds
+/// [`FAILURE_STEP`], up to this.
+const MAX_FAILURE_DELAY: Duration = Duration::from_secs(2);
+const FAILURE_STEP: Duration = Duration::from_millis(50);
 
 /// What the page may load: its own script and style, nothing inline,
 /// nothing from elsewhere, no frames, no forms.
@@ -84,6 +90,8 @@ pub enum UiError {
     Nats(#[from] NatsError),
     #[error("the --http-token must be printable ASCII without spaces, quotes, ',', ';' or '\\' (it is kept in a cookie)")]
     Token,
+    #[error("the --http-token is {0} characters; at least {MIN_TOKEN} are needed (make one with `openssl rand -hex 24`)")]
+    ShortToken(usize),
     #[error("cannot subscribe to {subject:?}")]
     Subscribe {
         subject: String,
@@ -221,6 +229,7 @@ struct UiState {
     hub: Arc<Hub>,
     metrics: UiMetrics,
     token: Option<Arc<str>>,
+    failures: Arc<Failures>,
     stream: Option<String>,
     shutdown: CancellationToken,
 }
@@ -235,6 +244,9 @@ pub async fn run(
     if let Some(token) = &options.token {
         if !token_fits_a_cookie(token) {
             return Err(UiError::Token);
+        }
+        if token.len() < MIN_TOKEN {
+            return Err(UiError::ShortToken(token.len()));
         }
     }
     let mut registry = Registry::default();
@@ -263,6 +275,7 @@ pub async fn run(
         hub,
         metrics,
         token: options.token.map(Arc::from),
+        failures: Arc::default(),
         stream,
         shutdown: shutdown.clone(),
     };
@@ -332,37 +345,81 @@ fn same_secret(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
-/// The token a request carries: `Authorization: Bearer`, the cookie, or
-/// `?token=` (the page's first load; an EventSource cannot set headers).
-fn presented_token<'a>(headers: &'a HeaderMap, query: Option<&'a str>) -> Vec<&'a str> {
-    let mut found = Vec::new();
-    if let Some(bearer) = headers
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-    {
-        found.push(bearer.trim());
+/// The one token a request carries: `Authorization: Bearer`, else
+/// `?token=` (the page's first load; an EventSource cannot set headers,
+/// and the URL's wins over an older cookie), else the cookie. `Err` when a
+/// request carries more than one where only one is taken (two query
+/// values, two cookies, a header beside anything else): each request may
+/// try one token, no more.
+fn presented_token<'a>(
+    headers: &'a HeaderMap,
+    query: Option<&'a str>,
+) -> Result<Option<&'a str>, ()> {
+    let mut bearer = Vec::new();
+    for value in headers.get_all(header::AUTHORIZATION) {
+        if let Some(token) = value.to_str().ok().and_then(|v| v.strip_prefix("Bearer ")) {
+            bearer.push(token.trim());
+        }
     }
-    for cookies in headers.get_all(header::COOKIE) {
-        let Ok(cookies) = cookies.to_str() else {
+    let mut cookies = Vec::new();
+    for line in headers.get_all(header::COOKIE) {
+        let Ok(line) = line.to_str() else {
             continue;
         };
-        for pair in cookies.split(';') {
+        for pair in line.split(';') {
             if let Some(value) = pair
                 .trim()
                 .strip_prefix(COOKIE)
                 .and_then(|r| r.strip_prefix('='))
             {
-                found.push(value);
+                cookies.push(value);
             }
         }
     }
-    for pair in query.unwrap_or_default().split('&') {
-        if let Some(value) = pair.strip_prefix("token=") {
-            found.push(value);
+    let in_query: Vec<&str> = query
+        .unwrap_or_default()
+        .split('&')
+        .filter_map(|pair| pair.strip_prefix("token="))
+        .collect();
+    let one = |found: &[&'a str]| match found {
+        [] => Ok(None),
+        [one] => Ok(Some(*one)),
+        _ => Err(()),
+    };
+    if !bearer.is_empty() {
+        if !cookies.is_empty() || !in_query.is_empty() {
+            return Err(());
         }
+        return one(&bearer);
     }
-    found
+    match one(&in_query)? {
+        Some(token) => Ok(Some(token)),
+        None => one(&cookies),
+    }
+}
+
+/// Refusals of the last minute, for their delay.
+#[derive(Default)]
+struct Failures(std::sync::Mutex<std::collections::VecDeque<std::time::Instant>>);
+
+impl Failures {
+    /// Counts one more; how long to wait before answering it.
+    fn delay(&self) -> Duration {
+        let mut recent = self
+            .0
+            .lock()
+            .expect("no code panics while holding the failures");
+        while recent
+            .front()
+            .is_some_and(|t| t.elapsed() > Duration::from_secs(60))
+        {
+            recent.pop_front();
+        }
+        if recent.len() < 10_000 {
+            recent.push_back(std::time::Instant::now());
+        }
+        (FAILURE_STEP * recent.len() as u32).min(MAX_FAILURE_DELAY)
+    }
 }
 
 /// Refuses a request without the token (when there is one); hardens every answer.
@@ -371,17 +428,26 @@ async fn guard(State(state): State<UiState>, request: Request, next: Next) -> Re
         return hardened(next.run(request).await);
     };
     let query = request.uri().query().map(str::to_owned);
+    let https = request
+        .headers()
+        .get("x-forwarded-proto")
+        .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"https"));
     let presented = presented_token(request.headers(), query.as_deref());
     // A token from the URL may be percent-encoded.
-    let ok = presented.iter().any(|p| {
-        same_secret(p.as_bytes(), token.as_bytes())
-            || percent_decode(p).is_some_and(|d| same_secret(d.as_bytes(), token.as_bytes()))
-    });
+    let ok = matches!(presented, Ok(Some(p)) if same_secret(p.as_bytes(), token.as_bytes())
+        || percent_decode(p).is_some_and(|d| same_secret(d.as_bytes(), token.as_bytes())));
     if !ok {
+        state.metrics.auth_failures.inc();
+        let delay = state.failures.delay();
+        tokio::time::sleep(delay).await;
+        let message = match presented {
+            Err(()) => "one token per request, please: open the page as /?token=…\n",
+            Ok(_) => "a token is needed: open the page as /?token=…\n",
+        };
         let mut refused = (
             StatusCode::UNAUTHORIZED,
             [(header::WWW_AUTHENTICATE, "Bearer realm=\"falco-nats ui\"")],
-            "a token is needed: open the page as /?token=…\n",
+            message,
         )
             .into_response();
         refused
@@ -393,7 +459,9 @@ async fn guard(State(state): State<UiState>, request: Request, next: Next) -> Re
     let mut response = next.run(request).await;
     if from_query {
         // Kept for the page's own requests (assets, events), never sent elsewhere.
-        let cookie = format!("{COOKIE}={token}; Path=/; HttpOnly; SameSite=Strict");
+        // Secure when the page is served over TLS (by a proxy in front).
+        let secure = if https { "; Secure" } else { "" };
+        let cookie = format!("{COOKIE}={token}; Path=/; HttpOnly; SameSite=Strict{secure}");
         if let Ok(value) = HeaderValue::from_str(&cookie) {
             response.headers_mut().append(header::SET_COOKIE, value);
         }
@@ -582,7 +650,9 @@ impl Feed {
     }
 
     fn take(&self, subject: &str, payload: &[u8]) {
-        let decision = is_under(subject, &self.options.result_prefix);
+        // Decisions only from below the prefix: `falco.response` itself is
+        // no result subject (and the bridge may not publish there).
+        let decision = is_below(subject, &self.options.result_prefix);
         self.metrics
             .events
             .get_or_create(&[("kind", if decision { "decision" } else { "alert" })])
@@ -722,12 +792,31 @@ mod tests {
             header::COOKIE,
             HeaderValue::from_static("a=b; falco_nats_ui_token=s3cret"),
         );
-        assert_eq!(presented_token(&h, None), ["s3cret"]);
+        assert_eq!(presented_token(&h, None), Ok(Some("s3cret")));
+        // The URL's wins over an older cookie.
+        assert_eq!(presented_token(&h, Some("x=1&token=q")), Ok(Some("q")));
+        // One token per request: never several to try at once.
+        assert_eq!(presented_token(&h, Some("token=a&token=b")), Err(()));
+        let mut two = HeaderMap::new();
+        two.append(
+            header::COOKIE,
+            HeaderValue::from_static("falco_nats_ui_token=a"),
+        );
+        two.append(
+            header::COOKIE,
+            HeaderValue::from_static("falco_nats_ui_token=b"),
+        );
+        assert_eq!(presented_token(&two, None), Err(()));
         h.insert(header::AUTHORIZATION, HeaderValue::from_static("Bearer t"));
         assert_eq!(
-            presented_token(&h, Some("x=1&token=q")),
-            ["t", "s3cret", "q"]
+            presented_token(&h, None),
+            Err(()),
+            "a header beside a cookie"
         );
+        let mut bearer = HeaderMap::new();
+        bearer.insert(header::AUTHORIZATION, HeaderValue::from_static("Bearer t"));
+        assert_eq!(presented_token(&bearer, None), Ok(Some("t")));
+        assert_eq!(presented_token(&HeaderMap::new(), None), Ok(None));
         assert!(same_secret(b"abc", b"abc"));
         assert!(!same_secret(b"abc", b"abd"));
         assert!(!same_secret(b"abc", b"abcd"));

@@ -591,27 +591,59 @@ async fn raw_get(addr: std::net::SocketAddr, path: &str, headers: &[(&str, &str)
 #[tokio::test]
 async fn the_token_guards_the_page_and_its_events() {
     let nats = NatsServer::start();
-    let ui = Ui::start(&nats.url(), Some("s3cret-token")).await;
+    let ui = Ui::start(&nats.url(), Some("s3cret-token-0123456789abcdef-0123")).await;
     for path in ["/", "/app.js", "/app.css", "/events", "/?token=wrong"] {
         let response = raw_get(ui.addr, path, &[]).await;
         assert!(response.starts_with("http/1.1 401"), "{path}: {response}");
     }
     assert_eq!(http_get(ui.addr, "/healthz").await.0, 200);
+    // One token per request (issue 22, item 9): the right one beside a
+    // wrong one is refused, as are two in the URL.
+    let two = raw_get(
+        ui.addr,
+        "/?token=wrong",
+        &[("Authorization", "Bearer s3cret-token-0123456789abcdef-0123")],
+    )
+    .await;
+    assert!(
+        two.starts_with("http/1.1 401") && two.contains("one token per request"),
+        "{two}"
+    );
+    let two = raw_get(
+        ui.addr,
+        "/?token=wrong&token=s3cret-token-0123456789abcdef-0123",
+        &[],
+    )
+    .await;
+    assert!(two.starts_with("http/1.1 401"), "{two}");
+    let metrics = http_get(ui.addr, "/metrics").await.1;
+    assert_eq!(
+        metric_value(&metrics, "falco_nats_ui_auth_failures_total"),
+        7.0
+    );
+    // Behind a proxy that serves HTTPS, the cookie is Secure.
+    let secure = raw_get(
+        ui.addr,
+        "/?token=s3cret-token-0123456789abcdef-0123",
+        &[("X-Forwarded-Proto", "https")],
+    )
+    .await;
+    assert!(secure.contains("samesite=strict; secure"), "{secure}");
     assert_eq!(http_get(ui.addr, "/metrics").await.0, 200);
     let events = raw_get(
         ui.addr,
         "/events",
-        &[("Authorization", "Bearer s3cret-token")],
+        &[("Authorization", "Bearer s3cret-token-0123456789abcdef-0123")],
     )
     .await;
     assert!(
         events.starts_with("http/1.1 200") && events.contains("event: hello"),
         "{events}"
     );
-    let page = raw_get(ui.addr, "/?token=s3cret-token", &[]).await;
+    let page = raw_get(ui.addr, "/?token=s3cret-token-0123456789abcdef-0123", &[]).await;
     assert!(
         page.contains(
-            "set-cookie: falco_nats_ui_token=s3cret-token; path=/; httponly; samesite=strict"
+            "set-cookie: falco_nats_ui_token=s3cret-token-0123456789abcdef-0123; path=/; httponly; samesite=strict"
         ),
         "{page}"
     );
@@ -619,7 +651,10 @@ async fn the_token_guards_the_page_and_its_events() {
     let browser = Browser::start().await;
     browser
         .client
-        .goto(&format!("{}?token=s3cret-token", ui.url()))
+        .goto(&format!(
+            "{}?token=s3cret-token-0123456789abcdef-0123",
+            ui.url()
+        ))
         .await
         .unwrap();
     browser.wait_live().await;
@@ -641,8 +676,47 @@ async fn the_token_guards_the_page_and_its_events() {
         "live only (core NATS)",
         "no stream: live alerts only"
     );
+    // `falco.response` itself is no decision subject: not shown as one.
+    client
+        .publish("falco.response", "{\"outcome\":\"done\"}".into())
+        .await
+        .unwrap();
+    client.flush().await.unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let metrics = http_get(ui.addr, "/metrics").await.1;
+    assert_eq!(
+        metric_value(&metrics, "falco_nats_ui_events_total{kind=\"decision\"}"),
+        0.0
+    );
     browser.close().await;
     ui.stop().await;
+}
+
+/// A token shorter than 32 characters is refused at start, saying how to
+/// make one.
+#[tokio::test]
+async fn a_short_token_is_refused_at_start() {
+    let nats = NatsServer::start();
+    let result = ui::run(
+        UiOptions {
+            nats: falco_nats::nats::NatsOptions::for_server(nats.url()),
+            subject: "falco.>".into(),
+            result_prefix: "falco.response".into(),
+            stream: None,
+            history: 10,
+            history_age: Duration::from_secs(60),
+            token: Some("s3cret-token".into()),
+            client_buffer: 16,
+        },
+        None,
+        CancellationToken::new(),
+    )
+    .await;
+    let e = result.unwrap_err().to_string();
+    assert!(
+        e.contains("12 characters; at least 32") && e.contains("openssl rand"),
+        "{e}"
+    );
 }
 
 /// Bounded: 30,000 alerts as fast as NATS takes them (300 times the rate
