@@ -518,6 +518,11 @@ pub struct RespondArgs {
     /// min_healthy_replicas overrides it)
     #[arg(long, env = "FALCO_NATS_MIN_HEALTHY_REPLICAS", default_value = "0")]
     pub min_healthy_replicas: MinHealthy,
+    /// Where the guards keep their state: shared (JetStream: one kill
+    /// switch and rate limit for every replica) or local (core NATS
+    /// without JetStream: a limit per replica, no kill switch)
+    #[arg(long, env = "FALCO_NATS_GUARDS", value_parser = ["shared", "local"], default_value = "shared")]
+    pub guards: String,
     /// Signed alerts (--verify-key) signed longer ago than this are not
     /// acted on (reason stale); 0 for no limit
     #[arg(long, env = "FALCO_NATS_MAX_ALERT_AGE", value_parser = humantime::parse_duration, default_value = "5m")]
@@ -627,6 +632,11 @@ impl RespondArgs {
             concurrency: self.concurrency,
             drain_timeout: self.drain_timeout,
             control: self.kv.options(),
+            guards: if self.guards == "local" {
+                crate::respond::control::Guards::Local
+            } else {
+                crate::respond::control::Guards::Shared
+            },
             max_alert_age: self.max_alert_age,
             verifier: match self.verify_key.as_slice() {
                 [] => None,

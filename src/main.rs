@@ -138,6 +138,7 @@ async fn kill_switch(args: &falco_nats::cli::PauseArgs, pause: bool) -> anyhow::
             std::process::exit(3)
         }
         Some(PauseState::Unknown(why)) => anyhow::bail!("the kill switch cannot be read: {why}"),
+        Some(PauseState::Off) => anyhow::bail!("no kill switch here"),
     }
 }
 

@@ -147,6 +147,8 @@ pub enum PauseState {
     /// Not read yet, not read lately, malformed, deleted or missing after
     /// having been set, or kept in a bucket that lets a writer undo it: why.
     Unknown(String),
+    /// There is none: `--guards local`.
+    Off,
 }
 
 impl PauseState {
@@ -209,14 +211,31 @@ pub fn unsafe_settings(config: &stream::Config, bucket: &str) -> Vec<&'static st
     found
 }
 
+/// Where the guards keep their state.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Guards {
+    /// In JetStream, shared by every replica: the kill switch, one rate
+    /// limit, shared reservations and claims.
+    #[default]
+    Shared,
+    /// In each responder's memory (core NATS without JetStream): no kill
+    /// switch, a limit per replica.
+    Local,
+}
+
 /// The shared state, open.
 pub struct Control {
-    kv: kv::Store,
-    pause_kv: kv::Store,
+    store: Store,
     bucket: String,
     /// The last pause state read, when, and whether this process ever saw
     /// the key set.
     pause: Mutex<PauseMemo>,
+}
+
+/// The records' store: the buckets, or this process's memory.
+enum Store {
+    Shared { kv: kv::Store, pause_kv: kv::Store },
+    Local(Mutex<std::collections::HashMap<String, Vec<u64>>>),
 }
 
 struct PauseMemo {
@@ -395,8 +414,7 @@ impl Control {
         }
         let pause_kv = open_pause_bucket(client, options).await?;
         let control = Control {
-            kv,
-            pause_kv,
+            store: Store::Shared { kv, pause_kv },
             bucket: options.bucket.clone(),
             pause: Mutex::new(PauseMemo {
                 state: PauseState::Unknown("not read yet".into()),
@@ -412,14 +430,42 @@ impl Control {
         &self.bucket
     }
 
+    /// Guards kept in this process only (`--guards local`): no kill
+    /// switch, a rate limit and reservations per replica.
+    pub fn local() -> Self {
+        Control {
+            store: Store::Local(Mutex::default()),
+            bucket: String::new(),
+            pause: Mutex::new(PauseMemo {
+                state: PauseState::Off,
+                at: Instant::now(),
+                seen_set: false,
+            }),
+        }
+    }
+
+    /// Where the guards keep their state.
+    pub fn guards(&self) -> Guards {
+        match self.store {
+            Store::Shared { .. } => Guards::Shared,
+            Store::Local(_) => Guards::Local,
+        }
+    }
+
     pub fn pause_bucket(&self) -> &str {
-        &self.pause_kv.name
+        match &self.store {
+            Store::Shared { pause_kv, .. } => &pause_kv.name,
+            Store::Local(_) => "",
+        }
     }
 
     /// Reads the kill switch and remembers it.
     async fn read_pause(&self) -> Result<PauseState, ControlError> {
+        let Store::Shared { pause_kv, .. } = &self.store else {
+            return Ok(PauseState::Off);
+        };
         let seen_set = self.lock().seen_set;
-        let (state, seen_set) = read_pause_state(&self.pause_kv, seen_set).await?;
+        let (state, seen_set) = read_pause_state(pause_kv, seen_set).await?;
         let mut memo = self.lock();
         memo.seen_set = seen_set;
         memo.state = state.clone();
@@ -436,7 +482,7 @@ impl Control {
     /// The kill switch as last read; unknown when that was too long ago.
     pub fn pause_state(&self) -> PauseState {
         let memo = self.lock();
-        if memo.at.elapsed() > STALE_AFTER {
+        if memo.state != PauseState::Off && memo.at.elapsed() > STALE_AFTER {
             return PauseState::Unknown(format!(
                 "the kill switch was last read {:.1}s ago",
                 memo.at.elapsed().as_secs_f64()
@@ -457,7 +503,7 @@ impl Control {
     /// Refuses destructive actions while paused, or while the kill switch's state is unknown.
     pub fn check_pause(&self) -> Result<(), Gate> {
         match self.pause_state() {
-            PauseState::Running(_) => Ok(()),
+            PauseState::Running(_) | PauseState::Off => Ok(()),
             PauseState::Paused(_) => Err(Gate::Paused),
             PauseState::Unknown(why) => Err(Gate::PauseUnknown(why)),
         }
@@ -614,8 +660,12 @@ impl Control {
         mut decide: impl FnMut(&mut Vec<u64>) -> Step<T>,
     ) -> Result<T, ControlError> {
         let name = record_name(key);
+        let kv = match &self.store {
+            Store::Shared { kv, .. } => kv,
+            Store::Local(records) => return Ok(update_local(records, key, decide)),
+        };
         for attempt in 0..CAS_ATTEMPTS {
-            let entry = timed(self.kv.entry(key), |reason| ControlError::Read {
+            let entry = timed(kv.entry(key), |reason| ControlError::Read {
                 key: name,
                 reason,
             })
@@ -643,7 +693,7 @@ impl Control {
                 .into();
             let written = match revision {
                 Some(revision) => {
-                    let update = self.kv.update(key, bytes, revision);
+                    let update = kv.update(key, bytes, revision);
                     match tokio::time::timeout(OP_TIMEOUT, update).await {
                         Ok(Ok(_)) => Ok(true),
                         Ok(Err(e)) if e.kind() == kv::UpdateErrorKind::WrongLastRevision => {
@@ -654,7 +704,7 @@ impl Control {
                     }
                 }
                 None => {
-                    let create = self.kv.create(key, bytes);
+                    let create = kv.create(key, bytes);
                     match tokio::time::timeout(OP_TIMEOUT, create).await {
                         Ok(Ok(_)) => Ok(true),
                         Ok(Err(e)) if e.kind() == kv::CreateErrorKind::AlreadyExists => Ok(false),
@@ -699,6 +749,30 @@ fn claim_key(key: &DedupKey) -> String {
     format!("seen.{}.{}.{digest:032x}", key.namespace, key.pod)
 }
 
+/// [`Control::update_times`] in this process's memory (`--guards local`).
+fn update_local<T>(
+    records: &Mutex<std::collections::HashMap<String, Vec<u64>>>,
+    key: &str,
+    mut decide: impl FnMut(&mut Vec<u64>) -> Step<T>,
+) -> T {
+    let mut records = records
+        .lock()
+        .expect("no code panics while holding the local records");
+    if records.len() >= 10_000 {
+        // Nothing any window remembers is a day old.
+        let day_ago = now_ms().saturating_sub(86_400_000);
+        records.retain(|_, times| times.iter().any(|&t| t > day_ago));
+    }
+    let mut times = records.get(key).cloned().unwrap_or_default();
+    match decide(&mut times) {
+        Step::Keep(result) => result,
+        Step::Write(result) => {
+            records.insert(key.to_owned(), times);
+            result
+        }
+    }
+}
+
 /// What [`Control::update_times`]'s caller decided about a record.
 enum Step<T> {
     /// Leave the record as it was read; the answer.
@@ -714,6 +788,47 @@ fn record_name(key: &str) -> &'static str {
         Some("replicas") => "replicas",
         Some("seen") => "seen",
         _ => "record",
+    }
+}
+
+/// Whether JetStream answers for this connection's account.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum JetStreamCheck {
+    Available,
+    /// The server has no JetStream, or not for this account: why.
+    Missing(String),
+    /// No answer now (a cluster electing a leader, say): why.
+    Unavailable(String),
+}
+
+/// Asks `$JS.API.INFO` whether JetStream serves this connection's account.
+pub async fn check_jetstream(client: &async_nats::Client) -> JetStreamCheck {
+    let asked = tokio::time::timeout(
+        OP_TIMEOUT,
+        client.request("$JS.API.INFO", bytes::Bytes::new()),
+    )
+    .await;
+    let answer = match asked {
+        Err(_) => return JetStreamCheck::Unavailable(format!("no answer within {OP_TIMEOUT:?}")),
+        Ok(Err(e)) if e.kind() == async_nats::RequestErrorKind::NoResponders => {
+            return JetStreamCheck::Missing("the NATS server has no JetStream".into())
+        }
+        Ok(Err(e)) => return JetStreamCheck::Unavailable(e.to_string()),
+        Ok(Ok(answer)) => answer,
+    };
+    let error = serde_json::from_slice::<serde_json::Value>(&answer.payload)
+        .ok()
+        .and_then(|v| v.get("error").cloned());
+    match error {
+        None => JetStreamCheck::Available,
+        // JSNotEnabledForAccountErr, JSNotEnabledErr.
+        Some(e) if matches!(e["err_code"].as_u64(), Some(10039 | 10076)) => {
+            JetStreamCheck::Missing(format!(
+                "JetStream is not enabled for this account: {}",
+                e["description"].as_str().unwrap_or_default()
+            ))
+        }
+        Some(e) => JetStreamCheck::Unavailable(e.to_string()),
     }
 }
 

@@ -37,7 +37,7 @@ use crate::telemetry::health::{self, Readiness, ReadyFlag};
 use crate::telemetry::metrics::RespondMetrics;
 use audit::Audit;
 use cluster::{Applied, CallError, Cluster, ClusterError};
-use control::{Control, ControlOptions, Gate, PauseState};
+use control::{Control, ControlOptions, Gate, Guards, JetStreamCheck, PauseState};
 use policy::{ActionSpec, Policy, PolicyRule};
 use rails::{DedupKey, Rails, RailsConfig, Refusal};
 use workload::{MinHealthy, Reservation};
@@ -88,6 +88,8 @@ pub struct RespondOptions {
     pub max_alert_age: Duration,
     /// The bucket of the kill switch and the cluster-wide rate limit.
     pub control: ControlOptions,
+    /// Where the guards keep their state (JetStream, or each replica).
+    pub guards: Guards,
 }
 
 /// Why the responder stopped with an error.
@@ -95,6 +97,8 @@ pub struct RespondOptions {
 pub enum RespondError {
     #[error(transparent)]
     Nats(#[from] NatsError),
+    #[error("{0}, which the responders' guards need (the kill switch, one rate limit for every replica, shared claims). Either enable JetStream on the NATS server (`nats-server -js`, or a `jetstream {{}}` block in its configuration), or run with --guards local: each replica its own rate limit, and no kill switch")]
+    NoJetStream(String),
     #[error(transparent)]
     Cluster(#[from] ClusterError),
     #[error(transparent)]
@@ -626,15 +630,52 @@ pub async fn run(
     let cluster = Arc::new(Cluster::connect(kubeconfig, options.kube_timeout, kube_ready).await?);
     let control_ready = readiness.check("kill switch");
     let kill_switch = readiness.detail("kill switch");
+    let guards_detail = readiness.detail("guards");
     let client = connect(&options.nats, watch).await?.client;
+    // Shared guards need JetStream: a server without it is said at once,
+    // with both ways out; one that is there but not answering yet (a
+    // cluster electing a leader) is waited for, failing closed.
+    if options.guards == Guards::Shared {
+        match control::check_jetstream(&client).await {
+            JetStreamCheck::Missing(why) => return Err(RespondError::NoJetStream(why)),
+            JetStreamCheck::Unavailable(why) => {
+                tracing::warn!(reason = %why, "JetStream does not answer yet; no alert is taken until the guards can be read")
+            }
+            JetStreamCheck::Available => {}
+        }
+    }
+    for mode in ["shared", "local"] {
+        let current = match options.guards {
+            Guards::Shared => "shared",
+            Guards::Local => "local",
+        };
+        metrics
+            .guards
+            .get_or_create(&[("mode", mode)])
+            .set(i64::from(mode == current));
+    }
     let http_metrics = crate::telemetry::metrics::HttpServerMetrics::new(&mut registry);
     let router = health::router(readiness, Arc::new(registry));
     let server = Listen::probes(listener, router, http_metrics);
     // The kill switch is read before the first alert: a responder that
     // starts while paused is paused from the start.
-    let Some(control) = open_control(&client, &options.control, &shutdown).await else {
-        server.stop().await;
-        return Ok(());
+    let control = match options.guards {
+        Guards::Shared => {
+            guards_detail
+                .set("shared (JetStream: one kill switch and rate limit for every replica)".into());
+            let Some(control) = open_control(&client, &options.control, &shutdown).await else {
+                server.stop().await;
+                return Ok(());
+            };
+            control
+        }
+        Guards::Local => {
+            let text = "local (--guards local): no kill switch, and --max-actions-per-minute, \
+                        min_healthy_replicas and duplicates counted by each replica alone";
+            tracing::warn!("guards: {text}");
+            guards_detail.set(text.into());
+            Control::local()
+        }
     };
     let control = Arc::new(control);
     let watcher = tokio::spawn(Arc::clone(&control).watch_pause(shutdown.clone(), {
@@ -648,8 +689,9 @@ pub async fn run(
                     "unknown",
                     format!("unknown ({why}); destructive actions are skipped"),
                 ),
+                PauseState::Off => ("off", "none (--guards local)".to_owned()),
             };
-            for s in ["running", "paused", "unknown"] {
+            for s in ["running", "paused", "unknown", "off"] {
                 gauge
                     .get_or_create(&[("state", s)])
                     .set(i64::from(s == name));

@@ -216,6 +216,8 @@ pub struct RespondMetrics {
     pub retries: Counter,
     pub bad_signatures: Counter,
     /// 1 for the kill switch's state (running, paused, unknown), 0 for the others.
+    /// 1 for the guards' mode (`shared` or `local`).
+    pub guards: Family<[(&'static str, &'static str); 1], Gauge>,
     pub kill_switch: Family<[(&'static str, &'static str); 1], Gauge>,
 }
 
@@ -229,6 +231,7 @@ impl RespondMetrics {
             retries: Counter::default(),
             bad_signatures: Counter::default(),
             kill_switch: Family::default(),
+            guards: Family::default(),
         };
         let r = registry.sub_registry_with_prefix("falco_nats_respond");
         r.register(
@@ -253,8 +256,13 @@ impl RespondMetrics {
         );
         r.register(
             "kill_switch",
-            "The kill switch as this responder knows it: 1 for the current state (running, paused, unknown)",
+            "The kill switch as this responder knows it: 1 for the current state (running, paused, unknown; off with --guards local)",
             m.kill_switch.clone(),
+        );
+        r.register(
+            "guards",
+            "Where the guards keep their state: 1 for the mode (shared: JetStream, every replica; local: this replica only, no kill switch)",
+            m.guards.clone(),
         );
         r.register(
             "bad_signatures",

@@ -547,3 +547,68 @@ async fn statefulset_and_standalone_pods_can_be_skipped() {
     assert_eq!(kube.deletes().len(), 1);
     responder.stop().await;
 }
+
+/// The responder on a NATS server without JetStream (the seed's plain
+/// server, the NATS chart's default): it stops at once with an error that
+/// names both ways out; with `--guards local` it acts on core NATS, a rate
+/// limit per replica and no kill switch, and says so in /readyz and a
+/// metric.
+#[tokio::test]
+async fn without_jetstream_the_responder_says_so_or_runs_with_local_guards() {
+    let nats = NatsServer::start_without_jetstream();
+    let kube = falco_nats::simulate::kube_api::KubeApi::start()
+        .await
+        .unwrap();
+    kube.add_pods("shop", "web", 3);
+    let opts = respond_options(&nats.url(), &kubeconfig(&kube));
+    let stopped = tokio::time::timeout(
+        Duration::from_secs(10),
+        falco_nats::respond::run(opts, None, tokio_util::sync::CancellationToken::new()),
+    )
+    .await
+    .expect("it stops at once, not after retries");
+    let e = stopped.unwrap_err().to_string();
+    for says in ["no JetStream", "enable JetStream", "--guards local"] {
+        assert!(e.contains(says), "{says}: {e}");
+    }
+
+    let client = nats.client().await;
+    let mut out = client.subscribe("falco.response.>").await.unwrap();
+    client.flush().await.unwrap();
+    let mut opts = respond_options(&nats.url(), &kubeconfig(&kube));
+    opts.guards = falco_nats::respond::control::Guards::Local;
+    opts.rails.max_actions_per_minute = 2;
+    let responder = Responder::start(opts).await;
+    let (code, body) = http_get(responder.http, "/readyz").await;
+    assert_eq!(code, 200, "{body}");
+    assert!(
+        body.contains("guards: local (--guards local): no kill switch"),
+        "{body}"
+    );
+    assert!(
+        body.contains("kill switch: none (--guards local)"),
+        "{body}"
+    );
+    assert_eq!(
+        responder
+            .metric("falco_nats_respond_guards{mode=\"local\"}")
+            .await,
+        1.0
+    );
+    for i in 0..3 {
+        publish(
+            &client,
+            pod_alert("Critical", "shop", &format!("web-{i}"), None),
+        )
+        .await;
+    }
+    let decisions = results(&mut out, 3).await;
+    let reasons: Vec<&str> = decisions
+        .iter()
+        .map(|d| d["outcome"].as_str().unwrap())
+        .collect();
+    assert_eq!(reasons, ["done", "done", "skipped"], "{decisions:?}");
+    assert_eq!(decisions[2]["reason"], "rate_limited");
+    assert_eq!(kube.deletes().len(), 2);
+    responder.stop().await;
+}

@@ -556,6 +556,7 @@ pub fn respond_options(url: &str, kubeconfig: &Path) -> falco_nats::respond::Res
         verifier: None,
         max_alert_age: Duration::from_secs(300),
         control: Default::default(),
+        guards: Default::default(),
         kubeconfig: Some(kubeconfig.to_owned()),
         kube_timeout: Duration::from_secs(10),
         // One at a time: the tests read the decisions in the alerts' order.
