@@ -234,7 +234,10 @@ pub struct Control {
 
 /// The records' store: the buckets, or this process's memory.
 enum Store {
-    Shared { kv: kv::Store, pause_kv: kv::Store },
+    Shared {
+        kv: Box<kv::Store>,
+        pause_kv: Box<kv::Store>,
+    },
     Local(Mutex<std::collections::HashMap<String, Vec<u64>>>),
 }
 
@@ -414,7 +417,10 @@ impl Control {
         }
         let pause_kv = open_pause_bucket(client, options).await?;
         let control = Control {
-            store: Store::Shared { kv, pause_kv },
+            store: Store::Shared {
+                kv: Box::new(kv),
+                pause_kv: Box::new(pause_kv),
+            },
             bucket: options.bucket.clone(),
             pause: Mutex::new(PauseMemo {
                 state: PauseState::Unknown("not read yet".into()),
