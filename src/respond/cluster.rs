@@ -19,6 +19,7 @@ use kube::config::{KubeConfigOptions, Kubeconfig};
 use kube::{Client, Config};
 use serde_json::json;
 
+use super::policy::ActionSpec;
 use super::workload::{replicated_owner, Workload};
 use crate::alert::PodRef;
 use crate::telemetry::health::ReadyFlag;
@@ -112,6 +113,45 @@ pub struct Cluster {
     ready: ReadyFlag,
 }
 
+/// One thing the responder must be allowed to do: (verb, API group,
+/// resource), as RBAC names them.
+pub type Permission = (&'static str, &'static str, &'static str);
+
+/// The permissions a policy's actions need: reading pods and writing
+/// Events always; deleting, patching pods and creating NetworkPolicies as
+/// its actions call for.
+pub fn permissions_for(actions: &[&ActionSpec]) -> Vec<Permission> {
+    let mut needed: Vec<Permission> = vec![("get", "", "pods"), ("create", "", "events")];
+    for action in actions {
+        let more: &[Permission] = match action {
+            ActionSpec::DeletePod { .. } => &[("delete", "", "pods")],
+            ActionSpec::LabelPod { .. } => &[("patch", "", "pods")],
+            ActionSpec::IsolatePod { .. } => &[
+                ("patch", "", "pods"),
+                ("create", "networking.k8s.io", "networkpolicies"),
+            ],
+            ActionSpec::Log => &[],
+        };
+        for p in more {
+            if !needed.contains(p) {
+                needed.push(*p);
+            }
+        }
+    }
+    needed
+}
+
+/// What [`Cluster::check_permissions`] found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Permissions {
+    /// Every permission, in every namespace asked.
+    Granted,
+    /// What is missing, said as a person would ("delete pods in shop").
+    Missing(Vec<String>),
+    /// The API server could not be asked: why.
+    Unreachable(String),
+}
+
 /// Name of the deny-all NetworkPolicy `isolate-pod` creates per namespace.
 pub const ISOLATION_POLICY: &str = "falco-nats-isolate";
 
@@ -154,6 +194,73 @@ impl Cluster {
             timeout,
             ready,
         })
+    }
+
+    /// Asks the API server (SelfSubjectAccessReview, which every
+    /// authenticated user may) whether this responder may do each of
+    /// `needed` in each of `namespaces` (`None`: in every namespace, as a
+    /// ClusterRole grants).
+    pub async fn check_permissions(
+        &self,
+        needed: &[Permission],
+        namespaces: Option<&std::collections::BTreeSet<String>>,
+    ) -> Permissions {
+        use k8s_openapi::api::authorization::v1::{
+            ResourceAttributes, SelfSubjectAccessReview, SelfSubjectAccessReviewSpec,
+        };
+        let reviews: Api<SelfSubjectAccessReview> = Api::all(self.client.clone());
+        let scopes: Vec<Option<&str>> = match namespaces {
+            Some(list) => list.iter().map(|n| Some(n.as_str())).collect(),
+            None => vec![None],
+        };
+        let mut missing = Vec::new();
+        for namespace in scopes {
+            for (verb, group, resource) in needed {
+                let review = SelfSubjectAccessReview {
+                    spec: SelfSubjectAccessReviewSpec {
+                        resource_attributes: Some(ResourceAttributes {
+                            verb: Some((*verb).to_owned()),
+                            group: Some((*group).to_owned()),
+                            resource: Some((*resource).to_owned()),
+                            namespace: namespace.map(str::to_owned),
+                            ..Default::default()
+                        }),
+                        ..Default::default()
+                    },
+                    ..Default::default()
+                };
+                let asked = tokio::time::timeout(
+                    self.timeout,
+                    reviews.create(&PostParams::default(), &review),
+                )
+                .await;
+                let answer = match asked {
+                    Ok(Ok(answer)) => answer,
+                    Ok(Err(e)) => return Permissions::Unreachable(e.to_string()),
+                    Err(_) => {
+                        return Permissions::Unreachable(format!(
+                            "no answer within {:?}",
+                            self.timeout
+                        ))
+                    }
+                };
+                if !answer.status.is_some_and(|s| s.allowed) {
+                    let place =
+                        namespace.map_or("in every namespace".to_owned(), |n| format!("in {n}"));
+                    missing.push(format!("{verb} {resource} {place}"));
+                }
+            }
+        }
+        if missing.is_empty() {
+            Permissions::Granted
+        } else {
+            Permissions::Missing(missing)
+        }
+    }
+
+    /// Every call's time limit (`--kube-timeout`).
+    pub fn timeout(&self) -> Duration {
+        self.timeout
     }
 
     /// Runs one call within the time limit, and updates readiness from

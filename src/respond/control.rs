@@ -611,47 +611,75 @@ impl Control {
     }
 
     /// Claims an action on a pod for every replica (the rails' duplicate
-    /// rule, shared): `None` when any replica claimed the same pod, Falco
-    /// rule and action (and UID) within `window`. A restarted responder
-    /// and the other replicas remember it, so an alert sent again (a
-    /// replay, a redelivery) does not act twice.
+    /// rule, shared), so a restarted responder and the other replicas
+    /// remember it and an alert sent again (a replay, a redelivery) does
+    /// not act twice. The record is `[claimed, done]` (ms; `done` 0 while
+    /// the action is under way):
+    /// - done within `window`: a duplicate;
+    /// - under way for less than `lease`: another responder is acting now
+    ///   (unless `take_over`, on an alert's last delivery);
+    /// - otherwise (never claimed, long done, or claimed by a responder
+    ///   that died mid-action): claimed now.
     pub async fn claim_action(
         &self,
         key: &DedupKey,
         window: Duration,
-    ) -> Result<Option<Claim>, ControlError> {
+        lease: Duration,
+        take_over: bool,
+    ) -> Result<ClaimResult, ControlError> {
         let key = claim_key(key);
         let now = now_ms();
         let window_ms = window.as_millis().min(u128::from(u64::MAX)) as u64;
-        let claimed = self
-            .update_times(&key, |times| {
-                times.retain(|&t| t.saturating_add(window_ms) > now && t <= now + window_ms);
-                if times.is_empty() {
-                    times.push(now);
-                    Step::Write(true)
-                } else {
-                    Step::Keep(false)
+        let lease_ms = lease.as_millis().min(u128::from(u64::MAX)) as u64;
+        let within =
+            |t: u64, span: u64| t.saturating_add(span) > now && t <= now.saturating_add(span);
+        self.update_times(&key, |record| {
+            match record.as_slice() {
+                [_, done] if *done > 0 && within(*done, window_ms) => {
+                    return Step::Keep(ClaimResult::Duplicate)
                 }
-            })
-            .await?;
-        Ok(claimed.then_some(Claim { key, at: now }))
+                [claimed, 0] if !take_over && within(*claimed, lease_ms) => {
+                    return Step::Keep(ClaimResult::InProgress)
+                }
+                _ => {}
+            }
+            *record = vec![now, 0];
+            Step::Write(ClaimResult::Claimed(Claim {
+                key: key.clone(),
+                at: now,
+            }))
+        })
+        .await
+    }
+
+    /// Marks a claim's action done: duplicates are counted from now.
+    pub async fn complete_claim(&self, claim: &Claim) {
+        self.settle_claim(claim, true).await;
     }
 
     /// Gives a claim back: the action was not taken.
     pub async fn release_claim(&self, claim: &Claim) {
-        let released = self
-            .update_times(&claim.key, |times| {
-                let before = times.len();
-                times.retain(|&t| t != claim.at);
-                if times.len() == before {
-                    Step::Keep(())
-                } else {
-                    Step::Write(())
+        self.settle_claim(claim, false).await;
+    }
+
+    async fn settle_claim(&self, claim: &Claim, done: bool) {
+        let now = now_ms();
+        let settled = self
+            .update_times(&claim.key, |record| {
+                // Only a claim still ours (not taken over since).
+                if record.first() != Some(&claim.at) {
+                    return Step::Keep(());
                 }
+                *record = if done {
+                    vec![claim.at, now]
+                } else {
+                    Vec::new()
+                };
+                Step::Write(())
             })
             .await;
-        if let Err(e) = released {
-            tracing::warn!(error = %e, key = %claim.key, "cannot give a claim back; it lapses with the duplicate window");
+        if let Err(e) = settled {
+            tracing::warn!(error = %e, key = %claim.key, done, "cannot settle a claim; it lapses with its lease");
         }
     }
 
@@ -731,6 +759,16 @@ impl Control {
         }
         Err(ControlError::Contended(CAS_ATTEMPTS))
     }
+}
+
+/// What [`Control::claim_action`] found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ClaimResult {
+    Claimed(Claim),
+    /// The same action on the same pod was done within the window.
+    Duplicate,
+    /// Another responder is taking it now.
+    InProgress,
 }
 
 /// An action claimed for every replica ([`Control::claim_action`]).

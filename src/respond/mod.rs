@@ -363,7 +363,13 @@ impl Responder {
         // The pod the action is about (none for `log`, which writes no Event).
         let mut target = pod.cloned().filter(|_| action.needs_pod());
         let verdict = self
-            .decide(alert, target.as_mut(), (rule, action), d.dry_run)
+            .decide(
+                alert,
+                target.as_mut(),
+                (rule, action),
+                d.dry_run,
+                delivery.last,
+            )
             .await;
         let transient = verdict.is_transient();
         if transient && !delivery.last {
@@ -407,6 +413,7 @@ impl Responder {
         pod: Option<&mut PodRef>,
         (rule, action): (&PolicyRule, &ActionSpec),
         dry_run: bool,
+        last_delivery: bool,
     ) -> Verdict {
         if !action.needs_pod() {
             return Verdict::Logged;
@@ -423,13 +430,21 @@ impl Responder {
         let claim = if dry_run {
             None
         } else {
-            match self
+            let lease = self.cluster.timeout() * 3;
+            let claimed = self
                 .control
-                .claim_action(&key, self.rails.dedup_window())
-                .await
-            {
-                Ok(Some(claim)) => Some(claim),
-                Ok(None) => return Verdict::Refused(Refusal::Duplicate),
+                .claim_action(&key, self.rails.dedup_window(), lease, last_delivery)
+                .await;
+            match claimed {
+                Ok(control::ClaimResult::Claimed(claim)) => Some(claim),
+                Ok(control::ClaimResult::Duplicate) => return Verdict::Refused(Refusal::Duplicate),
+                Ok(control::ClaimResult::InProgress) => {
+                    self.rails.release(&key);
+                    return Verdict::Failed {
+                        reason: "another responder is taking this action on this pod now".into(),
+                        transient: true,
+                    };
+                }
                 Err(e) => {
                     self.rails.release(&key);
                     return Verdict::Failed {
@@ -444,11 +459,15 @@ impl Responder {
             .execute(pod, &key, (rule, action), dry_run, &mut reservation)
             .await;
         let kept = matches!(verdict, Verdict::Done | Verdict::DryRun | Verdict::Gone);
-        if !kept {
-            self.rails.release(&key);
-            if let Some(claim) = &claim {
+        if let Some(claim) = &claim {
+            if kept {
+                self.control.complete_claim(claim).await;
+            } else {
                 self.control.release_claim(claim).await;
             }
+        }
+        if !kept {
+            self.rails.release(&key);
         }
         if let Some(reservation) = reservation.filter(|_| !matches!(verdict, Verdict::Done)) {
             self.control.release_replica(&reservation).await;
@@ -630,6 +649,8 @@ pub async fn run(
     let cluster = Arc::new(Cluster::connect(kubeconfig, options.kube_timeout, kube_ready).await?);
     let control_ready = readiness.check("kill switch");
     let kill_switch = readiness.detail("kill switch");
+    let permitted = readiness.check("kubernetes permissions");
+    let permissions_detail = readiness.detail("kubernetes permissions");
     let guards_detail = readiness.detail("guards");
     let client = connect(&options.nats, watch).await?.client;
     // Shared guards need JetStream: a server without it is said at once,
@@ -678,6 +699,29 @@ pub async fn run(
         }
     };
     let control = Arc::new(control);
+    // Ready means able to act: what the policy needs, asked of the API
+    // server now (which also connects before the first alert) and every
+    // minute after.
+    let needed = if options.dry_run {
+        vec![("get", "", "pods")]
+    } else {
+        let actions: Vec<&policy::ActionSpec> = options
+            .policy
+            .rules
+            .iter()
+            .flat_map(|r| r.actions.iter())
+            .collect();
+        cluster::permissions_for(&actions)
+    };
+    let permissions = PermissionWatch {
+        cluster: Arc::clone(&cluster),
+        needed,
+        namespaces: options.rails.only_namespaces.clone(),
+        ready: permitted,
+        detail: permissions_detail,
+    };
+    permissions.check().await;
+    let permission_watcher = tokio::spawn(permissions.every(PERMISSIONS_EVERY, shutdown.clone()));
     let watcher = tokio::spawn(Arc::clone(&control).watch_pause(shutdown.clone(), {
         let gauge = metrics.kill_switch.clone();
         move |state| {
@@ -748,8 +792,59 @@ pub async fn run(
     let result = consume.run(options.subscription).await;
     confirm_results(&client, &deadline).await;
     watcher.abort();
+    permission_watcher.abort();
     server.stop().await;
     result
+}
+
+/// How often the responder asks again what it may do.
+const PERMISSIONS_EVERY: Duration = Duration::from_secs(60);
+
+/// Keeps readiness on what the responder may do in the cluster.
+struct PermissionWatch {
+    cluster: Arc<Cluster>,
+    needed: Vec<cluster::Permission>,
+    namespaces: Option<std::collections::BTreeSet<String>>,
+    ready: crate::telemetry::health::ReadyFlag,
+    detail: crate::telemetry::health::Detail,
+}
+
+impl PermissionWatch {
+    /// Asks once; ready when every permission is granted, the detail
+    /// naming what is missing otherwise.
+    async fn check(&self) {
+        let found = self
+            .cluster
+            .check_permissions(&self.needed, self.namespaces.as_ref())
+            .await;
+        let (ready, text) = match &found {
+            cluster::Permissions::Granted => (true, "granted".to_owned()),
+            cluster::Permissions::Missing(what) => {
+                (false, format!("missing: may not {}", what.join(", ")))
+            }
+            cluster::Permissions::Unreachable(why) => {
+                (false, format!("cannot ask the API server: {why}"))
+            }
+        };
+        if ready != self.ready.get() || text != self.detail.get() {
+            if ready {
+                tracing::info!("the Kubernetes API grants what the policy needs");
+            } else {
+                tracing::warn!(permissions = %text, "not ready: the responder cannot act");
+            }
+        }
+        self.ready.set(ready);
+        self.detail.set(text);
+    }
+
+    async fn every(self, period: Duration, shutdown: CancellationToken) {
+        loop {
+            tokio::select! {
+                _ = tokio::time::sleep(period) => self.check().await,
+                _ = shutdown.cancelled() => return,
+            }
+        }
+    }
 }
 
 /// Opens the kill switch's bucket, retrying (with backoff) until it works

@@ -51,7 +51,10 @@ authorization {
     { user: responder, password: responderpw,
       permissions: { publish: { allow: ["falco.response.>", "_INBOX.>", "$JS.API.INFO", "$JS.API.STREAM.INFO.KV_falco-nats",
                                         "$JS.API.STREAM.CREATE.KV_falco-nats", "$JS.API.DIRECT.GET.KV_falco-nats.>",
-                                        "$JS.API.STREAM.MSG.GET.KV_falco-nats", "$KV.falco-nats.actions"] },
+                                        "$JS.API.STREAM.MSG.GET.KV_falco-nats", "$KV.falco-nats.actions",
+                                        "$KV.falco-nats.replicas.>", "$KV.falco-nats.seen.>",
+                                        "$JS.API.STREAM.INFO.KV_falco-nats-pause", "$JS.API.STREAM.CREATE.KV_falco-nats-pause",
+                                        "$JS.API.DIRECT.GET.KV_falco-nats-pause.>", "$JS.API.STREAM.MSG.GET.KV_falco-nats-pause"] },
                      subscribe: { allow: ["falco.>", "_INBOX.>"] } } }
     { user: admin, password: adminpw }
   ]

@@ -299,3 +299,112 @@ async fn min_healthy_replicas_on_real_deployments_and_statefulsets() {
     }
     scene.stop().await;
 }
+
+/// Ready means able to act (issue 25, item 5): the responder asks the API
+/// server what it may do at start (connecting before the first alert) and
+/// every minute. With the shipped token it is ready; with a token lacking
+/// `delete pods` it is not, and /readyz names what is missing; with a
+/// wrong server address it is not, and says why.
+#[tokio::test]
+async fn ready_means_the_api_server_lets_it_act() {
+    use k8s_openapi::api::core::v1::ServiceAccount;
+    use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding};
+    let cluster = Cluster::get();
+    apply_responder_access(cluster).await;
+    let admin = cluster.admin().await;
+    let ns = cluster.namespace("weak").await;
+    // A ServiceAccount that may read and label pods, not delete them.
+    let sa: ServiceAccount = serde_json::from_value(json!({"metadata": {"name": "weak"}})).unwrap();
+    Api::<ServiceAccount>::namespaced(admin.clone(), &ns)
+        .create(&PostParams::default(), &sa)
+        .await
+        .unwrap();
+    let role: ClusterRole = serde_json::from_value(json!({
+        "metadata": {"name": format!("weak-{ns}")},
+        "rules": [{"apiGroups": [""], "resources": ["pods"], "verbs": ["get", "patch"]},
+                  {"apiGroups": [""], "resources": ["events"], "verbs": ["create"]}],
+    }))
+    .unwrap();
+    Api::<ClusterRole>::all(admin.clone())
+        .create(&PostParams::default(), &role)
+        .await
+        .unwrap();
+    let binding: ClusterRoleBinding = serde_json::from_value(json!({
+        "metadata": {"name": format!("weak-{ns}")},
+        "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": format!("weak-{ns}")},
+        "subjects": [{"kind": "ServiceAccount", "name": "weak", "namespace": ns}],
+    }))
+    .unwrap();
+    Api::<ClusterRoleBinding>::all(admin.clone())
+        .create(&PostParams::default(), &binding)
+        .await
+        .unwrap();
+
+    let nats = NatsServer::start();
+    let readyz = |kubeconfig: std::path::PathBuf| {
+        let url = nats.url();
+        async move {
+            let options = respond_options(&url, &kubeconfig);
+            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let at = listener.local_addr().unwrap();
+            let stop = tokio_util::sync::CancellationToken::new();
+            let task = tokio::spawn(falco_nats::respond::run(
+                options,
+                Some(listener),
+                stop.clone(),
+            ));
+            let mut last = (0, String::new());
+            for _ in 0..100 {
+                let asked = tokio::time::timeout(
+                    Duration::from_secs(1),
+                    http_get_or_refused(at, "/readyz"),
+                );
+                if let Ok(answer) = asked.await {
+                    last = answer;
+                    if last.1.contains("kubernetes permissions: ")
+                        && !last.1.contains("kubernetes permissions: \n")
+                    {
+                        break;
+                    }
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            stop.cancel();
+            task.await.unwrap().unwrap();
+            last
+        }
+    };
+    let shipped = cluster.token("falco-nats", "falco-nats-respond").await;
+    let (code, body) = readyz(cluster.kubeconfig("responder", &shipped)).await;
+    assert_eq!(code, 200, "{body}");
+    assert!(body.contains("kubernetes permissions: granted"), "{body}");
+
+    let weak = cluster.token(&ns, "weak").await;
+    let (code, body) = readyz(cluster.kubeconfig("weak", &weak)).await;
+    assert_eq!(code, 503, "{body}");
+    assert!(
+        body.contains("kubernetes permissions: missing: may not delete pods in every namespace"),
+        "{body}"
+    );
+
+    // A server address where nothing answers.
+    let wrong = cluster.kubeconfig("wrong", &shipped);
+    let text = std::fs::read_to_string(&wrong)
+        .unwrap()
+        .replace(&cluster.url, &format!("https://127.0.0.1:{}", free_port()));
+    std::fs::write(&wrong, text).unwrap();
+    let (code, body) = readyz(wrong).await;
+    assert_eq!(code, 503, "{body}");
+    assert!(
+        body.contains("kubernetes permissions: cannot ask the API server"),
+        "{body}"
+    );
+}
+
+/// A GET, or status 0 while nothing listens yet.
+async fn http_get_or_refused(at: std::net::SocketAddr, path: &str) -> (u16, String) {
+    match tokio::net::TcpStream::connect(at).await {
+        Ok(_) => http_get(at, path).await,
+        Err(_) => (0, String::new()),
+    }
+}
