@@ -293,6 +293,11 @@ pub struct BridgeArgs {
     /// Age limit of a stream the bridge creates (0s: unlimited)
     #[arg(long, env = "FALCO_NATS_STREAM_MAX_AGE", value_parser = humantime::parse_duration, default_value = "7days")]
     pub stream_max_age: Duration,
+    /// Size limit of a stream the bridge creates, in bytes with an
+    /// optional K, M, G or T (powers of 1024); the oldest alerts go first
+    /// (0: unlimited)
+    #[arg(long, env = "FALCO_NATS_STREAM_MAX_BYTES", value_parser = parse_bytes, default_value = "0")]
+    pub stream_max_bytes: u64,
     /// JetStream publishes awaiting acknowledgement at most
     #[arg(long, env = "FALCO_NATS_MAX_INFLIGHT", default_value_t = 256)]
     pub max_inflight: usize,
@@ -366,6 +371,7 @@ impl BridgeArgs {
                     stream: self.stream,
                     duplicate_window: self.duplicate_window,
                     max_age: self.stream_max_age,
+                    max_bytes: self.stream_max_bytes,
                     max_inflight: self.max_inflight,
                     replicas: self.replicas.map(usize::from),
                     fast_batch: self.fast_batch == FastBatch::Auto,
@@ -777,10 +783,48 @@ impl SimulateArgs {
     }
 }
 
+/// A size: digits, then an optional K, M, G or T (with or without `i` and
+/// `B`: powers of 1024).
+fn parse_bytes(text: &str) -> Result<u64, String> {
+    let t = text.trim();
+    let digits = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (number, unit) = t.split_at(digits);
+    let number: u64 = number
+        .parse()
+        .map_err(|_| format!("{text:?} is not a size (e.g. 4G, 512M, 1048576)"))?;
+    let shift = match unit
+        .trim()
+        .trim_end_matches(['B', 'b'])
+        .trim_end_matches('i')
+    {
+        "" => 0,
+        "K" | "k" => 10,
+        "M" | "m" => 20,
+        "G" | "g" => 30,
+        "T" | "t" => 40,
+        _ => return Err(format!("{text:?}: unknown unit (K, M, G or T)")),
+    };
+    number
+        .checked_mul(1u64 << shift)
+        .ok_or_else(|| format!("{text:?} is too large"))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use clap::CommandFactory;
+
+    #[test]
+    fn sizes_parse() {
+        assert_eq!(parse_bytes("0"), Ok(0));
+        assert_eq!(parse_bytes("4G"), Ok(4 << 30));
+        assert_eq!(parse_bytes("4GiB"), Ok(4 << 30));
+        assert_eq!(parse_bytes("512M"), Ok(512 << 20));
+        assert_eq!(parse_bytes("1048576"), Ok(1_048_576));
+        for bad in ["", "G", "4X", "-1", "99999999999T"] {
+            assert!(parse_bytes(bad).is_err(), "{bad}");
+        }
+    }
 
     #[test]
     fn cli_is_well_formed() {

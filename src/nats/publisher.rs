@@ -52,6 +52,10 @@ pub struct JetStreamOptions {
     pub duplicate_window: Duration,
     /// Age limit of a stream created by the bridge (zero: unlimited).
     pub max_age: Duration,
+    /// Size limit of a stream created by the bridge, in bytes (0:
+    /// unlimited): what it stores cannot take the room the responders'
+    /// buckets (the kill switch) need on the same server.
+    pub max_bytes: u64,
     /// Publishes awaiting their acknowledgement at most.
     pub max_inflight: usize,
     /// Replicas of a stream the bridge creates (clustered JetStream); when
@@ -326,6 +330,11 @@ impl JetStreamPublisher {
             subjects: self.subject.stream_subjects(),
             duplicate_window: self.options.duplicate_window,
             max_age: self.options.max_age,
+            max_bytes: match self.options.max_bytes {
+                0 => -1,
+                n => i64::try_from(n).unwrap_or(i64::MAX),
+            },
+            discard: stream::DiscardPolicy::Old,
             num_replicas: self.options.replicas.unwrap_or(1),
             storage: stream::StorageType::File,
             allow_batch_publish: self.options.fast_batch,

@@ -52,6 +52,12 @@ const CAS_ATTEMPTS: usize = 64;
 const WINDOW_MS: u64 = 60_000;
 /// The largest `--max-actions-per-minute`: the record holds one time per action.
 pub const MAX_ACTIONS_PER_MINUTE: u32 = 10_000;
+/// A bucket's size limit: its records are small, and the claims of a day
+/// (one per pod and action) fit many times over.
+const BUCKET_MAX_BYTES: i64 = 64 << 20;
+/// A record's size limit: the rate limit's, at its largest, is about
+/// 140 KiB (10,000 times of 14 digits).
+const BUCKET_MAX_MESSAGE: i32 = 256 << 10;
 
 /// Where the shared state lives.
 #[derive(Debug, Clone)]
@@ -304,9 +310,11 @@ fn bucket_stream(bucket: &str, replicas: usize, description: &str) -> stream::Co
         description: Some(description.to_owned()),
         subjects: vec![format!("$KV.{bucket}.>")],
         max_messages_per_subject: 1,
-        max_bytes: -1,
+        // Bounded: whoever may write a key cannot fill the server's store
+        // (and so stop the kill switch being written).
+        max_bytes: BUCKET_MAX_BYTES,
         max_messages: -1,
-        max_message_size: -1,
+        max_message_size: BUCKET_MAX_MESSAGE,
         storage: stream::StorageType::File,
         num_replicas: replicas.max(1),
         allow_rollup: false,

@@ -322,6 +322,51 @@ async fn the_shipped_leaf_layout_brings_each_nodes_alerts_to_the_hub_once() {
         assert_eq!(falco.info().await.unwrap().state.messages, PER_NODE as u64);
     }
 
+    // The responder as the leaf component runs it: the shipped user
+    // `respond` on the hub's FALCO_ALL. A Critical alert posted on a node
+    // is acted on.
+    let kube = KubeApi::start().await.unwrap();
+    kube.add_pod("shop", "leafy", "u-leafy", Some("ReplicaSet"));
+    let mut respond_options = respond_options(&hub.url(), &kubeconfig(&kube));
+    respond_options.nats = user(&hub.url(), "respond", &pw["nats-user-respond"], dir.path());
+    respond_options.subscription = Subscription::JetStream {
+        stream: "FALCO_ALL".into(),
+        durable: "falco-nats-respond".into(),
+        subject: "falco.>".into(),
+        ack_wait: Duration::from_secs(30),
+        max_deliver: 5,
+    };
+    let stop = tokio_util::sync::CancellationToken::new();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let probes = listener.local_addr().unwrap();
+    let responder = tokio::spawn(falco_nats::respond::run(
+        respond_options,
+        Some(listener),
+        stop.clone(),
+    ));
+    wait_for("the responder ready on FALCO_ALL", WAIT, || async {
+        http_get(probes, "/readyz").await.0 == 200
+    })
+    .await;
+    let critical = serde_json::json!({
+        "hostname": nodes[1], "output": "x", "priority": "Critical",
+        "rule": "Drop and execute new binary in container", "source": "syscall", "tags": [],
+        "time": "2026-12-05T00:00:00.000000000Z",
+        "output_fields": {"k8s.ns.name": "shop", "k8s.pod.name": "leafy", "evt.num": 99_999},
+    });
+    let (code, _) = http_post(bridges[1].http, &[], critical.to_string().as_bytes()).await;
+    assert_eq!(code, 200);
+    wait_for("the pod deleted from FALCO_ALL", WAIT, || async {
+        !kube.has_pod("shop", "leafy")
+    })
+    .await;
+    stop.cancel();
+    tokio::time::timeout(WAIT, responder)
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+
     // What else a leaf and its clients may do on the hub: tests/it/security.rs.
     for bridge in bridges {
         bridge.stop().await.unwrap();

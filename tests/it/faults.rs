@@ -165,6 +165,7 @@ async fn nats_permissions_both_work_and_a_refused_publish_is_reported_not_retrie
         stream: "ALERTS".into(),
         duplicate_window: Duration::from_secs(60),
         max_age: Duration::ZERO,
+        max_bytes: 0,
         max_inflight: 16,
         replicas: None,
         fast_batch: true,

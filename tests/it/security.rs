@@ -592,3 +592,46 @@ async fn wait_state(
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
+
+/// The responder's user cannot fill the server's store through the keys
+/// it may write (the bucket has a size limit and a record size limit), so
+/// the kill switch can always be written; a record over the record limit
+/// is refused.
+#[tokio::test]
+async fn the_responders_user_cannot_fill_the_store() {
+    let dir = tempfile::tempdir().unwrap();
+    let pw = passwords();
+    let (hub, _) = shipped::start_hub(dir.path(), &pw);
+    let url = hub.url();
+    let respond = client_as(&url, "respond", &pw["nats-user-respond"]).await;
+    control::Control::open(&respond, &ControlOptions::default())
+        .await
+        .unwrap();
+    let js = jetstream::new(respond.clone());
+    let big = vec![b'x'; 200 << 10];
+    let mut stored = 0u64;
+    for i in 0..600 {
+        let put = js
+            .publish(format!("$KV.falco-nats.seen.x.y.{i}"), big.clone().into())
+            .await;
+        if let Ok(ack) = put {
+            if ack.await.is_ok() {
+                stored += big.len() as u64;
+            }
+        }
+    }
+    eprintln!("{} MiB stored of 117 MiB tried", stored >> 20);
+    assert!(stored <= 64 << 20, "the bucket's limit holds: {stored}");
+    let too_big = js
+        .publish("$KV.falco-nats.seen.x.y.big", vec![b'x'; 300 << 10].into())
+        .await;
+    assert!(
+        match too_big {
+            Ok(ack) => ack.await.is_err(),
+            Err(_) => true,
+        },
+        "a record over 256 KiB is refused"
+    );
+    let paused = kill_switch(&url, &pw, dir.path(), &["pause", "--reason", "still works"]);
+    assert!(paused.status.success(), "{paused:?}");
+}

@@ -617,6 +617,7 @@ pub fn jetstream_options() -> falco_nats::nats::JetStreamOptions {
         stream: "FALCO".into(),
         duplicate_window: Duration::from_secs(120),
         max_age: Duration::ZERO,
+        max_bytes: 0,
         max_inflight: 64,
         replicas: None,
         fast_batch: true,
