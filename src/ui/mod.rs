@@ -398,15 +398,35 @@ fn presented_token<'a>(
     }
 }
 
-/// Refusals of the last minute, for their delay.
+/// Refusals of the last minute, for their delay, and how many are being
+/// held back now.
 #[derive(Default)]
-struct Failures(std::sync::Mutex<std::collections::VecDeque<std::time::Instant>>);
+struct Failures {
+    recent: std::sync::Mutex<std::collections::VecDeque<std::time::Instant>>,
+    waiting: std::sync::atomic::AtomicUsize,
+}
+
+/// Refusals held back at once at most: beyond that they are answered at
+/// once, so a flood of bad tokens cannot hold every connection a proxy in
+/// front has (and keep real users out).
+const MAX_WAITING_FAILURES: usize = 8;
 
 impl Failures {
+    /// Counts one more, and waits before its answer (unless enough are
+    /// waiting already).
+    async fn hold(&self) {
+        use std::sync::atomic::Ordering;
+        let delay = self.delay();
+        if self.waiting.fetch_add(1, Ordering::Relaxed) < MAX_WAITING_FAILURES {
+            tokio::time::sleep(delay).await;
+        }
+        self.waiting.fetch_sub(1, Ordering::Relaxed);
+    }
+
     /// Counts one more; how long to wait before answering it.
     fn delay(&self) -> Duration {
         let mut recent = self
-            .0
+            .recent
             .lock()
             .expect("no code panics while holding the failures");
         while recent
@@ -438,8 +458,7 @@ async fn guard(State(state): State<UiState>, request: Request, next: Next) -> Re
         || percent_decode(p).is_some_and(|d| same_secret(d.as_bytes(), token.as_bytes())));
     if !ok {
         state.metrics.auth_failures.inc();
-        let delay = state.failures.delay();
-        tokio::time::sleep(delay).await;
+        state.failures.hold().await;
         let message = match presented {
             Err(()) => "one token per request, please: open the page as /?token=…\n",
             Ok(_) => "a token is needed: open the page as /?token=…\n",

@@ -279,6 +279,34 @@ async fn a_leaked_responder_token_can_write_only_what_the_responder_writes() {
             ),
         ),
         (
+            "add a label outside falco-nats/ (into another Service)",
+            judged(
+                pods(&shop)
+                    .patch(
+                        "plain",
+                        &PatchParams::default(),
+                        &Patch::Merge(json!({"metadata": {"labels": {"tier": "payments"}}})),
+                    )
+                    .await,
+            ),
+        ),
+        (
+            "write an Event in kube-system",
+            judged(
+                Api::<k8s_openapi::api::core::v1::Event>::namespaced(leaked.clone(), "kube-system")
+                    .create(
+                        &create,
+                        &serde_json::from_value(json!({
+                            "metadata": {"name": format!("forged-{shop}")},
+                            "involvedObject": {"kind": "Pod", "namespace": "kube-system", "name": system_name},
+                            "reason": "Forged", "message": "forged", "type": "Normal",
+                        }))
+                        .unwrap(),
+                    )
+                    .await,
+            ),
+        ),
+        (
             "add an annotation",
             judged(
                 pods(&shop)
