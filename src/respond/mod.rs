@@ -889,9 +889,88 @@ async fn confirm_results(client: &async_nats::Client, deadline: &CancellationTok
     }
 }
 
+/// How far back a durable the responder makes starts.
+const DURABLE_LOOKBACK: Duration = Duration::from_secs(600);
+
+/// Where a durable the responder makes starts: [`DURABLE_LOOKBACK`] ago
+/// (or at the stream's start if the clock cannot say).
+fn lookback_start() -> consumer::DeliverPolicy {
+    let since_epoch = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default()
+        .saturating_sub(DURABLE_LOOKBACK);
+    match async_nats::datetime::from_nanos(since_epoch.as_nanos() as i128) {
+        Ok(start_time) => consumer::DeliverPolicy::ByStartTime { start_time },
+        Err(_) => consumer::DeliverPolicy::All,
+    }
+}
+
+/// How often the durable consumer's settings are checked.
+const CONSUMER_CHECK: Duration = Duration::from_secs(10);
+
+/// The durable consumer's settings, as the responder makes it.
+fn durable_config(params: &DurableParams) -> consumer::pull::Config {
+    consumer::pull::Config {
+        durable_name: Some(params.durable.clone()),
+        ack_policy: consumer::AckPolicy::Explicit,
+        ack_wait: params.ack_wait,
+        max_deliver: i64::from(params.max_deliver),
+        // A durable made (or made again, after someone deleted it) starts
+        // at the alerts of the last minutes, not at the stream's first
+        // (days of old alerts acted on anew).
+        deliver_policy: lookback_start(),
+        // The whole stream unless a narrower subject is asked for.
+        filter_subject: match params.subject.as_str() {
+            "" | ">" | "falco.>" => String::new(),
+            s => s.to_owned(),
+        },
+        ..Default::default()
+    }
+}
+
+/// Which of the settings that decide what the responder sees and when
+/// differ from `expected`: the filter, the acknowledgement policy and wait,
+/// the deliveries, the rate, the sampling, the headers-only switch.
+fn tampered(found: &consumer::Config, expected: &consumer::pull::Config) -> Option<&'static str> {
+    let filters = |one: &str, many: &[String]| -> Vec<String> {
+        let mut all: Vec<String> = many.to_vec();
+        if !one.is_empty() {
+            all.push(one.to_owned());
+        }
+        all.sort();
+        all
+    };
+    let expected_filters = filters(&expected.filter_subject, &expected.filter_subjects);
+    let found_filters = filters(&found.filter_subject, &found.filter_subjects);
+    if expected_filters != found_filters {
+        return Some("filter");
+    }
+    if found.ack_policy != expected.ack_policy {
+        return Some("ack policy");
+    }
+    if found.ack_wait != expected.ack_wait {
+        return Some("ack wait");
+    }
+    if found.max_deliver != expected.max_deliver {
+        return Some("max deliver");
+    }
+    if found.headers_only {
+        return Some("headers-only switch");
+    }
+    if found.rate_limit != 0 {
+        return Some("rate limit");
+    }
+    if found.sample_frequency != 0 {
+        return Some("sampling");
+    }
+    None
+}
+
 /// Why the durable consumer is not there yet (retried).
 #[derive(Debug, thiserror::Error)]
 enum ConsumerError {
+    #[error("cannot set the durable consumer back: {0}")]
+    Restore(String),
     #[error("cannot find the stream")]
     Stream(#[source] jetstream::context::GetStreamError),
     #[error("cannot find or create the consumer")]
@@ -1015,11 +1094,24 @@ impl Consume<'_> {
                 }
             };
             self.subscribed.set(true);
+            let expected = durable_config(params);
+            let mut check = tokio::time::interval(CONSUMER_CHECK);
+            check.reset();
             loop {
                 tokio::select! {
                     biased;
                     _ = self.shutdown.cancelled() => break 'consumer,
                     Some(()) = inflight.next(), if !inflight.is_empty() => {}
+                    _ = check.tick() => {
+                        let mut consumer = consumer.clone();
+                        if let Ok(info) = consumer.info().await {
+                            if let Some(changed) = tampered(&info.config, &expected) {
+                                tracing::error!(durable = %params.durable, changed, "the durable consumer's settings were changed under the responder");
+                                self.subscribed.set(false);
+                                continue 'consumer;
+                            }
+                        }
+                    }
                     next = messages.next(), if inflight.len() < self.concurrency => match next {
                         Some(Ok(message)) => inflight.push(self.settle(message, params)),
                         Some(Err(e)) if matches!(
@@ -1103,28 +1195,38 @@ impl Consume<'_> {
     async fn durable_consumer(&self, params: &DurableParams) -> Option<consumer::PullConsumer> {
         let js = jetstream::new(self.client.clone());
         let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(5));
-        let config = consumer::pull::Config {
-            durable_name: Some(params.durable.clone()),
-            ack_policy: consumer::AckPolicy::Explicit,
-            ack_wait: params.ack_wait,
-            max_deliver: i64::from(params.max_deliver),
-            // The whole stream unless a narrower subject is asked for.
-            filter_subject: match params.subject.as_str() {
-                "" | ">" | "falco.>" => String::new(),
-                s => s.to_owned(),
-            },
-            ..Default::default()
-        };
+        let config = durable_config(params);
         loop {
             let attempt = async {
                 let stream = js
                     .get_stream(&params.stream)
                     .await
                     .map_err(ConsumerError::Stream)?;
-                stream
+                let found: consumer::PullConsumer = stream
                     .get_or_create_consumer(&params.durable, config.clone())
                     .await
-                    .map_err(ConsumerError::Consumer)
+                    .map_err(ConsumerError::Consumer)?;
+                // Whoever may create it may also have changed it (a filter
+                // that takes no alert, say): put it back as it must be.
+                if let Some(changed) = tampered(&found.cached_info().config, &config) {
+                    tracing::error!(durable = %params.durable, changed, "the durable consumer's settings were changed; setting them back");
+                    // Where it starts cannot change, and need not.
+                    let restore = consumer::pull::Config {
+                        deliver_policy: found.cached_info().config.deliver_policy,
+                        ..config.clone()
+                    };
+                    let restored: consumer::PullConsumer = stream
+                        .create_consumer(restore)
+                        .await
+                        .map_err(|e| ConsumerError::Restore(e.to_string()))?;
+                    if let Some(still) = tampered(&restored.cached_info().config, &config) {
+                        return Err(ConsumerError::Restore(format!(
+                            "its {still} stays changed (delete the consumer to have it made again)"
+                        )));
+                    }
+                    return Ok(restored);
+                }
+                Ok(found)
             };
             match attempt.await {
                 Ok(c) => {

@@ -635,3 +635,100 @@ async fn the_responders_user_cannot_fill_the_store() {
     let paused = kill_switch(&url, &pw, dir.path(), &["pause", "--reason", "still works"]);
     assert!(paused.status.success(), "{paused:?}");
 }
+
+/// The responder's user may create the durable consumer, and so may
+/// change it: a filter that takes no alert would silence every responder,
+/// across restarts. The responder checks the consumer's settings as it
+/// attaches and every 10 s, and sets them back.
+#[tokio::test]
+async fn a_changed_durable_consumer_is_set_back() {
+    use falco_nats::respond::Subscription;
+    let dir = tempfile::tempdir().unwrap();
+    let pw = passwords();
+    let (hub, _) = shipped::start_hub(dir.path(), &pw);
+    let url = hub.url();
+    let admin = client_as(&url, "admin", &pw["nats-user-admin"]).await;
+    let js = jetstream::new(admin.clone());
+    js.create_stream(stream::Config {
+        name: "FALCO".into(),
+        subjects: vec!["falco.>".into()],
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let kube = crate::support::fake_kube::KubeApi::start().await.unwrap();
+    kube.add_pod("shop", "web", "u-web", Some("ReplicaSet"));
+    let mut options = respond_options(&url, &kubeconfig(&kube));
+    options.nats = shipped::user(&url, "respond", &pw["nats-user-respond"], dir.path());
+    options.subscription = Subscription::JetStream {
+        stream: "FALCO".into(),
+        durable: "falco-nats-respond".into(),
+        subject: "falco.>".into(),
+        ack_wait: Duration::from_secs(30),
+        max_deliver: 5,
+    };
+    let responder = crate::respond::Responder::start(options).await;
+
+    // The responder's credential, in other hands.
+    let respond = client_as(&url, "respond", &pw["nats-user-respond"]).await;
+    // Its settings as they are, with a filter that takes no alert.
+    let info = respond
+        .request("$JS.API.CONSUMER.INFO.FALCO.falco-nats-respond", "".into())
+        .await
+        .unwrap();
+    let mut config: Value =
+        serde_json::from_slice::<Value>(&info.payload).unwrap()["config"].clone();
+    config["filter_subject"] = "falco.nothing.>".into();
+    let silenced = serde_json::json!({"stream_name": "FALCO", "config": config});
+    let answer = respond
+        .request(
+            "$JS.API.CONSUMER.CREATE.FALCO.falco-nats-respond",
+            silenced.to_string().into(),
+        )
+        .await
+        .unwrap();
+    let answer: Value = serde_json::from_slice(&answer.payload).unwrap();
+    assert_eq!(
+        answer["config"]["filter_subject"], "falco.nothing.>",
+        "the change took: {answer}"
+    );
+
+    // Set back within the check's period (10 s)...
+    let mut consumer: jetstream::consumer::PullConsumer = js
+        .get_stream("FALCO")
+        .await
+        .unwrap()
+        .get_consumer("falco-nats-respond")
+        .await
+        .unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while !consumer
+        .info()
+        .await
+        .unwrap()
+        .config
+        .filter_subject
+        .is_empty()
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the consumer was never set back"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    // ... and alerts are acted on again.
+    let bridge = client_as(&url, "bridge", &pw["nats-user-bridge"]).await;
+    bridge
+        .publish(
+            "falco.critical.drop_and_execute_new_binary_in_container",
+            crate::respond::pod_alert("Critical", "shop", "web", None).into(),
+        )
+        .await
+        .unwrap();
+    bridge.flush().await.unwrap();
+    wait_for("the alert acted on", WAIT, || async {
+        !kube.has_pod("shop", "web")
+    })
+    .await;
+    responder.stop().await;
+}
