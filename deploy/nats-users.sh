@@ -49,6 +49,22 @@ type: Opaque
 stringData:
   token: "$(password)"
 YAML
+# The responders' seal on their shared records (--kv-key-file): records
+# written by anyone else, with the responder's NATS password say, are not
+# believed.
+cat <<YAML
+---
+apiVersion: v1
+kind: Secret
+metadata:
+  name: falco-nats-kv-key
+  namespace: falco-nats
+  labels:
+    app.kubernetes.io/part-of: falco-nats
+type: Opaque
+stringData:
+  key: "$(password)"
+YAML
 leaf=$(password)
 # The leaf layout (deploy/components/leaf): leaf nats-servers beside Falco.
 secret nats-user-leaf falco-nats "$leaf"

@@ -132,6 +132,11 @@ pub struct KvArgs {
     /// JetStream key-value bucket of the kill switch (responders only read it)
     #[arg(long, env = "FALCO_NATS_PAUSE_BUCKET", default_value = control::DEFAULT_PAUSE_BUCKET)]
     pub pause_bucket: String,
+    /// A file with the secret the responders seal their shared records
+    /// with (at least 16 bytes; every replica the same): records written
+    /// by anyone else are not believed
+    #[arg(long, env = "FALCO_NATS_KV_KEY_FILE")]
+    pub kv_key_file: Option<PathBuf>,
     /// Replicas of those buckets when they are created (3 on a clustered JetStream)
     #[arg(long, env = "FALCO_NATS_KV_REPLICAS", default_value_t = 1,
           value_parser = clap::value_parser!(u8).range(1..=5))]
@@ -139,12 +144,30 @@ pub struct KvArgs {
 }
 
 impl KvArgs {
-    pub fn options(&self) -> ControlOptions {
-        ControlOptions {
+    pub fn options(&self) -> Result<ControlOptions, InputError> {
+        let record_key = match &self.kv_key_file {
+            None => None,
+            Some(path) => {
+                let text = std::fs::read_to_string(path).map_err(|source| InputError::Io {
+                    what: format!("--kv-key-file {}", path.display()),
+                    source,
+                })?;
+                let key = text.trim().as_bytes().to_vec();
+                if key.len() < 16 {
+                    return Err(InputError::ShortKvKey {
+                        path: path.clone(),
+                        len: key.len(),
+                    });
+                }
+                Some(key)
+            }
+        };
+        Ok(ControlOptions {
             bucket: self.kv_bucket.clone(),
             pause_bucket: self.pause_bucket.clone(),
             replicas: usize::from(self.kv_replicas),
-        }
+            record_key,
+        })
     }
 }
 
@@ -574,6 +597,8 @@ pub enum RespondArgsError {
     Policy(#[from] PolicyError),
     #[error("--verify-key: {0}")]
     VerifyKey(#[from] crate::signing::KeyError),
+    #[error(transparent)]
+    KvKey(#[from] InputError),
 }
 
 impl RespondArgs {
@@ -637,7 +662,7 @@ impl RespondArgs {
             kube_timeout: self.kube_timeout,
             concurrency: self.concurrency,
             drain_timeout: self.drain_timeout,
-            control: self.kv.options(),
+            control: self.kv.options()?,
             guards: if self.guards == "local" {
                 crate::respond::control::Guards::Local
             } else {

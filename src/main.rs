@@ -110,7 +110,7 @@ async fn kill_switch(args: &falco_nats::cli::PauseArgs, pause: bool) -> anyhow::
         let readiness = falco_nats::telemetry::health::Readiness::default();
         let watch = falco_nats::nats::ConnectionWatch::register(&readiness, &mut registry);
         let client = falco_nats::nats::connect(&args.nats, watch).await?.client;
-        let options = args.kv.options();
+        let options = args.kv.options()?;
         if args.status {
             return Ok(Some(control::pause_status(&client, &options).await?));
         }

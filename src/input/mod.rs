@@ -47,6 +47,11 @@ pub enum InputError {
     },
     #[error("--sign-key: {0}")]
     SignKey(#[from] crate::signing::KeyError),
+    #[error("--kv-key-file {path:?} holds {len} bytes; at least 16 are needed (every responder the same; `openssl rand -hex 32` makes one)")]
+    ShortKvKey {
+        path: std::path::PathBuf,
+        len: usize,
+    },
 }
 
 /// How reading alert lines ended.

@@ -60,7 +60,7 @@ const BUCKET_MAX_BYTES: i64 = 64 << 20;
 const BUCKET_MAX_MESSAGE: i32 = 256 << 10;
 
 /// Where the shared state lives.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct ControlOptions {
     /// The rate limit's bucket.
     pub bucket: String,
@@ -68,6 +68,21 @@ pub struct ControlOptions {
     pub pause_bucket: String,
     /// Replicas of the buckets when this process creates them.
     pub replicas: usize,
+    /// The secret the responders seal their shared records with
+    /// (`--kv-key-file`): a record someone else wrote (with the responder's
+    /// NATS credential, say) is then not believed.
+    pub record_key: Option<Vec<u8>>,
+}
+
+impl std::fmt::Debug for ControlOptions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ControlOptions")
+            .field("bucket", &self.bucket)
+            .field("pause_bucket", &self.pause_bucket)
+            .field("replicas", &self.replicas)
+            .field("record_key", &self.record_key.as_ref().map(|_| "(set)"))
+            .finish()
+    }
 }
 
 impl Default for ControlOptions {
@@ -76,6 +91,7 @@ impl Default for ControlOptions {
             bucket: DEFAULT_BUCKET.to_owned(),
             pause_bucket: DEFAULT_PAUSE_BUCKET.to_owned(),
             replicas: 1,
+            record_key: None,
         }
     }
 }
@@ -97,6 +113,8 @@ pub enum ControlError {
     Contended(usize),
     #[error("cannot learn from the NATS server which user this is: {0}")]
     Identity(String),
+    #[error("key {key:?} holds a record not sealed with --kv-key-file ({reason}): not believed")]
+    Forged { key: &'static str, reason: String },
 }
 
 /// The kill switch's record, as `pause` and `resume` write it.
@@ -232,6 +250,7 @@ pub enum Guards {
 /// The shared state, open.
 pub struct Control {
     store: Store,
+    seal: Seal,
     bucket: String,
     /// The last pause state read, when, and whether this process ever saw
     /// the key set.
@@ -424,7 +443,20 @@ impl Control {
             );
         }
         let pause_kv = open_pause_bucket(client, options).await?;
+        let seal = Seal(
+            options
+                .record_key
+                .as_deref()
+                .map(|k| ring::hmac::Key::new(ring::hmac::HMAC_SHA256, k)),
+        );
+        if seal.0.is_none() {
+            tracing::warn!(
+                bucket = %options.bucket,
+                "no --kv-key-file: the shared records (claims, reservations, the rate limit) are believed whoever wrote them"
+            );
+        }
         let control = Control {
+            seal,
             store: Store::Shared {
                 kv: Box::new(kv),
                 pause_kv: Box::new(pause_kv),
@@ -448,6 +480,7 @@ impl Control {
     /// switch, a rate limit and reservations per replica.
     pub fn local() -> Self {
         Control {
+            seal: Seal(None),
             store: Store::Local(Mutex::default()),
             bucket: String::new(),
             pause: Mutex::new(PauseMemo {
@@ -714,13 +747,15 @@ impl Control {
             .await?;
             let (mut times, revision) = match &entry {
                 Some(e) if e.operation == kv::Operation::Put => {
-                    let times: Vec<u64> = serde_json::from_slice(&e.value).map_err(|err| {
-                        ControlError::Malformed {
-                            key: name,
-                            reason: err.to_string(),
-                        }
-                    })?;
-                    (times, Some(e.revision))
+                    (self.seal.open(key, &e.value)?, Some(e.revision))
+                }
+                // Nothing a responder writes is a delete: with a seal, the
+                // rate limit's record deleted is not believed either.
+                Some(_) if self.seal.0.is_some() && name == ACTIONS_KEY => {
+                    return Err(ControlError::Forged {
+                        key: name,
+                        reason: "deleted".into(),
+                    })
                 }
                 Some(e) => (Vec::new(), Some(e.revision)),
                 None => (Vec::new(), None),
@@ -730,9 +765,7 @@ impl Control {
                 Step::Write(result) => (result, times),
             };
             let (result, times) = value;
-            let bytes = serde_json::to_vec(&times)
-                .expect("a list of numbers always serializes")
-                .into();
+            let bytes = self.seal.close(key, &times).into();
             let written = match revision {
                 Some(revision) => {
                     let update = kv.update(key, bytes, revision);
@@ -790,7 +823,7 @@ pub struct Claim {
 /// are checked Kubernetes names before any claim (a namespace has no dot;
 /// a pod name's dots are key tokens); the digest covers the Falco rule,
 /// the action and the UID, which may hold anything.
-fn claim_key(key: &DedupKey) -> String {
+pub fn claim_key(key: &DedupKey) -> String {
     let mut hashed = Vec::with_capacity(key.rule.len() + 64);
     hashed.extend_from_slice(key.rule.as_bytes());
     hashed.push(0);
@@ -799,6 +832,87 @@ fn claim_key(key: &DedupKey) -> String {
     hashed.extend_from_slice(key.uid.as_deref().unwrap_or_default().as_bytes());
     let digest = xxhash_rust::xxh3::xxh3_128(&hashed);
     format!("seen.{}.{}.{digest:032x}", key.namespace, key.pod)
+}
+
+/// The responders' seal on their shared records: HMAC-SHA256 with the
+/// secret of `--kv-key-file`, over a context, the record's key and its
+/// times, so a record cannot be written by anyone without the secret nor
+/// moved to another key. Without a secret, records are plain lists.
+struct Seal(Option<ring::hmac::Key>);
+
+/// A sealed record as stored.
+#[derive(Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Sealed {
+    t: Vec<u64>,
+    mac: String,
+}
+
+impl Seal {
+    fn mac(key: &ring::hmac::Key, record: &str, times: &[u64]) -> String {
+        let mut input = b"falco-nats record v1\n".to_vec();
+        input.extend_from_slice(record.as_bytes());
+        input.push(b'\n');
+        for t in times {
+            input.extend_from_slice(&t.to_be_bytes());
+        }
+        let tag = ring::hmac::sign(key, &input);
+        tag.as_ref().iter().map(|b| format!("{b:02x}")).collect()
+    }
+
+    /// The stored form of `times` under `record`.
+    fn close(&self, record: &str, times: &[u64]) -> Vec<u8> {
+        let value = match &self.0 {
+            None => serde_json::to_vec(times),
+            Some(key) => serde_json::to_vec(&Sealed {
+                t: times.to_vec(),
+                mac: Self::mac(key, record, times),
+            }),
+        };
+        value.expect("numbers and hex always serialize")
+    }
+
+    /// The times in a stored record. With a seal: a record not sealed
+    /// with it is refused for the rate limit (fail closed) and read as
+    /// empty for claims and reservations (a forged one cannot hold an
+    /// action back).
+    fn open(&self, record: &str, value: &[u8]) -> Result<Vec<u64>, ControlError> {
+        let name = record_name(record);
+        let malformed = |reason: String| ControlError::Malformed { key: name, reason };
+        let Some(key) = &self.0 else {
+            return match serde_json::from_slice::<Vec<u64>>(value) {
+                Ok(times) => Ok(times),
+                // Sealed by a responder that has the secret: the times.
+                Err(e) => serde_json::from_slice::<Sealed>(value)
+                    .map(|s| s.t)
+                    .map_err(|_| malformed(e.to_string())),
+            };
+        };
+        let why = match serde_json::from_slice::<Sealed>(value) {
+            Ok(sealed) => {
+                let expected = Self::mac(key, record, &sealed.t);
+                let same = expected.len() == sealed.mac.len()
+                    && expected
+                        .bytes()
+                        .zip(sealed.mac.bytes())
+                        .fold(0u8, |acc, (a, b)| acc | (a ^ b))
+                        == 0;
+                if same {
+                    return Ok(sealed.t);
+                }
+                "its seal does not match".to_owned()
+            }
+            Err(e) => format!("not a sealed record: {e}"),
+        };
+        if name == ACTIONS_KEY {
+            return Err(ControlError::Forged {
+                key: name,
+                reason: why,
+            });
+        }
+        tracing::warn!(key = record, reason = %why, "a shared record not sealed by a responder is ignored");
+        Ok(Vec::new())
+    }
 }
 
 /// [`Control::update_times`] in this process's memory (`--guards local`).

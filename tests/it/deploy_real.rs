@@ -264,7 +264,8 @@ async fn the_chart_installs_upgrades_and_uninstalls_on_a_real_api_server() {
         let made = (secrets(ns.clone()).await, secrets(falco_ns.clone()).await);
         if name == "default-values.yaml" {
             assert!(notes.contains("upgrades keep them"), "{notes}");
-            assert_eq!(made.0.len(), 1, "the bridge's Secret: {:?}", made.0);
+            // The bridge's certificate and the responders' seal.
+            assert_eq!(made.0.len(), 2, "the chart's Secrets: {:?}", made.0);
             assert_eq!(made.1.len(), 1, "Falco's client Secret: {:?}", made.1);
         }
         install("upgrade");

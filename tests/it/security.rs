@@ -732,3 +732,95 @@ async fn a_changed_durable_consumer_is_set_back() {
     .await;
     responder.stop().await;
 }
+
+/// The shared records (claims, reservations, the rate limit) are sealed
+/// with the responders' secret (`--kv-key-file`, the Secret
+/// falco-nats-kv-key that deploy/nats-users.sh makes): what the
+/// responder's NATS credential writes in other hands is not believed. A
+/// forged claim does not make a pod immune, forged deletions do not shield
+/// a Deployment, and a forged rate-limit record stops destructive actions
+/// (fail closed) rather than lifting the limit.
+#[tokio::test]
+async fn forged_shared_records_are_not_believed() {
+    use falco_nats::decision::Action;
+    use falco_nats::respond::rails::DedupKey;
+    let dir = tempfile::tempdir().unwrap();
+    let pw = passwords();
+    let (hub, _) = shipped::start_hub(dir.path(), &pw);
+    let url = hub.url();
+    let kube = crate::support::fake_kube::KubeApi::start().await.unwrap();
+    kube.add_pod("shop", "immune", "u-immune", None);
+    kube.add_pod("shop", "other", "u-other", None);
+    let rs = kube.add_deployment("shop", "web", 3, 3);
+    for pod in ["web-a", "web-b", "web-c"] {
+        kube.add_pod_of("shop", pod, ("ReplicaSet", &rs), true);
+    }
+    let mut options = respond_options(&url, &kubeconfig(&kube));
+    options.nats = shipped::user(&url, "respond", &pw["nats-user-respond"], dir.path());
+    options.rails.min_healthy_replicas = "2".parse().unwrap();
+    options.control.record_key = Some(pw["falco-nats-kv-key"].as_bytes().to_vec());
+    let reader = client_as(&url, "reader", &pw["nats-user-reader"]).await;
+    let mut out = reader.subscribe("falco.response.>").await.unwrap();
+    reader.flush().await.unwrap();
+    let responder = crate::respond::Responder::start(options).await;
+
+    // The responder's credential, in other hands: plain records.
+    let attacker = client_as(&url, "respond", &pw["nats-user-respond"]).await;
+    let js = jetstream::new(attacker.clone());
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64;
+    let claim = control::claim_key(&DedupKey {
+        namespace: "shop".into(),
+        pod: "immune".into(),
+        uid: None,
+        rule: "Drop and execute new binary in container".into(),
+        action: Action::DeletePod,
+    });
+    for (key, value) in [
+        (claim, format!("[{now},{now}]")),
+        (
+            "replicas.Deployment.shop.web".to_owned(),
+            format!("[{now},{now},{now}]"),
+        ),
+    ] {
+        js.publish(format!("$KV.falco-nats.{key}"), value.into())
+            .await
+            .unwrap()
+            .await
+            .unwrap();
+    }
+    let bridge = client_as(&url, "bridge", &pw["nats-user-bridge"]).await;
+    for pod in ["immune", "web-a"] {
+        crate::respond::publish(
+            &bridge,
+            crate::respond::pod_alert("Critical", "shop", pod, None),
+        )
+        .await;
+    }
+    let decisions = crate::respond::results(&mut out, 2).await;
+    for d in &decisions {
+        assert_eq!(d["outcome"], "done", "a forged record held it back: {d}");
+    }
+    // A forged rate limit: no destructive action until a responder's own.
+    js.publish("$KV.falco-nats.actions", "[]".into())
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+    crate::respond::publish(
+        &bridge,
+        crate::respond::pod_alert("Critical", "shop", "other", None),
+    )
+    .await;
+    let d = &crate::respond::results(&mut out, 1).await[0];
+    assert_eq!(d["outcome"], "skipped", "{d}");
+    let reason = d["reason"].as_str().unwrap();
+    assert!(
+        reason.starts_with("rate_limit_unavailable: key \"actions\" holds a record not sealed"),
+        "{reason}"
+    );
+    assert!(kube.has_pod("shop", "other"));
+    responder.stop().await;
+}

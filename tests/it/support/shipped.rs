@@ -42,6 +42,7 @@ pub fn passwords() -> BTreeMap<String, String> {
         let password = secret["password"]
             .as_str()
             .or(secret["token"].as_str())
+            .or(secret["key"].as_str())
             .expect("a password or a token")
             .to_owned();
         assert!(password.len() >= 32, "{password}");
