@@ -236,9 +236,11 @@ pub struct ServerLimits {
     pub header_timeout: Duration,
     /// Connections served at once; more are closed as soon as accepted.
     pub max_connections: usize,
-    /// Connections served at once from one peer (IP address); more from it
-    /// are closed as soon as accepted, so one client cannot fill
-    /// `max_connections` (0: no limit of its own).
+    /// Connections served at once from one peer (IP address; an IPv4
+    /// address mapped into IPv6 counts as itself): a new one beyond it
+    /// closes that peer's oldest, so one client cannot fill
+    /// `max_connections`, nor keep a newer client of the same address (the
+    /// kubelet, on the node's address) out (0: no limit of its own).
     pub max_per_peer: usize,
     pub metrics: HttpServerMetrics,
 }
@@ -257,6 +259,15 @@ impl ServerLimits {
             metrics,
         }
     }
+
+    /// The same, with another share per peer (the ui: its pages' event
+    /// streams, all from one proxy's address behind an Ingress).
+    pub fn probes_with_share(metrics: HttpServerMetrics, max_per_peer: usize) -> Self {
+        ServerLimits {
+            max_per_peer,
+            ..Self::probes(metrics)
+        }
+    }
 }
 
 /// A probes server's header time-out.
@@ -264,35 +275,68 @@ pub const PROBES_HEADER_TIMEOUT: Duration = Duration::from_secs(5);
 /// Connections one peer may hold open on a probes server.
 pub const PROBES_MAX_PER_PEER: usize = 32;
 
-/// Connections open per peer address, for [`ServerLimits::max_per_peer`].
+/// Connections open per peer address, oldest first, for
+/// [`ServerLimits::max_per_peer`]: each its number and the token that
+/// closes it.
 #[derive(Default)]
-struct PerPeer(std::sync::Mutex<std::collections::HashMap<std::net::IpAddr, usize>>);
+struct PerPeer(
+    std::sync::Mutex<
+        std::collections::HashMap<
+            std::net::IpAddr,
+            std::collections::VecDeque<(u64, CancellationToken)>,
+        >,
+    >,
+);
+
+/// The address a peer counts as: an IPv4 address mapped into IPv6 as itself.
+fn peer_address(peer: std::net::SocketAddr) -> std::net::IpAddr {
+    match peer.ip() {
+        std::net::IpAddr::V6(v6) => v6
+            .to_ipv4_mapped()
+            .map_or(std::net::IpAddr::V6(v6), std::net::IpAddr::V4),
+        v4 => v4,
+    }
+}
 
 impl PerPeer {
     fn lock(
         &self,
-    ) -> std::sync::MutexGuard<'_, std::collections::HashMap<std::net::IpAddr, usize>> {
+    ) -> std::sync::MutexGuard<
+        '_,
+        std::collections::HashMap<
+            std::net::IpAddr,
+            std::collections::VecDeque<(u64, CancellationToken)>,
+        >,
+    > {
         self.0
             .lock()
-            .expect("no code panics while holding the per-peer counts")
+            .expect("no code panics while holding the per-peer connections")
     }
 
-    /// Counts one more from `peer` unless it has `max` open (0: no limit).
-    fn take(&self, peer: std::net::IpAddr, max: usize) -> bool {
+    /// Counts connection `id` from `peer`; when that peer had `max` open
+    /// (0: no limit), its oldest is closed to make room: the token closing
+    /// it.
+    fn take(
+        &self,
+        peer: std::net::IpAddr,
+        id: u64,
+        close: CancellationToken,
+        max: usize,
+    ) -> Option<CancellationToken> {
         let mut map = self.lock();
         let open = map.entry(peer).or_default();
-        if max > 0 && *open >= max {
-            return false;
-        }
-        *open += 1;
-        true
+        let evicted = (max > 0 && open.len() >= max)
+            .then(|| open.pop_front().map(|(_, token)| token))
+            .flatten();
+        open.push_back((id, close));
+        evicted
     }
 
-    fn give_back(&self, peer: std::net::IpAddr) {
+    fn give_back(&self, peer: std::net::IpAddr, id: u64) {
         let mut map = self.lock();
         if let Some(open) = map.get_mut(&peer) {
-            *open = open.saturating_sub(1);
-            if *open == 0 {
+            open.retain(|(n, _)| *n != id);
+            if open.is_empty() {
                 map.remove(&peer);
             }
         }
@@ -370,6 +414,7 @@ pub async fn serve(
 ) -> std::io::Result<()> {
     let limits = Arc::new(limits);
     let per_peer = Arc::new(PerPeer::default());
+    let mut next_id: u64 = 0;
     let graceful = GracefulShutdown::new();
     let mut connections = JoinSet::new();
     loop {
@@ -396,11 +441,14 @@ pub async fn serve(
             drop(tcp);
             continue;
         }
-        if !per_peer.take(peer.ip(), limits.max_per_peer) {
+        next_id += 1;
+        let id = next_id;
+        let close = CancellationToken::new();
+        let address = peer_address(peer);
+        if let Some(oldest) = per_peer.take(address, id, close.clone(), limits.max_per_peer) {
             limits.metrics.refused_per_peer.inc();
-            tracing::debug!(%peer, max = limits.max_per_peer, "connection refused: its peer has its share open");
-            drop(tcp);
-            continue;
+            tracing::debug!(%peer, max = limits.max_per_peer, "its peer had its share open: its oldest connection closed");
+            oldest.cancel();
         }
         no_delay(&tcp);
         let open = limits.metrics.open.clone();
@@ -415,9 +463,12 @@ pub async fn serve(
             graceful.watcher(),
         );
         connections.spawn(async move {
-            conn.await;
+            tokio::select! {
+                _ = conn => {}
+                _ = close.cancelled() => {}
+            }
             open.dec();
-            peers.give_back(peer.ip());
+            peers.give_back(address, id);
         });
     }
     drop(listener);

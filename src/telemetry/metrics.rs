@@ -291,8 +291,8 @@ pub struct HttpServerMetrics {
     pub stalled: Family<Label, Counter>,
     /// Connections refused at once: `--max-connections` were open.
     pub refused: Counter,
-    /// Connections refused at once: their peer (IP address) had its share
-    /// open already.
+    /// Connections closed to make room for a newer one from the same peer
+    /// (IP address), which had its share open.
     pub refused_per_peer: Counter,
 }
 
@@ -316,7 +316,7 @@ impl HttpServerMetrics {
         );
         r.register(
             "connections_refused_per_peer",
-            "HTTP connections refused because their peer (IP address) had its share of connections open",
+            "HTTP connections closed because their peer (IP address) had its share open and opened another: the oldest goes",
             m.refused_per_peer.clone(),
         );
         m

@@ -48,6 +48,8 @@ pub const DEFAULT_LISTEN: &str = "127.0.0.1:2812";
 
 /// The cookie the page's token is kept in once given in its URL.
 const COOKIE: &str = "falco_nats_ui_token";
+/// Connections one address may hold on the ui (pages behind one proxy).
+const UI_MAX_PER_PEER: usize = 256;
 /// The shortest `--http-token` taken: guessing it must be hopeless.
 pub const MIN_TOKEN: usize = 32;
 /// The longest wait before a refusal: each refusal in the last minute adds
@@ -281,7 +283,14 @@ pub async fn run(
     };
     let http_metrics = crate::telemetry::metrics::HttpServerMetrics::new(&mut registry);
     let router = router(state).merge(health::router(readiness, Arc::new(registry)));
-    let server = Listen::probes(listener, router, http_metrics);
+    // Every page's event stream may come from one proxy's address.
+    let server = Listen::start(
+        listener,
+        router,
+        None,
+        crate::server::ServerLimits::probes_with_share(http_metrics, UI_MAX_PER_PEER),
+        Duration::from_secs(1),
+    );
     shutdown.cancelled().await;
     server.stop().await;
     Ok(())

@@ -441,10 +441,97 @@ async fn the_responder_as_deployed_acts_on_the_real_api_server() {
     for d in &decisions {
         assert_eq!(d["outcome"], "done", "{d}");
     }
+
+    // The second isolation in the namespace finds the NetworkPolicy there
+    // (the server's 409) and is done; the rails hold on real objects: a
+    // pod in kube-system, a pod a DaemonSet owns.
+    make_pod(&admin, &shop, pod("dropper2", json!({}))).await;
+    let system = make_pod(
+        &admin,
+        "kube-system",
+        pod(&format!("sys-{shop}"), json!({})),
+    )
+    .await;
+    let daemonset: DaemonSet = serde_json::from_value(json!({
+        "metadata": {"name": "agent"},
+        "spec": {"selector": {"matchLabels": {"app": "agent"}},
+                 "template": {"metadata": {"labels": {"app": "agent"}},
+                              "spec": {"containers": [{"name": "a", "image": "registry.invalid/a:1"}]}}},
+    }))
+    .unwrap();
+    let daemonset = Api::<DaemonSet>::namespaced(admin.clone(), &shop)
+        .create(&PostParams::default(), &daemonset)
+        .await
+        .unwrap();
+    let owned = pod(
+        "agent-y",
+        json!({"labels": {"app": "agent"}, "ownerReferences": [{
+            "apiVersion": "apps/v1", "kind": "DaemonSet", "name": "agent",
+            "uid": daemonset.metadata.uid, "controller": true,
+        }]}),
+    );
+    make_pod(&admin, &shop, owned).await;
+    let elsewhere = |ns: &str, pod: &str| {
+        json!({
+            "hostname": "n", "output": "o", "priority": "Critical", "rule": "Anything critical",
+            "output_fields": {"k8s.ns.name": ns, "k8s.pod.name": pod},
+            "source": "syscall", "tags": [], "time": "2026-12-05T00:00:00.000000000Z",
+        })
+        .to_string()
+    };
+    for payload in [
+        alert(
+            "Notice",
+            "Drop and execute new binary in container",
+            "dropper2",
+        ),
+        elsewhere("kube-system", system.metadata.name.as_deref().unwrap()),
+        elsewhere(&shop, "agent-y"),
+    ] {
+        client
+            .publish("falco.notice.x", payload.into())
+            .await
+            .unwrap();
+    }
+    let more: Vec<Value> = receive(&mut out, 4, WAIT)
+        .await
+        .iter()
+        .map(|m| serde_json::from_slice(&m.payload).unwrap())
+        .collect();
+    let seen: Vec<(String, String)> = more
+        .iter()
+        .map(|d| {
+            (
+                d["outcome"].as_str().unwrap().to_owned(),
+                d["reason"]
+                    .as_str()
+                    .unwrap()
+                    .split(':')
+                    .next()
+                    .unwrap()
+                    .to_owned(),
+            )
+        })
+        .collect();
+    assert_eq!(seen[0].0, "done", "isolation again: {:?}", more[0]);
+    assert_eq!(seen[1].0, "done", "{:?}", more[1]);
+    assert_eq!(
+        seen[2],
+        ("skipped".to_owned(), "protected_namespace".to_owned())
+    );
+    assert_eq!(seen[3], ("skipped".to_owned(), "daemonset_pod".to_owned()));
     stop.cancel();
     task.await.unwrap().unwrap();
 
     let pods: Api<Pod> = Api::namespaced(admin.clone(), &shop);
+    assert!(pods.get_opt("agent-y").await.unwrap().is_some());
+    Api::<Pod>::namespaced(admin.clone(), "kube-system")
+        .delete(
+            system.metadata.name.as_deref().unwrap(),
+            &DeleteParams::default(),
+        )
+        .await
+        .unwrap();
     let shell = pods.get("shell").await.unwrap();
     assert_eq!(
         shell.metadata.labels.unwrap()["falco-nats/shell-seen"],

@@ -390,9 +390,9 @@ async fn nats_killed_five_times_in_core_mode_counts_what_it_may_have_lost() {
 
 /// Issue 22, item 6: a pod that opens 1,100 connections to the responder's
 /// probes port and sends half a request on each does not keep the
-/// kubelet's probes out: its share is 32 connections, the rest are closed
-/// at once and counted; every one of 25 probes from another address is
-/// answered within a second.
+/// kubelet's probes out: its share is 32 connections (each new one closes
+/// its oldest, counted); every one of 25 probes from another address is
+/// answered within a second, and so is one from the same address.
 #[tokio::test]
 async fn idle_half_requests_do_not_starve_the_probes() {
     let nats = NatsServer::start();
@@ -439,6 +439,25 @@ async fn idle_half_requests_do_not_starve_the_probes() {
         answered, 25,
         "probes answered while 1,100 idle connections were held"
     );
+    // The same from the probes' own address (the node's, shared with
+    // hostNetwork pods): its newest connection closes its oldest.
+    let mut same = Vec::new();
+    for _ in 0..100 {
+        let Ok(mut stream) = tokio::net::TcpStream::connect(at).await else {
+            continue;
+        };
+        use tokio::io::AsyncWriteExt;
+        let _ = stream
+            .write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n")
+            .await;
+        same.push(stream);
+    }
+    let probe = tokio::time::timeout(Duration::from_secs(1), http_get(at, "/healthz")).await;
+    assert!(
+        matches!(probe, Ok((200, _))),
+        "a probe beside 100 idle connections of its own address: {probe:?}"
+    );
+    drop(same);
     let metrics = http_get(at, "/metrics").await.1;
     let refused = metric_value(
         &metrics,

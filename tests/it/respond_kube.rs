@@ -218,8 +218,8 @@ async fn ready_pods(cluster: &Cluster, ns: &str, app: &str, count: usize) -> Vec
 }
 
 /// min_healthy_replicas on workloads the controllers run: a Deployment of
-/// three (its ReplicaSet made by the deployment controller) and a
-/// StatefulSet of three, every pod Ready. With a minimum of 2, one pod of
+/// three (its ReplicaSet made by the deployment controller), a StatefulSet
+/// and a ReplicaSet of their own of three, every pod Ready. With a minimum of 2, one pod of
 /// each may go; the next is kept, on the real status.
 #[tokio::test]
 async fn min_healthy_replicas_on_real_deployments_and_statefulsets() {
@@ -250,8 +250,32 @@ async fn min_healthy_replicas_on_real_deployments_and_statefulsets() {
         .create(&PostParams::default(), &statefulset)
         .await
         .unwrap();
+    // A ReplicaSet of its own, without a Deployment.
+    let bare: k8s_openapi::api::apps::v1::ReplicaSet = serde_json::from_value(json!({
+        "metadata": {"name": "bare"},
+        "spec": {"replicas": 3, "selector": {"matchLabels": {"app": "bare"}},
+                 "template": template("bare")},
+    }))
+    .unwrap();
+    let replicasets: Api<k8s_openapi::api::apps::v1::ReplicaSet> =
+        Api::namespaced(admin.clone(), &ns);
+    replicasets
+        .create(&PostParams::default(), &bare)
+        .await
+        .unwrap();
     let web = ready_pods(cluster, &ns, "web", 3).await;
     let db = ready_pods(cluster, &ns, "db", 3).await;
+    let lone = ready_pods(cluster, &ns, "bare", 3).await;
+    wait_until("bare 3/3 available", || async {
+        replicasets
+            .get("bare")
+            .await
+            .ok()
+            .and_then(|r| r.status)
+            .and_then(|s| s.available_replicas)
+            == Some(3)
+    })
+    .await;
     let deployments: Api<Deployment> = Api::namespaced(admin.clone(), &ns);
     wait_until("web 3/3 available", || async {
         deployments
@@ -286,7 +310,11 @@ async fn min_healthy_replicas_on_real_deployments_and_statefulsets() {
             json!({"k8s.ns.name": ns, "k8s.pod.name": pod}),
         )
     };
-    for (kind, pods) in [("Deployment", &web), ("StatefulSet", &db)] {
+    for (kind, pods) in [
+        ("Deployment", &web),
+        ("StatefulSet", &db),
+        ("ReplicaSet", &lone),
+    ] {
         let d = scene.decide(critical(&pods[0])).await;
         assert_eq!(d["outcome"], "done", "{kind}: {d}");
         let d = scene.decide(critical(&pods[1])).await;
@@ -407,4 +435,82 @@ async fn http_get_or_refused(at: std::net::SocketAddr, path: &str) -> (u16, Stri
         Ok(_) => http_get(at, path).await,
         Err(_) => (0, String::new()),
     }
+}
+
+/// The namespaced-rbac component as shipped (its Role and RoleBinding,
+/// bound here to a ServiceAccount of the test's, in a namespace of the
+/// test's): the responder with `--only-namespace` is ready (it asks for
+/// its permissions in that namespace), acts there, and the token can do
+/// nothing in another namespace.
+#[tokio::test]
+async fn the_namespaced_rbac_component_on_a_real_api_server() {
+    use crate::support::shipped::{deploy, yaml_docs};
+    use k8s_openapi::api::core::v1::ServiceAccount;
+    let cluster = Cluster::get();
+    let admin = cluster.admin().await;
+    let apps = cluster.namespace("apps").await;
+    let other = cluster.namespace("other").await;
+    let home = cluster.namespace("nsr").await;
+    let sa: ServiceAccount =
+        serde_json::from_value(json!({"metadata": {"name": "responder"}})).unwrap();
+    Api::<ServiceAccount>::namespaced(admin.clone(), &home)
+        .create(&PostParams::default(), &sa)
+        .await
+        .unwrap();
+    let mut docs = yaml_docs(
+        &std::fs::read_to_string(deploy().join("components/namespaced-rbac/role.yaml")).unwrap(),
+    );
+    for doc in &mut docs {
+        doc["metadata"]["namespace"] = apps.clone().into();
+        if doc["kind"] == "RoleBinding" {
+            doc["subjects"] =
+                json!([{"kind": "ServiceAccount", "name": "responder", "namespace": home}]);
+        }
+    }
+    cluster.apply(&docs).await.unwrap();
+    let pods = |ns: &str| Api::<Pod>::namespaced(admin.clone(), ns);
+    pods(&apps)
+        .create(&PostParams::default(), &pod("target"))
+        .await
+        .unwrap();
+    pods(&other)
+        .create(&PostParams::default(), &pod("bystander"))
+        .await
+        .unwrap();
+    let token = cluster.token(&home, "responder").await;
+    let kubeconfig = cluster.kubeconfig("namespaced", &token);
+
+    // The token: nothing outside its namespace.
+    let leaked = crate::support::real_kube::client_from(&kubeconfig)
+        .await
+        .unwrap();
+    let refused = Api::<Pod>::namespaced(leaked, &other)
+        .delete("bystander", &DeleteParams::default())
+        .await;
+    assert!(
+        matches!(refused, Err(kube::Error::Api(ref e)) if e.code == 403),
+        "{refused:?}"
+    );
+
+    let nats = NatsServer::start();
+    let client = nats.client().await;
+    let mut out = client.subscribe("falco.response.>").await.unwrap();
+    client.flush().await.unwrap();
+    let mut options = respond_options(&nats.url(), &kubeconfig);
+    options.rails.only_namespaces = Some([apps.clone()].into());
+    // Ready: the permissions it asked for, in its namespace, are granted.
+    let responder = crate::respond::Responder::start(options).await;
+    for (ns, name) in [(&apps, "target"), (&other, "bystander")] {
+        crate::respond::publish(&client, pod_alert("Critical", ns, name, None)).await;
+    }
+    let decisions = results(&mut out, 2).await;
+    assert_eq!(decisions[0]["outcome"], "done", "{}", decisions[0]);
+    assert_eq!(
+        decisions[1]["reason"], "namespace_not_allowed",
+        "{}",
+        decisions[1]
+    );
+    assert!(pods(&apps).get_opt("target").await.unwrap().is_none());
+    assert!(pods(&other).get_opt("bystander").await.unwrap().is_some());
+    responder.stop().await;
 }
