@@ -57,6 +57,36 @@ async fn make_pod(admin: &kube::Client, namespace: &str, pod: Pod) -> Pod {
         .unwrap_or_else(|e| panic!("create pod {namespace}: {e}"))
 }
 
+/// A DaemonSet `agent` in `namespace` (no node: it makes no pod) and a pod
+/// `name` it owns, as its controller would make one.
+async fn make_daemonset_pod(admin: &kube::Client, namespace: &str, name: &str) {
+    let daemonsets = Api::<DaemonSet>::namespaced(admin.clone(), namespace);
+    let daemonset = match daemonsets.get_opt("agent").await.unwrap() {
+        Some(found) => found,
+        None => {
+            let daemonset: DaemonSet = serde_json::from_value(json!({
+                "metadata": {"name": "agent"},
+                "spec": {"selector": {"matchLabels": {"app": "agent"}},
+                         "template": {"metadata": {"labels": {"app": "agent"}},
+                                      "spec": {"containers": [{"name": "a", "image": "registry.invalid/a:1"}]}}},
+            }))
+            .unwrap();
+            daemonsets
+                .create(&PostParams::default(), &daemonset)
+                .await
+                .unwrap()
+        }
+    };
+    let owned = pod(
+        name,
+        json!({"labels": {"app": "agent"}, "ownerReferences": [{
+            "apiVersion": "apps/v1", "kind": "DaemonSet", "name": "agent",
+            "uid": daemonset.metadata.uid, "controller": true,
+        }]}),
+    );
+    make_pod(admin, namespace, owned).await;
+}
+
 /// A write the responder's token tries: `Ok` if the server admitted it,
 /// else its answer (code and message).
 type Outcome = Result<(), String>;
@@ -123,25 +153,7 @@ async fn a_leaked_responder_token_can_write_only_what_the_responder_writes() {
 
     let shop = cluster.namespace("shop").await;
     let plain = make_pod(&admin, &shop, pod("plain", json!({}))).await;
-    let daemonset: DaemonSet = serde_json::from_value(json!({
-        "metadata": {"name": "agent"},
-        "spec": {"selector": {"matchLabels": {"app": "agent"}},
-                 "template": {"metadata": {"labels": {"app": "agent"}},
-                              "spec": {"containers": [{"name": "a", "image": "registry.invalid/a:1"}]}}},
-    }))
-    .unwrap();
-    let daemonset = Api::<DaemonSet>::namespaced(admin.clone(), &shop)
-        .create(&PostParams::default(), &daemonset)
-        .await
-        .unwrap();
-    let owned = pod(
-        "agent-x",
-        json!({"labels": {"app": "agent"}, "ownerReferences": [{
-            "apiVersion": "apps/v1", "kind": "DaemonSet", "name": "agent",
-            "uid": daemonset.metadata.uid, "controller": true,
-        }]}),
-    );
-    make_pod(&admin, &shop, owned).await;
+    make_daemonset_pod(&admin, &shop, "agent-x").await;
     // A kubelet's mirror of a static pod: the annotation, on its node.
     let mut mirror = pod(
         "static-web",
@@ -452,25 +464,7 @@ async fn the_responder_as_deployed_acts_on_the_real_api_server() {
         pod(&format!("sys-{shop}"), json!({})),
     )
     .await;
-    let daemonset: DaemonSet = serde_json::from_value(json!({
-        "metadata": {"name": "agent"},
-        "spec": {"selector": {"matchLabels": {"app": "agent"}},
-                 "template": {"metadata": {"labels": {"app": "agent"}},
-                              "spec": {"containers": [{"name": "a", "image": "registry.invalid/a:1"}]}}},
-    }))
-    .unwrap();
-    let daemonset = Api::<DaemonSet>::namespaced(admin.clone(), &shop)
-        .create(&PostParams::default(), &daemonset)
-        .await
-        .unwrap();
-    let owned = pod(
-        "agent-y",
-        json!({"labels": {"app": "agent"}, "ownerReferences": [{
-            "apiVersion": "apps/v1", "kind": "DaemonSet", "name": "agent",
-            "uid": daemonset.metadata.uid, "controller": true,
-        }]}),
-    );
-    make_pod(&admin, &shop, owned).await;
+    make_daemonset_pod(&admin, &shop, "agent-y").await;
     let elsewhere = |ns: &str, pod: &str| {
         json!({
             "hostname": "n", "output": "o", "priority": "Critical", "rule": "Anything critical",

@@ -174,6 +174,19 @@ fn kustomize() -> PathBuf {
 }
 
 /// Renders a kustomization made on the fly: `overlay` with `components`.
+/// The overlays, one per input.
+pub(crate) const OVERLAYS: [&str; 3] = ["grpc", "fifo", "http"];
+
+/// Each component alone, and all together, on top of an overlay.
+pub(crate) const COMPONENT_SETS: [&[&str]; 6] = [
+    &[],
+    &["namespaced-rbac"],
+    &["leaf"],
+    &["nats-cluster"],
+    &["ui"],
+    &["leaf", "nats-cluster", "namespaced-rbac", "ui"],
+];
+
 pub(crate) fn render(overlay: &str, components: &[&str], out: &Path) -> PathBuf {
     // Outside deploy/, which other tests read meanwhile; kustomize takes
     // relative paths only: target/kustomize/<dir>/ is three levels down.
@@ -212,17 +225,9 @@ pub(crate) fn render(overlay: &str, components: &[&str], out: &Path) -> PathBuf 
 #[test]
 fn every_overlay_with_every_component_renders_and_validates() {
     let out = tempfile::tempdir().unwrap();
-    let sets: [&[&str]; 6] = [
-        &[],
-        &["namespaced-rbac"],
-        &["leaf"],
-        &["nats-cluster"],
-        &["ui"],
-        &["leaf", "nats-cluster", "namespaced-rbac", "ui"],
-    ];
     let mut files = Vec::new();
-    for overlay in ["grpc", "fifo", "http"] {
-        for set in sets {
+    for overlay in OVERLAYS {
+        for set in COMPONENT_SETS {
             let file = render(overlay, set, out.path());
             let docs = documents(&file);
             let find = |kind: &str, name: &str| {

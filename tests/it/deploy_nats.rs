@@ -20,6 +20,42 @@ use serde_json::Value;
 
 const WAIT: Duration = Duration::from_secs(15);
 
+/// The responder as respond.yaml runs it, on `stream`: the durable consumer,
+/// user respond; once ready, its stop and its task.
+async fn shipped_responder(
+    url: &str,
+    kube: &KubeApi,
+    stream: &str,
+    pw: &std::collections::BTreeMap<String, String>,
+    dir: &Path,
+) -> (
+    tokio_util::sync::CancellationToken,
+    tokio::task::JoinHandle<Result<(), falco_nats::respond::RespondError>>,
+) {
+    let mut options = respond_options(url, &kubeconfig(kube));
+    options.nats = user(url, "respond", &pw["nats-user-respond"], dir);
+    options.subscription = Subscription::JetStream {
+        stream: stream.into(),
+        durable: "falco-nats-respond".into(),
+        subject: "falco.>".into(),
+        ack_wait: Duration::from_secs(30),
+        max_deliver: 5,
+    };
+    let stop = tokio_util::sync::CancellationToken::new();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let probes = listener.local_addr().unwrap();
+    let task = tokio::spawn(falco_nats::respond::run(
+        options,
+        Some(listener),
+        stop.clone(),
+    ));
+    wait_for("the responder ready", WAIT, || async {
+        http_get(probes, "/readyz").await.0 == 200
+    })
+    .await;
+    (stop, task)
+}
+
 #[tokio::test]
 async fn the_shipped_nats_lets_each_user_do_its_job_and_nothing_else() {
     let dir = tempfile::tempdir().unwrap();
@@ -90,27 +126,7 @@ async fn the_shipped_nats_lets_each_user_do_its_job_and_nothing_else() {
     ui.await.unwrap().unwrap();
 
     // The responder, as respond.yaml runs it: the durable consumer, user respond.
-    let mut respond_options = respond_options(&url, &kubeconfig(&kube));
-    respond_options.nats = user(&url, "respond", &pw["nats-user-respond"], dir.path());
-    respond_options.subscription = Subscription::JetStream {
-        stream: "FALCO".into(),
-        durable: "falco-nats-respond".into(),
-        subject: "falco.>".into(),
-        ack_wait: Duration::from_secs(30),
-        max_deliver: 5,
-    };
-    let stop = tokio_util::sync::CancellationToken::new();
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let probes = listener.local_addr().unwrap();
-    let responder = tokio::spawn(falco_nats::respond::run(
-        respond_options,
-        Some(listener),
-        stop.clone(),
-    ));
-    wait_for("the responder ready", WAIT, || async {
-        http_get(probes, "/readyz").await.0 == 200
-    })
-    .await;
+    let (stop, responder) = shipped_responder(&url, &kube, "FALCO", &pw, dir.path()).await;
     // Its decision about the first alert.
     let first = receive(&mut seen, 1, WAIT).await;
     assert!(first[0].subject.starts_with("falco.response."), "{first:?}");
@@ -327,27 +343,8 @@ async fn the_shipped_leaf_layout_brings_each_nodes_alerts_to_the_hub_once() {
     // is acted on.
     let kube = KubeApi::start().await.unwrap();
     kube.add_pod("shop", "leafy", "u-leafy", Some("ReplicaSet"));
-    let mut respond_options = respond_options(&hub.url(), &kubeconfig(&kube));
-    respond_options.nats = user(&hub.url(), "respond", &pw["nats-user-respond"], dir.path());
-    respond_options.subscription = Subscription::JetStream {
-        stream: "FALCO_ALL".into(),
-        durable: "falco-nats-respond".into(),
-        subject: "falco.>".into(),
-        ack_wait: Duration::from_secs(30),
-        max_deliver: 5,
-    };
-    let stop = tokio_util::sync::CancellationToken::new();
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let probes = listener.local_addr().unwrap();
-    let responder = tokio::spawn(falco_nats::respond::run(
-        respond_options,
-        Some(listener),
-        stop.clone(),
-    ));
-    wait_for("the responder ready on FALCO_ALL", WAIT, || async {
-        http_get(probes, "/readyz").await.0 == 200
-    })
-    .await;
+    let (stop, responder) =
+        shipped_responder(&hub.url(), &kube, "FALCO_ALL", &pw, dir.path()).await;
     let critical = serde_json::json!({
         "hostname": nodes[1], "output": "x", "priority": "Critical",
         "rule": "Drop and execute new binary in container", "source": "syscall", "tags": [],

@@ -39,17 +39,9 @@ async fn every_overlay_with_every_component_applies_to_a_real_api_server() {
     // The namespaced-rbac component's Role lives in `apps`.
     cluster.ensure_namespace("apps").await;
     let out = tempfile::tempdir().unwrap();
-    let sets: [&[&str]; 6] = [
-        &[],
-        &["namespaced-rbac"],
-        &["leaf"],
-        &["nats-cluster"],
-        &["ui"],
-        &["leaf", "nats-cluster", "namespaced-rbac", "ui"],
-    ];
     let mut applied = 0;
-    for overlay in ["grpc", "fifo", "http"] {
-        for set in sets {
+    for overlay in crate::deploy::OVERLAYS {
+        for set in crate::deploy::COMPONENT_SETS {
             let file = crate::deploy::render(overlay, set, out.path());
             let docs = in_apply_order(documents(&file));
             applied += docs.len();
