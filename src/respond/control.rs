@@ -17,10 +17,20 @@
 //!   times, updated with compare-and-set on the key's revision, so two
 //!   replicas cannot both take the last slot. When the bucket cannot be
 //!   reached, the action is not taken (`rate_limit_unavailable`).
+//! - `replicas.<kind>.<namespace>.<name>` in the same bucket: every
+//!   replica's deletions of a workload's pods in the last 30 s
+//!   (min_healthy_replicas), and `seen.<namespace>.<pod>.<digest>`: the
+//!   claim on an action (the duplicate rule), a lease while under way.
+//! - `--guards local`: the same records in this process's memory, and no
+//!   kill switch (a server without JetStream).
 //!
 //! Nothing here comes from an alert; values are written by responders and
 //! the `pause` command, but read as untrusted all the same: a malformed one
-//! is an error with its reason, and the action is not taken.
+//! is an error with its reason, and the action is not taken. With
+//! `--kv-key-file` the responders seal their records, and one someone else
+//! wrote is not believed ([`Seal`]). Every bucket refuses roll-ups, purges
+//! and message deletes, and has a size limit, so no writer of one key can
+//! wipe the others or fill the server's store.
 
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
