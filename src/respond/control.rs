@@ -28,7 +28,7 @@
 //! the `pause` command, but read as untrusted all the same: a malformed one
 //! is an error with its reason, and the action is not taken. With
 //! `--kv-key-file` the responders seal their records, and one someone else
-//! wrote is not believed ([`Seal`]). Every bucket refuses roll-ups, purges
+//! wrote is not believed (`Seal`). Every bucket refuses roll-ups, purges
 //! and message deletes, and has a size limit, so no writer of one key can
 //! wipe the others or fill the server's store.
 
@@ -295,7 +295,7 @@ pub enum Gate {
     RateLimitUnavailable(String),
 }
 
-/// Opens a bucket, creating it (with [`bucket_stream`]'s safe settings)
+/// Opens a bucket, creating it (with `bucket_stream`'s safe settings)
 /// when missing.
 pub async fn open_bucket(
     client: &async_nats::Client,

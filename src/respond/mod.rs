@@ -165,7 +165,7 @@ fn now_ms() -> u64 {
 
 /// Whether an alert signed at `signed_ms` may be acted on at `now_ms`: not
 /// older than `max_age` (zero: any age), not signed ahead of the clock by
-/// more than [`CLOCK_SKEW_MS`]. Why not, when not.
+/// more than `CLOCK_SKEW_MS`. Why not, when not.
 pub fn freshness(signed_ms: u64, now_ms: u64, max_age: Duration) -> Result<(), String> {
     if max_age.is_zero() {
         return Ok(());
