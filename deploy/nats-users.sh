@@ -12,7 +12,7 @@ password() {
     printf 'p%s' "$(head -c 24 /dev/urandom | od -An -tx1 | tr -d ' \n')"
 }
 
-secret() { # name namespace password
+secret() { # name namespace value [key, default password]
     cat <<YAML
 ---
 apiVersion: v1
@@ -24,7 +24,7 @@ metadata:
     app.kubernetes.io/part-of: falco-nats
 type: Opaque
 stringData:
-  password: "$3"
+  ${4:-password}: "$3"
 YAML
 }
 
@@ -36,35 +36,11 @@ secret nats-user-respond falco-nats "$(password)"
 secret nats-user-reader falco-nats "$(password)"
 secret nats-user-admin falco-nats "$(password)"
 # The ui's page token (deploy/components/ui), under `token`.
-cat <<YAML
----
-apiVersion: v1
-kind: Secret
-metadata:
-  name: falco-nats-ui-token
-  namespace: falco-nats
-  labels:
-    app.kubernetes.io/part-of: falco-nats
-type: Opaque
-stringData:
-  token: "$(password)"
-YAML
+secret falco-nats-ui-token falco-nats "$(password)" token
 # The responders' seal on their shared records (--kv-key-file): records
 # written by anyone else, with the responder's NATS password say, are not
 # believed.
-cat <<YAML
----
-apiVersion: v1
-kind: Secret
-metadata:
-  name: falco-nats-kv-key
-  namespace: falco-nats
-  labels:
-    app.kubernetes.io/part-of: falco-nats
-type: Opaque
-stringData:
-  key: "$(password)"
-YAML
+secret falco-nats-kv-key falco-nats "$(password)" key
 leaf=$(password)
 # The leaf layout (deploy/components/leaf): leaf nats-servers beside Falco.
 secret nats-user-leaf falco-nats "$leaf"

@@ -395,7 +395,7 @@ async fn read_pause_state(
     Ok((state, was_set || entry.is_some()))
 }
 /// Milliseconds since the Unix epoch.
-fn now_ms() -> u64 {
+pub(crate) fn now_ms() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_millis() as u64)
@@ -844,7 +844,8 @@ pub fn claim_key(key: &DedupKey) -> String {
     format!("seen.{}.{}.{digest:032x}", key.namespace, key.pod)
 }
 
-/// The responders' seal on their shared records: HMAC-SHA256 with the
+/// The responders' seal on their shared records: HMAC-SHA256 (base64url,
+/// as signatures are written) with the
 /// secret of `--kv-key-file`, over a context, the record's key and its
 /// times, so a record cannot be written by anyone without the secret nor
 /// moved to another key. Without a secret, records are plain lists.
@@ -859,15 +860,21 @@ struct Sealed {
 }
 
 impl Seal {
-    fn mac(key: &ring::hmac::Key, record: &str, times: &[u64]) -> String {
+    /// What the seal covers: a context, the record's key, its times.
+    fn sealed_bytes(record: &str, times: &[u64]) -> Vec<u8> {
         let mut input = b"falco-nats record v1\n".to_vec();
         input.extend_from_slice(record.as_bytes());
         input.push(b'\n');
         for t in times {
             input.extend_from_slice(&t.to_be_bytes());
         }
-        let tag = ring::hmac::sign(key, &input);
-        tag.as_ref().iter().map(|b| format!("{b:02x}")).collect()
+        input
+    }
+
+    fn mac(key: &ring::hmac::Key, record: &str, times: &[u64]) -> String {
+        use base64::Engine;
+        let tag = ring::hmac::sign(key, &Self::sealed_bytes(record, times));
+        base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(tag.as_ref())
     }
 
     /// The stored form of `times` under `record`.
@@ -879,7 +886,7 @@ impl Seal {
                 mac: Self::mac(key, record, times),
             }),
         };
-        value.expect("numbers and hex always serialize")
+        value.expect("numbers and base64 always serialize")
     }
 
     /// The times in a stored record. With a seal: a record not sealed
@@ -900,14 +907,13 @@ impl Seal {
         };
         let why = match serde_json::from_slice::<Sealed>(value) {
             Ok(sealed) => {
-                let expected = Self::mac(key, record, &sealed.t);
-                let same = expected.len() == sealed.mac.len()
-                    && expected
-                        .bytes()
-                        .zip(sealed.mac.bytes())
-                        .fold(0u8, |acc, (a, b)| acc | (a ^ b))
-                        == 0;
-                if same {
+                // ring compares in constant time.
+                use base64::Engine;
+                let tag = base64::engine::general_purpose::URL_SAFE_NO_PAD
+                    .decode(&sealed.mac)
+                    .ok();
+                let input = Self::sealed_bytes(record, &sealed.t);
+                if tag.is_some_and(|tag| ring::hmac::verify(key, &input, &tag).is_ok()) {
                     return Ok(sealed.t);
                 }
                 "its seal does not match".to_owned()

@@ -155,14 +155,6 @@ pub struct Responder {
 /// How far a signing clock may run ahead of the responder's.
 const CLOCK_SKEW_MS: u64 = 60_000;
 
-/// Milliseconds since the Unix epoch.
-fn now_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or_default()
-}
-
 /// Whether an alert signed at `signed_ms` may be acted on at `now_ms`: not
 /// older than `max_age` (zero: any age), not signed ahead of the clock by
 /// more than `CLOCK_SKEW_MS`. Why not, when not.
@@ -298,7 +290,7 @@ impl Responder {
                     self.audit.metrics.bad_signatures.inc();
                     Some(format!("{}: {e}", NoAction::BadSignature.as_str()))
                 }
-                Ok(signed) => freshness(signed.at_ms, now_ms(), self.max_alert_age)
+                Ok(signed) => freshness(signed.at_ms, control::now_ms(), self.max_alert_age)
                     .err()
                     .map(|why| format!("{}: {why}", NoAction::Stale.as_str())),
             };

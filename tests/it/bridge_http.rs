@@ -409,6 +409,24 @@ async fn tls_post(
     (status != 0).then_some(status)
 }
 
+/// The HTTP bridge over TLS with `[cert, key, client CA]`, requiring a
+/// client certificate on POST /.
+async fn mtls_bridge(
+    nats: &NatsServer,
+    [cert, key, client_ca]: [std::path::PathBuf; 3],
+) -> RunningBridge {
+    let mut options = http_options(nats, None);
+    if let InputOptions::Http(http) = &mut options.input {
+        http.client_certificate = true;
+    }
+    options.tls = Some(TlsFiles {
+        cert,
+        key,
+        client_ca: Some(client_ca),
+    });
+    RunningBridge::start(options).await
+}
+
 /// Issue 12, item 2: `--tls-client-ca` makes POST / require a client
 /// certificate that CA signed, as Falco's `http_output.mtls` presents: none
 /// is refused (403, nothing published), one from another CA is refused in
@@ -427,17 +445,7 @@ async fn mutual_tls_requires_a_client_certificate_from_the_ca() {
     std::fs::write(&paths[2], ca.cert.pem()).unwrap();
 
     let (_client, mut sub) = nats.subscribed("falco.>").await;
-    let mut options = http_options(&nats, None);
-    if let InputOptions::Http(http) = &mut options.input {
-        http.client_certificate = true;
-    }
-    let [cert, key, client_ca] = paths;
-    options.tls = Some(TlsFiles {
-        cert,
-        key,
-        client_ca: Some(client_ca),
-    });
-    let bridge = RunningBridge::start(options).await;
+    let bridge = mtls_bridge(&nats, paths).await;
     let mut factory = AlertFactory::new("node-mtls", false);
 
     // No client certificate: refused, nothing published.
@@ -717,17 +725,7 @@ async fn the_charts_generated_certificates_carry_falcos_posts() {
     });
     let nats = NatsServer::start();
     let (_client, mut sub) = nats.subscribed("falco.>").await;
-    let mut options = http_options(&nats, None);
-    if let InputOptions::Http(http) = &mut options.input {
-        http.client_certificate = true;
-    }
-    let [cert, key, client_ca] = paths;
-    options.tls = Some(TlsFiles {
-        cert,
-        key,
-        client_ca: Some(client_ca),
-    });
-    let bridge = RunningBridge::start(options).await;
+    let bridge = mtls_bridge(&nats, paths).await;
 
     // Falco, with what its chart mounts from falco-nats-client.
     let mut roots = rustls::RootCertStore::empty();

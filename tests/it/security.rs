@@ -97,17 +97,26 @@ fn drain(sub: &mut Subscriber) -> Vec<async_nats::Message> {
     got
 }
 
+/// The admin user, and the stream FALCO it made as the bridge would.
+async fn admin_with_falco(
+    url: &str,
+    pw: &BTreeMap<String, String>,
+) -> (Client, jetstream::Context) {
+    let admin = client_as(url, "admin", &pw["nats-user-admin"]).await;
+    let js = jetstream::new(admin.clone());
+    js.create_stream(stream::Config {
+        name: "FALCO".into(),
+        subjects: vec!["falco.>".into()],
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    (admin, js)
+}
+
 impl Hub {
     async fn start(url: &str, pw: &BTreeMap<String, String>) -> Hub {
-        let admin = client_as(url, "admin", &pw["nats-user-admin"]).await;
-        let js = jetstream::new(admin.clone());
-        js.create_stream(stream::Config {
-            name: "FALCO".into(),
-            subjects: vec!["falco.>".into()],
-            ..Default::default()
-        })
-        .await
-        .unwrap();
+        let (admin, js) = admin_with_falco(url, pw).await;
         let reader = client_as(url, "reader", &pw["nats-user-reader"]).await;
         let seen = reader.subscribe("falco.>").await.unwrap();
         reader.flush().await.unwrap();
@@ -647,15 +656,7 @@ async fn a_changed_durable_consumer_is_set_back() {
     let pw = passwords();
     let (hub, _) = shipped::start_hub(dir.path(), &pw);
     let url = hub.url();
-    let admin = client_as(&url, "admin", &pw["nats-user-admin"]).await;
-    let js = jetstream::new(admin.clone());
-    js.create_stream(stream::Config {
-        name: "FALCO".into(),
-        subjects: vec!["falco.>".into()],
-        ..Default::default()
-    })
-    .await
-    .unwrap();
+    let (_admin, js) = admin_with_falco(&url, &pw).await;
     let kube = crate::support::fake_kube::KubeApi::start().await.unwrap();
     kube.add_pod("shop", "web", "u-web", Some("ReplicaSet"));
     let mut options = respond_options(&url, &kubeconfig(&kube));
