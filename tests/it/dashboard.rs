@@ -108,10 +108,11 @@ async fn every_metric_the_dashboard_queries_exists() {
         .await
         .unwrap();
     client.flush().await.unwrap();
+    // A decision is counted when it is made, after the alert is.
     wait_for("a decision", WAIT, || async {
         metric_value(
             &http_get(probes, "/metrics").await.1,
-            "falco_nats_respond_alerts_total",
+            "falco_nats_respond_decision_latency_seconds_count",
         ) >= 1.0
     })
     .await;
