@@ -381,6 +381,7 @@ pub async fn connect(
     let denied = DeniedSubjects::default();
     let ledger = watch.ledger.clone();
     let events_denied = denied.clone();
+    let from_url_again = from_url.clone();
     let client = options
         .connect_options(from_url)
         .await?
@@ -392,13 +393,44 @@ pub async fn connect(
             let connected_before = connected_before.clone();
             async move { on_event(event, &watch, &denied, &connected_before) }
         })
-        .connect(servers)
+        .connect(servers.clone())
         .await?;
+    tokio::spawn(say_why_not_connected(
+        options.clone(),
+        servers,
+        from_url_again,
+        client.clone(),
+    ));
     Ok(NatsConnection {
         client,
         denied,
         ledger,
     })
+}
+
+/// A client still not connected a few seconds after the start says why:
+/// async-nats reports a failed retry only as its kind ("IO error"), so one
+/// attempt of its own, without retries, gives the cause (a refused port,
+/// an unknown CA, a wrong name), logged once.
+async fn say_why_not_connected(
+    options: NatsOptions,
+    servers: Vec<ServerAddr>,
+    from_url: Option<UrlCredentials>,
+    client: async_nats::Client,
+) {
+    tokio::time::sleep(std::time::Duration::from_secs(2)).await;
+    if client.connection_state() == async_nats::connection::State::Connected {
+        return;
+    }
+    let Ok(attempt) = options.connect_options(from_url).await else {
+        return;
+    };
+    if let Err(e) = attempt.connect(servers).await {
+        tracing::warn!(
+            error = crate::telemetry::logging::chain(&e),
+            "cannot connect to NATS yet; retrying in the background"
+        );
+    }
 }
 
 /// Follows the connection's events: readiness, metrics, the ledger on a

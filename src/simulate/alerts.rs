@@ -241,11 +241,59 @@ pub const PODS: &[Pod] = &[
     },
 ];
 
+/// What a watched process wrote into its command line and file name: an
+/// OSC title sequence, a screen clear, CR LF and a forged log line, other
+/// C0 controls, DEL, a C1 control (NEL) and a no-break space, then bytes
+/// that are not UTF-8 (a lone 0xFF 0xFE, an encoded surrogate, a truncated
+/// sequence) and path pieces.
+pub const UNTRUSTED_BYTES: &[u8] =
+    b"\x1b]0;owned\x07\x1b[2J\r\nFake: rule=\"x\"\x01\x1f\x7f\xc2\x85\xc2\xa0|\xff\xfe|\xed\xa0\x80|\xe2\x82|/../#?";
+
+/// The Falco release that writes the alerts: it decides what a watched
+/// process's control characters and invalid UTF-8 become.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FalcoRelease {
+    /// 0.44: libs replace each control character (C0, DEL, C1) and
+    /// non-character with U+FFFD when they read a field, and invalid UTF-8
+    /// with U+FFFD (falco#3866).
+    V044,
+    /// 0.45: field values keep their control characters, which the JSON
+    /// encoder escapes (`\u001b`, `\n`); each maximal invalid UTF-8
+    /// subpart becomes one U+FFFD (falco#3942).
+    V045,
+}
+
+impl FalcoRelease {
+    /// `raw` as this release puts it in a field value.
+    pub fn field_value(self, raw: &[u8]) -> String {
+        // One U+FFFD per maximal subpart, as Falco's utf8::sanitize.
+        let text = String::from_utf8_lossy(raw);
+        match self {
+            FalcoRelease::V045 => text.into_owned(),
+            FalcoRelease::V044 => text
+                .chars()
+                .map(|c| {
+                    let noncharacter =
+                        matches!(u32::from(c), 0xfdd0..=0xfdef) || u32::from(c) & 0xfffe == 0xfffe;
+                    if c.is_control() || noncharacter {
+                        char::REPLACEMENT_CHARACTER
+                    } else {
+                        c
+                    }
+                })
+                .collect(),
+        }
+    }
+}
+
 /// Makes alerts in Falco's shapes: gRPC responses and JSON lines.
 pub struct AlertFactory {
     hostname: String,
     json_output: bool,
     seq: u64,
+    /// The release whose rendering of [`UNTRUSTED_BYTES`] ends every
+    /// command line and file name; `None`: the rule set's plain values.
+    untrusted: Option<FalcoRelease>,
 }
 
 impl AlertFactory {
@@ -256,7 +304,16 @@ impl AlertFactory {
             hostname: hostname.into(),
             json_output,
             seq: 0,
+            untrusted: None,
         }
+    }
+
+    /// Every alert's command line and file name end in
+    /// [`UNTRUSTED_BYTES`] as `release` writes them: what a hostile
+    /// container makes Falco say.
+    pub fn with_untrusted_strings(mut self, release: FalcoRelease) -> Self {
+        self.untrusted = Some(release);
+        self
     }
 
     /// How many alerts were made so far.
@@ -306,6 +363,15 @@ impl AlertFactory {
             .iter()
             .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
             .collect();
+        if let Some(release) = self.untrusted {
+            let tail = release.field_value(UNTRUSTED_BYTES);
+            for key in ["proc.cmdline", "fd.name"] {
+                if let Some(value) = fields.get_mut(key) {
+                    value.push(' ');
+                    value.push_str(&tail);
+                }
+            }
+        }
         let suffix = if scenario.internal {
             String::new()
         } else {
@@ -378,6 +444,39 @@ mod tests {
         }
         let avg = sizes.iter().sum::<usize>() / sizes.len();
         assert!((700..1400).contains(&avg), "average alert size {avg}");
+    }
+
+    #[test]
+    fn untrusted_strings_are_written_as_each_release_writes_them() {
+        for (release, expected) in [
+            (
+                FalcoRelease::V045,
+                // Controls kept (escaped by the JSON writer), DEL, NEL and
+                // NBSP raw, one U+FFFD per maximal invalid subpart.
+                r#"\u001b]0;owned\u0007\u001b[2J\r\nFake: rule=\"x\"\u0001\u001f\u{7f}\u{85}\u{a0}|\u{fffd}\u{fffd}|\u{fffd}\u{fffd}\u{fffd}|\u{fffd}|/../#?"#,
+            ),
+            (
+                FalcoRelease::V044,
+                r#"\u{fffd}]0;owned\u{fffd}\u{fffd}[2J\u{fffd}\u{fffd}Fake: rule=\"x\"\u{fffd}\u{fffd}\u{fffd}\u{fffd}\u{a0}|\u{fffd}\u{fffd}|\u{fffd}\u{fffd}\u{fffd}|\u{fffd}|/../#?"#,
+            ),
+        ] {
+            let expected = expected
+                .replace(r"\u{fffd}", "\u{fffd}")
+                .replace(r"\u{7f}", "\u{7f}")
+                .replace(r"\u{85}", "\u{85}")
+                .replace(r"\u{a0}", "\u{a0}");
+            let mut factory = AlertFactory::new("node-1", false).with_untrusted_strings(release);
+            let line = factory.next_json();
+            let start = line.find("bash -il ").expect("the command line") + "bash -il ".len();
+            let end = start + line[start..].find("/../#?").expect("its end") + "/../#?".len();
+            assert_eq!(&line[start..end], expected, "{release:?}");
+            FalcoEvent::from_json(line.clone().into()).expect("valid alert");
+            let v: serde_json::Value = serde_json::from_str(&line).unwrap();
+            assert_eq!(
+                v["output_fields"]["proc.cmdline"],
+                format!("bash -il {}", release.field_value(UNTRUSTED_BYTES))
+            );
+        }
     }
 
     #[test]

@@ -40,13 +40,17 @@ fn colour(terminal: bool, no_color: bool) -> bool {
     terminal && !no_color
 }
 
-/// An error with its chain of causes, `a: b: c`, for a log field.
+/// An error with its chain of causes, `a: b: c`, for a log field; a cause
+/// its error already ends with (some print their source) is not repeated.
 pub fn chain(e: &dyn std::error::Error) -> String {
     let mut out = e.to_string();
     let mut cause = e.source();
     while let Some(c) = cause {
-        out.push_str(": ");
-        out.push_str(&c.to_string());
+        let text = c.to_string();
+        if !out.ends_with(&text) {
+            out.push_str(": ");
+            out.push_str(&text);
+        }
         cause = c.source();
     }
     out

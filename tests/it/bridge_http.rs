@@ -4,6 +4,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::support::tls::TestCa;
 use crate::support::*;
 use falco_nats::bridge::{InputOptions, TlsFiles};
 use falco_nats::input::http::HttpOptions;
@@ -327,42 +328,6 @@ async fn the_token_comes_before_the_body_and_http2_is_not_spoken() {
         "answered HTTP/2: {answer:?}"
     );
     bridge.stop().await.unwrap();
-}
-
-/// A CA made for a test: it signs server and client certificates.
-struct TestCa {
-    issuer: rcgen::Issuer<'static, rcgen::KeyPair>,
-    cert: rcgen::Certificate,
-}
-
-impl TestCa {
-    fn new(name: &str) -> Self {
-        let key = rcgen::KeyPair::generate().unwrap();
-        let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
-        params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
-        params
-            .distinguished_name
-            .push(rcgen::DnType::CommonName, name);
-        let cert = params.self_signed(&key).unwrap();
-        TestCa {
-            issuer: rcgen::Issuer::new(params, key),
-            cert,
-        }
-    }
-
-    /// A leaf certificate for `names` (server) or a client, and its key.
-    fn leaf(&self, names: &[&str], client: bool) -> (rcgen::Certificate, rcgen::KeyPair) {
-        let key = rcgen::KeyPair::generate().unwrap();
-        let mut params =
-            rcgen::CertificateParams::new(names.iter().map(|n| n.to_string()).collect::<Vec<_>>())
-                .unwrap();
-        params.extended_key_usages = vec![if client {
-            rcgen::ExtendedKeyUsagePurpose::ClientAuth
-        } else {
-            rcgen::ExtendedKeyUsagePurpose::ServerAuth
-        }];
-        (params.signed_by(&key, &self.issuer).unwrap(), key)
-    }
 }
 
 /// A TLS client trusting `ca`, presenting `identity` when given.

@@ -320,16 +320,31 @@ impl Strs for Value {
     }
 }
 
-/// Every falco-nats container: its manifest, args and env names.
+/// Whether `image` (`[registry/path/]falco-nats[:tag][@digest]`) is ours.
+pub fn is_falco_nats_image(image: &str) -> bool {
+    let name = image.split('@').next().unwrap_or_default();
+    let last = name.rsplit('/').next().unwrap_or_default();
+    last.split(':').next() == Some("falco-nats")
+}
+
+/// Every falco-nats container: its manifest, args and env names. Each
+/// names the image scripts/image builds: `falco-nats:<version>`.
 fn falco_nats_containers() -> Vec<(PathBuf, Vec<String>, Vec<String>)> {
     let mut out = Vec::new();
     for file in resource_files() {
         for doc in documents(&file) {
             let spec = &doc["spec"]["template"]["spec"];
             for c in spec["containers"].as_array().into_iter().flatten() {
-                if !c["image"].as_str().unwrap_or("").starts_with("falco-nats:") {
+                let image = c["image"].as_str().unwrap_or("");
+                if !is_falco_nats_image(image) {
                     continue;
                 }
+                assert_eq!(
+                    image,
+                    format!("falco-nats:{}", env!("CARGO_PKG_VERSION")),
+                    "{}: the image scripts/image builds",
+                    file.display()
+                );
                 let args = c["args"]
                     .as_sequence_strs()
                     .into_iter()
@@ -637,4 +652,34 @@ fn the_namespaced_rbac_component_matches_the_cluster_role() {
     let ns = flag.trim_start_matches("--only-namespace=");
     assert_eq!(role["metadata"]["namespace"], ns);
     Cli::try_parse_from(["falco-nats", "respond", flag]).unwrap();
+}
+
+/// deploy/Dockerfile builds what scripts/image builds: this version, the
+/// same user, entrypoint and CA bundle (tests/it/image.rs runs the image).
+#[test]
+fn the_dockerfile_builds_what_scripts_image_builds() {
+    let dockerfile = std::fs::read_to_string(deploy_dir().join("Dockerfile")).unwrap();
+    let script = std::fs::read_to_string(deploy_dir().join("../scripts/image")).unwrap();
+    let version = env!("CARGO_PKG_VERSION");
+    for needed in [
+        format!("org.opencontainers.image.version=\"{version}\""),
+        format!("-t falco-nats:{version}"),
+        "USER 65532:65532".to_owned(),
+        "ENTRYPOINT [\"/falco-nats\"]".to_owned(),
+        "SSL_CERT_FILE=/etc/ssl/certs/ca-certificates.crt".to_owned(),
+        "--locked --target x86_64-unknown-linux-musl".to_owned(),
+    ] {
+        assert!(
+            dockerfile.contains(&needed),
+            "the Dockerfile lacks {needed}"
+        );
+    }
+    for needed in [
+        "--user 65532:65532",
+        "--entrypoint '[\"/falco-nats\"]'",
+        "SSL_CERT_FILE=/etc/ssl/certs/ca-certificates.crt",
+        "--locked --target \"$TARGET\"",
+    ] {
+        assert!(script.contains(needed), "scripts/image lacks {needed}");
+    }
 }

@@ -23,7 +23,9 @@ use std::process::Command;
 use serde::Deserialize;
 use serde_json::Value;
 
-use crate::deploy::{assert_cli_accepts, deploy_dir, documents, validate, Strs};
+use crate::deploy::{
+    assert_cli_accepts, deploy_dir, documents, is_falco_nats_image, validate, Strs,
+};
 use crate::support::nats_server_bin;
 
 pub(crate) fn chart_dir() -> PathBuf {
@@ -75,7 +77,7 @@ fn check_falco_nats_containers(docs: &[Value], what: &str) -> usize {
     for doc in docs {
         let spec = &doc["spec"]["template"]["spec"];
         for c in spec["containers"].as_array().into_iter().flatten() {
-            if !c["image"].as_str().unwrap_or("").starts_with("falco-nats:") {
+            if !is_falco_nats_image(c["image"].as_str().unwrap_or("")) {
                 continue;
             }
             assert_cli_accepts(c, what);
@@ -194,6 +196,24 @@ fn the_chart_renders_valid_manifests_the_cli_accepts() {
             expected,
             "{name}"
         );
+        // The image scripts/image builds, by tag, or by the digest it
+        // printed when a values file gives one.
+        let values_doc: Value =
+            serde_norway::from_str(&std::fs::read_to_string(&values).unwrap()).unwrap();
+        let image = match values_doc["image"]["digest"].as_str() {
+            Some(digest) => format!(
+                "{}@{digest}",
+                values_doc["image"]["repository"].as_str().unwrap()
+            ),
+            None => format!("falco-nats:{}", env!("CARGO_PKG_VERSION")),
+        };
+        for deployment in [bridge, respond, ui].into_iter().flatten() {
+            assert_eq!(
+                deployment["spec"]["template"]["spec"]["containers"][0]["image"],
+                image.as_str(),
+                "{name}"
+            );
+        }
         let cluster_role = find(&docs, "ClusterRole", "falco-nats-respond");
         let policy = find(
             &docs,

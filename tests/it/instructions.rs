@@ -7,9 +7,10 @@
 //! cancelled out. The budgets are in `benches/instruction-budget.txt`; the
 //! check fails when a path costs more than 10 % over its budget.
 //!
-//! It needs valgrind and `target/release/falco-nats`, which `scripts/test`
-//! builds before running it (`cargo test --test it instructions --
-//! --ignored`); `cargo test` alone leaves it out. For profiling,
+//! It needs valgrind and the release binary: `FALCO_NATS_BIN`, which
+//! `scripts/test` sets to the image's (static, musl) after `scripts/image`
+//! built it, else `target/release/falco-nats` (`cargo test --test it
+//! instructions -- --ignored`); `cargo test` alone leaves it out. For profiling,
 //! `INSTRUCTIONS_ONLY=<input>` runs one path and `INSTRUCTIONS_KEEP=<dir>`
 //! keeps callgrind's files there for `callgrind_annotate`.
 
@@ -32,11 +33,15 @@ fn root() -> &'static Path {
     Path::new(env!("CARGO_MANIFEST_DIR"))
 }
 
+/// `FALCO_NATS_BIN` (scripts/test: the image's static musl binary, what
+/// users run), else `target/release/falco-nats`.
 fn release_bin() -> PathBuf {
-    let bin = root().join("target/release/falco-nats");
+    let bin = std::env::var_os("FALCO_NATS_BIN")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| root().join("target/release/falco-nats"));
     assert!(
         bin.is_file(),
-        "{} is missing: scripts/test builds it (cargo build --release --bin falco-nats)",
+        "{} is missing: scripts/test builds it (scripts/image), or cargo build --release --bin falco-nats",
         bin.display()
     );
     bin
