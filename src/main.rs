@@ -11,6 +11,13 @@ use falco_nats::telemetry::logging;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
+/// The static musl build (the image) allocates with mimalloc: musl's own
+/// allocator takes one lock for every thread and costs 6 to 16 % more
+/// instructions per alert (docs/BENCHMARKS.md, "The image").
+#[cfg(target_env = "musl")]
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     logging::init(cli.log_format);

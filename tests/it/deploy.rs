@@ -667,7 +667,7 @@ fn the_dockerfile_builds_what_scripts_image_builds() {
         "USER 65532:65532".to_owned(),
         "ENTRYPOINT [\"/falco-nats\"]".to_owned(),
         "SSL_CERT_FILE=/etc/ssl/certs/ca-certificates.crt".to_owned(),
-        "--locked --target x86_64-unknown-linux-musl".to_owned(),
+        "--profile dist --locked --target x86_64-unknown-linux-musl".to_owned(),
     ] {
         assert!(
             dockerfile.contains(&needed),
@@ -678,7 +678,7 @@ fn the_dockerfile_builds_what_scripts_image_builds() {
         "--user 65532:65532",
         "--entrypoint '[\"/falco-nats\"]'",
         "SSL_CERT_FILE=/etc/ssl/certs/ca-certificates.crt",
-        "--locked --target \"$TARGET\"",
+        "--profile dist --locked --target \"$TARGET\"",
     ] {
         assert!(script.contains(needed), "scripts/image lacks {needed}");
     }
