@@ -26,6 +26,7 @@ use crate::respond::workload::MinHealthy;
 use crate::respond::{self, RespondOptions, Subscription, DEFAULT_RESULT_SUBJECT};
 use crate::server::{ServerLimits, DEFAULT_MAX_CONNECTIONS};
 use crate::signing::{Signer, Verifier};
+use crate::simulate::alerts::FalcoRelease;
 use crate::simulate::{SimulateOptions, SimulateOutput};
 use crate::tail::{ColorChoice, TailOptions};
 use crate::telemetry::logging::LogFormat;
@@ -787,6 +788,23 @@ pub struct SimulateArgs {
         requires = "kube_api"
     )]
     pub kubeconfig_out: Option<PathBuf>,
+    /// End every command line and file name with what a hostile container
+    /// writes (terminal escapes, CR LF, DEL, C1, invalid UTF-8), as this Falco
+    /// release puts it in an alert: 0.44 or 0.45
+    #[arg(long, env = "FALCO_NATS_SIMULATE_HOSTILE_STRINGS", value_name = "FALCO_RELEASE", value_parser = parse_falco_release)]
+    pub hostile_strings: Option<FalcoRelease>,
+}
+
+/// `0.44` or `0.45`: the Falco releases whose rendering of untrusted
+/// strings the simulator knows.
+fn parse_falco_release(text: &str) -> Result<FalcoRelease, String> {
+    match text {
+        "0.44" => Ok(FalcoRelease::V044),
+        "0.45" => Ok(FalcoRelease::V045),
+        other => Err(format!(
+            "{other:?}: the simulator knows Falco 0.44 and 0.45"
+        )),
+    }
 }
 
 impl SimulateArgs {
@@ -802,6 +820,7 @@ impl SimulateArgs {
             rate: self.rate.max(0.0),
             count: self.count,
             json_output: self.json_output,
+            hostile_strings: self.hostile_strings,
             hostname: self.hostname,
             kube_api: self.kube_api.zip(self.kubeconfig_out),
         })

@@ -39,6 +39,9 @@ pub struct SimulateOptions {
     /// Falco's `json_output`: gRPC `output` holds the JSON line.
     pub json_output: bool,
     pub hostname: String,
+    /// End command lines and file names with [`alerts::UNTRUSTED_BYTES`]
+    /// as this release writes them.
+    pub hostile_strings: Option<alerts::FalcoRelease>,
     /// Also serve a Kubernetes API stand-in with the simulated pods here,
     /// and write a kubeconfig for it to the path.
     pub kube_api: Option<(String, PathBuf)>,
@@ -116,6 +119,9 @@ pub async fn run(
         None => None,
     };
     let mut factory = AlertFactory::new(options.hostname.clone(), options.json_output);
+    if let Some(release) = options.hostile_strings {
+        factory = factory.with_untrusted_strings(release);
+    }
     match &options.output {
         SimulateOutput::Grpc { socket } => {
             let mut falco = MockFalco::new(socket.clone());

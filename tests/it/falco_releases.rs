@@ -172,3 +172,65 @@ async fn grpc_carries_both_releases_strings_whole() {
         bridge.stop().await.unwrap();
     }
 }
+
+/// `simulate --hostile-strings` writes those alerts for anyone's consumer
+/// to try, and names the releases it knows when given another.
+#[tokio::test]
+async fn the_simulator_writes_them_on_request() {
+    let dir = tempfile::tempdir().unwrap();
+    let fifo = dir.path().join("falco.pipe");
+    let simulate = |release: &str| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_falco-nats"))
+            .args([
+                "simulate", "--output", "fifo", "--rate", "0", "--count", "7",
+            ])
+            .arg("--fifo")
+            .arg(&fifo)
+            .args(["--hostile-strings", release])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap()
+    };
+    let refused = simulate("0.46").wait_with_output().unwrap();
+    assert!(!refused.status.success());
+    assert!(
+        String::from_utf8_lossy(&refused.stderr).contains("Falco 0.44 and 0.45"),
+        "{}",
+        String::from_utf8_lossy(&refused.stderr)
+    );
+    for release in RELEASES {
+        let child = simulate(if release == FalcoRelease::V044 {
+            "0.44"
+        } else {
+            "0.45"
+        });
+        wait_for("the FIFO", WAIT, || async { fifo.exists() }).await;
+        let path = fifo.clone();
+        // The simulator keeps the FIFO open after its count, as Falco
+        // would; it stops on SIGTERM.
+        let lines = tokio::task::spawn_blocking(move || {
+            use std::io::BufRead;
+            let reader = std::io::BufReader::new(std::fs::File::open(path).unwrap());
+            reader
+                .lines()
+                .take(7)
+                .map(Result::unwrap)
+                .collect::<Vec<_>>()
+        })
+        .await
+        .unwrap();
+        let pid = nix::unistd::Pid::from_raw(i32::try_from(child.id()).unwrap());
+        nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).unwrap();
+        assert!(child.wait_with_output().unwrap().status.success());
+        let tail = release.field_value(UNTRUSTED_BYTES);
+        assert_eq!(lines.len(), 7);
+        for line in lines {
+            let alert: serde_json::Value = serde_json::from_str(&line).unwrap();
+            if let Some(cmdline) = alert["output_fields"]["proc.cmdline"].as_str() {
+                assert!(cmdline.ends_with(&tail), "{release:?}: {cmdline:?}");
+            }
+        }
+        std::fs::remove_file(&fifo).unwrap();
+    }
+}
