@@ -183,7 +183,7 @@ pub struct PauseArgs {
     #[arg(long, env = "FALCO_NATS_PAUSE_REASON", default_value = "")]
     pub reason: String,
     /// Only print the kill switch's state (exit code 0 running, 3 paused)
-    #[arg(long)]
+    #[arg(long, env = "FALCO_NATS_PAUSE_STATUS")]
     pub status: bool,
 }
 
@@ -193,10 +193,10 @@ pub struct PauseArgs {
 pub struct KeygenArgs {
     /// Write a new seed to this file (mode 0600; never overwritten) and
     /// print its public key
-    #[arg(long, value_name = "SEED_FILE")]
+    #[arg(long, env = "FALCO_NATS_KEYGEN_OUT", value_name = "SEED_FILE")]
     pub out: Option<PathBuf>,
     /// Print the public key of the seed in this file
-    #[arg(long, value_name = "SEED_FILE")]
+    #[arg(long, env = "FALCO_NATS_KEYGEN_PUBLIC", value_name = "SEED_FILE")]
     pub public: Option<PathBuf>,
 }
 
@@ -471,7 +471,7 @@ fn http_token(
 #[derive(Debug, Clone, Args)]
 pub struct RespondArgs {
     /// Validate this policy file, report errors with line numbers, and exit
-    #[arg(long, value_name = "POLICY")]
+    #[arg(long, env = "FALCO_NATS_CHECK_POLICY", value_name = "POLICY")]
     pub check: Option<PathBuf>,
 
     #[command(flatten)]

@@ -158,7 +158,9 @@ impl Receiver {
             if !encoding.eq_ignore_ascii_case("identity") {
                 return Err(Box::new(text(
                     StatusCode::UNSUPPORTED_MEDIA_TYPE,
-                    format!("Content-Encoding {encoding} is not supported: set Falco's http_output.compress_uploads: false"),
+                    format!(
+                        "Content-Encoding {encoding} is not supported: send the alert uncompressed"
+                    ),
                 )));
             }
         }

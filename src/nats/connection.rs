@@ -382,6 +382,7 @@ pub async fn connect(
     let ledger = watch.ledger.clone();
     let events_denied = denied.clone();
     let from_url_again = from_url.clone();
+    let ready = watch.ready.clone();
     let client = options
         .connect_options(from_url)
         .await?
@@ -399,7 +400,7 @@ pub async fn connect(
         options.clone(),
         servers,
         from_url_again,
-        client.clone(),
+        ready,
     ));
     Ok(NatsConnection {
         client,
@@ -410,26 +411,32 @@ pub async fn connect(
 
 /// A client still not connected a few seconds after the start says why:
 /// async-nats reports a failed retry only as its kind ("IO error"), so one
-/// attempt of its own, without retries, gives the cause (a refused port,
-/// an unknown CA, a wrong name), logged once.
+/// attempt of its own, without retries and with a short time-out, gives
+/// the cause (a refused port, an unknown CA, a wrong name), logged once
+/// unless the client connected meanwhile. It holds only the connection's
+/// readiness, not the client: a shutdown does not wait for it.
 async fn say_why_not_connected(
     options: NatsOptions,
     servers: Vec<ServerAddr>,
     from_url: Option<UrlCredentials>,
-    client: async_nats::Client,
+    connected: ReadyFlag,
 ) {
+    let connected = || connected.get();
     tokio::time::sleep(std::time::Duration::from_secs(2)).await;
-    if client.connection_state() == async_nats::connection::State::Connected {
+    if connected() {
         return;
     }
     let Ok(attempt) = options.connect_options(from_url).await else {
         return;
     };
+    let attempt = attempt.connection_timeout(std::time::Duration::from_secs(2));
     if let Err(e) = attempt.connect(servers).await {
-        tracing::warn!(
-            error = crate::telemetry::logging::chain(&e),
-            "cannot connect to NATS yet; retrying in the background"
-        );
+        if !connected() {
+            tracing::warn!(
+                error = crate::telemetry::logging::chain(&e),
+                "cannot connect to NATS yet; retrying in the background"
+            );
+        }
     }
 }
 

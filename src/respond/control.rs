@@ -383,7 +383,7 @@ async fn read_pause_state(
     let found = unsafe_settings(&info.config, &kv.name);
     if !found.is_empty() {
         let why = format!(
-            "the kill switch's stream {} {}: a writer could undo a pause (README: the kill switch)",
+            "the kill switch's stream {} {}: a writer could undo a pause (docs/respond.md: the kill switch)",
             info.config.name,
             found.join(", ")
         );

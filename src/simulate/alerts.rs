@@ -245,9 +245,10 @@ pub const PODS: &[Pod] = &[
 /// OSC title sequence, a screen clear, CR LF and a forged log line, other
 /// C0 controls, DEL, a C1 control (NEL) and a no-break space, then bytes
 /// that are not UTF-8 (a lone 0xFF 0xFE, an encoded surrogate, a truncated
-/// sequence) and path pieces.
+/// sequence), a non-character (U+FFFE), a right-to-left override and a
+/// line separator, and path pieces.
 pub const UNTRUSTED_BYTES: &[u8] =
-    b"\x1b]0;owned\x07\x1b[2J\r\nFake: rule=\"x\"\x01\x1f\x7f\xc2\x85\xc2\xa0|\xff\xfe|\xed\xa0\x80|\xe2\x82|/../#?";
+    b"\x1b]0;owned\x07\x1b[2J\r\nFake: rule=\"x\"\x01\x1f\x7f\xc2\x85\xc2\xa0|\xff\xfe|\xed\xa0\x80|\xe2\x82|\xef\xbf\xbe\xe2\x80\xae\xe2\x80\xa8/../#?";
 
 /// The Falco release that writes the alerts: it decides what a watched
 /// process's control characters and invalid UTF-8 become.
@@ -453,18 +454,21 @@ mod tests {
                 FalcoRelease::V045,
                 // Controls kept (escaped by the JSON writer), DEL, NEL and
                 // NBSP raw, one U+FFFD per maximal invalid subpart.
-                r#"\u001b]0;owned\u0007\u001b[2J\r\nFake: rule=\"x\"\u0001\u001f\u{7f}\u{85}\u{a0}|\u{fffd}\u{fffd}|\u{fffd}\u{fffd}\u{fffd}|\u{fffd}|/../#?"#,
+                r#"\u001b]0;owned\u0007\u001b[2J\r\nFake: rule=\"x\"\u0001\u001f\u{7f}\u{85}\u{a0}|\u{fffd}\u{fffd}|\u{fffd}\u{fffd}\u{fffd}|\u{fffd}|\u{fffe}\u{202e}\u{2028}/../#?"#,
             ),
             (
                 FalcoRelease::V044,
-                r#"\u{fffd}]0;owned\u{fffd}\u{fffd}[2J\u{fffd}\u{fffd}Fake: rule=\"x\"\u{fffd}\u{fffd}\u{fffd}\u{fffd}\u{a0}|\u{fffd}\u{fffd}|\u{fffd}\u{fffd}\u{fffd}|\u{fffd}|/../#?"#,
+                r#"\u{fffd}]0;owned\u{fffd}\u{fffd}[2J\u{fffd}\u{fffd}Fake: rule=\"x\"\u{fffd}\u{fffd}\u{fffd}\u{fffd}\u{a0}|\u{fffd}\u{fffd}|\u{fffd}\u{fffd}\u{fffd}|\u{fffd}|\u{fffd}\u{202e}\u{2028}/../#?"#,
             ),
         ] {
             let expected = expected
                 .replace(r"\u{fffd}", "\u{fffd}")
                 .replace(r"\u{7f}", "\u{7f}")
                 .replace(r"\u{85}", "\u{85}")
-                .replace(r"\u{a0}", "\u{a0}");
+                .replace(r"\u{a0}", "\u{a0}")
+                .replace(r"\u{fffe}", "\u{fffe}")
+                .replace(r"\u{202e}", "\u{202e}")
+                .replace(r"\u{2028}", "\u{2028}");
             let mut factory = AlertFactory::new("node-1", false).with_untrusted_strings(release);
             let line = factory.next_json();
             let start = line.find("bash -il ").expect("the command line") + "bash -il ".len();

@@ -623,7 +623,7 @@ impl Feed {
             .iter()
             .any(|s| covers(s, &format!("{}.x", self.options.result_prefix)));
         if !covered {
-            // A stream of their own keeps their history (README, "ui").
+            // A stream of their own keeps their history (docs/ui.md).
             let js = jetstream::new(self.client.clone());
             let own = match tokio::time::timeout(
                 Duration::from_secs(5),

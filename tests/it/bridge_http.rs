@@ -65,7 +65,8 @@ async fn http_alerts_arrive_unchanged_and_bad_bodies_are_refused() {
     )
     .await;
     assert_eq!(status, 415);
-    assert!(body.contains("compress_uploads"), "{body}");
+    assert!(body.contains("uncompressed"), "{body}");
+
     // An encoding that is not even text is not identity either.
     let (status, _) = http_post(
         bridge.http,
@@ -120,6 +121,28 @@ async fn http_alerts_arrive_unchanged_and_bad_bodies_are_refused() {
             .await,
         6.0
     );
+    bridge.stop().await.unwrap();
+}
+
+/// Falco 0.44 with `compress_uploads: true` sends a plain body and asks
+/// only for a compressed answer (`TE: gzip`): the alert is taken.
+#[tokio::test]
+async fn falco_asking_for_a_compressed_answer_is_served() {
+    let nats = NatsServer::start();
+    let (_client, mut sub) = nats.subscribed("falco.>").await;
+    let mut options = grpc_options(std::path::Path::new("/unused"), &nats.url());
+    options.input = InputOptions::Http(HttpOptions::default());
+    let bridge = RunningBridge::start_ready(options).await;
+    let alert = AlertFactory::new("node-te", false).next_json();
+    let (status, body) = http_post(
+        bridge.http,
+        &[JSON, ("TE", "gzip"), ("Connection", "TE")],
+        alert.as_bytes(),
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    let got = receive(&mut sub, 1, WAIT).await;
+    assert_eq!(got[0].payload, alert.as_bytes());
     bridge.stop().await.unwrap();
 }
 

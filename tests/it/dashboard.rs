@@ -1,6 +1,7 @@
 //! deploy/grafana/falco-nats.json asks only for what exists: every metric
 //! its queries name is in the `/metrics` of a running bridge or responder,
-//! and every label it groups by is on that metric's samples.
+//! and every label it groups by is on that metric's samples. So is every
+//! metric the README and `docs/` name.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
@@ -117,9 +118,13 @@ async fn every_metric_the_dashboard_queries_exists() {
     })
     .await;
 
+    // And a ui, whose metrics the docs name.
+    let ui = crate::support::ui::Ui::start(&nats.url(), None).await;
     let mut exposed = families(&http_get(bridge.http, "/metrics").await.1);
-    for (name, labels) in families(&http_get(probes, "/metrics").await.1) {
-        exposed.entry(name).or_default().extend(labels);
+    for source in [probes, ui.addr] {
+        for (name, labels) in families(&http_get(source, "/metrics").await.1) {
+            exposed.entry(name).or_default().extend(labels);
+        }
     }
     let dashboard: serde_json::Value = serde_json::from_str(
         &std::fs::read_to_string(
@@ -172,6 +177,27 @@ async fn every_metric_the_dashboard_queries_exists() {
     ] {
         assert!(checked.contains(needed), "the dashboard lacks {needed}");
     }
+    // Every metric the README and docs/ name exists too.
+    let mut unknown = BTreeSet::new();
+    for file in crate::docs::markdown_files() {
+        let text = std::fs::read_to_string(&file).unwrap();
+        let (named, _) = query_parts(&text);
+        for metric in named {
+            let family = ["_total", "_bucket", "_sum", "_count"]
+                .iter()
+                .find_map(|s| metric.strip_suffix(s).filter(|f| exposed.contains_key(*f)))
+                .unwrap_or(&metric);
+            // A prefix in prose (`falco_nats_respond_*`) names no metric.
+            if !exposed.contains_key(family) && !text.contains(&format!("{metric}*")) {
+                unknown.insert(format!("{}: {metric}", file.display()));
+            }
+        }
+    }
+    assert!(
+        unknown.is_empty(),
+        "metrics the docs name that no /metrics has: {unknown:?}"
+    );
+    ui.stop().await;
     stop.cancel();
     let _ = tokio::time::timeout(WAIT, responder).await;
     bridge.stop().await.unwrap();

@@ -15,7 +15,7 @@
 //! neither a chart repository nor the Go module proxy serves it to the test
 //! machines: `NATS_HELM_CHART` names a copy of it (nats-io/k8s,
 //! helm/charts/nats), and the test is ignored unless asked for
-//! (`NATS_HELM_CHART=DIR scripts/test` runs it; README, Development).
+//! (`NATS_HELM_CHART=DIR scripts/test` runs it; docs/development.md).
 
 use std::path::{Path, PathBuf};
 use std::process::Command;

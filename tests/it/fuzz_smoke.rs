@@ -1,7 +1,7 @@
 //! A short fuzz run in `cargo test`: the fuzz targets' properties
 //! (`falco_nats::fuzzing`) over seeded random mutations of valid inputs.
-//! It is not coverage-guided (that is `cargo +nightly fuzz`, see the
-//! README); it runs on stable, in CI, and a failure prints the input and the
+//! It is not coverage-guided (that is `cargo +nightly fuzz`, see
+//! docs/development.md); it runs on stable, in CI, and a failure prints the input and the
 //! seed that reproduce it. `FUZZ_SMOKE_ITERATIONS` and `FUZZ_SMOKE_SEED`
 //! change the run.
 

@@ -59,9 +59,9 @@ impl Unpacked {
     fn new() -> Self {
         let dir = tempfile::tempdir().unwrap();
         let layout = dir.path().join("layout");
+        // As a registry would be given it: the digest kept.
         run(Command::new("skopeo")
-            .arg("copy")
-            .arg("--quiet")
+            .args(["copy", "--quiet", "--preserve-digests"])
             .arg(format!("oci-archive:{}", archive().display()))
             .arg(format!("oci:{}:image", layout.display())));
         run(Command::new("umoci")
@@ -124,9 +124,18 @@ fn budget(name: &str) -> u64 {
         .unwrap_or_else(|| panic!("no {name} in benches/image-budget.txt"))
 }
 
+/// The manifest of the archive as skopeo reads it.
+fn manifest() -> serde_json::Value {
+    let out = run(Command::new("skopeo")
+        .args(["inspect", "--raw"])
+        .arg(format!("oci-archive:{}", archive().display())));
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
 #[test]
 #[ignore = "needs root, skopeo, umoci and the image: scripts/test builds it (FALCO_NATS_IMAGE)"]
 fn the_image_holds_two_files_runs_as_non_root_and_keeps_its_budget() {
+    use std::os::unix::fs::MetadataExt;
     let image = Unpacked::new();
     let rootfs = image.rootfs();
     let mut files = BTreeSet::new();
@@ -135,10 +144,24 @@ fn the_image_holds_two_files_runs_as_non_root_and_keeps_its_budget() {
         for entry in std::fs::read_dir(&dir).unwrap() {
             let entry = entry.unwrap();
             let path = entry.path();
-            if entry.file_type().unwrap().is_dir() {
+            let name = path.strip_prefix(&rootfs).unwrap().display().to_string();
+            let meta = std::fs::symlink_metadata(&path).unwrap();
+            // Owned by root, writable by root only, no set-id bits, the
+            // same modes whatever the umask of the machine that built it.
+            let expected = if meta.is_dir() || name == "falco-nats" {
+                0o755
+            } else {
+                0o644
+            };
+            assert_eq!(
+                (meta.uid(), meta.gid(), meta.mode() & 0o7777),
+                (0, 0, expected),
+                "{name}"
+            );
+            if meta.is_dir() {
                 dirs.push(path);
             } else {
-                files.insert(path.strip_prefix(&rootfs).unwrap().display().to_string());
+                files.insert(name);
             }
         }
     }
@@ -155,6 +178,30 @@ fn the_image_holds_two_files_runs_as_non_root_and_keeps_its_budget() {
     let bundle = std::fs::read_to_string(rootfs.join("etc/ssl/certs/ca-certificates.crt")).unwrap();
     let certificates = bundle.matches("-----BEGIN CERTIFICATE-----").count();
     assert!(certificates >= 100, "{certificates} CA certificates");
+    // The ca-certificates package's Mozilla set, nothing the machine added.
+    let mut mozilla: Vec<PathBuf> = std::fs::read_dir("/usr/share/ca-certificates/mozilla")
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e == "crt"))
+        .collect();
+    mozilla.sort();
+    let expected: String = mozilla
+        .iter()
+        .map(|p| std::fs::read_to_string(p).unwrap())
+        .collect();
+    assert!(
+        bundle == expected,
+        "the bundle is the Mozilla set of ca-certificates"
+    );
+
+    // Compressed layers, as a registry keeps them: the digest scripts/image
+    // prints is the one a registry serves.
+    for layer in manifest()["layers"].as_array().unwrap() {
+        assert_eq!(
+            layer["mediaType"], "application/vnd.oci.image.layer.v1.tar+gzip",
+            "{layer}"
+        );
+    }
 
     assert_eq!(
         image.label("org.opencontainers.image.version").as_deref(),
@@ -164,6 +211,13 @@ fn the_image_holds_two_files_runs_as_non_root_and_keeps_its_budget() {
         image.label("org.opencontainers.image.licenses").as_deref(),
         Some("Apache-2.0")
     );
+    if let Some(source) = image.label("org.opencontainers.image.source") {
+        assert!(
+            source.starts_with("https://") && !source.contains('@'),
+            "no credentials in the source label: {source}"
+        );
+    }
+    assert!(image.label("org.opencontainers.image.created").is_some());
     let revision = image.label("org.opencontainers.image.revision").unwrap();
     assert!(
         revision.len() >= 40 && revision[..40].bytes().all(|b| b.is_ascii_hexdigit()),
@@ -239,7 +293,7 @@ async fn the_bridge_in_the_image_carries_alerts_over_tls_with_the_images_ca_bund
     let bridge = |input: &[u8]| {
         let mut child = image
             .command(&["bridge", "--input", "stdin", "--listen", "off", "-s", &url])
-            .args(["--drain-timeout", "3s"])
+            .args(["--drain-timeout", "6s"])
             .env("RUST_LOG", "info")
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())

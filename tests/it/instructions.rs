@@ -1,16 +1,17 @@
 //! Instructions per alert, for each input into core NATS (and stdin into
 //! JetStream with one acknowledgement per alert), counted by
-//! valgrind's callgrind on the release binary: a figure that repeats on a
+//! valgrind's callgrind on the image's binary: a figure that repeats on a
 //! noisy machine where times do not. Each path runs twice, with
 //! `SMALL` and `LARGE` alerts; the difference of the two totals over the
 //! difference of the alerts is the cost of one alert, start-up and shut-down
 //! cancelled out. The budgets are in `benches/instruction-budget.txt`; the
 //! check fails when a path costs more than 10 % over its budget.
 //!
-//! It needs valgrind and the release binary: `FALCO_NATS_BIN`, which
-//! `scripts/test` sets to the image's (static, musl) after `scripts/image`
-//! built it, else `target/release/falco-nats` (`cargo test --test it
-//! instructions -- --ignored`); `cargo test` alone leaves it out. For profiling,
+//! It needs valgrind and the image's binary (static, musl, the `dist`
+//! profile: the budgets are for what users run), which `scripts/image`
+//! builds and `scripts/test` runs first (`cargo test --test it
+//! instructions -- --ignored`; `FALCO_NATS_BIN` measures another binary);
+//! `cargo test` alone leaves it out. For profiling,
 //! `INSTRUCTIONS_ONLY=<input>` runs one path and `INSTRUCTIONS_KEEP=<dir>`
 //! keeps callgrind's files there for `callgrind_annotate`.
 
@@ -33,15 +34,20 @@ fn root() -> &'static Path {
     Path::new(env!("CARGO_MANIFEST_DIR"))
 }
 
-/// `FALCO_NATS_BIN` (scripts/test: the image's static musl binary, what
-/// users run), else `target/release/falco-nats`.
+/// The binary the image ships (static, musl, the `dist` profile), which the
+/// budgets are for: `FALCO_NATS_BIN`, else where `scripts/image` builds it.
 fn release_bin() -> PathBuf {
     let bin = std::env::var_os("FALCO_NATS_BIN")
         .map(PathBuf::from)
-        .unwrap_or_else(|| root().join("target/release/falco-nats"));
+        .unwrap_or_else(|| {
+            let target = std::env::var_os("CARGO_TARGET_DIR")
+                .map(PathBuf::from)
+                .unwrap_or_else(|| root().join("target"));
+            target.join("x86_64-unknown-linux-musl/dist/falco-nats")
+        });
     assert!(
         bin.is_file(),
-        "{} is missing: scripts/test builds it (scripts/image), or cargo build --release --bin falco-nats",
+        "{} is missing: scripts/image builds it (scripts/test runs it first)",
         bin.display()
     );
     bin
@@ -228,7 +234,7 @@ async fn run(input: &str, n: u64) -> u64 {
 }
 
 #[tokio::test]
-#[ignore = "needs valgrind and the release binary: scripts/test runs it"]
+#[ignore = "needs valgrind and the image's binary: scripts/test runs it"]
 async fn instructions_per_alert_stay_within_their_budgets() {
     let budgets = budgets();
     let only = std::env::var("INSTRUCTIONS_ONLY").ok();

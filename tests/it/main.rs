@@ -19,6 +19,7 @@ mod deploy;
 mod deploy_helm;
 mod deploy_nats;
 mod deploy_real;
+mod docs;
 mod falco_releases;
 mod faults;
 mod fuzz_smoke;

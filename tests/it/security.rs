@@ -3,7 +3,7 @@
 //! from deploy/components/leaf, as they are, in a current nats-server.
 //!
 //! `every_nats_identity_can_do_what_the_readme_says_and_nothing_more`
-//! reads the README's table of what each NATS identity can do and tries
+//! reads docs/security.md's table of what each NATS identity can do and tries
 //! every cell for real, judging by the effect on the hub (an alert a
 //! reader receives, a key that changed, a stream gone, an alert
 //! acknowledged), not by an error message.
@@ -26,7 +26,7 @@ use falco_nats::respond::control::{self, ControlOptions};
 const SETTLE: Duration = Duration::from_millis(400);
 const WAIT: Duration = Duration::from_secs(15);
 
-/// The README's columns, in its order.
+/// The table's columns, in its order.
 const ACTIONS: [&str; 7] = [
     "publish an alert",
     "publish a result",
@@ -37,15 +37,20 @@ const ACTIONS: [&str; 7] = [
     "publish into another user's inbox",
 ];
 
-/// The README's table: identity -> (action -> allowed).
+/// docs/security.md's table: identity -> (action -> allowed).
 fn readme_table() -> BTreeMap<String, BTreeMap<String, bool>> {
     let readme =
-        std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("README.md")).unwrap();
+        std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("docs/security.md"))
+            .unwrap();
     let mut lines = readme
         .lines()
         .map(str::trim)
         .skip_while(|l| !l.starts_with("| NATS identity |"));
-    let header: Vec<String> = cells(lines.next().expect("the README's NATS identity table"));
+    let header: Vec<String> = cells(
+        lines
+            .next()
+            .expect("docs/security.md's NATS identity table"),
+    );
     assert_eq!(header[1..], ACTIONS, "the table's columns");
     lines.next(); // | --- |
     let mut table = BTreeMap::new();
@@ -462,7 +467,7 @@ async fn every_nats_identity_can_do_what_the_readme_says_and_nothing_more() {
     }
     assert_eq!(
         actual, expected,
-        "what each identity can do, tried on the shipped configuration (left), against the README's table (right)"
+        "what each identity can do, tried on the shipped configuration (left), against docs/security.md's table (right)"
     );
     drop(hub_server);
 }

@@ -12,9 +12,9 @@ use falco_nats::simulate::kube_api::KubeApi;
 use falco_nats::ui::{self, UiOptions};
 use fantoccini::{Client, ClientBuilder, Locator};
 use serde_json::{json, Value};
-use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
+use crate::support::ui::Ui;
 use crate::support::*;
 
 const WAIT: Duration = Duration::from_secs(20);
@@ -116,58 +116,6 @@ impl Browser {
     }
 }
 
-/// A running `falco-nats ui`.
-struct Ui {
-    addr: std::net::SocketAddr,
-    stop: CancellationToken,
-    task: JoinHandle<Result<(), ui::UiError>>,
-}
-
-impl Ui {
-    async fn start(url: &str, token: Option<&str>) -> Self {
-        Self::start_with(UiOptions {
-            nats: falco_nats::nats::NatsOptions::for_server(url),
-            subject: "falco.>".into(),
-            result_prefix: "falco.response".into(),
-            stream: Some("FALCO".into()),
-            history: 2000,
-            history_age: Duration::from_secs(3600),
-            token: token.map(str::to_owned),
-            client_buffer: 4096,
-        })
-        .await
-    }
-
-    async fn start_with(options: UiOptions) -> Self {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let stop = CancellationToken::new();
-        let task = tokio::spawn(ui::run(options, Some(listener), stop.clone()));
-        wait_for("the ui ready", WAIT, || async {
-            http_get(addr, "/readyz").await.0 == 200
-        })
-        .await;
-        Ui { addr, stop, task }
-    }
-
-    fn url(&self) -> String {
-        format!("http://{}/", self.addr)
-    }
-
-    async fn metric(&self, series: &str) -> f64 {
-        metric_value(&http_get(self.addr, "/metrics").await.1, series)
-    }
-
-    async fn stop(self) {
-        self.stop.cancel();
-        tokio::time::timeout(WAIT, self.task)
-            .await
-            .unwrap()
-            .unwrap()
-            .unwrap();
-    }
-}
-
 fn alert(priority: &str, rule: &str, ns: &str, pod: &str, output: &str, n: u64) -> Vec<u8> {
     json!({
         "hostname": "node-ui",
@@ -236,7 +184,7 @@ impl Scene {
 
 /// Alerts the bridge publishes appear within a second, newest first, in
 /// their priority's colour, with the responder's decision beside the alert
-/// it acted on; the screenshot in the README is taken here.
+/// it acted on; the screenshot in docs/ui.md is taken here.
 #[tokio::test]
 async fn alerts_and_decisions_appear_live_in_order_and_colour() {
     let scene = Scene::start().await;
@@ -510,7 +458,7 @@ async fn history_comes_back_from_the_stream() {
     scene
         .kube
         .add_pod("shop", "web-1", "uid-web-1", Some("ReplicaSet"));
-    // The decisions' own stream, as the README's ui section suggests.
+    // The decisions' own stream, as docs/ui.md suggests.
     let js = async_nats::jetstream::new(scene.nats.client().await);
     js.create_stream(async_nats::jetstream::stream::Config {
         name: "FALCO_RESPONSES".into(),

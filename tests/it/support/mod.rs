@@ -7,6 +7,7 @@ pub use falco_nats::simulate::kube_api as fake_kube;
 pub mod real_kube;
 pub mod shipped;
 pub mod tls;
+pub mod ui;
 
 use std::net::TcpListener as StdListener;
 use std::path::{Path, PathBuf};

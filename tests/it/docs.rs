@@ -1,0 +1,276 @@
+//! The documentation says what the binary does: every link in the README
+//! and `docs/` leads somewhere, the flag tables of `docs/flags.md` are each
+//! subcommand's `--help` (every flag, with its environment variable), and
+//! the result subjects the docs name are the ones the responder publishes
+//! on. (The metrics the docs name: `dashboard.rs`.)
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+fn root() -> &'static Path {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// README.md and every Markdown file under docs/.
+pub fn markdown_files() -> Vec<PathBuf> {
+    let mut files = vec![root().join("README.md")];
+    let mut docs: Vec<PathBuf> = std::fs::read_dir(root().join("docs"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e == "md"))
+        .collect();
+    docs.sort();
+    files.extend(docs);
+    files
+}
+
+/// The lines of a Markdown text outside code fences.
+fn prose(text: &str) -> Vec<&str> {
+    let mut fenced = false;
+    text.lines()
+        .filter(|l| {
+            if l.trim_start().starts_with("```") {
+                fenced = !fenced;
+                return false;
+            }
+            !fenced
+        })
+        .collect()
+}
+
+/// A heading's anchor as GitHub makes it: lower case, punctuation dropped
+/// (but `-` and `_`), spaces as `-`.
+fn anchor(heading: &str) -> String {
+    heading
+        .trim()
+        .to_lowercase()
+        .chars()
+        .filter(|c| c.is_alphanumeric() || matches!(c, '-' | '_' | ' '))
+        .map(|c| if c == ' ' { '-' } else { c })
+        .collect()
+}
+
+fn anchors(text: &str) -> BTreeSet<String> {
+    prose(text)
+        .iter()
+        .filter_map(|l| l.strip_prefix('#'))
+        .map(|l| anchor(l.trim_start_matches('#')))
+        .collect()
+}
+
+/// Link targets of a line, inline code taken out first.
+fn links(line: &str) -> Vec<String> {
+    let mut text = String::new();
+    for (i, piece) in line.split('`').enumerate() {
+        if i % 2 == 0 {
+            text.push_str(piece);
+        }
+    }
+    let mut out = Vec::new();
+    let mut rest = text.as_str();
+    while let Some(i) = rest.find("](") {
+        let after = &rest[i + 2..];
+        let Some(end) = after.find(')') else { break };
+        out.push(after[..end].to_owned());
+        rest = &after[end..];
+    }
+    out
+}
+
+#[test]
+fn every_link_in_the_readme_and_the_docs_leads_somewhere() {
+    let mut broken = Vec::new();
+    let mut checked = 0;
+    for file in markdown_files() {
+        let text = std::fs::read_to_string(&file).unwrap();
+        let dir = file.parent().unwrap();
+        for line in prose(&text) {
+            for target in links(line) {
+                if target.starts_with("http://") || target.starts_with("https://") {
+                    continue;
+                }
+                checked += 1;
+                let (path, fragment) = target.split_once('#').unwrap_or((&target, ""));
+                let linked = if path.is_empty() {
+                    file.clone()
+                } else {
+                    dir.join(path)
+                };
+                if !linked.exists() {
+                    broken.push(format!("{}: {target} (no such file)", file.display()));
+                    continue;
+                }
+                if !fragment.is_empty() {
+                    let theirs = std::fs::read_to_string(&linked).unwrap_or_default();
+                    if !anchors(&theirs).contains(fragment) {
+                        broken.push(format!("{}: {target} (no such heading)", file.display()));
+                    }
+                }
+            }
+        }
+    }
+    assert!(checked > 30, "only {checked} links found");
+    assert!(broken.is_empty(), "broken links:\n{}", broken.join("\n"));
+}
+
+/// Each flag of `falco-nats <subcommand> --help` and the environment
+/// variable it reads (`None`: none).
+fn help_flags(subcommand: &str) -> BTreeMap<String, Option<String>> {
+    let out = Command::new(env!("CARGO_BIN_EXE_falco-nats"))
+        .args([subcommand, "--help"])
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let text = String::from_utf8(out.stdout).unwrap();
+    let mut flags = BTreeMap::new();
+    let mut current: Option<String> = None;
+    for line in text.lines() {
+        let trimmed = line.trim_start();
+        let indent = line.len() - trimmed.len();
+        if (2..=6).contains(&indent) && trimmed.starts_with('-') {
+            let long = trimmed
+                .split(|c: char| c == ',' || c.is_whitespace())
+                .find(|t| t.starts_with("--"))
+                .map(str::to_owned);
+            current = long.filter(|f| f != "--help" && f != "--version");
+            if let Some(flag) = &current {
+                flags.insert(flag.clone(), None);
+            }
+        } else if let (Some(flag), Some(env)) = (&current, trimmed.strip_prefix("[env: ")) {
+            let name = env.split(['=', ']']).next().unwrap().to_owned();
+            flags.insert(flag.clone(), Some(name));
+        }
+    }
+    flags
+}
+
+/// Code spans of a table cell.
+fn spans(cell: &str) -> Vec<&str> {
+    cell.split('`').skip(1).step_by(2).collect()
+}
+
+/// docs/flags.md's tables: for each `## ` section, flag -> environment
+/// variable.
+fn documented_flags() -> BTreeMap<String, BTreeMap<String, String>> {
+    let text = std::fs::read_to_string(root().join("docs/flags.md")).unwrap();
+    let mut sections: BTreeMap<String, BTreeMap<String, String>> = BTreeMap::new();
+    let mut section = String::new();
+    for line in prose(&text) {
+        if let Some(heading) = line.strip_prefix("## ") {
+            section = heading.to_owned();
+            continue;
+        }
+        let cells: Vec<&str> = line.split('|').map(str::trim).collect();
+        if cells.len() < 4 || !cells[1].starts_with('`') {
+            continue;
+        }
+        let flags: Vec<&str> = spans(cells[1])
+            .into_iter()
+            .flat_map(|s| s.split(", "))
+            .filter(|f| f.starts_with("--"))
+            .collect();
+        let envs = spans(cells[2]);
+        assert_eq!(
+            flags.len(),
+            envs.len(),
+            "docs/flags.md, {section}: {line}: a variable for each flag"
+        );
+        for (flag, env) in flags.into_iter().zip(envs) {
+            let flag = flag.split_whitespace().next().unwrap();
+            sections
+                .entry(section.clone())
+                .or_default()
+                .insert(flag.to_owned(), env.to_owned());
+        }
+    }
+    sections
+}
+
+#[test]
+fn the_flag_tables_are_what_each_subcommand_takes() {
+    let documented = documented_flags();
+    let (nats_heading, nats) = documented
+        .iter()
+        .find(|(h, _)| h.starts_with("NATS connection"))
+        .expect("a NATS connection section");
+    let with_nats: BTreeSet<&str> = spans(nats_heading).into_iter().collect();
+    let bridge = documented
+        .get("`falco-nats bridge`")
+        .expect("a bridge section");
+    // Every subcommand takes the global flags; the bridge's table has them.
+    let global: BTreeMap<String, String> = ["--log-format", "--threads"]
+        .iter()
+        .map(|f| (f.to_string(), bridge[*f].clone()))
+        .collect();
+    let mut problems = Vec::new();
+    for subcommand in [
+        "bridge", "respond", "tail", "ui", "simulate", "pause", "resume", "keygen",
+    ] {
+        let section = documented
+            .iter()
+            .find(|(h, _)| h.starts_with(&format!("`falco-nats {subcommand}`")))
+            .map(|(_, flags)| flags.clone())
+            .unwrap_or_else(|| panic!("docs/flags.md has no section for {subcommand}"));
+        let mut expected = section;
+        expected.extend(global.clone());
+        if with_nats.contains(subcommand) {
+            expected.extend(nats.clone());
+        }
+        let actual = help_flags(subcommand);
+        for (flag, env) in &actual {
+            match (env, expected.get(flag)) {
+                (None, _) => problems.push(format!("{subcommand} {flag}: reads no variable")),
+                (Some(_), None) => problems.push(format!("{subcommand} {flag}: not documented")),
+                (Some(env), Some(doc)) if env != doc => problems.push(format!(
+                    "{subcommand} {flag}: reads {env}, documented as {doc}"
+                )),
+                _ => {}
+            }
+        }
+        for flag in expected.keys() {
+            if !actual.contains_key(flag) {
+                problems.push(format!("{subcommand} {flag}: documented, not taken"));
+            }
+        }
+    }
+    assert!(problems.is_empty(), "{}", problems.join("\n"));
+}
+
+/// The result subjects the docs name (`falco.response.<x>`) are where the
+/// responder publishes: `<x>` is an action's name as a subject token, or
+/// `none`.
+#[test]
+fn the_result_subjects_the_docs_name_are_the_responders() {
+    let policy = falco_nats::respond::policy::Policy::parse(
+        "all actions",
+        "rules:\n  - name: all\n    actions:\n      - action: delete-pod\n      - action: label-pod\n      - action: isolate-pod\n      - action: log\n",
+    )
+    .unwrap();
+    let mut published: BTreeSet<String> = policy.rules[0]
+        .actions
+        .iter()
+        .map(|a| falco_nats::nats::subject::slug(a.name()))
+        .collect();
+    published.insert("none".to_owned());
+    let mut named = BTreeSet::new();
+    for file in markdown_files() {
+        let text = std::fs::read_to_string(&file).unwrap();
+        for piece in text.split("falco.response.").skip(1) {
+            let token: String = piece
+                .chars()
+                .take_while(|c| c.is_ascii_alphanumeric() || *c == '_' || *c == '-')
+                .collect();
+            if !token.is_empty() {
+                named.insert((file.display().to_string(), token));
+            }
+        }
+    }
+    assert!(named.iter().any(|(_, t)| t == "delete_pod"));
+    for (file, token) in named {
+        assert!(
+            published.contains(&token),
+            "{file} names falco.response.{token}; the responder publishes on {published:?}"
+        );
+    }
+}
