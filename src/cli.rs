@@ -740,6 +740,8 @@ pub enum SimulateKind {
     Grpc,
     /// Write JSON lines into a FIFO, like Falco's file_output
     Fifo,
+    /// Post each alert to --url, like Falco's http_output
+    Http,
 }
 
 #[derive(Debug, Clone, Args)]
@@ -758,6 +760,13 @@ pub struct SimulateArgs {
     /// FIFO to write to (created if missing)
     #[arg(short = 'f', long, env = "FALCO_NATS_FIFO", default_value = DEFAULT_FIFO)]
     pub fifo: PathBuf,
+    /// Where to post alerts with --output http (Falco's http_output.url)
+    #[arg(
+        long,
+        env = "FALCO_NATS_SIMULATE_URL",
+        default_value = "http://127.0.0.1:2810/"
+    )]
+    pub url: hyper::Uri,
     /// Alerts per second (0: as fast as possible)
     #[arg(long, env = "FALCO_NATS_SIMULATE_RATE", default_value_t = 10.0)]
     pub rate: f64,
@@ -814,6 +823,7 @@ impl SimulateArgs {
                 socket: socket_path(&self.grpc_socket)?,
             },
             SimulateKind::Fifo => SimulateOutput::Fifo { path: self.fifo },
+            SimulateKind::Http => SimulateOutput::Http { url: self.url },
         };
         Ok(SimulateOptions {
             output,

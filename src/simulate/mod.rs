@@ -1,12 +1,14 @@
 //! `falco-nats simulate`: a Falco stand-in for the demo, the benchmarks and
 //! the tests. It serves Falco's gRPC outputs API on a Unix socket
-//! ([`falco_grpc::MockFalco`]) or writes JSON lines into a FIFO, with
+//! ([`falco_grpc::MockFalco`]), writes JSON lines into a FIFO, or posts
+//! each alert as Falco's `http_output` does, with
 //! realistic alerts from [`alerts::AlertFactory`]; optionally it also serves
 //! a Kubernetes API stand-in ([`kube_api::KubeApi`]) holding the pods those
 //! alerts name, so the responder can run without a cluster.
 
 pub mod alerts;
 pub mod falco_grpc;
+mod http_post;
 pub mod kube_api;
 
 use std::path::PathBuf;
@@ -26,6 +28,8 @@ pub enum SimulateOutput {
     Grpc { socket: PathBuf },
     /// Write JSON lines into this FIFO (created if missing).
     Fifo { path: PathBuf },
+    /// Post each alert to this URL, as Falco's `http_output` does.
+    Http { url: hyper::Uri },
 }
 
 /// Simulation settings.
@@ -62,6 +66,8 @@ pub enum SimulateError {
     },
     #[error(transparent)]
     CreateFifo(#[from] crate::input::InputError),
+    #[error("cannot post to {url:?}: the simulator posts to http://HOST:PORT/PATH")]
+    Url { url: String },
 }
 
 /// Paces alerts: `count` of them (0: no end) at `rate` per second (0: as
@@ -159,6 +165,14 @@ pub async fn run(
             }
             let sent = factory.made();
             tracing::info!(sent, "simulated alerts written");
+            shutdown.cancelled().await;
+        }
+        SimulateOutput::Http { url } => {
+            tracing::info!(%url, rate = options.rate, count = options.count, "simulated Falco posting alerts (http_output)");
+            let pacer = Pacer::new(options.rate, options.count);
+            http_post::post_alerts(url, &mut factory, pacer, &shutdown).await?;
+            let sent = factory.made();
+            tracing::info!(sent, "simulated alerts posted");
             shutdown.cancelled().await;
         }
     }

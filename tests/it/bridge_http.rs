@@ -785,3 +785,37 @@ async fn the_charts_generated_certificates_carry_falcos_posts() {
     assert_quiet(&mut sub, Duration::from_millis(300)).await;
     bridge.stop().await.unwrap();
 }
+
+/// `simulate --output http` posts as Falco's http_output does; an alert
+/// posted before the bridge listens is posted again until it is taken.
+#[tokio::test]
+async fn the_simulator_posts_like_falco_and_waits_for_the_bridge() {
+    let nats = NatsServer::start();
+    let (_client, mut sub) = nats.subscribed("falco.>").await;
+    // The bridge's port, refused until the bridge listens on it.
+    let port = free_port();
+    let mut simulate = std::process::Command::new(env!("CARGO_BIN_EXE_falco-nats"))
+        .args([
+            "simulate", "--output", "http", "--rate", "0", "--count", "5",
+        ])
+        .arg("--url")
+        .arg(format!("http://127.0.0.1:{port}/"))
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let mut options = grpc_options(std::path::Path::new("/unused"), &nats.url());
+    options.input = InputOptions::Http(HttpOptions::default());
+    let listener = tokio::net::TcpListener::bind(("127.0.0.1", port))
+        .await
+        .unwrap();
+    let bridge = RunningBridge::start_on(options, listener);
+    let got = receive(&mut sub, 5, WAIT).await;
+    let nums: Vec<u64> = got.iter().map(|m| evt_num(&m.payload)).collect();
+    assert_eq!(nums, [1, 2, 3, 4, 5]);
+    assert_quiet(&mut sub, Duration::from_millis(200)).await;
+    let _ = simulate.kill();
+    let _ = simulate.wait();
+    bridge.stop().await.unwrap();
+}

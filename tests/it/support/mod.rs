@@ -300,6 +300,11 @@ pub struct RunningBridge {
 impl RunningBridge {
     pub async fn start(options: BridgeOptions) -> Self {
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        Self::start_on(options, listener)
+    }
+
+    /// Starts the bridge serving `--listen` on `listener`.
+    pub fn start_on(options: BridgeOptions, listener: TcpListener) -> Self {
         let http = listener.local_addr().expect("addr");
         let shutdown = CancellationToken::new();
         let task = tokio::spawn(bridge::run(options, Some(listener), shutdown.clone()));
