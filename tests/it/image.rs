@@ -348,13 +348,5 @@ async fn the_bridge_in_the_image_carries_alerts_over_tls_with_the_images_ca_bund
             .len(),
         10
     );
-    let out = tokio::task::spawn_blocking(move || child.wait_with_output())
-        .await
-        .unwrap()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "the bridge ends at the end of its input: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    wait_success(child, "the bridge ends at the end of its input").await;
 }

@@ -111,16 +111,7 @@ async fn terminate(child: std::process::Child) {
     use nix::unistd::Pid;
     let pid = i32::try_from(child.id()).unwrap();
     kill(Pid::from_raw(pid), Signal::SIGTERM).unwrap();
-    let out = tokio::task::spawn_blocking(move || child.wait_with_output())
-        .await
-        .unwrap()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{:?}: {}",
-        out.status,
-        String::from_utf8_lossy(&out.stderr)
-    );
+    wait_success(child, "the bridge under callgrind").await;
 }
 
 /// Instructions of one run of `input` with `n` alerts.

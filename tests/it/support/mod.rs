@@ -490,6 +490,22 @@ pub fn stdin_bridge(url: &str, extra: &[&str]) -> Child {
         .expect("start the bridge")
 }
 
+/// Waits for a child process off the runtime (which may have to go on
+/// serving it meanwhile) and asserts it succeeded, showing its stderr.
+pub async fn wait_success(child: Child, what: &str) -> std::process::Output {
+    let out = tokio::task::spawn_blocking(move || child.wait_with_output())
+        .await
+        .expect("the waiting task")
+        .expect("wait for the process");
+    assert!(
+        out.status.success(),
+        "{what}: {:?}: {}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
 /// Receives `n` messages, failing after `timeout` without one.
 pub async fn receive(
     sub: &mut Subscriber,
