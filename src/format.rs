@@ -21,14 +21,13 @@ use std::collections::BTreeMap;
 use std::fmt::Write;
 
 use bytes::Bytes;
-use clap::ValueEnum;
 use serde::Deserialize;
 use serde_json::value::RawValue;
 
 use crate::event::{AlertError, FalcoEvent};
 
 /// What the bridge publishes for each alert.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, ValueEnum)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum Format {
     /// Falco's JSON line, unchanged.
     #[default]

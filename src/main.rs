@@ -20,7 +20,7 @@ static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    logging::init(cli.log_format);
+    logging::init(cli.log_format.into());
     let mut builder = if cli.threads == 1 {
         tokio::runtime::Builder::new_current_thread()
     } else {
@@ -63,7 +63,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Respond(args) => {
             if let Some(path) = &args.check {
-                return check_policy(path);
+                let policy = falco_nats::respond::policy::Policy::load(path)?;
+                println!("{}", policy.summary(&path.display().to_string()));
+                return Ok(());
             }
             let listener = bind(args.listen_address()).await?;
             let options = (*args).into_options()?;
@@ -89,8 +91,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             let options = (*args).into_options()?;
             falco_nats::ui::run(options, listener, shutdown).await?;
         }
-        Command::Pause(args) => return kill_switch(&args, true).await,
-        Command::Resume(args) => return kill_switch(&args, false).await,
+        Command::Pause(args) => return kill_switch(args, true).await,
+        Command::Resume(args) => return kill_switch(args, false).await,
         Command::Simulate(args) => {
             falco_nats::simulate::run(args.into_options()?, shutdown).await?;
         }
@@ -107,55 +109,24 @@ async fn bind(address: Option<&str>) -> anyhow::Result<Option<TcpListener>> {
     Ok(Some(listener))
 }
 
-/// `respond --check`: validates a policy file and says what it holds.
-/// `pause` (`--status`) and `resume`: writes or reads the kill switch,
-/// giving up after 10 s without NATS.
-async fn kill_switch(args: &falco_nats::cli::PauseArgs, pause: bool) -> anyhow::Result<()> {
-    use falco_nats::respond::control::{self, PauseState};
-    let work = async {
-        let mut registry = prometheus_client::registry::Registry::default();
-        let readiness = falco_nats::telemetry::health::Readiness::default();
-        let watch = falco_nats::nats::ConnectionWatch::register(&readiness, &mut registry);
-        let client = falco_nats::nats::connect(&args.nats, watch).await?.client;
-        let options = args.kv.options()?;
-        if args.status {
-            return Ok(Some(control::pause_status(&client, &options).await?));
-        }
-        let record = control::set_pause(&client, &options, pause, &args.reason).await?;
-        client.flush().await.context("cannot flush to NATS")?;
-        println!("{record}");
-        anyhow::Ok(None)
+/// `pause` (`--status`) and `resume`; the status exits 3 while paused,
+/// like `systemctl is-active`, so scripts can test it.
+async fn kill_switch(args: falco_nats::cli::PauseArgs, pause: bool) -> anyhow::Result<()> {
+    use falco_nats::respond::kill_switch::{self, KillSwitchCommand};
+    let command = match (args.status, pause) {
+        (true, _) => KillSwitchCommand::Status,
+        (false, true) => KillSwitchCommand::Pause {
+            reason: args.reason,
+        },
+        (false, false) => KillSwitchCommand::Resume {
+            reason: args.reason,
+        },
     };
-    let state = tokio::time::timeout(std::time::Duration::from_secs(10), work)
-        .await
-        .context("NATS did not answer within 10s")??;
-    match state {
-        None => Ok(()),
-        Some(PauseState::Running(None)) => {
-            println!("running (never paused)");
-            Ok(())
-        }
-        Some(PauseState::Running(Some(r))) => {
-            println!("{r}");
-            Ok(())
-        }
-        Some(PauseState::Paused(r)) => {
-            println!("{r}");
-            // Like `systemctl is-active`: scripts can test it.
-            std::process::exit(3)
-        }
-        Some(PauseState::Unknown(why)) => anyhow::bail!("the kill switch cannot be read: {why}"),
-        Some(PauseState::Off) => anyhow::bail!("no kill switch here"),
-    }
-}
-
-fn check_policy(path: &std::path::Path) -> anyhow::Result<()> {
-    let policy = falco_nats::respond::policy::Policy::load(path)?;
-    println!("{}: OK, {} rules", path.display(), policy.rules.len());
-    for rule in &policy.rules {
-        let actions: Vec<&str> = rule.actions.iter().map(|a| a.name()).collect();
-        let dry = if rule.dry_run { " (dry run)" } else { "" };
-        println!("  {}: {}{dry}", rule.name, actions.join(", "));
+    let options = args.kv.options()?;
+    let answer = kill_switch::run(&args.nats.into(), &options, command.clone()).await?;
+    println!("{}", answer.line);
+    if command == KillSwitchCommand::Status && answer.paused {
+        std::process::exit(3);
     }
     Ok(())
 }

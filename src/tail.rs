@@ -12,7 +12,6 @@ use std::borrow::Cow;
 use std::io::{IsTerminal, Write};
 use std::sync::Arc;
 
-use clap::ValueEnum;
 use futures_util::StreamExt;
 use prometheus_client::registry::Registry;
 use tokio::net::TcpListener;
@@ -27,7 +26,7 @@ use crate::server::Listen;
 use crate::telemetry::health::{self, Readiness, ReadyFlag};
 
 /// When to colour the output.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum ColorChoice {
     /// When the output is a terminal.
     #[default]

@@ -19,7 +19,6 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::{Buf, Bytes};
-use clap::ValueEnum;
 use hyper_util::rt::TokioIo;
 use tokio::net::UnixStream;
 use tokio::sync::mpsc;
@@ -64,7 +63,7 @@ const ACTIVE_FOR: Duration = Duration::from_secs(1);
 const MAX_MESSAGE: usize = 64 * 1024 * 1024;
 
 /// Which RPC reads the alerts.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum GrpcMethod {
     /// The polled bidirectional stream (Falco's recommended way).
     #[default]

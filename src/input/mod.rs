@@ -38,19 +38,10 @@ pub enum InputError {
         path: std::path::PathBuf,
         source: nix::Error,
     },
-    #[error("{0} is empty: give a token, or leave the flag out to accept alerts without one")]
-    EmptyToken(&'static str),
     #[error("cannot read {what}: {source}")]
     Io {
         what: String,
         source: std::io::Error,
-    },
-    #[error("--sign-key: {0}")]
-    SignKey(#[from] crate::signing::KeyError),
-    #[error("--kv-key-file {path:?} holds {len} bytes; at least 16 are needed (every responder the same; `openssl rand -hex 32` makes one)")]
-    ShortKvKey {
-        path: std::path::PathBuf,
-        len: usize,
     },
 }
 

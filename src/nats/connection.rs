@@ -1,4 +1,5 @@
-//! Connecting to NATS with the `nats` CLI's flags and environment variables.
+//! Connecting to NATS: the `nats` CLI's options (`cli::NatsArgs` reads them from flags
+//! and environment variables), the connection's metrics and events.
 
 use std::collections::HashSet;
 use std::path::PathBuf;
@@ -6,7 +7,6 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
 use async_nats::{Client, ConnectOptions, Event, ServerAddr, ServerError};
-use clap::Args;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
@@ -14,59 +14,36 @@ use prometheus_client::registry::Registry;
 use crate::nats::ledger::DeliveryLedger;
 use crate::telemetry::health::{Readiness, ReadyFlag};
 
-/// Where and how to connect, named as the `nats` CLI names them.
-#[derive(Debug, Clone, Args)]
+/// Where and how to connect (the flags: `cli::NatsArgs`).
+#[derive(Debug, Clone)]
 pub struct NatsOptions {
     /// NATS server URLs, comma separated (credentials in a URL are taken out
     /// of it and never printed)
-    #[arg(
-        short = 's',
-        long = "server",
-        env = "NATS_URL",
-        default_value = "nats://127.0.0.1:4222",
-        hide_env_values = true
-    )]
     pub server: String,
     /// User credentials file (JWT and NKey seed)
-    #[arg(long, env = "NATS_CREDS")]
     pub creds: Option<PathBuf>,
     /// User NKey seed file
-    #[arg(long, env = "NATS_NKEY")]
     pub nkey: Option<PathBuf>,
     /// Username
-    #[arg(long, env = "NATS_USER")]
     pub user: Option<String>,
     /// Password
-    #[arg(long, env = "NATS_PASSWORD", hide_env_values = true)]
     pub password: Option<String>,
     /// File holding the password (a mounted Secret)
-    #[arg(long, env = "NATS_PASSWORD_FILE", conflicts_with = "password")]
     pub password_file: Option<PathBuf>,
     /// Authentication token
-    #[arg(long, env = "NATS_TOKEN", hide_env_values = true)]
     pub token: Option<String>,
     /// File holding the authentication token (a mounted Secret)
-    #[arg(long, env = "NATS_TOKEN_FILE", conflicts_with = "token")]
     pub token_file: Option<PathBuf>,
     /// TLS client certificate file
-    #[arg(long, env = "NATS_CERT")]
     pub tlscert: Option<PathBuf>,
     /// TLS client private key file
-    #[arg(long, env = "NATS_KEY")]
     pub tlskey: Option<PathBuf>,
     /// TLS certificate authority chain file
-    #[arg(long, env = "NATS_CA")]
     pub tlsca: Option<PathBuf>,
     /// Prefix of this connection's reply subjects, so a user's permissions
     /// can allow its own inbox only (e.g. _INBOX_bridge)
-    #[arg(long, env = "NATS_INBOX_PREFIX", default_value = "_INBOX")]
     pub inbox_prefix: String,
     /// Name of the connection, as the server's monitoring shows it
-    #[arg(
-        long = "connection-name",
-        env = "NATS_CONNECTION_NAME",
-        default_value = "falco-nats"
-    )]
     pub connection_name: String,
 }
 

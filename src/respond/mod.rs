@@ -12,6 +12,7 @@
 pub mod audit;
 pub mod cluster;
 pub mod control;
+pub mod kill_switch;
 pub mod policy;
 pub mod rails;
 pub mod workload;

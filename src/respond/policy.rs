@@ -420,6 +420,18 @@ impl Policy {
         Self::parse(&file, &text)
     }
 
+    /// What `respond --check` says of a valid policy: its rules, each with
+    /// its actions.
+    pub fn summary(&self, file: &str) -> String {
+        let mut out = format!("{file}: OK, {} rules", self.rules.len());
+        for rule in &self.rules {
+            let actions: Vec<&str> = rule.actions.iter().map(|a| a.name()).collect();
+            let dry = if rule.dry_run { " (dry run)" } else { "" };
+            out.push_str(&format!("\n  {}: {}{dry}", rule.name, actions.join(", ")));
+        }
+        out
+    }
+
     /// Parses and validates policy YAML; `file` names it in errors.
     pub fn parse(file: &str, text: &str) -> Result<Self, PolicyError> {
         let policy: Policy = serde_norway::from_str(text).map_err(|e| {

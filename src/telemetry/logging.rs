@@ -2,11 +2,10 @@
 
 use std::io::IsTerminal;
 
-use clap::ValueEnum;
 use tracing_subscriber::EnvFilter;
 
 /// How log lines are written to stderr.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum LogFormat {
     /// Human-readable lines.
     #[default]
