@@ -68,7 +68,7 @@ struct Waiting {
 }
 
 /// What became of one alert.
-pub enum Answer {
+pub enum AckAnswer {
     Stored {
         event: FalcoEvent,
         duplicate: bool,
@@ -139,7 +139,7 @@ impl Acks {
     /// The next answer, or the oldest alert whose answer is overdue;
     /// `None` once nothing waits. Cancel-safe: dropped before it returns,
     /// it has only moved past numbers already answered.
-    pub async fn next(&mut self) -> Option<Answer> {
+    pub async fn next(&mut self) -> Option<AckAnswer> {
         loop {
             while self.oldest < self.next && !self.waiting.contains_key(&self.oldest) {
                 self.oldest += 1;
@@ -153,7 +153,7 @@ impl Acks {
                         // every alert waiting fails, oldest first.
                         let event = self.waiting.remove(&self.oldest)?.event;
                         let error = PublishError::new(PublishErrorKind::BrokenPipe);
-                        return Some(Answer::Failed { event, error });
+                        return Some(AckAnswer::Failed { event, error });
                     };
                     let Some(n) = message
                         .subject
@@ -168,14 +168,14 @@ impl Acks {
                         continue;
                     };
                     return Some(match read(message.status, &message.payload) {
-                        Ok(duplicate) => Answer::Stored { event, duplicate },
-                        Err(error) => Answer::Failed { event, error },
+                        Ok(duplicate) => AckAnswer::Stored { event, duplicate },
+                        Err(error) => AckAnswer::Failed { event, error },
                     });
                 }
                 () = tokio::time::sleep_until(due) => {
                     let event = self.waiting.remove(&self.oldest)?.event;
                     let error = PublishError::new(PublishErrorKind::TimedOut);
-                    return Some(Answer::Failed { event, error });
+                    return Some(AckAnswer::Failed { event, error });
                 }
             }
         }

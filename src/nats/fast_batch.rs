@@ -39,7 +39,7 @@ use tokio::sync::mpsc::{self, error::TryRecvError};
 use tokio::time::Instant;
 
 use crate::event::FalcoEvent;
-use crate::nats::publisher::alert_headers;
+use crate::nats::headers::alert_headers;
 use crate::nats::subject::SubjectTemplate;
 use crate::signing::Signer;
 
@@ -188,94 +188,85 @@ impl FastBatches {
         let mut open: Option<Open> = None;
         let mut closed = false;
         loop {
-            // The state decides what to wait for.
+            // The state decides what to wait for; an alert that arrives is
+            // taken and sent below, in one place.
             let room = open
                 .as_ref()
                 .is_none_or(|o| !o.ending && o.unconfirmed.len() < window);
-            if room && !closed {
-                match alerts.try_recv() {
-                    Ok(event) => {
-                        *taken += 1;
-                        if let Err(e) = self.send(subject, &mut open, event, window, outcome).await
-                        {
-                            return Err(fail(open, e));
-                        }
-                        continue;
-                    }
-                    Err(TryRecvError::Disconnected) => closed = true,
-                    Err(TryRecvError::Empty) => {}
-                }
-            }
-            let Some(batch) = open.as_mut() else {
-                if closed {
-                    return Ok(());
-                }
-                // Nothing open, nothing queued: wait for the next alert.
-                match alerts.recv().await {
-                    Some(event) => {
-                        *taken += 1;
-                        if let Err(e) = self.send(subject, &mut open, event, window, outcome).await
-                        {
-                            return Err(fail(open, e));
-                        }
-                    }
-                    None => closed = true,
-                }
-                continue;
-            };
-            if batch.sent == 0 && batch.held.is_none() {
-                // Only denied alerts so far: nothing to end.
-                open = None;
-                continue;
-            }
-            if room && closed {
-                if let Err(e) = self.end(batch).await {
-                    return Err(fail(open, e));
-                }
-                continue;
-            }
-            // Wait for an answer; with room, for the next alert as well, and
-            // end the batch when none comes for a moment.
-            let deadline = Instant::now() + self.timeout;
-            tokio::select! {
-                biased;
-                reply = tokio::time::timeout_at(deadline, self.replies.next()) => {
-                    let message = match reply {
-                        Ok(Some(m)) => m,
-                        Ok(None) => return Err(fail(open, BatchError::Closed)),
-                        Err(_) => return Err(fail(open, BatchError::TimedOut(self.timeout))),
-                    };
-                    // Late answers to an earlier batch are not this one's.
-                    if !message.subject.as_str().starts_with(&batch.id) {
-                        continue;
-                    }
-                    match classify(&message.payload) {
-                        Answer::Progress { upto } => batch.confirm(upto, outcome),
-                        Answer::Done { count } => {
-                            batch.confirm(count, outcome);
-                            let sent = batch.sent;
-                            let Some(batch) = open.take() else { continue };
-                            if !batch.unconfirmed.is_empty() {
-                                return Err(batch.fail(BatchError::Partial { stored: count, sent }));
-                            }
-                            outcome.ended();
-                        }
-                        Answer::Failed(why) => return Err(fail(open, BatchError::Refused(why))),
+            let arrived = 'wait: {
+                if room && !closed {
+                    match alerts.try_recv() {
+                        Ok(event) => break 'wait Some(event),
+                        Err(TryRecvError::Disconnected) => closed = true,
+                        Err(TryRecvError::Empty) => {}
                     }
                 }
-                next = alerts.recv(), if room && !closed => match next {
-                    Some(event) => {
-                        *taken += 1;
-                        if let Err(e) = self.send(subject, &mut open, event, window, outcome).await {
-                            return Err(fail(open, e));
-                        }
+                let Some(batch) = open.as_mut() else {
+                    if closed {
+                        return Ok(());
                     }
-                    None => closed = true,
-                },
-                _ = tokio::time::sleep(LINGER), if room && !closed => {
+                    // Nothing open, nothing queued: wait for the next alert.
+                    let next = alerts.recv().await;
+                    closed = next.is_none();
+                    break 'wait next;
+                };
+                if batch.sent == 0 && batch.held.is_none() {
+                    // Only denied alerts so far: nothing to end.
+                    open = None;
+                    break 'wait None;
+                }
+                if room && closed {
                     if let Err(e) = self.end(batch).await {
                         return Err(fail(open, e));
                     }
+                    break 'wait None;
+                }
+                // Wait for an answer; with room, for the next alert as well,
+                // and end the batch when none comes for a moment.
+                let deadline = Instant::now() + self.timeout;
+                tokio::select! {
+                    biased;
+                    reply = tokio::time::timeout_at(deadline, self.replies.next()) => {
+                        let message = match reply {
+                            Ok(Some(m)) => m,
+                            Ok(None) => return Err(fail(open, BatchError::Closed)),
+                            Err(_) => return Err(fail(open, BatchError::TimedOut(self.timeout))),
+                        };
+                        // Late answers to an earlier batch are not this one's.
+                        if !message.subject.as_str().starts_with(&batch.id) {
+                            break 'wait None;
+                        }
+                        match classify(&message.payload) {
+                            BatchAnswer::Progress { upto } => batch.confirm(upto, outcome),
+                            BatchAnswer::Done { count } => {
+                                batch.confirm(count, outcome);
+                                let sent = batch.sent;
+                                let Some(batch) = open.take() else { break 'wait None };
+                                if !batch.unconfirmed.is_empty() {
+                                    return Err(batch.fail(BatchError::Partial { stored: count, sent }));
+                                }
+                                outcome.ended();
+                            }
+                            BatchAnswer::Failed(why) => return Err(fail(open, BatchError::Refused(why))),
+                        }
+                        None
+                    }
+                    next = alerts.recv(), if room && !closed => {
+                        closed = next.is_none();
+                        next
+                    }
+                    _ = tokio::time::sleep(LINGER), if room && !closed => {
+                        if let Err(e) = self.end(batch).await {
+                            return Err(fail(open, e));
+                        }
+                        None
+                    }
+                }
+            };
+            if let Some(event) = arrived {
+                *taken += 1;
+                if let Err(e) = self.send(subject, &mut open, event, window, outcome).await {
+                    return Err(fail(open, e));
                 }
             }
         }
@@ -388,7 +379,7 @@ struct ApiError {
 
 /// What one answer on a batch's reply subject means.
 #[derive(Debug, PartialEq, Eq)]
-enum Answer {
+enum BatchAnswer {
     /// Flow control: everything up to sequence `upto` is stored.
     Progress { upto: u64 },
     /// The batch's acknowledgement: `count` messages in it were taken.
@@ -397,23 +388,23 @@ enum Answer {
     Failed(String),
 }
 
-fn classify(payload: &Bytes) -> Answer {
+fn classify(payload: &Bytes) -> BatchAnswer {
     let reply: Reply = match serde_json::from_slice(payload) {
         Ok(r) => r,
-        Err(e) => return Answer::Failed(format!("unreadable answer: {e}")),
+        Err(e) => return BatchAnswer::Failed(format!("unreadable answer: {e}")),
     };
     if let Some(error) = reply.error {
-        return Answer::Failed(error.description);
+        return BatchAnswer::Failed(error.description);
     }
     match (reply.kind.as_deref(), reply.count) {
-        (Some("ack"), _) => Answer::Progress {
+        (Some("ack"), _) => BatchAnswer::Progress {
             upto: reply.seq.unwrap_or(0),
         },
         (Some(other), _) => {
-            Answer::Failed(format!("{other}: {}", String::from_utf8_lossy(payload)))
+            BatchAnswer::Failed(format!("{other}: {}", String::from_utf8_lossy(payload)))
         }
-        (None, Some(count)) => Answer::Done { count },
-        (None, None) => Answer::Failed(format!(
+        (None, Some(count)) => BatchAnswer::Done { count },
+        (None, None) => BatchAnswer::Failed(format!(
             "an acknowledgement without a batch count: {}",
             String::from_utf8_lossy(payload)
         )),
@@ -429,37 +420,37 @@ mod tests {
         let a = |s: &'static str| classify(&Bytes::from_static(s.as_bytes()));
         assert_eq!(
             a(r#"{"type":"ack","seq":0,"msgs":256}"#),
-            Answer::Progress { upto: 0 }
+            BatchAnswer::Progress { upto: 0 }
         );
         assert_eq!(
             a(r#"{"type":"ack","seq":384,"msgs":128}"#),
-            Answer::Progress { upto: 384 }
+            BatchAnswer::Progress { upto: 384 }
         );
         assert_eq!(
             a(r#"{"stream":"FALCO","seq":512,"batch":"x-1","count":256}"#),
-            Answer::Done { count: 256 }
+            BatchAnswer::Done { count: 256 }
         );
         assert_eq!(
             a(r#"{"stream":"FALCO","seq":3,"duplicate": true,"batch":"x-1","count":1}"#),
-            Answer::Done { count: 1 }
+            BatchAnswer::Done { count: 1 }
         );
         assert!(matches!(
             a(r#"{"type":"gap","last_seq":3,"seq":5}"#),
-            Answer::Failed(_)
+            BatchAnswer::Failed(_)
         ));
         assert!(matches!(
             a(r#"{"type":"err","seq":7,"error":{"code":400,"err_code":10071,"description":"wrong last sequence"}}"#),
-            Answer::Failed(d) if d == "wrong last sequence"
+            BatchAnswer::Failed(d) if d == "wrong last sequence"
         ));
         assert!(matches!(
             a(r#"{"error":{"code":400,"err_code":10205,"description":"batch publish is disabled"},"stream":"FALCO"}"#),
-            Answer::Failed(d) if d.contains("disabled")
+            BatchAnswer::Failed(d) if d.contains("disabled")
         ));
         // A plain publish acknowledgement: no count, so not a batch's.
         assert!(matches!(
             a(r#"{"stream":"FALCO","seq":3}"#),
-            Answer::Failed(_)
+            BatchAnswer::Failed(_)
         ));
-        assert!(matches!(a("not json"), Answer::Failed(_)));
+        assert!(matches!(a("not json"), BatchAnswer::Failed(_)));
     }
 }
