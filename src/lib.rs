@@ -7,16 +7,16 @@
 //!
 //! | module | job |
 //! | --- | --- |
-//! | [`cli`] | the command line: subcommands, flags, their environment variables |
+//! | [`cli`] | the command line, a file a subcommand: flags and their environment variables, turned into each module's options (no other module knows clap) |
 //! | [`bridge`] | `bridge`: one input, a bounded queue, one publisher, the drain on shutdown |
 //! | [`input`] | the inputs (`grpc`, `fifo`, `http`, `stdin`) and the [`input::AlertSink`] they fill |
 //! | [`proto`], [`convert`] | Falco's gRPC API, and its responses turned into Falco's JSON |
 //! | [`event`], [`scan`] | [`event::FalcoEvent`]: an alert on the bridge's side, its JSON kept as it came; the one-pass check that reads its four fields |
-//! | [`nats`] | connection flags, the one connection, subjects, the publisher (core or JetStream) |
+//! | [`nats`] | the one connection ([`nats::NatsOptions`]), subjects, the headers, the publisher: core NATS, or JetStream (the stream, one ack each, fast batches); its dependencies run one way, checked by a test |
 //! | [`alert`], [`decision`] | the read side: an alert and a responder's decision as typed values |
-//! | [`respond`] | `respond`: policy, rails, the Kubernetes calls, and the audit of every decision |
+//! | [`respond`] | `respond`: policy, rails, the Kubernetes calls, the audit of every decision; the shared guards ([`respond::control`]) and the `pause`/`resume` commands ([`respond::kill_switch`]) |
 //! | [`tail`] | `tail`: alerts and decisions printed readably |
-//! | [`simulate`] | a Falco stand-in (gRPC, FIFO) and a Kubernetes API stand-in |
+//! | [`simulate`] | a Falco stand-in (gRPC, FIFO, `http_output`; 0.44's and 0.45's hostile strings) and a Kubernetes API stand-in |
 //! | [`server`], [`telemetry`], [`drain`] | the `--listen` server (the HTTP input's `POST /` answered before its router), probes, metrics, logs; the shutdown deadline |
 //! | [`priority`], [`backoff`] | Falco's priorities; reconnect back-off |
 //!
