@@ -25,7 +25,7 @@ use crate::nats::{
     StreamMismatch,
 };
 use crate::priority::Priority;
-use crate::server::{Endpoints, Listen, ServerLimits};
+use crate::server::{Endpoints, Listen, Route, ServerLimits};
 use crate::telemetry::health::{self, Readiness};
 use crate::telemetry::metrics::{BridgeMetrics, HttpServerMetrics, QueueDepth};
 
@@ -154,21 +154,14 @@ pub async fn run(
     };
     let probes = health::router(readiness, Arc::new(registry));
     let grace = options.drain_timeout / 2;
-    let (input, server) = match Input::reader(options.input, sink) {
-        Ok(input) => (
-            input,
-            Some(Listen::start(listener, probes, tls, limits, grace)),
-        ),
-        Err(http) => {
-            let (http, sink) = *http;
-            let alerts = AlertEndpoint::new(sink, http, limits.metrics.clone());
-            let endpoints = Endpoints::with_alerts(probes, alerts);
-            (
-                Input::Http(Listen::start(listener, endpoints, tls, limits, grace)),
-                None,
-            )
-        }
+    let serve = Serve {
+        listener,
+        probes,
+        tls,
+        limits,
+        grace,
     };
+    let (input, server) = Input::start(options.input, sink, serve);
     let deadline = crate::drain::deadline_after(&shutdown, options.drain_timeout);
     let ended = drive(input, output, &shutdown, &deadline).await;
     if let Some(server) = server {
@@ -187,21 +180,40 @@ enum Input {
     Http(Listen),
 }
 
+/// What the `--listen` server is made of.
+struct Serve {
+    listener: Option<TcpListener>,
+    probes: axum::Router,
+    tls: Option<tokio_rustls::TlsAcceptor>,
+    limits: ServerLimits,
+    grace: Duration,
+}
+
+impl Serve {
+    fn start<R: Route>(self, endpoints: Endpoints<R>) -> Listen {
+        Listen::start(self.listener, endpoints, self.tls, self.limits, self.grace)
+    }
+}
+
 impl Input {
-    /// An input that reads by itself; the HTTP input's options (and the
-    /// sink) come back, to be served on the `--listen` server.
-    fn reader(
-        options: InputOptions,
-        sink: AlertSink,
-    ) -> Result<Self, Box<(HttpOptions, AlertSink)>> {
-        Ok(match options {
+    /// Starts the input filling `sink`, and the `--listen` server beside it.
+    /// The HTTP input is that server's `POST /` (the server then is the
+    /// input, and stops with it: no second server comes back).
+    fn start(options: InputOptions, sink: AlertSink, serve: Serve) -> (Self, Option<Listen>) {
+        let input = match options {
             InputOptions::Grpc(o) => Input::Grpc(GrpcInput::new(o, sink)),
             InputOptions::Fifo(o) => Input::Fifo(FifoInput::new(o, sink)),
             InputOptions::Stdin(o) => {
                 Input::Stdin(StdinInput::new(stdin::open(), o.max_line, sink))
             }
-            InputOptions::Http(o) => return Err(Box::new((o, sink))),
-        })
+            InputOptions::Http(o) => {
+                let alerts = AlertEndpoint::new(sink, o, serve.limits.metrics.clone());
+                let endpoints = Endpoints::with_route(serve.probes.clone(), alerts);
+                return (Input::Http(serve.start(endpoints)), None);
+            }
+        };
+        let probes = Endpoints::from(serve.probes.clone());
+        (input, Some(serve.start(probes)))
     }
 
     /// Reads until `stop` (or the input ends or fails).

@@ -2,8 +2,8 @@
 //! (optionally asking for client certificates), HTTP/1.1 only (what Falco
 //! speaks), with a time limit on a request's headers and a shutdown that
 //! closes connections after a grace period. What it serves is the caller's
-//! [`Endpoints`]: a router (probes, metrics), and for the bridge's HTTP
-//! input the alert endpoint, answered before the router. Each request the
+//! [`Endpoints`]: a router (probes, metrics), and a [`Route`] answered
+//! before it (the bridge's HTTP input hands in its alert endpoint). Each request the
 //! router gets carries a [`VerifiedClientCertificate`] extension when its
 //! connection presented a verified client certificate.
 
@@ -25,31 +25,64 @@ use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 use tower::ServiceExt;
 
-use crate::input::http::AlertEndpoint;
 use crate::telemetry::metrics::HttpServerMetrics;
 
-/// What the `--listen` server answers.
-#[derive(Clone)]
-pub struct Endpoints {
-    router: Router,
-    alerts: Option<AlertEndpoint>,
+/// An endpoint answered before the router, without its layers (the
+/// bridge's `POST /`, every alert's path): the caller hands it in, so the
+/// server knows nothing of what it does.
+pub trait Route: Clone + Send + Sync + 'static {
+    /// Whether `request` is this route's.
+    fn takes(&self, request: &hyper::Request<hyper::body::Incoming>) -> bool;
+    /// Answers it; `verified` when its connection presented a client
+    /// certificate the server verified.
+    fn answer(
+        self,
+        request: hyper::Request<hyper::body::Incoming>,
+        verified: bool,
+    ) -> impl std::future::Future<Output = axum::response::Response> + Send;
 }
 
-impl Endpoints {
-    /// `alerts` answers its own path (`/`); `router` all others.
-    pub fn with_alerts(router: Router, alerts: AlertEndpoint) -> Self {
+/// No route before the router: the probes-only servers.
+#[derive(Clone, Copy)]
+pub enum NoRoute {}
+
+impl Route for NoRoute {
+    fn takes(&self, _: &hyper::Request<hyper::body::Incoming>) -> bool {
+        match *self {}
+    }
+
+    async fn answer(
+        self,
+        _: hyper::Request<hyper::body::Incoming>,
+        _: bool,
+    ) -> axum::response::Response {
+        match self {}
+    }
+}
+
+/// What the `--listen` server answers: the router, and the route answered
+/// before it if there is one.
+#[derive(Clone)]
+pub struct Endpoints<R: Route = NoRoute> {
+    router: Router,
+    first: Option<R>,
+}
+
+impl<R: Route> Endpoints<R> {
+    /// `first` answers the requests it takes; `router` all others.
+    pub fn with_route(router: Router, first: R) -> Self {
         Endpoints {
             router,
-            alerts: Some(alerts),
+            first: Some(first),
         }
     }
 }
 
-impl From<Router> for Endpoints {
+impl From<Router> for Endpoints<NoRoute> {
     fn from(router: Router) -> Self {
         Endpoints {
             router,
-            alerts: None,
+            first: None,
         }
     }
 }
@@ -62,10 +95,10 @@ pub struct VerifiedClientCertificate;
 
 /// Serves one connection (after its TLS handshake, with `tls`) until it
 /// ends or the graceful shutdown closes it.
-async fn connection(
+async fn connection<R: Route>(
     tcp: tokio::net::TcpStream,
     peer: std::net::SocketAddr,
-    endpoints: Endpoints,
+    endpoints: Endpoints<R>,
     tls: Option<TlsAcceptor>,
     limits: Arc<ServerLimits>,
     watcher: hyper_util::server::graceful::Watcher,
@@ -78,9 +111,9 @@ async fn connection(
     let service = |verified: bool| {
         hyper::service::service_fn(move |mut request: hyper::Request<hyper::body::Incoming>| {
             mark.store(true, Ordering::Relaxed);
-            match &endpoints.alerts {
-                Some(alerts) if alerts.takes(&request) => {
-                    Either::Left(alerts.clone().answer(request, verified).map(Ok))
+            match &endpoints.first {
+                Some(first) if first.takes(&request) => {
+                    Either::Left(first.clone().answer(request, verified).map(Ok))
                 }
                 _ => {
                     if verified {
@@ -351,15 +384,14 @@ pub struct Listen {
 }
 
 impl Listen {
-    pub fn start(
+    pub fn start<R: Route>(
         listener: Option<TcpListener>,
-        endpoints: impl Into<Endpoints>,
+        endpoints: Endpoints<R>,
         tls: Option<TlsAcceptor>,
         limits: ServerLimits,
         grace: Duration,
     ) -> Self {
         let stop = CancellationToken::new();
-        let endpoints = endpoints.into();
         let task = listener.map(|listener| {
             tokio::spawn(serve(listener, endpoints, tls, limits, stop.clone(), grace))
         });
@@ -376,7 +408,7 @@ impl Listen {
     ) -> Self {
         Listen::start(
             listener,
-            router,
+            Endpoints::from(router),
             None,
             ServerLimits::probes(metrics),
             Duration::from_secs(1),
@@ -404,9 +436,9 @@ pub const DEFAULT_MAX_CONNECTIONS: usize = 1024;
 /// with `tls`) until `stop` is cancelled. Then requests under way may
 /// finish for `grace`; after it, every connection still open is closed,
 /// however little of a request its client has sent.
-pub async fn serve(
+pub async fn serve<R: Route>(
     listener: TcpListener,
-    endpoints: Endpoints,
+    endpoints: Endpoints<R>,
     tls: Option<TlsAcceptor>,
     limits: ServerLimits,
     stop: CancellationToken,

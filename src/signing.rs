@@ -299,6 +299,12 @@ pub fn generate() -> (String, String) {
     (seed, pair.public_key())
 }
 
+/// Whether two secrets (bearer tokens) are equal, in a time that does not
+/// depend on where they differ: the HTTP input's and the ui's one check.
+pub fn same_secret(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -78,15 +78,17 @@ impl AlertEndpoint {
             metrics,
         }))
     }
+}
 
+impl crate::server::Route for AlertEndpoint {
     /// Whether `request` is this endpoint's (its path is `/`).
-    pub fn takes<B>(&self, request: &Request<B>) -> bool {
+    fn takes(&self, request: &Request<Incoming>) -> bool {
         request.uri().path() == "/"
     }
 
     /// Answers one request to `/`; `verified` when its connection came with
     /// a client certificate the bridge verified.
-    pub async fn answer(self, request: Request<Incoming>, verified: bool) -> Response {
+    async fn answer(self, request: Request<Incoming>, verified: bool) -> Response {
         if request.method() != Method::POST {
             return (
                 StatusCode::METHOD_NOT_ALLOWED,
@@ -142,7 +144,7 @@ impl Receiver {
                 .get(header::AUTHORIZATION)
                 .and_then(|v| v.to_str().ok())
                 .and_then(|v| v.strip_prefix("Bearer "));
-            if !given.is_some_and(|g| constant_time_eq(g.as_bytes(), token.as_bytes())) {
+            if !given.is_some_and(|g| crate::signing::same_secret(g.as_bytes(), token.as_bytes())) {
                 return Err(Box::new(
                     (
                         StatusCode::UNAUTHORIZED,
@@ -211,22 +213,5 @@ impl Receiver {
         collected
             .map(|c| c.to_bytes())
             .map_err(|_| Box::new(self.too_large()))
-    }
-}
-
-/// Compares secrets without an early exit on the first difference.
-fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
-}
-
-#[cfg(test)]
-mod tests {
-    use super::constant_time_eq;
-
-    #[test]
-    fn compares_tokens() {
-        assert!(constant_time_eq(b"secret", b"secret"));
-        assert!(!constant_time_eq(b"secret", b"secreT"));
-        assert!(!constant_time_eq(b"secret", b"secret2"));
     }
 }

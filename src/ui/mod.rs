@@ -286,7 +286,7 @@ pub async fn run(
     // Every page's event stream may come from one proxy's address.
     let server = Listen::start(
         listener,
-        router,
+        crate::server::Endpoints::from(router),
         None,
         crate::server::ServerLimits::probes_with_share(http_metrics, UI_MAX_PER_PEER),
         Duration::from_secs(1),
@@ -347,11 +347,6 @@ pub fn token_fits_a_cookie(token: &str) -> bool {
         && token
             .bytes()
             .all(|b| b.is_ascii_graphic() && !matches!(b, b'"' | b',' | b';' | b'\\'))
-}
-
-/// Whether two secrets are equal, in time that depends on their lengths only.
-fn same_secret(a: &[u8], b: &[u8]) -> bool {
-    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
 /// The one token a request carries: `Authorization: Bearer`, else
@@ -463,8 +458,8 @@ async fn guard(State(state): State<UiState>, request: Request, next: Next) -> Re
         .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"https"));
     let presented = presented_token(request.headers(), query.as_deref());
     // A token from the URL may be percent-encoded.
-    let ok = matches!(presented, Ok(Some(p)) if same_secret(p.as_bytes(), token.as_bytes())
-        || percent_decode(p).is_some_and(|d| same_secret(d.as_bytes(), token.as_bytes())));
+    let ok = matches!(presented, Ok(Some(p)) if crate::signing::same_secret(p.as_bytes(), token.as_bytes())
+        || percent_decode(p).is_some_and(|d| crate::signing::same_secret(d.as_bytes(), token.as_bytes())));
     if !ok {
         state.metrics.auth_failures.inc();
         state.failures.hold().await;
@@ -845,6 +840,7 @@ mod tests {
         bearer.insert(header::AUTHORIZATION, HeaderValue::from_static("Bearer t"));
         assert_eq!(presented_token(&bearer, None), Ok(Some("t")));
         assert_eq!(presented_token(&HeaderMap::new(), None), Ok(None));
+        use crate::signing::same_secret;
         assert!(same_secret(b"abc", b"abc"));
         assert!(!same_secret(b"abc", b"abd"));
         assert!(!same_secret(b"abc", b"abcd"));
