@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
-use crate::respond::{options, pod_alert, policy, publish, results, Responder, Scene};
+use crate::support::responder::{options, pod_alert, policy, publish, results, Responder, Scene};
 use crate::support::*;
 use async_nats::jetstream;
 use serde_json::Value;
@@ -466,7 +466,7 @@ rules:
     );
     let responder = Responder::start(opts).await;
     let db_alert = |pod: &str| {
-        crate::respond::alert(
+        crate::support::responder::alert(
             "Critical",
             "Database shell",
             serde_json::json!({"k8s.ns.name": "shop", "k8s.pod.name": pod}),

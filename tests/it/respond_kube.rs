@@ -9,8 +9,8 @@
 use std::time::{Duration, Instant};
 
 use crate::admission::apply_responder_access;
-use crate::respond::{alert, pod_alert, results};
 use crate::support::real_kube::Cluster;
+use crate::support::responder::{alert, pod_alert, results};
 use crate::support::*;
 use falco_nats::respond::policy::Policy;
 use k8s_openapi::api::apps::v1::{Deployment, StatefulSet};
@@ -58,7 +58,7 @@ impl Scene {
     }
 
     async fn decide(&mut self, payload: Vec<u8>) -> Value {
-        crate::respond::publish(&self.client, payload).await;
+        crate::support::responder::publish(&self.client, payload).await;
         results(&mut self.out, 1).await.remove(0)
     }
 
@@ -499,9 +499,9 @@ async fn the_namespaced_rbac_component_on_a_real_api_server() {
     let mut options = respond_options(&nats.url(), &kubeconfig);
     options.rails.only_namespaces = Some([apps.clone()].into());
     // Ready: the permissions it asked for, in its namespace, are granted.
-    let responder = crate::respond::Responder::start(options).await;
+    let responder = crate::support::responder::Responder::start(options).await;
     for (ns, name) in [(&apps, "target"), (&other, "bystander")] {
-        crate::respond::publish(&client, pod_alert("Critical", ns, name, None)).await;
+        crate::support::responder::publish(&client, pod_alert("Critical", ns, name, None)).await;
     }
     let decisions = results(&mut out, 2).await;
     assert_eq!(decisions[0]["outcome"], "done", "{}", decisions[0]);

@@ -673,7 +673,7 @@ async fn a_changed_durable_consumer_is_set_back() {
         ack_wait: Duration::from_secs(30),
         max_deliver: 5,
     };
-    let responder = crate::respond::Responder::start(options).await;
+    let responder = crate::support::responder::Responder::start(options).await;
 
     // The responder's credential, in other hands.
     let respond = client_as(&url, "respond", &pw["nats-user-respond"]).await;
@@ -727,7 +727,7 @@ async fn a_changed_durable_consumer_is_set_back() {
     bridge
         .publish(
             "falco.critical.drop_and_execute_new_binary_in_container",
-            crate::respond::pod_alert("Critical", "shop", "web", None).into(),
+            crate::support::responder::pod_alert("Critical", "shop", "web", None).into(),
         )
         .await
         .unwrap();
@@ -768,7 +768,7 @@ async fn forged_shared_records_are_not_believed() {
     let reader = client_as(&url, "reader", &pw["nats-user-reader"]).await;
     let mut out = reader.subscribe("falco.response.>").await.unwrap();
     reader.flush().await.unwrap();
-    let responder = crate::respond::Responder::start(options).await;
+    let responder = crate::support::responder::Responder::start(options).await;
 
     // The responder's credential, in other hands: plain records.
     let attacker = client_as(&url, "respond", &pw["nats-user-respond"]).await;
@@ -799,13 +799,13 @@ async fn forged_shared_records_are_not_believed() {
     }
     let bridge = client_as(&url, "bridge", &pw["nats-user-bridge"]).await;
     for pod in ["immune", "web-a"] {
-        crate::respond::publish(
+        crate::support::responder::publish(
             &bridge,
-            crate::respond::pod_alert("Critical", "shop", pod, None),
+            crate::support::responder::pod_alert("Critical", "shop", pod, None),
         )
         .await;
     }
-    let decisions = crate::respond::results(&mut out, 2).await;
+    let decisions = crate::support::responder::results(&mut out, 2).await;
     for d in &decisions {
         assert_eq!(d["outcome"], "done", "a forged record held it back: {d}");
     }
@@ -815,12 +815,12 @@ async fn forged_shared_records_are_not_believed() {
         .unwrap()
         .await
         .unwrap();
-    crate::respond::publish(
+    crate::support::responder::publish(
         &bridge,
-        crate::respond::pod_alert("Critical", "shop", "other", None),
+        crate::support::responder::pod_alert("Critical", "shop", "other", None),
     )
     .await;
-    let d = &crate::respond::results(&mut out, 1).await[0];
+    let d = &crate::support::responder::results(&mut out, 1).await[0];
     assert_eq!(d["outcome"], "skipped", "{d}");
     let reason = d["reason"].as_str().unwrap();
     assert!(

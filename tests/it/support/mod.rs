@@ -5,6 +5,7 @@
 pub use falco_nats::simulate::kube_api as fake_kube;
 
 pub mod real_kube;
+pub mod responder;
 pub mod shipped;
 pub mod tls;
 pub mod ui;
