@@ -556,8 +556,9 @@ async fn the_responder_as_deployed_acts_on_the_real_api_server() {
 fn the_policy_and_the_responder_read_one_list() {
     let base =
         yaml_docs(&std::fs::read_to_string(deploy().join("base/respond-admission.yaml")).unwrap());
-    let chart =
-        crate::deploy_helm::render(&crate::deploy_helm::chart_dir().join("ci/default-values.yaml"));
+    let chart = crate::support::manifests::render_chart(
+        &crate::support::manifests::chart_dir().join("ci/default-values.yaml"),
+    );
     for (what, docs) in [("deploy/base", &base), ("the chart", &chart)] {
         let map = docs
             .iter()

@@ -703,10 +703,11 @@ async fn falcosidekick_format_is_what_falcosidekick_publishes() {
 async fn the_charts_generated_certificates_carry_falcos_posts() {
     use base64::Engine;
     use rustls_pki_types::pem::PemObject;
-    let docs =
-        crate::deploy_helm::render(&crate::deploy_helm::chart_dir().join("ci/default-values.yaml"));
+    let docs = crate::support::manifests::render_chart(
+        &crate::support::manifests::chart_dir().join("ci/default-values.yaml"),
+    );
     let secret = |name: &str, key: &str| {
-        let doc = crate::deploy_helm::find(&docs, "Secret", name).unwrap();
+        let doc = crate::support::manifests::find(&docs, "Secret", name).unwrap();
         base64::engine::general_purpose::STANDARD
             .decode(doc["data"][key].as_str().unwrap())
             .unwrap()

@@ -179,7 +179,7 @@ async fn every_metric_the_dashboard_queries_exists() {
     }
     // Every metric the README and docs/ name exists too.
     let mut unknown = BTreeSet::new();
-    for file in crate::docs::markdown_files() {
+    for file in crate::support::manifests::markdown_files() {
         let text = std::fs::read_to_string(&file).unwrap();
         let (named, _) = query_parts(&text);
         for metric in named {

@@ -9,14 +9,9 @@ use std::process::Command;
 
 use clap::{CommandFactory, Parser};
 use falco_nats::cli::Cli;
-use serde::Deserialize;
 use serde_json::Value;
 
-const KUBERNETES_VERSION: &str = "1.33.0";
-
-pub fn deploy_dir() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy")
-}
+use crate::support::manifests::*;
 
 fn yaml_files(dir: &Path, out: &mut Vec<PathBuf>) {
     for entry in std::fs::read_dir(dir).unwrap() {
@@ -28,14 +23,6 @@ fn yaml_files(dir: &Path, out: &mut Vec<PathBuf>) {
         }
     }
     out.sort();
-}
-
-pub fn documents(path: &Path) -> Vec<Value> {
-    let text = std::fs::read_to_string(path).unwrap();
-    serde_norway::Deserializer::from_str(&text)
-        .map(|doc| Value::deserialize(doc).unwrap_or_else(|e| panic!("{}: {e}", path.display())))
-        .filter(|v| !v.is_null())
-        .collect()
 }
 
 fn is_resource(doc: &Value) -> bool {
@@ -79,35 +66,6 @@ fn patch_files() -> BTreeSet<PathBuf> {
         }
     }
     out
-}
-
-fn validator() -> PathBuf {
-    if let Ok(p) = std::env::var("KUBERNETES_VALIDATE") {
-        let p = PathBuf::from(p);
-        if p.is_file() {
-            return p;
-        }
-    }
-    let local =
-        Path::new(env!("CARGO_MANIFEST_DIR")).join("target/tools/venv/bin/kubernetes-validate");
-    if local.is_file() {
-        return local;
-    }
-    panic!("kubernetes-validate not found: run scripts/test (it installs it), or set KUBERNETES_VALIDATE");
-}
-
-pub fn validate(files: &[PathBuf]) {
-    let out = Command::new(validator())
-        .args(["-k", KUBERNETES_VERSION, "--strict", "--quiet"])
-        .args(files)
-        .output()
-        .expect("run kubernetes-validate");
-    assert!(
-        out.status.success(),
-        "kubernetes-validate failed:\n{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
 }
 
 #[test]
@@ -163,61 +121,6 @@ fn kustomizations_reference_what_exists() {
     }
 }
 
-/// scripts/install-deps builds kustomize into target/tools/bin.
-fn kustomize() -> PathBuf {
-    let built = Path::new(env!("CARGO_MANIFEST_DIR")).join("target/tools/bin/kustomize");
-    assert!(
-        built.is_file(),
-        "kustomize not found: run scripts/install-deps --with-validator (scripts/test does)"
-    );
-    built
-}
-
-/// Renders a kustomization made on the fly: `overlay` with `components`.
-/// The overlays, one per input.
-pub(crate) const OVERLAYS: [&str; 3] = ["grpc", "fifo", "http"];
-
-/// Each component alone, and all together, on top of an overlay.
-pub(crate) const COMPONENT_SETS: [&[&str]; 6] = [
-    &[],
-    &["namespaced-rbac"],
-    &["leaf"],
-    &["nats-cluster"],
-    &["ui"],
-    &["leaf", "nats-cluster", "namespaced-rbac", "ui"],
-];
-
-pub(crate) fn render(overlay: &str, components: &[&str], out: &Path) -> PathBuf {
-    // Outside deploy/, which other tests read meanwhile; kustomize takes
-    // relative paths only: target/kustomize/<dir>/ is three levels down.
-    let base = Path::new(env!("CARGO_MANIFEST_DIR")).join("target/kustomize");
-    std::fs::create_dir_all(&base).unwrap();
-    let dir = tempfile::tempdir_in(&base).unwrap();
-    let mut k = format!(
-        "apiVersion: kustomize.config.k8s.io/v1beta1\nkind: Kustomization\nresources:\n  - ../../../deploy/overlays/{overlay}\n"
-    );
-    if !components.is_empty() {
-        k += "components:\n";
-        for c in components {
-            k += &format!("  - ../../../deploy/components/{c}\n");
-        }
-    }
-    std::fs::write(dir.path().join("kustomization.yaml"), k).unwrap();
-    let rendered = Command::new(kustomize())
-        .arg("build")
-        .arg(dir.path())
-        .output()
-        .unwrap();
-    assert!(
-        rendered.status.success(),
-        "kustomize build {overlay} {components:?}: {}",
-        String::from_utf8_lossy(&rendered.stderr)
-    );
-    let file = out.join(format!("{overlay}-{}.yaml", components.join("-")));
-    std::fs::write(&file, &rendered.stdout).unwrap();
-    file
-}
-
 /// Every overlay, alone and with each component and their combinations,
 /// rendered by the real kustomize and validated; in each rendering every
 /// falco-nats container's arguments are accepted by the CLI, and the
@@ -228,7 +131,7 @@ fn every_overlay_with_every_component_renders_and_validates() {
     let mut files = Vec::new();
     for overlay in OVERLAYS {
         for set in COMPONENT_SETS {
-            let file = render(overlay, set, out.path());
+            let file = render_overlay(overlay, set, out.path());
             let docs = documents(&file);
             let find = |kind: &str, name: &str| {
                 docs.iter()
@@ -306,27 +209,6 @@ fn every_overlay_with_every_component_renders_and_validates() {
     validate(&files);
 }
 
-pub trait Strs {
-    fn as_sequence_strs(&self) -> Vec<&str>;
-}
-
-impl Strs for Value {
-    fn as_sequence_strs(&self) -> Vec<&str> {
-        self.as_array()
-            .into_iter()
-            .flatten()
-            .filter_map(Value::as_str)
-            .collect()
-    }
-}
-
-/// Whether `image` (`[registry/path/]falco-nats[:tag][@digest]`) is ours.
-pub fn is_falco_nats_image(image: &str) -> bool {
-    let name = image.split('@').next().unwrap_or_default();
-    let last = name.rsplit('/').next().unwrap_or_default();
-    last.split(':').next() == Some("falco-nats")
-}
-
 /// Every falco-nats container: its manifest, args and env names. Each
 /// names the image scripts/image builds: `falco-nats:<version>`.
 fn falco_nats_containers() -> Vec<(PathBuf, Vec<String>, Vec<String>)> {
@@ -361,45 +243,6 @@ fn falco_nats_containers() -> Vec<(PathBuf, Vec<String>, Vec<String>)> {
         }
     }
     out
-}
-
-/// A falco-nats container's arguments, with its literal environment as the
-/// flags it stands for, are accepted by the real CLI.
-pub fn assert_cli_accepts(container: &Value, what: &str) {
-    let mut args: Vec<String> = container["args"]
-        .as_sequence_strs()
-        .into_iter()
-        .map(str::to_owned)
-        .collect();
-    args.extend(env_as_args(&args[0], &container["env"]));
-    let argv = std::iter::once("falco-nats".to_owned()).chain(args.clone());
-    if let Err(e) = Cli::try_parse_from(argv) {
-        panic!("{what}: falco-nats {args:?} is refused:\n{e}");
-    }
-}
-
-/// A container's literal environment values as the arguments they stand
-/// for (`FALCO_NATS_REPLICAS: "3"` is `--replicas=3`), so that the CLI
-/// parses them too; values from Secrets or fields are left out.
-pub fn env_as_args(subcommand: &str, env: &Value) -> Vec<String> {
-    let cli = Cli::command();
-    let sub = cli
-        .find_subcommand(subcommand)
-        .unwrap_or_else(|| panic!("no subcommand {subcommand}"));
-    let mut args = Vec::new();
-    for e in env.as_array().into_iter().flatten() {
-        let (Some(name), Some(value)) = (e["name"].as_str(), e["value"].as_str()) else {
-            continue;
-        };
-        let flag = cli
-            .get_arguments()
-            .chain(sub.get_arguments())
-            .find(|a| a.get_env().is_some_and(|v| v == name));
-        if let Some(long) = flag.and_then(|a| a.get_long()) {
-            args.push(format!("--{long}={value}"));
-        }
-    }
-    args
 }
 
 /// Environment variables a subcommand reads (its flags' and the global ones).

@@ -23,14 +23,8 @@ use std::process::Command;
 use serde::Deserialize;
 use serde_json::Value;
 
-use crate::deploy::{
-    assert_cli_accepts, deploy_dir, documents, is_falco_nats_image, validate, Strs,
-};
+use crate::support::manifests::*;
 use crate::support::nats_server_bin;
-
-pub(crate) fn chart_dir() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("charts/falco-nats")
-}
 
 /// The chart's test values files, and the empty one (its defaults).
 fn values_files() -> Vec<PathBuf> {
@@ -41,33 +35,6 @@ fn values_files() -> Vec<PathBuf> {
     files.sort();
     assert!(files.len() >= 4, "{files:?}");
     files
-}
-
-/// `helm template` of the chart as release falco-nats in falco-nats.
-pub(crate) fn render(values: &Path) -> Vec<Value> {
-    let out = Command::new(helm())
-        .args(["template", "falco-nats"])
-        .arg(chart_dir())
-        .args([
-            "--namespace",
-            "falco-nats",
-            "--kube-version",
-            "1.33.0",
-            "-f",
-        ])
-        .arg(values)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "helm template -f {}: {}",
-        values.display(),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    serde_norway::Deserializer::from_slice(&out.stdout)
-        .map(|d| Value::deserialize(d).unwrap())
-        .filter(|v| !v.is_null())
-        .collect()
 }
 
 /// Every container running falco-nats in `docs`: its arguments (with its
@@ -85,11 +52,6 @@ fn check_falco_nats_containers(docs: &[Value], what: &str) -> usize {
         }
     }
     n
-}
-
-pub(crate) fn find<'a>(docs: &'a [Value], kind: &str, name: &str) -> Option<&'a Value> {
-    docs.iter()
-        .find(|d| d["kind"] == kind && d["metadata"]["name"] == name)
 }
 
 fn args_of(deployment: &Value) -> Vec<String> {
@@ -170,7 +132,7 @@ fn the_chart_renders_valid_manifests_the_cli_accepts() {
     let mut rendered = Vec::new();
     for values in values_files() {
         let name = values.file_name().unwrap().to_string_lossy().into_owned();
-        let docs = render(&values);
+        let docs = render_chart(&values);
         // The Prometheus Operator's kinds are not in the Kubernetes schemas.
         let core: Vec<&Value> = docs
             .iter()
@@ -353,7 +315,7 @@ fn the_chart_renders_valid_manifests_the_cli_accepts() {
 /// the ConfigMap as rendered, are public keys the responder accepts.
 #[test]
 fn signing_keys_reach_the_bridge_and_the_responder() {
-    let docs = render(&chart_dir().join("ci/mtls-cluster-values.yaml"));
+    let docs = render_chart(&chart_dir().join("ci/mtls-cluster-values.yaml"));
     let bridge = find(&docs, "Deployment", "falco-nats-bridge").unwrap();
     let container = &bridge["spec"]["template"]["spec"]["containers"][0];
     assert!(args_of(bridge).contains(&"--sign-key=/etc/falco-nats/signing/seed".to_owned()));
@@ -379,7 +341,7 @@ fn signing_keys_reach_the_bridge_and_the_responder() {
     assert_eq!(files.len(), 2, "two keys during a rotation");
     falco_nats::signing::Verifier::from_files(&files).unwrap();
     // Without signing values, neither flag.
-    let plain = render(&chart_dir().join("ci/default-values.yaml"));
+    let plain = render_chart(&chart_dir().join("ci/default-values.yaml"));
     for name in ["falco-nats-bridge", "falco-nats-respond"] {
         let args = args_of(find(&plain, "Deployment", name).unwrap());
         assert!(
@@ -393,7 +355,7 @@ fn signing_keys_reach_the_bridge_and_the_responder() {
 
 #[test]
 fn the_falco_chart_values_agree_with_the_bridge() {
-    let docs = render(&chart_dir().join("ci/mtls-cluster-values.yaml"));
+    let docs = render_chart(&chart_dir().join("ci/mtls-cluster-values.yaml"));
     let service = find(&docs, "Service", "falco-nats-bridge").unwrap();
     let port = service["spec"]["ports"][0]["port"].as_u64().unwrap();
     let values = &documents(&deploy_dir().join("falco-chart/values.yaml"))[0];
@@ -459,15 +421,6 @@ fn the_falco_chart_values_agree_with_the_bridge() {
     validate(&[file]);
 }
 
-fn helm() -> PathBuf {
-    let built = Path::new(env!("CARGO_MANIFEST_DIR")).join("target/tools/bin/helm");
-    assert!(
-        built.is_file(),
-        "helm not found: run scripts/install-deps --with-validator (scripts/test does)"
-    );
-    built
-}
-
 #[test]
 #[ignore = "needs the official NATS chart: NATS_HELM_CHART=DIR"]
 fn the_official_nats_chart_renders_our_cluster_of_three() {
@@ -490,7 +443,7 @@ fn the_official_nats_chart_renders_our_cluster_of_three() {
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("nats.yaml");
     std::fs::write(&file, &out.stdout).unwrap();
-    crate::deploy::validate(std::slice::from_ref(&file));
+    validate(std::slice::from_ref(&file));
 
     let text = String::from_utf8(out.stdout).unwrap();
     let docs: Vec<Value> = serde_norway::Deserializer::from_str(&text)

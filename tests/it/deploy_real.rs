@@ -18,7 +18,9 @@ use kube::api::{Api, DynamicObject, ListParams};
 use kube::discovery::{ApiResource, Discovery, Scope};
 use serde_json::{json, Value};
 
-use crate::deploy::documents;
+use crate::support::manifests::{
+    chart_dir, documents, helm, render_overlay, COMPONENT_SETS, OVERLAYS,
+};
 use crate::support::real_kube::Cluster;
 
 /// Namespaces first, then definitions, then the rest: what an apply of a
@@ -40,9 +42,9 @@ async fn every_overlay_with_every_component_applies_to_a_real_api_server() {
     cluster.ensure_namespace("apps").await;
     let out = tempfile::tempdir().unwrap();
     let mut applied = 0;
-    for overlay in crate::deploy::OVERLAYS {
-        for set in crate::deploy::COMPONENT_SETS {
-            let file = crate::deploy::render(overlay, set, out.path());
+    for overlay in OVERLAYS {
+        for set in COMPONENT_SETS {
+            let file = render_overlay(overlay, set, out.path());
             let docs = in_apply_order(documents(&file));
             applied += docs.len();
             if let Err(refusal) = cluster.apply(&docs).await {
@@ -71,11 +73,6 @@ async fn every_overlay_with_every_component_applies_to_a_real_api_server() {
     }
 }
 
-fn helm() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("target/tools/bin/helm")
-}
-
-/// Runs helm against the cluster; its output, or a failure with it.
 fn helm_run(kubeconfig: &Path, args: &[&str]) -> String {
     let out = Command::new(helm())
         .args(args)
@@ -213,7 +210,7 @@ async fn the_chart_installs_upgrades_and_uninstalls_on_a_real_api_server() {
         cluster.ensure_namespace(ns).await;
     }
     let kubeconfig = cluster.admin_kubeconfig();
-    let chart = crate::deploy_helm::chart_dir();
+    let chart = chart_dir();
     let mut files: Vec<PathBuf> = std::fs::read_dir(chart.join("ci"))
         .unwrap()
         .map(|e| e.unwrap().path())

@@ -4,6 +4,7 @@
 #[allow(unused_imports)]
 pub use falco_nats::simulate::kube_api as fake_kube;
 
+pub mod manifests;
 pub mod real_kube;
 pub mod responder;
 pub mod shipped;
