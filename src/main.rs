@@ -113,19 +113,19 @@ async fn bind(address: Option<&str>) -> anyhow::Result<Option<TcpListener>> {
 /// like `systemctl is-active`, so scripts can test it.
 async fn kill_switch(args: falco_nats::cli::PauseArgs, pause: bool) -> anyhow::Result<()> {
     use falco_nats::respond::kill_switch::{self, KillSwitchCommand};
-    let command = match (args.status, pause) {
-        (true, _) => KillSwitchCommand::Status,
-        (false, true) => KillSwitchCommand::Pause {
+    let status = args.status;
+    let command = if status {
+        KillSwitchCommand::Status
+    } else {
+        KillSwitchCommand::Set {
+            paused: pause,
             reason: args.reason,
-        },
-        (false, false) => KillSwitchCommand::Resume {
-            reason: args.reason,
-        },
+        }
     };
     let options = args.kv.options()?;
-    let answer = kill_switch::run(&args.nats.into(), &options, command.clone()).await?;
+    let answer = kill_switch::run(&args.nats.into(), &options, command).await?;
     println!("{}", answer.line);
-    if command == KillSwitchCommand::Status && answer.paused {
+    if status && answer.paused {
         std::process::exit(3);
     }
     Ok(())

@@ -13,10 +13,9 @@ const PATIENCE: Duration = Duration::from_secs(10);
 /// What the operator asks.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum KillSwitchCommand {
-    /// Stop every responder's destructive actions, for this reason.
-    Pause { reason: String },
-    /// Let them act again.
-    Resume { reason: String },
+    /// Pull it (`paused`: every responder stops its destructive actions)
+    /// or release it, for this reason.
+    Set { paused: bool, reason: String },
     /// Only say how the switch stands.
     Status,
 }
@@ -84,8 +83,7 @@ async fn answer(
                 PauseState::Off => Err(KillSwitchError::Off),
             };
         }
-        KillSwitchCommand::Pause { reason } => (true, reason),
-        KillSwitchCommand::Resume { reason } => (false, reason),
+        KillSwitchCommand::Set { paused, reason } => (paused, reason),
     };
     let record = control::set_pause(&client, options, paused, &reason).await?;
     client.flush().await?;

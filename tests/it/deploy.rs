@@ -7,7 +7,7 @@ use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use clap::{CommandFactory, Parser};
+use clap::Parser;
 use falco_nats::cli::Cli;
 use serde_json::Value;
 
@@ -247,15 +247,7 @@ fn falco_nats_containers() -> Vec<(PathBuf, Vec<String>, Vec<String>)> {
 
 /// Environment variables a subcommand reads (its flags' and the global ones).
 fn env_names(subcommand: &str) -> BTreeSet<String> {
-    let cli = Cli::command();
-    let sub = cli
-        .find_subcommand(subcommand)
-        .unwrap_or_else(|| panic!("no subcommand {subcommand}"));
-    cli.get_arguments()
-        .chain(sub.get_arguments())
-        .filter_map(|a| a.get_env())
-        .map(|e| e.to_string_lossy().into_owned())
-        .collect()
+    cli_flags(subcommand).into_values().flatten().collect()
 }
 
 #[test]

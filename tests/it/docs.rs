@@ -1,14 +1,14 @@
 //! The documentation says what the binary does: every link in the README
 //! and `docs/` leads somewhere, the flag tables of `docs/flags.md` are each
-//! subcommand's `--help` (every flag, with its environment variable), and
+//! subcommand's flags as the CLI defines them (every flag, with its
+//! environment variable), and
 //! the result subjects the docs name are the ones the responder publishes
 //! on. (The metrics the docs name: `dashboard.rs`.)
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
-use std::process::Command;
 
-use crate::support::manifests::markdown_files;
+use crate::support::manifests::{cli_flags, markdown_files};
 
 fn root() -> &'static Path {
     Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -103,37 +103,6 @@ fn every_link_in_the_readme_and_the_docs_leads_somewhere() {
     assert!(broken.is_empty(), "broken links:\n{}", broken.join("\n"));
 }
 
-/// Each flag of `falco-nats <subcommand> --help` and the environment
-/// variable it reads (`None`: none).
-fn help_flags(subcommand: &str) -> BTreeMap<String, Option<String>> {
-    let out = Command::new(env!("CARGO_BIN_EXE_falco-nats"))
-        .args([subcommand, "--help"])
-        .output()
-        .unwrap();
-    assert!(out.status.success());
-    let text = String::from_utf8(out.stdout).unwrap();
-    let mut flags = BTreeMap::new();
-    let mut current: Option<String> = None;
-    for line in text.lines() {
-        let trimmed = line.trim_start();
-        let indent = line.len() - trimmed.len();
-        if (2..=6).contains(&indent) && trimmed.starts_with('-') {
-            let long = trimmed
-                .split(|c: char| c == ',' || c.is_whitespace())
-                .find(|t| t.starts_with("--"))
-                .map(str::to_owned);
-            current = long.filter(|f| f != "--help" && f != "--version");
-            if let Some(flag) = &current {
-                flags.insert(flag.clone(), None);
-            }
-        } else if let (Some(flag), Some(env)) = (&current, trimmed.strip_prefix("[env: ")) {
-            let name = env.split(['=', ']']).next().unwrap().to_owned();
-            flags.insert(flag.clone(), Some(name));
-        }
-    }
-    flags
-}
-
 /// Code spans of a table cell.
 fn spans(cell: &str) -> Vec<&str> {
     cell.split('`').skip(1).step_by(2).collect()
@@ -206,7 +175,7 @@ fn the_flag_tables_are_what_each_subcommand_takes() {
         if with_nats.contains(subcommand) {
             expected.extend(nats.clone());
         }
-        let actual = help_flags(subcommand);
+        let actual = cli_flags(subcommand);
         for (flag, env) in &actual {
             match (env, expected.get(flag)) {
                 (None, _) => problems.push(format!("{subcommand} {flag}: reads no variable")),

@@ -113,15 +113,13 @@ impl Unpacked {
     }
 }
 
-/// `name bytes` lines; `#` starts a comment.
+/// The image's budget for `name`, in bytes.
 fn budget(name: &str) -> u64 {
-    let text = std::fs::read_to_string(root().join("benches/image-budget.txt")).unwrap();
-    text.lines()
-        .map(|l| l.split('#').next().unwrap().trim())
-        .filter_map(|l| l.split_once(' '))
-        .find(|(n, _)| *n == name)
-        .and_then(|(_, v)| v.trim().replace(',', "").parse().ok())
-        .unwrap_or_else(|| panic!("no {name} in benches/image-budget.txt"))
+    let budgets = budgets("image-budget.txt");
+    let bytes = budgets
+        .get(name)
+        .unwrap_or_else(|| panic!("no {name} in benches/image-budget.txt"));
+    *bytes as u64
 }
 
 /// The manifest of the archive as skopeo reads it.

@@ -15,7 +15,6 @@
 //! `INSTRUCTIONS_ONLY=<input>` runs one path and `INSTRUCTIONS_KEEP=<dir>`
 //! keeps callgrind's files there for `callgrind_annotate`.
 
-use std::collections::BTreeMap;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -51,18 +50,6 @@ fn release_bin() -> PathBuf {
         bin.display()
     );
     bin
-}
-
-/// The budgets: `<input> <instructions per alert>` per line.
-fn budgets() -> BTreeMap<String, f64> {
-    let text = std::fs::read_to_string(root().join("benches/instruction-budget.txt")).unwrap();
-    text.lines()
-        .filter(|l| !l.trim().is_empty() && !l.starts_with('#'))
-        .map(|l| {
-            let (input, n) = l.split_once(char::is_whitespace).unwrap();
-            (input.to_owned(), n.trim().parse().unwrap())
-        })
-        .collect()
 }
 
 /// The bridge under callgrind, reading `input` (with `args`) into core
@@ -227,7 +214,7 @@ async fn run(input: &str, n: u64) -> u64 {
 #[tokio::test]
 #[ignore = "needs valgrind and the image's binary: scripts/test runs it"]
 async fn instructions_per_alert_stay_within_their_budgets() {
-    let budgets = budgets();
+    let budgets = budgets("instruction-budget.txt");
     let only = std::env::var("INSTRUCTIONS_ONLY").ok();
     let mut over = Vec::new();
     for (input, budget) in &budgets {

@@ -4,6 +4,7 @@
 //! the real CLI; the README and docs/ listed. (deploy.rs, deploy_helm.rs,
 //! deploy_real.rs, admission.rs, bridge_http.rs, dashboard.rs, docs.rs.)
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
@@ -151,6 +152,23 @@ pub fn assert_cli_accepts(container: &Value, what: &str) {
     if let Err(e) = Cli::try_parse_from(argv) {
         panic!("{what}: falco-nats {args:?} is refused:\n{e}");
     }
+}
+
+/// Each long flag a subcommand takes (its own and the global ones) and the
+/// environment variable it reads, from the CLI's own definition.
+pub fn cli_flags(subcommand: &str) -> BTreeMap<String, Option<String>> {
+    let cli = Cli::command();
+    let sub = cli
+        .find_subcommand(subcommand)
+        .unwrap_or_else(|| panic!("no subcommand {subcommand}"));
+    cli.get_arguments()
+        .chain(sub.get_arguments())
+        .filter_map(|a| {
+            let env = a.get_env().map(|e| e.to_string_lossy().into_owned());
+            Some((format!("--{}", a.get_long()?), env))
+        })
+        .filter(|(flag, _)| flag != "--help" && flag != "--version")
+        .collect()
 }
 
 /// A container's literal environment values as the arguments they stand

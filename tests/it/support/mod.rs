@@ -358,6 +358,28 @@ impl RunningBridge {
     }
 }
 
+/// A budget file of `benches/` (`<name> <number>` lines, `,` between
+/// thousands allowed, `#` starts a comment): name -> number.
+pub fn budgets(file: &str) -> std::collections::BTreeMap<String, f64> {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("benches")
+        .join(file);
+    let text = std::fs::read_to_string(&path).expect("the budget file");
+    text.lines()
+        .map(|l| l.split('#').next().unwrap_or_default().trim())
+        .filter(|l| !l.is_empty())
+        .map(|l| {
+            let (name, n) = l
+                .split_once(char::is_whitespace)
+                .unwrap_or_else(|| panic!("{}: {l:?} is not `name number`", path.display()));
+            let n = n.trim().replace(',', "").parse().unwrap_or_else(|e| {
+                panic!("{}: {l:?}: {e}", path.display());
+            });
+            (name.to_owned(), n)
+        })
+        .collect()
+}
+
 /// The value of one series in a metrics text, 0 if absent.
 pub fn metric_value(body: &str, series: &str) -> f64 {
     body.lines()
