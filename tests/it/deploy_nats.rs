@@ -9,6 +9,7 @@ use std::process::Command;
 use std::time::Duration;
 
 use crate::support::fake_kube::KubeApi;
+use crate::support::responder::Responder;
 use crate::support::shipped::{self, client_as, passwords, user};
 use crate::support::*;
 use async_nats::ConnectOptions;
@@ -21,17 +22,14 @@ use serde_json::Value;
 const WAIT: Duration = Duration::from_secs(15);
 
 /// The responder as respond.yaml runs it, on `stream`: the durable consumer,
-/// user respond; once ready, its stop and its task.
+/// user respond; once ready.
 async fn shipped_responder(
     url: &str,
     kube: &KubeApi,
     stream: &str,
     pw: &std::collections::BTreeMap<String, String>,
     dir: &Path,
-) -> (
-    tokio_util::sync::CancellationToken,
-    tokio::task::JoinHandle<Result<(), falco_nats::respond::RespondError>>,
-) {
+) -> Responder {
     let mut options = respond_options(url, &kubeconfig(kube));
     options.nats = user(url, "respond", &pw["nats-user-respond"], dir);
     options.subscription = Subscription::JetStream {
@@ -41,19 +39,7 @@ async fn shipped_responder(
         ack_wait: Duration::from_secs(30),
         max_deliver: 5,
     };
-    let stop = tokio_util::sync::CancellationToken::new();
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let probes = listener.local_addr().unwrap();
-    let task = tokio::spawn(falco_nats::respond::run(
-        options,
-        Some(listener),
-        stop.clone(),
-    ));
-    wait_for("the responder ready", WAIT, || async {
-        http_get(probes, "/readyz").await.0 == 200
-    })
-    .await;
-    (stop, task)
+    Responder::start(options).await
 }
 
 #[tokio::test]
@@ -126,7 +112,7 @@ async fn the_shipped_nats_lets_each_user_do_its_job_and_nothing_else() {
     ui.await.unwrap().unwrap();
 
     // The responder, as respond.yaml runs it: the durable consumer, user respond.
-    let (stop, responder) = shipped_responder(&url, &kube, "FALCO", &pw, dir.path()).await;
+    let responder = shipped_responder(&url, &kube, "FALCO", &pw, dir.path()).await;
     // Its decision about the first alert.
     let first = receive(&mut seen, 1, WAIT).await;
     assert!(first[0].subject.starts_with("falco.response."), "{first:?}");
@@ -187,12 +173,7 @@ async fn the_shipped_nats_lets_each_user_do_its_job_and_nothing_else() {
     );
     assert!(!kube.has_pod("shop", "web"));
 
-    stop.cancel();
-    tokio::time::timeout(WAIT, responder)
-        .await
-        .unwrap()
-        .unwrap()
-        .unwrap();
+    responder.stop().await;
     bridge.stop().await.unwrap();
 }
 
@@ -343,8 +324,7 @@ async fn the_shipped_leaf_layout_brings_each_nodes_alerts_to_the_hub_once() {
     // is acted on.
     let kube = KubeApi::start().await.unwrap();
     kube.add_pod("shop", "leafy", "u-leafy", Some("ReplicaSet"));
-    let (stop, responder) =
-        shipped_responder(&hub.url(), &kube, "FALCO_ALL", &pw, dir.path()).await;
+    let responder = shipped_responder(&hub.url(), &kube, "FALCO_ALL", &pw, dir.path()).await;
     let critical = serde_json::json!({
         "hostname": nodes[1], "output": "x", "priority": "Critical",
         "rule": "Drop and execute new binary in container", "source": "syscall", "tags": [],
@@ -357,12 +337,7 @@ async fn the_shipped_leaf_layout_brings_each_nodes_alerts_to_the_hub_once() {
         !kube.has_pod("shop", "leafy")
     })
     .await;
-    stop.cancel();
-    tokio::time::timeout(WAIT, responder)
-        .await
-        .unwrap()
-        .unwrap()
-        .unwrap();
+    responder.stop().await;
 
     // What else a leaf and its clients may do on the hub: tests/it/security.rs.
     for bridge in bridges {
