@@ -62,43 +62,13 @@ impl Outcome {
     }
 }
 
-/// Why an alert led to no action before any rail was consulted (the rails'
-/// own reasons are `Refusal`, in the responder's rails).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum NoAction {
-    /// Not a Falco alert.
-    Malformed,
-    /// It names a namespace or pod that is not a valid Kubernetes name.
-    InvalidName,
-    /// No policy rule matched.
-    NoPolicyMatch,
-    /// The action needs a pod and the alert names none.
-    NoPod,
-    /// Signatures are required and this alert's is missing or wrong.
-    BadSignature,
-    /// Signed longer ago than `--max-alert-age` (or too far ahead).
-    Stale,
-}
-
-impl NoAction {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            NoAction::Malformed => "malformed_alert",
-            NoAction::InvalidName => "invalid_name",
-            NoAction::NoPolicyMatch => "no_policy_match",
-            NoAction::NoPod => "no_pod_in_alert",
-            NoAction::BadSignature => "bad_signature",
-            NoAction::Stale => "stale",
-        }
-    }
-}
-
 /// One decision about one action for one alert: the NATS result message.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Decision {
     pub action: Action,
     pub outcome: Outcome,
-    /// Why: a skip reason, the error, or what was (or would have been) done.
+    /// Why: a skip reason ([`crate::respond::outcome::Skip`]), the error,
+    /// or what was (or would have been) done.
     #[serde(default)]
     pub reason: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]

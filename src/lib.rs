@@ -14,7 +14,7 @@
 //! | [`event`], [`scan`] | [`event::FalcoEvent`]: an alert on the bridge's side, its JSON kept as it came; the one-pass check that reads its four fields |
 //! | [`nats`] | the one connection ([`nats::NatsOptions`]), subjects, the headers, the publisher: core NATS, or JetStream (the stream, one ack each, fast batches); its dependencies run one way, checked by a test |
 //! | [`alert`], [`decision`] | the read side: an alert and a responder's decision as typed values |
-//! | [`respond`] | `respond`: policy, rails, the Kubernetes calls, the audit of every decision; the shared guards ([`respond::control`]) and the `pause`/`resume` commands ([`respond::kill_switch`]) |
+//! | [`respond`] | `respond`: the options and `run`; the [`respond::responder::Responder`] (one alert, a decision per action); the consumers that settle messages; one vocabulary of outcomes ([`respond::outcome`]); policy, rails and the guard chain; the Kubernetes calls; the audit of every decision; the shared guards' records ([`respond::control`]) and the `pause`/`resume` commands ([`respond::kill_switch`]) |
 //! | [`tail`] | `tail`: alerts and decisions printed readably |
 //! | [`simulate`] | a Falco stand-in (gRPC, FIFO, `http_output`; 0.44's and 0.45's hostile strings) and a Kubernetes API stand-in |
 //! | [`server`], [`telemetry`], [`drain`] | the `--listen` server (the HTTP input's `POST /` answered before its router), probes, metrics, logs; the shutdown deadline |
@@ -28,10 +28,11 @@
 //!
 //! From NATS to a decision: [`respond`] takes the message →
 //! [`alert::Alert::from_json`] and [`alert::Alert::pod`] (names checked) →
-//! [`respond::policy::Policy::evaluate`] → per action,
-//! [`respond::rails::Rails::admit`], a read of the pod,
-//! [`respond::rails::Rails::permit`], the API call → a
-//! [`respond::Verdict`] written into a [`decision::Decision`] →
+//! [`respond::policy::Policy::evaluate`] → per action, the guard chain
+//! ([`respond::guards::Chain::pass`]: the rails, the claim, a read of the
+//! pod, healthy replicas, the kill switch, the budget) and its
+//! [`respond::guards::Permit`], the API call → a
+//! [`respond::outcome::Verdict`] written into a [`decision::Decision`] →
 //! [`respond::audit::Audit::record`] (NATS result, metric, log, Event).
 
 #![forbid(unsafe_code)]

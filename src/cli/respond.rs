@@ -7,6 +7,7 @@ use clap::Args;
 
 use super::{listen_address, KvArgs, KvArgsError, NatsArgs};
 use crate::respond::control::MAX_ACTIONS_PER_MINUTE;
+use crate::respond::guards::Limits;
 use crate::respond::policy::{Policy, PolicyError};
 use crate::respond::rails::{RailsConfig, DEFAULT_PROTECTED};
 use crate::respond::workload::MinHealthy;
@@ -198,8 +199,10 @@ impl RespondArgs {
                 allow_static_pods: self.allow_static_pods,
                 skip_statefulset_pods: self.skip_statefulset_pods,
                 skip_standalone_pods: self.skip_standalone_pods,
-                min_healthy_replicas: self.min_healthy_replicas,
                 dedup_window: self.dedup_window,
+            },
+            limits: Limits {
+                min_healthy_replicas: self.min_healthy_replicas,
                 max_actions_per_minute: self.max_actions_per_minute,
             },
             dry_run: self.dry_run,

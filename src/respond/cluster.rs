@@ -19,21 +19,11 @@ use kube::config::{KubeConfigOptions, Kubeconfig};
 use kube::{Client, Config};
 use serde_json::json;
 
+use super::outcome::Applied;
 use super::policy::ActionSpec;
 use super::workload::{replicated_owner, Workload};
 use crate::alert::PodRef;
 use crate::telemetry::health::ReadyFlag;
-
-/// What happened to a pod action.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Applied {
-    /// The API accepted it.
-    Done,
-    /// The pod no longer exists (404): nothing left to do.
-    Gone,
-    /// The pod's UID differs (409): it was replaced and is not touched.
-    Replaced,
-}
 
 /// Why a Kubernetes call failed.
 #[derive(Debug, thiserror::Error)]

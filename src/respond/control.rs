@@ -39,6 +39,7 @@ use async_nats::jetstream::{self, kv, stream};
 use serde::{Deserialize, Serialize};
 use tokio_util::sync::CancellationToken;
 
+use super::outcome::{Skip, Skipped};
 use super::rails::DedupKey;
 use super::workload::{self, MinHealthy, Reservation, Workload};
 
@@ -280,19 +281,6 @@ struct PauseMemo {
     state: PauseState,
     at: Instant,
     seen_set: bool,
-}
-
-/// A refusal the shared state gives.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Gate {
-    /// The kill switch is pulled.
-    Paused,
-    /// The kill switch cannot be read lately (why).
-    PauseUnknown(String),
-    /// The cluster-wide rate limit is used up.
-    RateLimited,
-    /// The rate limit cannot be checked (why).
-    RateLimitUnavailable(String),
 }
 
 /// Opens a bucket, creating it (with `bucket_stream`'s safe settings)
@@ -558,11 +546,11 @@ impl Control {
     }
 
     /// Refuses destructive actions while paused, or while the kill switch's state is unknown.
-    pub fn check_pause(&self) -> Result<(), Gate> {
+    pub fn check_pause(&self) -> Result<(), Skipped> {
         match self.pause_state() {
             PauseState::Running(_) | PauseState::Off => Ok(()),
-            PauseState::Paused(_) => Err(Gate::Paused),
-            PauseState::Unknown(why) => Err(Gate::PauseUnknown(why)),
+            PauseState::Paused(_) => Err(Skip::Paused.into()),
+            PauseState::Unknown(why) => Err(Skip::PauseUnknown.because(why)),
         }
     }
 
@@ -591,12 +579,12 @@ impl Control {
 
     /// Takes one slot of the cluster-wide budget of `limit` destructive
     /// actions per minute (`take` false: only looks, for dry runs).
-    pub async fn take_slot(&self, limit: u32, take: bool) -> Result<(), Gate> {
+    pub async fn take_slot(&self, limit: u32, take: bool) -> Result<(), Skipped> {
         let now = now_ms();
         let taken = self
             .update_times(ACTIONS_KEY, |times| {
                 if !admit(times, now, limit, take) {
-                    return Step::Keep(Err(Gate::RateLimited));
+                    return Step::Keep(Err(Skip::RateLimited.into()));
                 }
                 if take {
                     Step::Write(Ok(()))
@@ -607,7 +595,7 @@ impl Control {
             .await;
         match taken {
             Ok(result) => result,
-            Err(e) => Err(Gate::RateLimitUnavailable(e.to_string())),
+            Err(e) => Err(Skip::RateLimitUnavailable.because(e.to_string())),
         }
     }
 
@@ -615,16 +603,16 @@ impl Control {
     /// replica shares (min_healthy_replicas): refused (why) when it would
     /// leave fewer than `min` healthy replicas, counting what every replica
     /// deleted in the last [`workload::RECENT`]. A pod that is not
-    /// `healthy` costs nothing. `Err(Err(_))`: the record cannot be used.
+    /// `healthy` costs nothing. `Err`: the record cannot be used.
     pub async fn reserve_replica(
         &self,
         workload: &Workload,
         healthy: bool,
         min: MinHealthy,
-    ) -> Result<Reservation, Result<String, ControlError>> {
+    ) -> Result<Result<Reservation, String>, ControlError> {
         let key = workload::reservation_key(workload);
         if !healthy {
-            return Ok(Reservation { key, at: None });
+            return Ok(Ok(Reservation { key, at: None }));
         }
         let now = now_ms();
         let reserved = self
@@ -634,10 +622,8 @@ impl Control {
                     Err(why) => Step::Keep(Err(why)),
                 }
             })
-            .await
-            .map_err(Err)?;
-        reserved.map_err(Ok)?;
-        Ok(Reservation { key, at: Some(now) })
+            .await?;
+        Ok(reserved.map(|()| Reservation { key, at: Some(now) }))
     }
 
     /// Gives a reservation back: the pod was not deleted. Best effort: a

@@ -1,8 +1,8 @@
 //! Safety rails: what the responder refuses to touch. No I/O here:
 //! [`Rails::admit`] decides before the pod is read, [`Rails::permit`] once
-//! it is; both are unit-tested below. The guards that need I/O are
-//! elsewhere: the kill switch and the cluster-wide rate limit in
-//! [`super::control`], healthy replicas in [`super::workload`].
+//! it is; both are unit-tested below. They are the first links of the
+//! guard chain ([`super::guards`]); the guards that need I/O (healthy
+//! replicas, the kill switch, the cluster-wide budget) are its last.
 
 use std::collections::{BTreeSet, HashMap};
 use std::hash::Hash;
@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use k8s_openapi::api::core::v1::Pod;
 
-use super::workload::MinHealthy;
+use super::outcome::Skip;
 use crate::alert::PodRef;
 use crate::decision::Action;
 
@@ -21,49 +21,6 @@ pub const DEFAULT_PROTECTED: &[&str] = &["kube-system", "kube-public", "falco"];
 /// How long a pod's owner-based refusal (DaemonSet, static pod) is remembered,
 /// so a storm of alerts about such a pod does not read it from the API each time.
 pub const OWNER_CACHE_TTL: Duration = Duration::from_secs(30);
-
-/// Why the rails refused an action. Each has a short name for results and
-/// metrics. (Reasons that come before the rails are
-/// [`crate::decision::NoAction`].)
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Refusal {
-    ProtectedNamespace,
-    NamespaceNotAllowed,
-    DaemonSetPod,
-    StaticPod,
-    Duplicate,
-    RateLimited,
-    /// The cluster-wide rate limit could not be checked (fail closed).
-    RateLimitUnavailable,
-    /// The kill switch is pulled (`falco-nats pause`).
-    Paused,
-    /// The kill switch could not be read lately (fail closed).
-    PauseUnknown,
-    StatefulSetPod,
-    /// A pod without a controller (`--skip-standalone-pods`).
-    StandalonePod,
-    /// Deleting the pod would leave its workload fewer healthy replicas than asked.
-    MinHealthyReplicas,
-}
-
-impl Refusal {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Refusal::ProtectedNamespace => "protected_namespace",
-            Refusal::NamespaceNotAllowed => "namespace_not_allowed",
-            Refusal::DaemonSetPod => "daemonset_pod",
-            Refusal::StaticPod => "static_pod",
-            Refusal::Duplicate => "duplicate",
-            Refusal::RateLimited => "rate_limited",
-            Refusal::RateLimitUnavailable => "rate_limit_unavailable",
-            Refusal::Paused => "paused",
-            Refusal::PauseUnknown => "pause_unknown",
-            Refusal::StatefulSetPod => "statefulset_pod",
-            Refusal::StandalonePod => "standalone_pod",
-            Refusal::MinHealthyReplicas => "min_healthy_replicas",
-        }
-    }
-}
 
 /// Rail settings.
 #[derive(Debug, Clone)]
@@ -77,15 +34,9 @@ pub struct RailsConfig {
     pub skip_statefulset_pods: bool,
     /// Refuse pods without a controller (off by default).
     pub skip_standalone_pods: bool,
-    /// Healthy replicas `delete-pod` leaves a workload at least, unless a
-    /// policy rule says otherwise.
-    pub min_healthy_replicas: MinHealthy,
     /// One action per pod, Falco rule and action within this window; at
     /// most one Kubernetes Event per pod and reason too.
     pub dedup_window: Duration,
-    /// Destructive actions (delete, isolate) in any 60 s, at most, across
-    /// every replica (counted in NATS: [`super::control`]).
-    pub max_actions_per_minute: u32,
 }
 
 /// What one action on one pod is deduplicated on. The pod's UID is part of
@@ -104,7 +55,7 @@ pub struct DedupKey {
 pub struct Rails {
     config: RailsConfig,
     recent_actions: Recent<DedupKey>,
-    owner_skips: Mutex<HashMap<(String, String), (Instant, Refusal)>>,
+    owner_skips: Mutex<HashMap<(String, String), (Instant, Skip)>>,
 }
 
 /// Keys seen within a window, pruned as the map grows.
@@ -153,7 +104,7 @@ impl Rails {
     /// Before the pod is read: its namespace, an owner refusal remembered,
     /// and the dedup claim. The claim returned is held until
     /// [`Rails::release`]d.
-    pub fn admit(&self, pod: &PodRef, rule: &str, action: Action) -> Result<DedupKey, Refusal> {
+    pub fn admit(&self, pod: &PodRef, rule: &str, action: Action) -> Result<DedupKey, Skip> {
         self.check_namespace(&pod.namespace)?;
         if let Some(refusal) = self.cached_owner_skip(&pod.namespace, &pod.name) {
             return Err(refusal);
@@ -166,18 +117,17 @@ impl Rails {
             action,
         };
         if !self.claim(key.clone()) {
-            return Err(Refusal::Duplicate);
+            return Err(Skip::Duplicate);
         }
         Ok(key)
     }
 
-    /// Once the pod is read: its owner. A refusal gives the claim back and
-    /// is remembered.
-    pub fn permit(&self, key: &DedupKey, found: &Pod) -> Result<(), Refusal> {
+    /// Once the pod is read: its owner. A refusal is remembered; the
+    /// claim is given back by whoever holds it ([`super::guards::Permit`]).
+    pub fn permit(&self, key: &DedupKey, found: &Pod) -> Result<(), Skip> {
         let result = self.check_owner(found);
-        if let Err(refusal) = result {
-            self.cache_owner_skip(&key.namespace, &key.pod, refusal);
-            self.release(key);
+        if let Err(skip) = result {
+            self.cache_owner_skip(&key.namespace, &key.pod, skip);
         }
         result
     }
@@ -187,29 +137,19 @@ impl Rails {
         self.config.dedup_window
     }
 
-    /// The global `min_healthy_replicas`.
-    pub fn min_healthy_replicas(&self) -> MinHealthy {
-        self.config.min_healthy_replicas
-    }
-
-    /// The rate limit's setting.
-    pub fn max_actions_per_minute(&self) -> u32 {
-        self.config.max_actions_per_minute
-    }
-
-    pub fn check_namespace(&self, namespace: &str) -> Result<(), Refusal> {
+    pub fn check_namespace(&self, namespace: &str) -> Result<(), Skip> {
         if self.config.protected_namespaces.contains(namespace) {
-            return Err(Refusal::ProtectedNamespace);
+            return Err(Skip::ProtectedNamespace);
         }
         match &self.config.only_namespaces {
-            Some(only) if !only.contains(namespace) => Err(Refusal::NamespaceNotAllowed),
+            Some(only) if !only.contains(namespace) => Err(Skip::NamespaceNotAllowed),
             _ => Ok(()),
         }
     }
 
     /// Refuses pods of DaemonSets (a deleted one comes straight back, and
     /// may be node infrastructure) and static pods (the API cannot delete them).
-    pub fn check_owner(&self, pod: &Pod) -> Result<(), Refusal> {
+    pub fn check_owner(&self, pod: &Pod) -> Result<(), Skip> {
         let owners = pod.metadata.owner_references.as_deref().unwrap_or_default();
         let is_static = owners.iter().any(|o| o.kind == "Node")
             || pod
@@ -218,30 +158,30 @@ impl Rails {
                 .as_ref()
                 .is_some_and(|a| a.contains_key("kubernetes.io/config.mirror"));
         if is_static && !self.config.allow_static_pods {
-            return Err(Refusal::StaticPod);
+            return Err(Skip::StaticPod);
         }
         if owners.iter().any(|o| o.kind == "DaemonSet") && !self.config.allow_daemonset_pods {
-            return Err(Refusal::DaemonSetPod);
+            return Err(Skip::DaemonSetPod);
         }
         if owners.iter().any(|o| o.kind == "StatefulSet") && self.config.skip_statefulset_pods {
-            return Err(Refusal::StatefulSetPod);
+            return Err(Skip::StatefulSetPod);
         }
         let controlled = owners.iter().any(|o| o.controller == Some(true));
         if !controlled && !is_static && self.config.skip_standalone_pods {
-            return Err(Refusal::StandalonePod);
+            return Err(Skip::StandalonePod);
         }
         Ok(())
     }
 
     /// An owner-based refusal of this pod seen within [`OWNER_CACHE_TTL`].
-    pub fn cached_owner_skip(&self, namespace: &str, pod: &str) -> Option<Refusal> {
+    pub fn cached_owner_skip(&self, namespace: &str, pod: &str) -> Option<Skip> {
         let skips = lock(&self.owner_skips);
         let (at, reason) = skips.get(&(namespace.to_owned(), pod.to_owned()))?;
         (at.elapsed() < OWNER_CACHE_TTL).then_some(*reason)
     }
 
     /// Remembers an owner-based refusal for [`OWNER_CACHE_TTL`].
-    pub fn cache_owner_skip(&self, namespace: &str, pod: &str, reason: Refusal) {
+    pub fn cache_owner_skip(&self, namespace: &str, pod: &str, reason: Skip) {
         let mut skips = lock(&self.owner_skips);
         if skips.len() >= 10_000 {
             skips.retain(|_, (t, _)| t.elapsed() < OWNER_CACHE_TTL);
@@ -270,7 +210,7 @@ mod tests {
     use super::*;
     use k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference;
 
-    fn rails(max: u32) -> Rails {
+    fn rails() -> Rails {
         Rails::new(RailsConfig {
             protected_namespaces: DEFAULT_PROTECTED.iter().map(|s| s.to_string()).collect(),
             only_namespaces: Some(["shop".to_string(), "kube-system".to_string()].into()),
@@ -278,9 +218,7 @@ mod tests {
             allow_static_pods: false,
             skip_statefulset_pods: false,
             skip_standalone_pods: false,
-            min_healthy_replicas: MinHealthy::Off,
             dedup_window: Duration::from_secs(60),
-            max_actions_per_minute: max,
         })
     }
 
@@ -308,33 +246,30 @@ mod tests {
 
     #[test]
     fn namespaces() {
-        let r = rails(1);
+        let r = rails();
         assert_eq!(
             r.check_namespace("kube-system"),
-            Err(Refusal::ProtectedNamespace)
+            Err(Skip::ProtectedNamespace)
         );
-        assert_eq!(
-            r.check_namespace("other"),
-            Err(Refusal::NamespaceNotAllowed)
-        );
+        assert_eq!(r.check_namespace("other"), Err(Skip::NamespaceNotAllowed));
         assert_eq!(r.check_namespace("shop"), Ok(()));
     }
 
     #[test]
     fn owners() {
-        let r = rails(1);
+        let r = rails();
         assert_eq!(
             r.check_owner(&owned_by("DaemonSet")),
-            Err(Refusal::DaemonSetPod)
+            Err(Skip::DaemonSetPod)
         );
-        assert_eq!(r.check_owner(&owned_by("Node")), Err(Refusal::StaticPod));
+        assert_eq!(r.check_owner(&owned_by("Node")), Err(Skip::StaticPod));
         assert_eq!(r.check_owner(&owned_by("ReplicaSet")), Ok(()));
         assert_eq!(r.check_owner(&Pod::default()), Ok(()));
         assert_eq!(r.cached_owner_skip("shop", "agent"), None);
-        r.cache_owner_skip("shop", "agent", Refusal::DaemonSetPod);
+        r.cache_owner_skip("shop", "agent", Skip::DaemonSetPod);
         assert_eq!(
             r.cached_owner_skip("shop", "agent"),
-            Some(Refusal::DaemonSetPod)
+            Some(Skip::DaemonSetPod)
         );
     }
 
@@ -348,31 +283,31 @@ mod tests {
         if let Some(owners) = rs.metadata.owner_references.as_mut() {
             owners[0].controller = Some(true);
         }
-        let r = rails(1);
+        let r = rails();
         assert_eq!(r.check_owner(&controlled), Ok(()), "off by default");
         assert_eq!(r.check_owner(&Pod::default()), Ok(()), "off by default");
         let mut config = r.config.clone();
         config.skip_statefulset_pods = true;
         config.skip_standalone_pods = true;
         let r = Rails::new(config);
-        assert_eq!(r.check_owner(&controlled), Err(Refusal::StatefulSetPod));
-        assert_eq!(r.check_owner(&Pod::default()), Err(Refusal::StandalonePod));
+        assert_eq!(r.check_owner(&controlled), Err(Skip::StatefulSetPod));
+        assert_eq!(r.check_owner(&Pod::default()), Err(Skip::StandalonePod));
         assert_eq!(
             r.check_owner(&owned_by("ReplicaSet")),
-            Err(Refusal::StandalonePod),
+            Err(Skip::StandalonePod),
             "an owner that is not its controller leaves the pod standalone"
         );
         assert_eq!(r.check_owner(&rs), Ok(()));
         assert_eq!(
             r.check_owner(&owned_by("Node")),
-            Err(Refusal::StaticPod),
+            Err(Skip::StaticPod),
             "a static pod says so"
         );
     }
 
     #[test]
     fn dedup_claims_per_uid_and_can_be_released() {
-        let r = rails(3);
+        let r = rails();
         assert!(r.claim(key(Some("uid-1"))));
         assert!(!r.claim(key(Some("uid-1"))), "a claim is taken once");
         assert!(r.claim(key(Some("uid-2"))), "a recreated pod is a new pod");
@@ -387,7 +322,7 @@ mod decision_tests {
     use super::*;
     use k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference;
 
-    fn rails(max: u32) -> Rails {
+    fn rails() -> Rails {
         Rails::new(RailsConfig {
             protected_namespaces: DEFAULT_PROTECTED.iter().map(|s| s.to_string()).collect(),
             only_namespaces: None,
@@ -395,9 +330,7 @@ mod decision_tests {
             allow_static_pods: false,
             skip_statefulset_pods: false,
             skip_standalone_pods: false,
-            min_healthy_replicas: MinHealthy::Off,
             dedup_window: Duration::from_secs(60),
-            max_actions_per_minute: max,
         })
     }
 
@@ -420,16 +353,16 @@ mod decision_tests {
 
     #[test]
     fn admit_then_permit() {
-        let r = rails(1);
+        let r = rails();
         let web = pod("shop", "web", Some("u1"));
         assert_eq!(
             r.admit(&pod("kube-system", "dns", None), "rule", Action::DeletePod),
-            Err(Refusal::ProtectedNamespace)
+            Err(Skip::ProtectedNamespace)
         );
         let key = r.admit(&web, "rule", Action::DeletePod).unwrap();
         assert_eq!(
             r.admit(&web, "rule", Action::DeletePod),
-            Err(Refusal::Duplicate),
+            Err(Skip::Duplicate),
             "claimed"
         );
         assert!(
@@ -446,26 +379,25 @@ mod decision_tests {
             .unwrap();
         assert_eq!(
             r.permit(&next, &owned("DaemonSet")),
-            Err(Refusal::DaemonSetPod)
+            Err(Skip::DaemonSetPod)
         );
         assert!(
-            r.claim(next.clone()),
-            "a refused action gives its claim back"
+            !r.claim(next.clone()),
+            "held until its holder gives it back"
         );
+        r.release(&next);
+        assert!(r.claim(next), "given back");
     }
 
     #[test]
     fn owner_refusals_are_remembered() {
-        let r = rails(10);
+        let r = rails();
         let agent = pod("shop", "agent", None);
         let key = r.admit(&agent, "rule", Action::DeletePod).unwrap();
-        assert_eq!(
-            r.permit(&key, &owned("DaemonSet")),
-            Err(Refusal::DaemonSetPod)
-        );
+        assert_eq!(r.permit(&key, &owned("DaemonSet")), Err(Skip::DaemonSetPod));
         assert_eq!(
             r.admit(&agent, "another rule", Action::DeletePod),
-            Err(Refusal::DaemonSetPod),
+            Err(Skip::DaemonSetPod),
             "known without reading the pod again"
         );
     }

@@ -232,3 +232,42 @@ fn the_result_subjects_the_docs_name_are_the_responders() {
         );
     }
 }
+
+/// The skip reasons the docs list are the responder's own, every one, in
+/// its order; a reason named anywhere else in the docs (`reason \`x\``)
+/// is one of them.
+#[test]
+fn the_skip_reasons_the_docs_list_are_the_responders() {
+    use falco_nats::respond::outcome::Skip;
+    let text = std::fs::read_to_string(root().join("docs/respond.md")).unwrap();
+    let lines = prose(&text);
+    let start = lines
+        .iter()
+        .position(|l| l.starts_with("### Why an action was skipped"))
+        .expect("docs/respond.md has the skip reasons' section");
+    let listed: Vec<&str> = lines[start..]
+        .iter()
+        .skip_while(|l| !l.starts_with("| reason"))
+        .skip(2)
+        .take_while(|l| l.starts_with('|'))
+        .map(|l| spans(l.split('|').nth(1).unwrap_or_default())[0])
+        .collect();
+    let own: Vec<&str> = Skip::ALL.iter().map(|s| s.as_str()).collect();
+    assert_eq!(listed, own, "docs/respond.md's table of skip reasons");
+    // A `skipped` decision named with its reason elsewhere names a real one.
+    let mut problems = Vec::new();
+    for file in markdown_files() {
+        let text = std::fs::read_to_string(&file).unwrap();
+        for piece in text.split("reason `").skip(1) {
+            let name: String = piece
+                .chars()
+                .take_while(|c| c.is_ascii_lowercase() || *c == '_')
+                .collect();
+            let looks_like_skip = name.contains('_') || own.contains(&name.as_str());
+            if looks_like_skip && !own.contains(&name.as_str()) && !name.starts_with("falco") {
+                problems.push(format!("{}: reason `{name}`", file.display()));
+            }
+        }
+    }
+    assert!(problems.is_empty(), "not a skip reason: {problems:?}");
+}

@@ -72,7 +72,7 @@ async fn the_kill_switch_stops_every_replica_within_a_second() {
     let mut responders = Vec::new();
     for _ in 0..2 {
         let mut opts = options(&nats, &kube);
-        opts.rails.max_actions_per_minute = 10_000;
+        opts.limits.max_actions_per_minute = 10_000;
         responders.push(Responder::start(opts).await);
     }
     // 200 alerts a second, each for its own pod.
@@ -268,7 +268,7 @@ async fn one_rate_limit_for_all_replicas() {
     let mut responders = Vec::new();
     for _ in 0..3 {
         let mut opts = options(&nats, &kube);
-        opts.rails.max_actions_per_minute = LIMIT;
+        opts.limits.max_actions_per_minute = LIMIT;
         responders.push(Responder::start(opts).await);
     }
     for i in 0..PODS {
@@ -324,7 +324,7 @@ async fn healthy_replicas_are_kept_across_replicas() {
     let mut responders = Vec::new();
     for _ in 0..3 {
         let mut opts = options(&nats, &kube);
-        opts.rails.min_healthy_replicas = "8".parse().unwrap();
+        opts.limits.min_healthy_replicas = "8".parse().unwrap();
         opts.concurrency = 4;
         responders.push(Responder::start(opts).await);
     }
@@ -451,7 +451,7 @@ async fn healthy_replicas_are_kept() {
     kube.add_pod("shop", "standalone", "uid-standalone", None);
 
     let mut opts = options(&nats, &kube);
-    opts.rails.min_healthy_replicas = "2".parse().unwrap();
+    opts.limits.min_healthy_replicas = "2".parse().unwrap();
     opts.policy = policy(
         r#"
 rules:
@@ -577,7 +577,7 @@ async fn without_jetstream_the_responder_says_so_or_runs_with_local_guards() {
     client.flush().await.unwrap();
     let mut opts = respond_options(&nats.url(), &kubeconfig(&kube));
     opts.guards = falco_nats::respond::control::Guards::Local;
-    opts.rails.max_actions_per_minute = 2;
+    opts.limits.max_actions_per_minute = 2;
     let responder = Responder::start(opts).await;
     let (code, body) = http_get(responder.http, "/readyz").await;
     assert_eq!(code, 200, "{body}");

@@ -157,7 +157,7 @@ async fn an_alert_storm_cannot_exceed_the_rate_limit() {
     } = Scene::start().await;
     kube.add_pods("shop", "web", PODS);
     let mut opts = options(&nats, &kube);
-    opts.rails.max_actions_per_minute = 10;
+    opts.limits.max_actions_per_minute = 10;
     let responder = Responder::start(opts).await;
     for i in 0..PODS {
         publish(
@@ -767,7 +767,7 @@ async fn dry_runs_skips_and_recreated_pods_under_the_rails() {
     kube.add_pod("shop", "web", "u-web", Some("ReplicaSet"));
     kube.add_pod("shop", "agent", "u-agent", Some("DaemonSet"));
     let mut opts = options(&nats, &kube);
-    opts.rails.max_actions_per_minute = 4;
+    opts.limits.max_actions_per_minute = 4;
     opts.policy = policy("rules:\n  - name: rehearse\n    match: {rules: [Rehearsal]}\n    dry_run: true\n    actions: [{action: delete-pod}]\n  - name: kill\n    match: {priority: '>=Critical'}\n    actions: [{action: delete-pod}]\n");
     let responder = Responder::start(opts).await;
 

@@ -300,7 +300,7 @@ async fn min_healthy_replicas_on_real_deployments_and_statefulsets() {
     .await;
 
     let mut scene = Scene::start(cluster, |o| {
-        o.rails.min_healthy_replicas = "2".parse().unwrap();
+        o.limits.min_healthy_replicas = "2".parse().unwrap();
     })
     .await;
     let critical = |pod: &str| {

@@ -763,7 +763,7 @@ async fn forged_shared_records_are_not_believed() {
     }
     let mut options = respond_options(&url, &kubeconfig(&kube));
     options.nats = shipped::user(&url, "respond", &pw["nats-user-respond"], dir.path());
-    options.rails.min_healthy_replicas = "2".parse().unwrap();
+    options.limits.min_healthy_replicas = "2".parse().unwrap();
     options.control.record_key = Some(pw["falco-nats-kv-key"].as_bytes().to_vec());
     let reader = client_as(&url, "reader", &pw["nats-user-reader"]).await;
     let mut out = reader.subscribe("falco.response.>").await.unwrap();

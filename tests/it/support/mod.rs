@@ -577,6 +577,7 @@ where
 /// policy, default rails with a rate limit high enough not to interfere,
 /// alerts handled one at a time.
 pub fn respond_options(url: &str, kubeconfig: &Path) -> falco_nats::respond::RespondOptions {
+    use falco_nats::respond::guards::Limits;
     use falco_nats::respond::policy::Policy;
     use falco_nats::respond::rails::{RailsConfig, DEFAULT_PROTECTED};
     use falco_nats::respond::{RespondOptions, Subscription};
@@ -594,8 +595,10 @@ pub fn respond_options(url: &str, kubeconfig: &Path) -> falco_nats::respond::Res
             allow_static_pods: false,
             skip_statefulset_pods: false,
             skip_standalone_pods: false,
-            min_healthy_replicas: Default::default(),
             dedup_window: Duration::from_secs(600),
+        },
+        limits: Limits {
+            min_healthy_replicas: Default::default(),
             max_actions_per_minute: 1000,
         },
         dry_run: false,
