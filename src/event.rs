@@ -30,10 +30,13 @@ pub struct FalcoEvent {
 /// Why an alert was rejected. Each variant has a short `reason` for metrics.
 #[derive(Debug, thiserror::Error)]
 pub enum AlertError {
-    #[error("line is not JSON ({0}): Falco must run with `json_output: true`")]
-    NotJson(String),
+    #[error("line is not JSON (Falco must run with `json_output: true`)")]
+    NotJson(#[source] ScanError),
+    /// What about its shape is not an alert's.
     #[error("JSON is not a Falco alert: {0}")]
     NotAnAlert(String),
+    #[error("JSON is not a Falco alert")]
+    Unreadable(#[source] serde_json::Error),
     #[error("alert has no {0:?} field")]
     MissingField(&'static str),
     #[error(transparent)]
@@ -61,7 +64,9 @@ impl AlertError {
     pub fn reason(&self) -> &'static str {
         match self {
             AlertError::NotJson(_) => "not_json",
-            AlertError::NotAnAlert(_) | AlertError::MissingField(_) => "not_an_alert",
+            AlertError::NotAnAlert(_) | AlertError::Unreadable(_) | AlertError::MissingField(_) => {
+                "not_an_alert"
+            }
             AlertError::Priority(_) => "unknown_priority",
             AlertError::TooLarge { .. } => "oversized",
             AlertError::NotUtf8 => "not_utf8",
@@ -85,8 +90,8 @@ impl FalcoEvent {
         let payload = raw.slice(start..end);
         let text = std::str::from_utf8(&payload).map_err(|_| AlertError::NotUtf8)?;
         let head = crate::scan::head(text).map_err(|e| match e {
-            ScanError::Syntax { .. } => AlertError::NotJson(e.to_string()),
             ScanError::Shape(shape) => AlertError::NotAnAlert(shape),
+            syntax => AlertError::NotJson(syntax),
         })?;
         let priority = head
             .priority
@@ -153,8 +158,9 @@ mod tests {
     #[test]
     fn every_reason_is_listed() {
         for err in [
-            AlertError::NotJson(String::new()),
+            AlertError::NotJson(ScanError::Syntax { what: "", at: 0 }),
             AlertError::NotAnAlert(String::new()),
+            AlertError::Unreadable(serde_json::from_str::<u8>("").unwrap_err()),
             AlertError::MissingField("rule"),
             AlertError::Priority(PriorityError::UnknownName(String::new())),
             AlertError::TooLarge { size: 2, limit: 1 },

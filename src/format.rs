@@ -67,8 +67,7 @@ struct Fields<'a> {
 /// `event` as falcosidekick publishes it, with `uuid`.
 pub fn falcosidekick(event: FalcoEvent, uuid: &uuid::Uuid) -> Result<FalcoEvent, AlertError> {
     let text = std::str::from_utf8(&event.payload).map_err(|_| AlertError::NotUtf8)?;
-    let fields: Fields<'_> =
-        serde_json::from_str(text).map_err(|e| AlertError::NotAnAlert(e.to_string()))?;
+    let fields: Fields<'_> = serde_json::from_str(text).map_err(AlertError::Unreadable)?;
     let time = go_time(fields.time.as_deref().unwrap_or(""))?;
     let source = match fields.source.as_deref() {
         _ if event.rule == "Test rule" => "internal",
@@ -224,13 +223,12 @@ fn go_raw(out: &mut String, raw: &RawValue) -> Result<(), AlertError> {
     let text = raw.get();
     match text.as_bytes().first() {
         Some(b'"') => {
-            let s: String =
-                serde_json::from_str(text).map_err(|e| AlertError::NotAnAlert(e.to_string()))?;
+            let s: String = serde_json::from_str(text).map_err(AlertError::Unreadable)?;
             go_string(out, &s);
         }
         Some(b'[' | b'{') => {
             let value: serde_json::Value =
-                serde_json::from_str(text).map_err(|e| AlertError::NotAnAlert(e.to_string()))?;
+                serde_json::from_str(text).map_err(AlertError::Unreadable)?;
             go_value(out, &value);
         }
         _ => out.push_str(text),

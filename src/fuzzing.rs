@@ -331,6 +331,14 @@ mod serde_reference {
 
     pub type Fields = (Priority, String, String, String);
 
+    /// serde_json's refusal, as the scan's kind of error.
+    fn not_json() -> crate::scan::ScanError {
+        crate::scan::ScanError::Syntax {
+            what: "serde_json refused it",
+            at: 0,
+        }
+    }
+
     pub fn read(data: &[u8]) -> Result<Fields, AlertError> {
         let text = std::str::from_utf8(data.trim_ascii()).map_err(|_| AlertError::NotUtf8)?;
         let json = || serde_json::from_str::<serde::de::IgnoredAny>(text).is_ok();
@@ -339,7 +347,7 @@ mod serde_reference {
             return Err(if json() {
                 AlertError::NotAnAlert("an alert is a JSON object".into())
             } else {
-                AlertError::NotJson(String::new())
+                AlertError::NotJson(not_json())
             });
         }
         let head: AlertHead<'_> = serde_json::from_str(text).map_err(|e| {
@@ -350,9 +358,9 @@ mod serde_reference {
                 || e.to_string().starts_with("number out of range"))
                 && json();
             if is_json {
-                AlertError::NotAnAlert(e.to_string())
+                AlertError::Unreadable(e)
             } else {
-                AlertError::NotJson(e.to_string())
+                AlertError::NotJson(not_json())
             }
         })?;
         let priority = head

@@ -44,9 +44,9 @@ fn main() -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            // The whole chain of causes, without a backtrace: these are
-            // errors of input and environment, not of the program.
-            eprintln!("error: {e:#}");
+            // The whole chain of causes, each once, without a backtrace:
+            // these are errors of input and environment, not of the program.
+            eprintln!("error: {}", falco_nats::telemetry::logging::chain(&*e));
             ExitCode::FAILURE
         }
     }

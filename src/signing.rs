@@ -55,12 +55,20 @@ pub enum KeyError {
     },
     #[error("key file {path:?} holds no NKey seed (a line starting with S, as `falco-nats keygen` writes)")]
     NoSeed { path: String },
-    #[error("key file {path:?}: not a valid NKey seed: {reason}")]
-    BadSeed { path: String, reason: String },
+    #[error("key file {path:?}: not a valid NKey seed")]
+    BadSeed {
+        path: String,
+        #[source]
+        source: nkeys::error::Error,
+    },
     #[error("key file {path:?} holds a seed, which is a private key: give the responder the public key only (`falco-nats keygen --public SEED_FILE` prints it)")]
     SeedForVerifying { path: String },
-    #[error("key file {path:?}: not a valid public NKey: {reason}")]
-    BadPublicKey { path: String, reason: String },
+    #[error("key file {path:?}: not a valid public NKey")]
+    BadPublicKey {
+        path: String,
+        #[source]
+        source: nkeys::error::Error,
+    },
 }
 
 /// Why an alert's signature is not accepted. Every case is a skip with
@@ -143,15 +151,15 @@ impl Signer {
         let seed = key_line(&text)
             .filter(|l| l.starts_with('S'))
             .ok_or_else(|| KeyError::NoSeed { path: shown() })?;
-        Self::from_seed(seed).map_err(|reason| KeyError::BadSeed {
+        Self::from_seed(seed).map_err(|source| KeyError::BadSeed {
             path: shown(),
-            reason,
+            source,
         })
     }
 
     /// A signer from an NKey seed.
-    pub fn from_seed(seed: &str) -> Result<Self, String> {
-        let key = KeyPair::from_seed(seed).map_err(|e| e.to_string())?;
+    pub fn from_seed(seed: &str) -> Result<Self, nkeys::error::Error> {
+        let key = KeyPair::from_seed(seed)?;
         let public = key.public_key();
         Ok(Signer { key, public })
     }
@@ -198,9 +206,9 @@ impl Verifier {
             if line.starts_with('S') {
                 return Err(KeyError::SeedForVerifying { path: shown() });
             }
-            let key = KeyPair::from_public_key(line).map_err(|e| KeyError::BadPublicKey {
+            let key = KeyPair::from_public_key(line).map_err(|source| KeyError::BadPublicKey {
                 path: shown(),
-                reason: e.to_string(),
+                source,
             })?;
             keys.push((line.to_owned(), key));
         }
@@ -208,14 +216,12 @@ impl Verifier {
     }
 
     /// Trusts these public keys.
-    pub fn from_public_keys<'a>(keys: impl IntoIterator<Item = &'a str>) -> Result<Self, String> {
+    pub fn from_public_keys<'a>(
+        keys: impl IntoIterator<Item = &'a str>,
+    ) -> Result<Self, nkeys::error::Error> {
         let keys = keys
             .into_iter()
-            .map(|k| {
-                KeyPair::from_public_key(k)
-                    .map(|pair| (k.to_owned(), pair))
-                    .map_err(|e| e.to_string())
-            })
+            .map(|k| KeyPair::from_public_key(k).map(|pair| (k.to_owned(), pair)))
             .collect::<Result<_, _>>()?;
         Ok(Verifier { keys })
     }

@@ -197,13 +197,7 @@ impl GrpcInput {
     /// Handles one alert (a `response` message as Falco sent it); `false`
     /// when the bridge is stopping.
     async fn deliver(&self, response: Bytes) -> bool {
-        match event_from_wire(response) {
-            Ok(event) => self.sink.send(event).await.is_ok(),
-            Err(err) => {
-                self.sink.reject(&err);
-                true
-            }
-        }
+        self.sink.offer(event_from_wire(response)).await.is_ok()
     }
 
     async fn sub(

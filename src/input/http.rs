@@ -20,7 +20,8 @@ use bytes::Bytes;
 use http_body_util::{BodyExt, Limited};
 use hyper::body::Incoming;
 
-use super::AlertSink;
+use super::{AlertSink, Offered, QueueClosed};
+use crate::event::FalcoEvent;
 use crate::telemetry::metrics::HttpServerMetrics;
 
 /// Default largest accepted body: 1 MiB, as for a FIFO line.
@@ -106,16 +107,14 @@ impl crate::server::Route for AlertEndpoint {
             Ok(body) => body,
             Err(refusal) => return *refusal,
         };
-        match crate::event::FalcoEvent::from_json(body) {
-            Ok(event) => match rx.sink.send(event).await {
-                Ok(()) => (StatusCode::OK, "queued\n").into_response(),
-                Err(_) => {
-                    (StatusCode::SERVICE_UNAVAILABLE, "the bridge is stopping\n").into_response()
-                }
-            },
-            Err(err) => {
-                rx.sink.reject(&err);
-                text(StatusCode::BAD_REQUEST, err.to_string())
+        match rx.sink.offer(FalcoEvent::from_json(body)).await {
+            Ok(Offered::Taken) => (StatusCode::OK, "queued\n").into_response(),
+            Ok(Offered::Rejected(err)) => text(
+                StatusCode::BAD_REQUEST,
+                crate::telemetry::logging::chain(&err),
+            ),
+            Err(QueueClosed) => {
+                (StatusCode::SERVICE_UNAVAILABLE, "the bridge is stopping\n").into_response()
             }
         }
     }

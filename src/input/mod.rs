@@ -10,7 +10,6 @@ pub mod http;
 pub mod lines;
 pub mod stdin;
 
-use bytes::Bytes;
 use prometheus_client::metrics::counter::Counter;
 use tokio::io::AsyncRead;
 use tokio::sync::mpsc;
@@ -101,24 +100,33 @@ pub async fn pump_lines<R: AsyncRead + Unpin>(
     Ok(LinesEnd::Stopped)
 }
 
-/// Hands one line to the sink (or rejects it as oversized).
+/// Hands one line to the sink (a blank one is no alert, and skipped).
 async fn forward(line: Line, max_line: usize, sink: &AlertSink) -> Result<(), QueueClosed> {
-    match line {
-        Line::Complete(raw) => sink.send_json(raw).await,
-        Line::Oversized(size) => {
-            sink.reject(&AlertError::TooLarge {
-                size,
-                limit: max_line,
-            });
-            Ok(())
-        }
-    }
+    let read = match line {
+        Line::Complete(raw) if raw.iter().all(u8::is_ascii_whitespace) => return Ok(()),
+        Line::Complete(raw) => FalcoEvent::from_json(raw),
+        Line::Oversized(size) => Err(AlertError::TooLarge {
+            size,
+            limit: max_line,
+        }),
+    };
+    sink.offer(read).await.map(drop)
 }
 
 /// The queue was closed: the bridge is stopping.
 #[derive(Debug, Clone, Copy, thiserror::Error)]
 #[error("the alert queue is closed")]
 pub struct QueueClosed;
+
+/// What became of an alert an input read.
+#[derive(Debug)]
+pub enum Offered {
+    /// Queued for NATS (or left out by `--min-priority`).
+    Taken,
+    /// Not an alert the bridge can forward: counted and logged, and said
+    /// to an input that answers its sender (HTTP's 400).
+    Rejected(AlertError),
+}
 
 /// Where an input puts its alerts: counts them, applies `--min-priority`,
 /// and waits while the queue to NATS is full (Falco keeps its own queue).
@@ -194,24 +202,21 @@ impl AlertSink {
         })
     }
 
-    /// Reads one JSON alert and queues it, or counts and logs why not.
-    pub async fn send_json(&self, raw: Bytes) -> Result<(), QueueClosed> {
-        if raw.iter().all(u8::is_ascii_whitespace) {
-            return Ok(());
-        }
-        match FalcoEvent::from_json(raw) {
-            Ok(event) => self.send(event).await,
+    /// Takes what an input read (a line, a body, a gRPC response, each
+    /// read into an alert): queues the alert, or counts and logs why it
+    /// cannot be. Every input hands over through here.
+    pub async fn offer(
+        &self,
+        read: Result<FalcoEvent, AlertError>,
+    ) -> Result<Offered, QueueClosed> {
+        match read {
+            Ok(event) => self.send(event).await.map(|()| Offered::Taken),
             Err(err) => {
-                self.reject(&err);
-                Ok(())
+                self.received.inc();
+                self.metrics.reject(self.input, &err);
+                Ok(Offered::Rejected(err))
             }
         }
-    }
-
-    /// Counts and logs an alert that cannot be forwarded.
-    pub fn reject(&self, err: &AlertError) {
-        self.received.inc();
-        self.metrics.reject(self.input, err);
     }
 
     /// Counts a reconnect to Falco.

@@ -42,6 +42,7 @@ use tokio_util::sync::CancellationToken;
 use super::outcome::{Skip, Skipped};
 use super::rails::DedupKey;
 use super::workload::{self, MinHealthy, Reservation, Workload};
+use crate::telemetry::logging::chain;
 
 /// The default bucket of the shared rate limit.
 pub const DEFAULT_BUCKET: &str = "falco-nats";
@@ -107,25 +108,79 @@ impl Default for ControlOptions {
     }
 }
 
-/// Why the shared state cannot be used.
+/// What failed under a bucket operation: the client's own error, or
+/// [`NoAnswer`].
+pub type Cause = Box<dyn std::error::Error + Send + Sync>;
+
+/// Why the shared state cannot be used. The cause is its source: say it
+/// with [`crate::telemetry::logging::chain`].
 #[derive(Debug, thiserror::Error)]
 pub enum ControlError {
-    #[error("cannot open or create the key-value bucket {bucket:?} (the kill switch and the shared rate limit need JetStream): {reason}")]
-    Bucket { bucket: String, reason: String },
-    #[error("the key-value bucket did not answer within {0:?}")]
-    TimedOut(Duration),
-    #[error("cannot read key {key:?}: {reason}")]
-    Read { key: &'static str, reason: String },
-    #[error("cannot write key {key:?}: {reason}")]
-    Write { key: &'static str, reason: String },
-    #[error("key {key:?} holds a malformed value ({reason}); fix or delete it")]
-    Malformed { key: &'static str, reason: String },
+    #[error("cannot open or create the key-value bucket {bucket:?} (the kill switch and the shared rate limit need JetStream)")]
+    Bucket {
+        bucket: String,
+        #[source]
+        source: Cause,
+    },
+    #[error("cannot read key {key:?}")]
+    Read {
+        key: &'static str,
+        #[source]
+        source: Cause,
+    },
+    #[error("cannot write key {key:?}")]
+    Write {
+        key: &'static str,
+        #[source]
+        source: Cause,
+    },
+    #[error("key {key:?} holds a malformed value; fix or delete it")]
+    Malformed {
+        key: &'static str,
+        #[source]
+        source: serde_json::Error,
+    },
     #[error("{0} responders competed for the last rate-limit slots; try again")]
     Contended(usize),
-    #[error("cannot learn from the NATS server which user this is: {0}")]
-    Identity(String),
-    #[error("key {key:?} holds a record not sealed with --kv-key-file ({reason}): not believed")]
-    Forged { key: &'static str, reason: String },
+    #[error("cannot learn from the NATS server which user this is")]
+    Identity(#[source] IdentityError),
+    #[error("key {key:?} holds a record not sealed with --kv-key-file, not believed")]
+    Forged {
+        key: &'static str,
+        #[source]
+        source: Unsealed,
+    },
+}
+
+/// A bucket operation that took too long.
+#[derive(Debug, thiserror::Error)]
+#[error("no answer within {0:?}")]
+pub struct NoAnswer(pub Duration);
+
+/// Why a record is not believed sealed.
+#[derive(Debug, thiserror::Error)]
+pub enum Unsealed {
+    #[error("it was deleted")]
+    Deleted,
+    #[error("its seal does not match")]
+    Mismatch,
+    #[error("not a sealed record")]
+    NotSealed(#[source] serde_json::Error),
+}
+
+/// Why the server did not say who this is.
+#[derive(Debug, thiserror::Error)]
+pub enum IdentityError {
+    #[error("no answer within {0:?} (the user needs permission to publish $SYS.REQ.USER.INFO)")]
+    NoAnswer(Duration),
+    #[error(transparent)]
+    Request(#[from] async_nats::RequestError),
+    #[error("a malformed answer")]
+    Malformed(#[source] serde_json::Error),
+    #[error("the server answered {0}")]
+    Refused(String),
+    #[error("an answer without data")]
+    NoData,
 }
 
 /// The kill switch's record, as `pause` and `resume` write it.
@@ -155,9 +210,9 @@ impl PauseRecord {
 
     /// Reads a value of the `pause` key.
     pub fn parse(value: &[u8]) -> Result<Self, ControlError> {
-        serde_json::from_slice(value).map_err(|e| ControlError::Malformed {
+        serde_json::from_slice(value).map_err(|source| ControlError::Malformed {
             key: PAUSE_KEY,
-            reason: e.to_string(),
+            source,
         })
     }
 }
@@ -196,7 +251,7 @@ impl PauseState {
             Some(e) if e.operation == kv::Operation::Put => match PauseRecord::parse(&e.value) {
                 Ok(r) if r.paused => PauseState::Paused(r),
                 Ok(r) => PauseState::Running(Some(r)),
-                Err(e) => PauseState::Unknown(e.to_string()),
+                Err(e) => PauseState::Unknown(chain(&e)),
             },
             Some(e) => PauseState::Unknown(format!(
                 "the key {PAUSE_KEY:?} was {} (revision {}); `falco-nats pause` or `resume` sets it again",
@@ -292,9 +347,9 @@ pub async fn open_bucket(
     description: &str,
 ) -> Result<kv::Store, ControlError> {
     let js = jetstream::new(client.clone());
-    let fail = |reason: String| ControlError::Bucket {
+    let fail = |source: Cause| ControlError::Bucket {
         bucket: bucket.to_owned(),
-        reason,
+        source,
     };
     let open = async {
         match js.get_key_value(bucket).await {
@@ -305,17 +360,15 @@ pub async fn open_bucket(
                 // nats-server 2.9's answer fails).
                 js.create_stream(bucket_stream(bucket, replicas, description))
                     .await
-                    .map_err(|e| fail(e.to_string()))?;
-                js.get_key_value(bucket)
-                    .await
-                    .map_err(|e| fail(e.to_string()))
+                    .map_err(|e| fail(e.into()))?;
+                js.get_key_value(bucket).await.map_err(|e| fail(e.into()))
             }
-            Err(e) => Err(fail(e.to_string())),
+            Err(e) => Err(fail(e.into())),
         }
     };
     tokio::time::timeout(OP_TIMEOUT * 5, open)
         .await
-        .map_err(|_| fail(format!("no answer within {:?}", OP_TIMEOUT * 5)))?
+        .map_err(|_| fail(NoAnswer(OP_TIMEOUT * 5).into()))?
 }
 
 /// The stream behind a bucket: what every NATS client gives a key-value
@@ -363,9 +416,9 @@ async fn read_pause_state(
     kv: &kv::Store,
     seen_set: bool,
 ) -> Result<(PauseState, bool), ControlError> {
-    let read = |reason| ControlError::Read {
+    let read = |source| ControlError::Read {
         key: PAUSE_KEY,
-        reason,
+        source,
     };
     let info = timed(kv.stream.get_info(), read).await?;
     let found = unsafe_settings(&info.config, &kv.name);
@@ -404,14 +457,15 @@ pub fn admit(times: &mut Vec<u64>, now: u64, limit: u32, take: bool) -> bool {
     true
 }
 
-async fn timed<T, E: std::fmt::Display>(
+/// `op`, failing with its error or [`NoAnswer`] after [`OP_TIMEOUT`].
+async fn timed<T, E: std::error::Error + Send + Sync + 'static>(
     op: impl std::future::Future<Output = Result<T, E>>,
-    fail: impl FnOnce(String) -> ControlError,
+    fail: impl FnOnce(Cause) -> ControlError,
 ) -> Result<T, ControlError> {
     match tokio::time::timeout(OP_TIMEOUT, op).await {
         Ok(Ok(v)) => Ok(v),
-        Ok(Err(e)) => Err(fail(e.to_string())),
-        Err(_) => Err(ControlError::TimedOut(OP_TIMEOUT)),
+        Ok(Err(e)) => Err(fail(e.into())),
+        Err(_) => Err(fail(NoAnswer(OP_TIMEOUT).into())),
     }
 }
 
@@ -540,7 +594,7 @@ impl Control {
     /// state as [`Self::pause_state`] then gives it.
     pub async fn refresh(&self) -> PauseState {
         if let Err(e) = self.read_pause().await {
-            tracing::debug!(error = %e, "cannot read the kill switch");
+            tracing::debug!(error = %chain(&e), "cannot read the kill switch");
         }
         self.pause_state()
     }
@@ -595,7 +649,7 @@ impl Control {
             .await;
         match taken {
             Ok(result) => result,
-            Err(e) => Err(Skip::RateLimitUnavailable.because(e.to_string())),
+            Err(e) => Err(Skip::RateLimitUnavailable.because(chain(&e))),
         }
     }
 
@@ -609,7 +663,7 @@ impl Control {
         workload: &Workload,
         healthy: bool,
         min: MinHealthy,
-    ) -> Result<Result<Reservation, String>, ControlError> {
+    ) -> Result<Result<Reservation, workload::TooFewHealthy>, ControlError> {
         let key = workload::reservation_key(workload);
         if !healthy {
             return Ok(Ok(Reservation { key, at: None }));
@@ -643,7 +697,7 @@ impl Control {
             })
             .await;
         if let Err(e) = released {
-            tracing::warn!(error = %e, key = %reservation.key, "cannot give a healthy-replica reservation back; it lapses in 30s");
+            tracing::warn!(error = %chain(&e), key = %reservation.key, "cannot give a healthy-replica reservation back; it lapses in 30s");
         }
     }
 
@@ -716,7 +770,7 @@ impl Control {
             })
             .await;
         if let Err(e) = settled {
-            tracing::warn!(error = %e, key = %claim.key, done, "cannot settle a claim; it lapses with its lease");
+            tracing::warn!(error = %chain(&e), key = %claim.key, done, "cannot settle a claim; it lapses with its lease");
         }
     }
 
@@ -736,9 +790,9 @@ impl Control {
             Store::Local(records) => return Ok(update_local(records, key, decide)),
         };
         for attempt in 0..CAS_ATTEMPTS {
-            let entry = timed(kv.entry(key), |reason| ControlError::Read {
+            let entry = timed(kv.entry(key), |source| ControlError::Read {
                 key: name,
-                reason,
+                source,
             })
             .await?;
             let (mut times, revision) = match &entry {
@@ -750,7 +804,7 @@ impl Control {
                 Some(_) if self.seal.0.is_some() && name == ACTIONS_KEY => {
                     return Err(ControlError::Forged {
                         key: name,
-                        reason: "deleted".into(),
+                        source: Unsealed::Deleted,
                     })
                 }
                 Some(e) => (Vec::new(), Some(e.revision)),
@@ -770,8 +824,8 @@ impl Control {
                         Ok(Err(e)) if e.kind() == kv::UpdateErrorKind::WrongLastRevision => {
                             Ok(false)
                         }
-                        Ok(Err(e)) => Err(e.to_string()),
-                        Err(_) => Err(format!("no answer within {OP_TIMEOUT:?}")),
+                        Ok(Err(e)) => Err(Cause::from(e)),
+                        Err(_) => Err(NoAnswer(OP_TIMEOUT).into()),
                     }
                 }
                 None => {
@@ -779,8 +833,8 @@ impl Control {
                     match tokio::time::timeout(OP_TIMEOUT, create).await {
                         Ok(Ok(_)) => Ok(true),
                         Ok(Err(e)) if e.kind() == kv::CreateErrorKind::AlreadyExists => Ok(false),
-                        Ok(Err(e)) => Err(e.to_string()),
-                        Err(_) => Err(format!("no answer within {OP_TIMEOUT:?}")),
+                        Ok(Err(e)) => Err(Cause::from(e)),
+                        Err(_) => Err(NoAnswer(OP_TIMEOUT).into()),
                     }
                 }
             };
@@ -791,7 +845,7 @@ impl Control {
                     let jitter = fastrand::u64(1..=5 + attempt as u64);
                     tokio::time::sleep(Duration::from_millis(jitter)).await;
                 }
-                Err(reason) => return Err(ControlError::Write { key: name, reason }),
+                Err(source) => return Err(ControlError::Write { key: name, source }),
             }
         }
         Err(ControlError::Contended(CAS_ATTEMPTS))
@@ -881,14 +935,13 @@ impl Seal {
     /// action back).
     fn open(&self, record: &str, value: &[u8]) -> Result<Vec<u64>, ControlError> {
         let name = record_name(record);
-        let malformed = |reason: String| ControlError::Malformed { key: name, reason };
         let Some(key) = &self.0 else {
             return match serde_json::from_slice::<Vec<u64>>(value) {
                 Ok(times) => Ok(times),
                 // Sealed by a responder that has the secret: the times.
-                Err(e) => serde_json::from_slice::<Sealed>(value)
+                Err(source) => serde_json::from_slice::<Sealed>(value)
                     .map(|s| s.t)
-                    .map_err(|_| malformed(e.to_string())),
+                    .map_err(|_| ControlError::Malformed { key: name, source }),
             };
         };
         let why = match serde_json::from_slice::<Sealed>(value) {
@@ -902,17 +955,17 @@ impl Seal {
                 if tag.is_some_and(|tag| ring::hmac::verify(key, &input, &tag).is_ok()) {
                     return Ok(sealed.t);
                 }
-                "its seal does not match".to_owned()
+                Unsealed::Mismatch
             }
-            Err(e) => format!("not a sealed record: {e}"),
+            Err(e) => Unsealed::NotSealed(e),
         };
         if name == ACTIONS_KEY {
             return Err(ControlError::Forged {
                 key: name,
-                reason: why,
+                source: why,
             });
         }
-        tracing::warn!(key = record, reason = %why, "a shared record not sealed by a responder is ignored");
+        tracing::warn!(key = record, reason = %chain(&why), "a shared record not sealed by a responder is ignored");
         Ok(Vec::new())
     }
 }
@@ -1016,29 +1069,27 @@ pub async fn identity(client: &async_nats::Client) -> Result<String, ControlErro
         #[serde(default)]
         account: String,
     }
-    let fail = |reason: String| ControlError::Identity(reason);
+    let fail = ControlError::Identity;
     let answer = tokio::time::timeout(
         OP_TIMEOUT,
         client.request("$SYS.REQ.USER.INFO", bytes::Bytes::new()),
     )
     .await
-    .map_err(|_| fail(format!("no answer within {OP_TIMEOUT:?} (the user needs permission to publish $SYS.REQ.USER.INFO)")))?;
+    .map_err(|_| fail(IdentityError::NoAnswer(OP_TIMEOUT)))?;
     let answer = match answer {
         Ok(answer) => answer,
         // nats-server before 2.10 has no such service: it cannot say.
         Err(e) if e.kind() == async_nats::RequestErrorKind::NoResponders => {
             return Ok("(not said: nats-server before 2.10)".to_owned())
         }
-        Err(e) => return Err(fail(e.to_string())),
+        Err(e) => return Err(fail(e.into())),
     };
-    let answer: Answer = serde_json::from_slice(&answer.payload)
-        .map_err(|e| fail(format!("a malformed answer: {e}")))?;
+    let answer: Answer =
+        serde_json::from_slice(&answer.payload).map_err(|e| fail(IdentityError::Malformed(e)))?;
     if let Some(error) = answer.error {
-        return Err(fail(error.to_string()));
+        return Err(fail(IdentityError::Refused(error.to_string())));
     }
-    let info = answer
-        .data
-        .ok_or_else(|| fail("an answer without data".into()))?;
+    let info = answer.data.ok_or(fail(IdentityError::NoData))?;
     let user = if info.user.is_empty() {
         "(no user: the server has no authentication)".to_owned()
     } else {
@@ -1064,9 +1115,9 @@ pub async fn set_pause(
     let value = serde_json::to_vec(&record)
         .expect("a pause record always serializes")
         .into();
-    timed(kv.put(PAUSE_KEY, value), |reason| ControlError::Write {
+    timed(kv.put(PAUSE_KEY, value), |source| ControlError::Write {
         key: PAUSE_KEY,
-        reason,
+        source,
     })
     .await?;
     Ok(record)

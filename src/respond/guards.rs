@@ -29,6 +29,7 @@ use super::policy::{ActionSpec, PolicyRule};
 use super::rails::{DedupKey, Rails};
 use super::workload::{self, MinHealthy, Reservation};
 use crate::alert::PodRef;
+use crate::telemetry::logging::chain;
 
 /// The limits the guards apply (the rails' own settings are
 /// [`super::rails::RailsConfig`]).
@@ -125,7 +126,7 @@ impl Chain<'_> {
                 true,
             )),
             Err(e) => Err(Verdict::failed(
-                format!("cannot check for duplicates across replicas: {e}"),
+                format!("cannot check for duplicates across replicas: {}", chain(&e)),
                 true,
             )),
         }
@@ -144,7 +145,7 @@ impl Chain<'_> {
             Err(e) => {
                 let transient = e.is_transient();
                 return Err(Verdict::failed(
-                    format!("cannot read the pod: {e}"),
+                    format!("cannot read the pod: {}", chain(&e)),
                     transient,
                 ));
             }
@@ -193,24 +194,27 @@ impl Chain<'_> {
             Ok(None) => return Ok(None),
             Err(e) if e.is_transient() => {
                 return Err(Verdict::failed(
-                    format!("cannot check min_healthy_replicas: {e}"),
+                    format!("cannot check min_healthy_replicas: {}", chain(&e)),
                     true,
                 ))
             }
             Err(e) => {
                 return Err(Skip::MinHealthyReplicas
-                    .because(format!("cannot tell the workload's healthy replicas: {e}"))
+                    .because(format!(
+                        "cannot tell the workload's healthy replicas: {}",
+                        chain(&e)
+                    ))
                     .into())
             }
         };
         let healthy = workload::is_healthy(found);
         match self.control.reserve_replica(&workload, healthy, min).await {
             Ok(Ok(reservation)) => Ok(Some(reservation)),
-            Ok(Err(why)) => Err(Skip::MinHealthyReplicas.because(why).into()),
+            Ok(Err(why)) => Err(Skip::MinHealthyReplicas.because(why.to_string()).into()),
             // The shared record cannot be used: not now (fail closed,
             // tried again with JetStream).
             Err(e) => Err(Verdict::failed(
-                format!("cannot check min_healthy_replicas: {e}"),
+                format!("cannot check min_healthy_replicas: {}", chain(&e)),
                 true,
             )),
         }

@@ -353,7 +353,7 @@ async fn open_control(
             Ok(control) => return Some(control),
             Err(e) => {
                 let delay = backoff.next_delay();
-                tracing::error!(error = %e, ?delay, "cannot read the kill switch; not taking alerts until it can be read");
+                tracing::error!(error = %crate::telemetry::logging::chain(&e), ?delay, "cannot read the kill switch; not taking alerts until it can be read");
                 tokio::select! {
                     _ = tokio::time::sleep(delay) => {}
                     _ = shutdown.cancelled() => return None,

@@ -168,16 +168,52 @@ pub struct Reservation {
     pub at: Option<u64>,
 }
 
+/// A deletion refused: it would leave the workload too few healthy replicas.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TooFewHealthy {
+    pub workload: Workload,
+    /// Its pods deleted in the last [`RECENT`], by any replica.
+    pub deleted_recently: usize,
+    /// Healthy replicas the deletion would leave.
+    pub left: u32,
+    pub required: u32,
+    pub min: MinHealthy,
+}
+
+impl fmt::Display for TooFewHealthy {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let w = &self.workload;
+        write!(
+            f,
+            "{w} has {} of {} replicas available",
+            w.available, w.desired
+        )?;
+        if self.deleted_recently > 0 {
+            write!(
+                f,
+                " and {} deleted in the last {}s",
+                self.deleted_recently,
+                RECENT.as_secs()
+            )?;
+        }
+        write!(
+            f,
+            "; deleting this pod would leave {}, fewer than {} (min_healthy_replicas {})",
+            self.left, self.required, self.min
+        )
+    }
+}
+
 /// The guard's decision on one record of a workload's recent deletions
 /// (their times, ms since the epoch): drops those older than [`RECENT`],
 /// and takes one at `now` unless the deletion would leave fewer than `min`
-/// healthy replicas; the refusal says why.
+/// healthy replicas.
 pub fn reserve_in(
     recent: &mut Vec<u64>,
     workload: &Workload,
     min: MinHealthy,
     now: u64,
-) -> Result<(), String> {
+) -> Result<(), TooFewHealthy> {
     let window = RECENT.as_millis() as u64;
     recent.retain(|&t| t + window > now && t <= now + window);
     let required = min.required(workload.desired);
@@ -186,15 +222,13 @@ pub fn reserve_in(
         .saturating_sub(1)
         .saturating_sub(recent.len() as u32);
     if left < required {
-        return Err(format!(
-            "{workload} has {} of {} replicas available{}; deleting this pod would leave {left}, fewer than {required} (min_healthy_replicas {min})",
-            workload.available,
-            workload.desired,
-            match recent.len() {
-                0 => String::new(),
-                n => format!(" and {n} deleted in the last {}s", RECENT.as_secs()),
-            },
-        ));
+        return Err(TooFewHealthy {
+            workload: workload.clone(),
+            deleted_recently: recent.len(),
+            left,
+            required,
+            min,
+        });
     }
     recent.push(now);
     Ok(())
@@ -240,7 +274,9 @@ mod tests {
         let mut recent = Vec::new();
         reserve_in(&mut recent, &web, MinHealthy::Count(1), 1_000).unwrap();
         reserve_in(&mut recent, &web, MinHealthy::Count(1), 1_001).unwrap();
-        let why = reserve_in(&mut recent, &web, MinHealthy::Count(1), 1_002).unwrap_err();
+        let why = reserve_in(&mut recent, &web, MinHealthy::Count(1), 1_002)
+            .unwrap_err()
+            .to_string();
         assert!(
             why.starts_with("Deployment shop/web has 3 of 3 replicas available and 2 deleted in the last 30s; deleting this pod would leave 0, fewer than 1"),
             "{why}"

@@ -42,12 +42,13 @@ pub(super) async fn post_alerts(
             }
             let taken = match sender.as_mut() {
                 Some(s) => post(s, url, alert.clone()).await,
-                None => Err("cannot connect".to_owned()),
+                None => Err(PostError::Connect),
             };
             match taken {
                 Ok(()) => break,
-                Err(reason) => {
+                Err(e) => {
                     refusals += 1;
+                    let reason = crate::telemetry::logging::chain(&e);
                     if refusals.is_power_of_two() {
                         tracing::warn!(%url, %reason, refusals, "the alert was not taken; posting it again");
                     }
@@ -76,38 +77,45 @@ async fn connect(host: &str, port: u16) -> Option<SendRequest<Full<Bytes>>> {
     Some(sender)
 }
 
-/// One alert posted; `Err` with the reason unless the answer was 200.
+/// Why an alert was not taken.
+#[derive(Debug, thiserror::Error)]
+enum PostError {
+    #[error("cannot connect")]
+    Connect,
+    #[error(transparent)]
+    Request(#[from] hyper::http::Error),
+    #[error(transparent)]
+    Http(#[from] hyper::Error),
+    #[error("{status}: {body}")]
+    Refused {
+        status: hyper::StatusCode,
+        body: String,
+    },
+}
+
+/// One alert posted; `Err` unless the answer was 200.
 async fn post(
     sender: &mut SendRequest<Full<Bytes>>,
     url: &Uri,
     alert: Bytes,
-) -> Result<(), String> {
+) -> Result<(), PostError> {
     let authority = url.authority().map(|a| a.as_str()).unwrap_or_default();
     let request = Request::post(url.path())
         .header(hyper::header::HOST, authority)
         .header(hyper::header::CONTENT_TYPE, "application/json")
         .header(hyper::header::USER_AGENT, "falcosecurity/falco")
-        .body(Full::new(alert))
-        .map_err(|e| e.to_string())?;
-    sender.ready().await.map_err(|e| e.to_string())?;
-    let response = sender
-        .send_request(request)
-        .await
-        .map_err(|e| e.to_string())?;
+        .body(Full::new(alert))?;
+    sender.ready().await?;
+    let response = sender.send_request(request).await?;
     let status = response.status();
     // The body read whole, so the connection can carry the next post.
-    let body = response
-        .into_body()
-        .collect()
-        .await
-        .map_err(|e| e.to_string())?
-        .to_bytes();
+    let body = response.into_body().collect().await?.to_bytes();
     if status == hyper::StatusCode::OK {
         Ok(())
     } else {
-        Err(format!(
-            "{status}: {}",
-            String::from_utf8_lossy(&body).trim()
-        ))
+        Err(PostError::Refused {
+            status,
+            body: String::from_utf8_lossy(&body).trim().to_owned(),
+        })
     }
 }

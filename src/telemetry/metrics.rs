@@ -158,7 +158,7 @@ impl BridgeMetrics {
             .get_or_create(&[("reason", err.reason())])
             .inc();
         // Quoted and escaped: the error may quote what the alert held.
-        tracing::error!(input, reason = err.reason(), error = ?err.to_string(), "alert rejected");
+        tracing::error!(input, reason = err.reason(), error = ?crate::telemetry::logging::chain(err), "alert rejected");
     }
 }
 
