@@ -26,6 +26,8 @@
     byKey: new Map(),   // join key -> alert item
     pending: new Map(), // join key -> decisions that came before their alert
     shown: 0,           // highest seq rendered
+    instance: null,     // the ui's instance the seqs belong to
+    missed: 0,          // events that passed while this page was too far behind
     paused: false,
     waiting: 0,         // alerts arrived while paused
     filter: { priority: 7, rule: '', namespace: '', pod: '', text: '' },
@@ -310,11 +312,18 @@
     const source = new EventSource('events');
     source.addEventListener('hello', (e) => {
       const hello = JSON.parse(e.data);
-      if (!hello.resumed) {
-        state.all = []; state.byKey.clear(); state.pending.clear(); state.shown = 0;
+      // Another instance of the ui (it restarted): its numbers begin
+      // again, so start afresh. The same one: keep what the page holds,
+      // resumed or not (then it says how many went by).
+      if (hello.instance !== state.instance) {
+        state.instance = hello.instance;
+        state.all = []; state.byKey.clear(); state.pending.clear(); state.shown = 0; state.missed = 0;
         schedule(true);
+      } else if (!hello.resumed) {
+        state.missed += Number(hello.missed) || 0;
       }
-      $('source').textContent = hello.stream ? 'history from stream ' + hello.stream : 'live only (core NATS)';
+      const source = hello.stream ? 'history from stream ' + hello.stream : 'live only (core NATS)';
+      $('source').textContent = source + (state.missed ? '; ' + state.missed + ' missed while this page was behind' : '');
       setStatus('live', 'live');
     });
     const parse = (e) => { try { return JSON.parse(e.data); } catch (_) { return null; } };

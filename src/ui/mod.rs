@@ -117,6 +117,9 @@ pub struct UiEvent {
 /// dropped (its stream ends, its browser reconnects and resumes from the
 /// ring), so a stalled page costs at most its queue.
 struct Hub {
+    /// This hub's name, new at every start: a page that reconnects to
+    /// another (the ui restarted, its numbers begin again) starts afresh.
+    instance: String,
     inner: Mutex<HubInner>,
     capacity: usize,
     client_buffer: usize,
@@ -132,6 +135,7 @@ struct HubInner {
 impl Hub {
     fn new(capacity: usize, client_buffer: usize, dropped: Counter) -> Self {
         Hub {
+            instance: format!("{:016x}", fastrand::u64(..)),
             inner: Mutex::new(HubInner {
                 ring: VecDeque::with_capacity(capacity.min(65_536)),
                 next: 1,
@@ -178,10 +182,12 @@ impl Hub {
     }
 
     /// The ring after `after` (a page's `Last-Event-ID`; whether it could
-    /// resume), and the page's queue of live events from then on.
+    /// resume), and the page's queue of live events from then on. An id
+    /// this hub never gave (another instance's, or made up) resumes nothing.
     fn join(&self, after: Option<u64>) -> (Vec<Arc<UiEvent>>, bool, mpsc::Receiver<Arc<UiEvent>>) {
         let mut inner = self.lock();
         let resumed = match (after, inner.ring.front()) {
+            (Some(id), _) if id >= inner.next => false,
             (Some(id), Some(first)) => id.saturating_add(1) >= first.seq,
             (Some(_), None) => true,
             (None, _) => false,
@@ -529,13 +535,21 @@ async fn events(
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<u64>().ok());
     let (snapshot, resumed, live) = state.hub.join(after);
+    // A page too far behind to resume keeps what it holds and is told how
+    // many it missed between that and the ring.
+    let missed = match (after, resumed, snapshot.first()) {
+        (Some(after), false, Some(first)) if after < first.seq => first.seq - after - 1,
+        _ => 0,
+    };
     state.metrics.clients.inc();
     let hello = Event::default()
         .event("hello")
         .retry(Duration::from_secs(2))
         .data(
             serde_json::json!({
+                "instance": state.hub.instance,
                 "resumed": resumed,
+                "missed": missed,
                 "history": snapshot.len(),
                 "stream": state.stream,
             })
@@ -783,9 +797,16 @@ mod tests {
         let (again, resumed, _) = hub.join(Some(1));
         assert!(!resumed, "too old to resume: everything again");
         assert_eq!(again.len(), 3);
-        // Last-Event-ID is the browser's (or anyone's) to write.
-        let (none, resumed, _) = hub.join(Some(u64::MAX));
-        assert!(resumed && none.is_empty());
+        let (none, resumed, _) = hub.join(Some(5));
+        assert!(resumed && none.is_empty(), "up to date");
+        // Last-Event-ID is the browser's (or anyone's) to write: one this
+        // hub never gave (a restarted ui's page, say) gets the whole ring.
+        let (all, resumed, _) = hub.join(Some(6));
+        assert!(!resumed);
+        assert_eq!(all.len(), 3);
+        let (all, resumed, _) = hub.join(Some(u64::MAX));
+        assert!(!resumed);
+        assert_eq!(all.len(), 3);
     }
 
     #[test]

@@ -19,6 +19,33 @@ use crate::support::*;
 
 const WAIT: Duration = Duration::from_secs(20);
 
+/// Busy loops on every core asked for, at a lower priority than the test,
+/// until dropped.
+struct CpuHog(Vec<Child>);
+
+impl CpuHog {
+    fn start(cores: usize) -> Self {
+        let hogs = (0..cores)
+            .map(|_| {
+                Command::new("nice")
+                    .args(["-n", "5", "sh", "-c", "while :; do :; done"])
+                    .spawn()
+                    .expect("nice and sh")
+            })
+            .collect();
+        CpuHog(hogs)
+    }
+}
+
+impl Drop for CpuHog {
+    fn drop(&mut self) {
+        for hog in &mut self.0 {
+            let _ = hog.kill();
+            let _ = hog.wait();
+        }
+    }
+}
+
 /// Headless Chromium under its driver; closed by [`Browser::close`].
 struct Browser {
     driver: Child,
@@ -674,6 +701,9 @@ async fn a_short_token_is_refused_at_start() {
 #[tokio::test]
 async fn a_flood_leaves_the_page_bounded_and_a_stalled_client_is_dropped() {
     const TOTAL: u64 = 30_000;
+    // A busy machine (CI beside a build): the page may fall behind and
+    // resume; it keeps what it held either way.
+    let _hog = CpuHog::start(2);
     let nats = NatsServer::start_without_jetstream();
     let ui = Ui::start_with(UiOptions {
         nats: falco_nats::nats::NatsOptions::for_server(nats.url()),
@@ -750,4 +780,142 @@ async fn a_flood_leaves_the_page_bounded_and_a_stalled_client_is_dropped() {
     drop(stalled);
     browser.close().await;
     ui.stop().await;
+}
+
+/// A page dropped for falling behind, and too far behind to resume from
+/// the ui's ring, keeps what it held, adds the ring, and says how many
+/// went by in between; only a restarted ui starts it afresh.
+#[tokio::test]
+async fn a_page_too_far_behind_to_resume_keeps_what_it_held() {
+    const HELD: u64 = 1500;
+    const FLOOD: u64 = 8000;
+    let nats = NatsServer::start_without_jetstream();
+    let ui = Ui::start_with(UiOptions {
+        nats: falco_nats::nats::NatsOptions::for_server(nats.url()),
+        subject: "falco.>".into(),
+        result_prefix: "falco.response".into(),
+        stream: None,
+        history: 2000,
+        history_age: Duration::from_secs(3600),
+        token: None,
+        // A page is dropped as soon as two events wait for it.
+        client_buffer: 1,
+    })
+    .await;
+    let client = nats.client().await;
+    let mut factory = falco_nats::simulate::alerts::AlertFactory::new("node-held", false);
+    for _ in 0..HELD {
+        client
+            .publish("falco.warning.held", factory.next_json().into())
+            .await
+            .unwrap();
+    }
+    client.flush().await.unwrap();
+    wait_for("the ui to take what the page will hold", WAIT, || async {
+        ui.metric("falco_nats_ui_events_total{kind=\"alert\"}")
+            .await
+            >= HELD as f64
+    })
+    .await;
+    // The page joins and gets them from the ring, which is not queued.
+    let browser = Browser::start().await;
+    browser.client.goto(&ui.url()).await.unwrap();
+    browser.wait_live().await;
+    let counts = || async {
+        browser
+            .js("return document.getElementById('counts').textContent")
+            .await
+    };
+    wait_for("the page to hold the first alerts", WAIT, || async {
+        counts().await == format!("500 shown of {HELD} kept")
+    })
+    .await;
+    for n in 1..FLOOD {
+        let last = alert("Warning", "flood", "shop", "p", "flood", HELD + n);
+        client
+            .publish("falco.warning.flood", last.into())
+            .await
+            .unwrap();
+    }
+    let last = alert("Warning", "flood", "shop", "p", "the last of the flood", 0);
+    client
+        .publish("falco.warning.flood", last.into())
+        .await
+        .unwrap();
+    client.flush().await.unwrap();
+    wait_for("the ui to take the flood", WAIT, || async {
+        ui.metric("falco_nats_ui_events_total{kind=\"alert\"}")
+            .await
+            >= (HELD + FLOOD) as f64
+    })
+    .await;
+    assert!(
+        ui.metric("falco_nats_ui_clients_dropped_total").await >= 1.0,
+        "the page fell behind"
+    );
+    // It comes back with the newest on top, the ring after what it held.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let (kept, source) = loop {
+        let top = browser
+            .js("const r = document.querySelector('#rows tr'); return r ? r.cells[4].textContent : ''")
+            .await;
+        let source = browser
+            .js("return document.getElementById('source').textContent")
+            .await;
+        let text = counts().await;
+        if top == "the last of the flood" && source.as_str().unwrap_or("").contains("missed") {
+            let kept: u64 = text
+                .as_str()
+                .and_then(|t| t.split(" of ").nth(1))
+                .and_then(|t| t.strip_suffix(" kept"))
+                .and_then(|n| n.parse().ok())
+                .unwrap();
+            break (kept, source);
+        }
+        assert!(Instant::now() < deadline, "{text} / {top} / {source}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    assert!(
+        kept >= HELD + 2000,
+        "{kept} kept: the page kept the {HELD} it held, and the ring's 2000 after them"
+    );
+    let missed: u64 = source
+        .as_str()
+        .and_then(|s| s.split("; ").nth(1))
+        .and_then(|s| s.split(' ').next())
+        .and_then(|n| n.parse().ok())
+        .unwrap();
+    assert!(missed > 0 && kept + missed <= HELD + FLOOD + 1, "{source}");
+    // A restarted ui is another instance: the page starts afresh with it.
+    let addr = ui.addr;
+    ui.stop().await;
+    let again = Ui::start_on(
+        addr,
+        UiOptions {
+            nats: falco_nats::nats::NatsOptions::for_server(nats.url()),
+            subject: "falco.>".into(),
+            result_prefix: "falco.response".into(),
+            stream: None,
+            history: 2000,
+            history_age: Duration::from_secs(3600),
+            token: None,
+            client_buffer: 256,
+        },
+    )
+    .await;
+    client
+        .publish(
+            "falco.warning.fresh",
+            alert("Warning", "fresh", "shop", "p", "after the restart", 1).into(),
+        )
+        .await
+        .unwrap();
+    wait_for(
+        "the page to start afresh with the new ui",
+        Duration::from_secs(60),
+        || async { counts().await == "1 shown of 1 kept" },
+    )
+    .await;
+    browser.close().await;
+    again.stop().await;
 }

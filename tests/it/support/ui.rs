@@ -34,7 +34,12 @@ impl Ui {
     }
 
     pub async fn start_with(options: UiOptions) -> Self {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        Self::start_on("127.0.0.1:0".parse().unwrap(), options).await
+    }
+
+    /// On `addr`: a ui started again where a page knew the last one.
+    pub async fn start_on(addr: std::net::SocketAddr, options: UiOptions) -> Self {
+        let listener = tokio::net::TcpListener::bind(addr).await.unwrap();
         let addr = listener.local_addr().unwrap();
         let stop = CancellationToken::new();
         let task = tokio::spawn(ui::run(options, Some(listener), stop.clone()));
