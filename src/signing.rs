@@ -24,6 +24,15 @@ use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use base64::Engine;
 use nkeys::KeyPair;
 
+/// Milliseconds since the Unix epoch: the clock signatures are dated in
+/// (and the responders' shared records).
+pub fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or_default()
+}
+
 /// The header with the signer's public key.
 pub const KEY_HEADER: &str = "Falco-Nats-Key";
 /// The header with the signature.

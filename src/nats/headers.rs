@@ -57,7 +57,7 @@ pub fn alert_headers(event: &FalcoEvent, subject: &str, signer: Option<&Signer>)
     headers.insert(HOSTNAME_NAME, header_value(&event.hostname));
     let msg_id = event.msg_id();
     if let Some(signer) = signer {
-        let at_ms = crate::respond::control::now_ms();
+        let at_ms = crate::signing::now_ms();
         headers.insert(KEY_NAME, signer.public_key());
         headers.insert(SIGNED_AT_NAME, itoa::Buffer::new().format(at_ms));
         headers.insert(

@@ -33,7 +33,7 @@
 //! wipe the others or fill the server's store.
 
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use async_nats::jetstream::{self, kv, stream};
 use serde::{Deserialize, Serialize};
@@ -42,6 +42,7 @@ use tokio_util::sync::CancellationToken;
 use super::outcome::{Skip, Skipped};
 use super::rails::DedupKey;
 use super::workload::{self, MinHealthy, Reservation, Workload};
+use crate::signing::now_ms;
 use crate::telemetry::logging::chain;
 
 /// The default bucket of the shared rate limit.
@@ -434,13 +435,6 @@ async fn read_pause_state(
     let was_set = seen_set || info.state.last_sequence > 0;
     let state = PauseState::from_read(entry.as_ref(), was_set);
     Ok((state, was_set || entry.is_some()))
-}
-/// Milliseconds since the Unix epoch.
-pub(crate) fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or_default()
 }
 
 /// The rate limit's decision on one record of action times: drops the

@@ -9,14 +9,14 @@ use std::time::{Duration, Instant};
 
 use super::audit::Audit;
 use super::cluster::Cluster;
-use super::control::{self, Control};
+use super::control::Control;
 use super::guards::{Ask, Chain, Limits};
 use super::outcome::{Settle, Skip, Skipped, Verdict};
 use super::policy::{ActionSpec, Policy, PolicyRule};
 use super::rails::Rails;
 use crate::alert::{Alert, PodRef};
 use crate::decision::{Action, Decision};
-use crate::signing::Verifier;
+use crate::signing::{now_ms, Verifier};
 
 /// Which delivery of an alert this is. Core NATS delivers once; JetStream
 /// again after a transient failure, up to its limit.
@@ -113,7 +113,7 @@ impl Responder {
                     self.audit.metrics.bad_signatures.inc();
                     Some(Skip::BadSignature.because(e.to_string()))
                 }
-                Ok(signed) => freshness(signed.at_ms, control::now_ms(), self.max_alert_age)
+                Ok(signed) => freshness(signed.at_ms, now_ms(), self.max_alert_age)
                     .err()
                     .map(|why| Skip::Stale.because(why.to_string())),
             };

@@ -7,6 +7,7 @@
 mod support;
 
 mod admission;
+mod architecture;
 mod bridge_fifo;
 mod bridge_grpc;
 mod bridge_http;
