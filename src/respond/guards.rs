@@ -279,19 +279,11 @@ impl Drop for Permit<'_> {
 mod tests {
     use super::*;
     use crate::decision::Action;
-    use crate::respond::rails::{RailsConfig, DEFAULT_PROTECTED};
+    use crate::respond::rails::RailsConfig;
     use std::time::Duration;
 
     fn rails() -> Rails {
-        Rails::new(RailsConfig {
-            protected_namespaces: DEFAULT_PROTECTED.iter().map(|s| s.to_string()).collect(),
-            only_namespaces: None,
-            allow_daemonset_pods: false,
-            allow_static_pods: false,
-            skip_statefulset_pods: false,
-            skip_standalone_pods: false,
-            dedup_window: Duration::from_secs(60),
-        })
+        Rails::new(RailsConfig::default())
     }
 
     fn key() -> DedupKey {
@@ -308,15 +300,7 @@ mod tests {
     /// the shared one taken.
     async fn permit<'a>(rails: &'a Rails, control: &'a Arc<Control>) -> Permit<'a> {
         assert!(rails.claim(key()), "the rails' claim is free");
-        let claimed = control
-            .claim_action(
-                &key(),
-                Duration::from_secs(60),
-                Duration::from_secs(30),
-                false,
-            )
-            .await
-            .expect("local records never fail");
+        let claimed = shared_claim(control).await;
         let ClaimResult::Claimed(claim) = claimed else {
             panic!("the shared claim is free, found {claimed:?}")
         };

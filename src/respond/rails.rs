@@ -39,6 +39,23 @@ pub struct RailsConfig {
     pub dedup_window: Duration,
 }
 
+impl Default for RailsConfig {
+    /// As the command line's defaults: the default protected namespaces,
+    /// every other namespace allowed, DaemonSet and static pods refused,
+    /// a dedup window of 10 minutes.
+    fn default() -> Self {
+        RailsConfig {
+            protected_namespaces: DEFAULT_PROTECTED.iter().map(|s| s.to_string()).collect(),
+            only_namespaces: None,
+            allow_daemonset_pods: false,
+            allow_static_pods: false,
+            skip_statefulset_pods: false,
+            skip_standalone_pods: false,
+            dedup_window: Duration::from_secs(600),
+        }
+    }
+}
+
 /// What one action on one pod is deduplicated on. The pod's UID is part of
 /// it when the alert carries one, so a pod recreated under the same name
 /// (a StatefulSet's `db-0`) is a new pod.
@@ -212,13 +229,9 @@ mod tests {
 
     fn rails() -> Rails {
         Rails::new(RailsConfig {
-            protected_namespaces: DEFAULT_PROTECTED.iter().map(|s| s.to_string()).collect(),
             only_namespaces: Some(["shop".to_string(), "kube-system".to_string()].into()),
-            allow_daemonset_pods: false,
-            allow_static_pods: false,
-            skip_statefulset_pods: false,
-            skip_standalone_pods: false,
             dedup_window: Duration::from_secs(60),
+            ..RailsConfig::default()
         })
     }
 
@@ -324,13 +337,8 @@ mod decision_tests {
 
     fn rails() -> Rails {
         Rails::new(RailsConfig {
-            protected_namespaces: DEFAULT_PROTECTED.iter().map(|s| s.to_string()).collect(),
-            only_namespaces: None,
-            allow_daemonset_pods: false,
-            allow_static_pods: false,
-            skip_statefulset_pods: false,
-            skip_standalone_pods: false,
             dedup_window: Duration::from_secs(60),
+            ..RailsConfig::default()
         })
     }
 

@@ -19,6 +19,21 @@ use crate::support::*;
 
 const WAIT: Duration = Duration::from_secs(20);
 
+/// A ui on core NATS only (no history from a stream), a ring of 2,000, and
+/// a queue of `client_buffer` events a page.
+fn live_only(nats: &NatsServer, client_buffer: usize) -> UiOptions {
+    UiOptions {
+        nats: falco_nats::nats::NatsOptions::for_server(nats.url()),
+        subject: "falco.>".into(),
+        result_prefix: "falco.response".into(),
+        stream: None,
+        history: 2000,
+        history_age: Duration::from_secs(3600),
+        token: None,
+        client_buffer,
+    }
+}
+
 /// Busy loops on every core asked for, at a lower priority than the test,
 /// until dropped.
 struct CpuHog(Vec<Child>);
@@ -98,6 +113,24 @@ impl Browser {
     /// Runs `script` (a function body) in the page and returns its value.
     async fn js(&self, script: &str) -> Value {
         self.client.execute(script, vec![]).await.unwrap()
+    }
+
+    /// An element's text.
+    async fn text(&self, id: &str) -> String {
+        let v = self
+            .js(&format!(
+                "return document.getElementById('{id}').textContent"
+            ))
+            .await;
+        v.as_str().unwrap_or_default().to_owned()
+    }
+
+    /// The output shown in the top (newest) row.
+    async fn top_output(&self) -> String {
+        let v = self
+            .js("const r = document.querySelector('#rows tr'); return r ? r.cells[4].textContent : ''")
+            .await;
+        v.as_str().unwrap_or_default().to_owned()
     }
 
     /// The rows' texts, top (newest) first: one string per cell.
@@ -535,9 +568,7 @@ async fn history_comes_back_from_the_stream() {
         ["before 5", "before 4", "before 3", "before 2", "before 1"]
     );
     assert_eq!(rows[2][5], "deleted");
-    let source = browser
-        .js("return document.getElementById('source').textContent")
-        .await;
+    let source = browser.text("source").await;
     assert_eq!(source, "history from stream FALCO");
     browser.close().await;
     second.stop().await;
@@ -645,9 +676,7 @@ async fn the_token_guards_the_page_and_its_events() {
     let rows = browser.wait_rows(1).await;
     assert_eq!(rows[0][4], "after the token");
     assert_eq!(
-        browser
-            .js("return document.getElementById('source').textContent")
-            .await,
+        browser.text("source").await,
         "live only (core NATS)",
         "no stream: live alerts only"
     );
@@ -705,17 +734,7 @@ async fn a_flood_leaves_the_page_bounded_and_a_stalled_client_is_dropped() {
     // resume; it keeps what it held either way.
     let _hog = CpuHog::start(2);
     let nats = NatsServer::start_without_jetstream();
-    let ui = Ui::start_with(UiOptions {
-        nats: falco_nats::nats::NatsOptions::for_server(nats.url()),
-        subject: "falco.>".into(),
-        result_prefix: "falco.response".into(),
-        stream: None,
-        history: 2000,
-        history_age: Duration::from_secs(3600),
-        token: None,
-        client_buffer: 256,
-    })
-    .await;
+    let ui = Ui::start_with(live_only(&nats, 256)).await;
     let browser = Browser::start().await;
     browser.client.goto(&ui.url()).await.unwrap();
     browser.wait_live().await;
@@ -754,12 +773,8 @@ async fn a_flood_leaves_the_page_bounded_and_a_stalled_client_is_dropped() {
     // The newest alert reaches the top of the page.
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
-        let top = browser
-            .js("const r = document.querySelector('#rows tr'); return r ? r.cells[4].textContent : ''")
-            .await;
-        let counts = browser
-            .js("return document.getElementById('counts').textContent")
-            .await;
+        let top = browser.top_output().await;
+        let counts = browser.text("counts").await;
         if counts == "500 shown of 5000 kept" && top == "the last of the flood" {
             break;
         }
@@ -790,18 +805,8 @@ async fn a_page_too_far_behind_to_resume_keeps_what_it_held() {
     const HELD: u64 = 1500;
     const FLOOD: u64 = 8000;
     let nats = NatsServer::start_without_jetstream();
-    let ui = Ui::start_with(UiOptions {
-        nats: falco_nats::nats::NatsOptions::for_server(nats.url()),
-        subject: "falco.>".into(),
-        result_prefix: "falco.response".into(),
-        stream: None,
-        history: 2000,
-        history_age: Duration::from_secs(3600),
-        token: None,
-        // A page is dropped as soon as two events wait for it.
-        client_buffer: 1,
-    })
-    .await;
+    // A page is dropped as soon as two events wait for it.
+    let ui = Ui::start_with(live_only(&nats, 1)).await;
     let client = nats.client().await;
     let mut factory = falco_nats::simulate::alerts::AlertFactory::new("node-held", false);
     for _ in 0..HELD {
@@ -821,13 +826,8 @@ async fn a_page_too_far_behind_to_resume_keeps_what_it_held() {
     let browser = Browser::start().await;
     browser.client.goto(&ui.url()).await.unwrap();
     browser.wait_live().await;
-    let counts = || async {
-        browser
-            .js("return document.getElementById('counts').textContent")
-            .await
-    };
     wait_for("the page to hold the first alerts", WAIT, || async {
-        counts().await == format!("500 shown of {HELD} kept")
+        browser.text("counts").await == format!("500 shown of {HELD} kept")
     })
     .await;
     for n in 1..FLOOD {
@@ -856,17 +856,13 @@ async fn a_page_too_far_behind_to_resume_keeps_what_it_held() {
     // It comes back with the newest on top, the ring after what it held.
     let deadline = Instant::now() + Duration::from_secs(60);
     let (kept, source) = loop {
-        let top = browser
-            .js("const r = document.querySelector('#rows tr'); return r ? r.cells[4].textContent : ''")
-            .await;
-        let source = browser
-            .js("return document.getElementById('source').textContent")
-            .await;
-        let text = counts().await;
-        if top == "the last of the flood" && source.as_str().unwrap_or("").contains("missed") {
+        let top = browser.top_output().await;
+        let source = browser.text("source").await;
+        let text = browser.text("counts").await;
+        if top == "the last of the flood" && source.contains("missed") {
             let kept: u64 = text
-                .as_str()
-                .and_then(|t| t.split(" of ").nth(1))
+                .split(" of ")
+                .nth(1)
                 .and_then(|t| t.strip_suffix(" kept"))
                 .and_then(|n| n.parse().ok())
                 .unwrap();
@@ -880,8 +876,8 @@ async fn a_page_too_far_behind_to_resume_keeps_what_it_held() {
         "{kept} kept: the page kept the {HELD} it held, and the ring's 2000 after them"
     );
     let missed: u64 = source
-        .as_str()
-        .and_then(|s| s.split("; ").nth(1))
+        .split("; ")
+        .nth(1)
         .and_then(|s| s.split(' ').next())
         .and_then(|n| n.parse().ok())
         .unwrap();
@@ -889,20 +885,7 @@ async fn a_page_too_far_behind_to_resume_keeps_what_it_held() {
     // A restarted ui is another instance: the page starts afresh with it.
     let addr = ui.addr;
     ui.stop().await;
-    let again = Ui::start_on(
-        addr,
-        UiOptions {
-            nats: falco_nats::nats::NatsOptions::for_server(nats.url()),
-            subject: "falco.>".into(),
-            result_prefix: "falco.response".into(),
-            stream: None,
-            history: 2000,
-            history_age: Duration::from_secs(3600),
-            token: None,
-            client_buffer: 256,
-        },
-    )
-    .await;
+    let again = Ui::start_on(addr, live_only(&nats, 256)).await;
     client
         .publish(
             "falco.warning.fresh",
@@ -913,7 +896,7 @@ async fn a_page_too_far_behind_to_resume_keeps_what_it_held() {
     wait_for(
         "the page to start afresh with the new ui",
         Duration::from_secs(60),
-        || async { counts().await == "1 shown of 1 kept" },
+        || async { browser.text("counts").await == "1 shown of 1 kept" },
     )
     .await;
     browser.close().await;

@@ -579,7 +579,7 @@ where
 pub fn respond_options(url: &str, kubeconfig: &Path) -> falco_nats::respond::RespondOptions {
     use falco_nats::respond::guards::Limits;
     use falco_nats::respond::policy::Policy;
-    use falco_nats::respond::rails::{RailsConfig, DEFAULT_PROTECTED};
+    use falco_nats::respond::rails::RailsConfig;
     use falco_nats::respond::{RespondOptions, Subscription};
     RespondOptions {
         nats: NatsOptions::for_server(url),
@@ -588,15 +588,7 @@ pub fn respond_options(url: &str, kubeconfig: &Path) -> falco_nats::respond::Res
             queue: "falco-nats-respond".into(),
         },
         policy: Policy::proof_of_concept(),
-        rails: RailsConfig {
-            protected_namespaces: DEFAULT_PROTECTED.iter().map(|s| s.to_string()).collect(),
-            only_namespaces: None,
-            allow_daemonset_pods: false,
-            allow_static_pods: false,
-            skip_statefulset_pods: false,
-            skip_standalone_pods: false,
-            dedup_window: Duration::from_secs(600),
-        },
+        rails: RailsConfig::default(),
         limits: Limits {
             min_healthy_replicas: Default::default(),
             max_actions_per_minute: 1000,
