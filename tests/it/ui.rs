@@ -34,6 +34,29 @@ fn live_only(nats: &NatsServer, client_buffer: usize) -> UiOptions {
     }
 }
 
+/// Publishes `alerts` as fast as NATS takes them, and waits until the ui
+/// has taken `taken` alerts in all.
+async fn publish_all(
+    client: &async_nats::Client,
+    ui: &Ui,
+    alerts: impl Iterator<Item = Vec<u8>>,
+    taken: u64,
+) {
+    for alert in alerts {
+        client
+            .publish("falco.warning.flood", alert.into())
+            .await
+            .unwrap();
+    }
+    client.flush().await.unwrap();
+    wait_for("the ui to take the alerts", WAIT, || async {
+        ui.metric("falco_nats_ui_events_total{kind=\"alert\"}")
+            .await
+            >= taken as f64
+    })
+    .await;
+}
+
 /// Busy loops on every core asked for, at a lower priority than the test,
 /// until dropped.
 struct CpuHog(Vec<Child>);
@@ -745,12 +768,7 @@ async fn a_flood_leaves_the_page_bounded_and_a_stalled_client_is_dropped() {
         .unwrap();
     let client = nats.client().await;
     let mut factory = falco_nats::simulate::alerts::AlertFactory::new("node-flood", false);
-    for _ in 1..TOTAL {
-        client
-            .publish("falco.warning.flood", factory.next_json().into())
-            .await
-            .unwrap();
-    }
+    let flood = (1..TOTAL).map(|_| factory.next_json().into_bytes());
     let last = alert(
         "Warning",
         "flood",
@@ -759,17 +777,7 @@ async fn a_flood_leaves_the_page_bounded_and_a_stalled_client_is_dropped() {
         "the last of the flood",
         TOTAL,
     );
-    client
-        .publish("falco.warning.flood", last.into())
-        .await
-        .unwrap();
-    client.flush().await.unwrap();
-    wait_for("the ui to take the flood", WAIT, || async {
-        ui.metric("falco_nats_ui_events_total{kind=\"alert\"}")
-            .await
-            >= TOTAL as f64
-    })
-    .await;
+    publish_all(&client, &ui, flood.chain([last]), TOTAL).await;
     // The newest alert reaches the top of the page.
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
@@ -809,19 +817,8 @@ async fn a_page_too_far_behind_to_resume_keeps_what_it_held() {
     let ui = Ui::start_with(live_only(&nats, 1)).await;
     let client = nats.client().await;
     let mut factory = falco_nats::simulate::alerts::AlertFactory::new("node-held", false);
-    for _ in 0..HELD {
-        client
-            .publish("falco.warning.held", factory.next_json().into())
-            .await
-            .unwrap();
-    }
-    client.flush().await.unwrap();
-    wait_for("the ui to take what the page will hold", WAIT, || async {
-        ui.metric("falco_nats_ui_events_total{kind=\"alert\"}")
-            .await
-            >= HELD as f64
-    })
-    .await;
+    let held = (0..HELD).map(|_| factory.next_json().into_bytes());
+    publish_all(&client, &ui, held, HELD).await;
     // The page joins and gets them from the ring, which is not queued.
     let browser = Browser::start().await;
     browser.client.goto(&ui.url()).await.unwrap();
@@ -830,25 +827,9 @@ async fn a_page_too_far_behind_to_resume_keeps_what_it_held() {
         browser.text("counts").await == format!("500 shown of {HELD} kept")
     })
     .await;
-    for n in 1..FLOOD {
-        let last = alert("Warning", "flood", "shop", "p", "flood", HELD + n);
-        client
-            .publish("falco.warning.flood", last.into())
-            .await
-            .unwrap();
-    }
+    let flood = (1..FLOOD).map(|n| alert("Warning", "flood", "shop", "p", "flood", HELD + n));
     let last = alert("Warning", "flood", "shop", "p", "the last of the flood", 0);
-    client
-        .publish("falco.warning.flood", last.into())
-        .await
-        .unwrap();
-    client.flush().await.unwrap();
-    wait_for("the ui to take the flood", WAIT, || async {
-        ui.metric("falco_nats_ui_events_total{kind=\"alert\"}")
-            .await
-            >= (HELD + FLOOD) as f64
-    })
-    .await;
+    publish_all(&client, &ui, flood.chain([last]), HELD + FLOOD).await;
     assert!(
         ui.metric("falco_nats_ui_clients_dropped_total").await >= 1.0,
         "the page fell behind"
