@@ -26,7 +26,8 @@
 //!
 //! One alert from an input to NATS: an input reads a line, a body or a gRPC
 //! response ([`convert`] makes the JSON) → [`event::FalcoEvent::from_json`]
-//! → [`input::AlertSink::send`] (filter, queue) → [`nats::Publisher`]
+//! → [`input::AlertSink::offer`] (filter, queue; or count and log the
+//! rejection) → [`nats::Publisher`]
 //! (subject from [`nats::subject::SubjectTemplate`], headers, publish or
 //! JetStream ack).
 //!

@@ -5,7 +5,8 @@ use std::time::Duration;
 
 use clap::{Args, ValueEnum};
 
-use super::{listen_address, parse_bytes, HttpTokenArgs, NatsArgs, TokenError};
+use super::nats::NatsArgs;
+use super::shared::{listen_address, parse_bytes, HttpTokenArgs, TokenError};
 use crate::bridge::{self, BridgeOptions, InputOptions, TlsFiles};
 use crate::format::Format;
 use crate::input::fifo::{FifoOptions, DEFAULT_FIFO, DEFAULT_MAX_LINE};

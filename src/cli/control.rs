@@ -5,7 +5,7 @@ use std::path::PathBuf;
 
 use clap::Args;
 
-use super::NatsArgs;
+use super::nats::NatsArgs;
 use crate::respond::control::{self, ControlOptions};
 
 /// A `--kv-key-file` that gives no seal.

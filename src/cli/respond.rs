@@ -5,7 +5,9 @@ use std::time::Duration;
 
 use clap::Args;
 
-use super::{listen_address, KvArgs, KvArgsError, NatsArgs};
+use super::control::{KvArgs, KvArgsError};
+use super::nats::NatsArgs;
+use super::shared::listen_address;
 use crate::respond::control::MAX_ACTIONS_PER_MINUTE;
 use crate::respond::guards::Limits;
 use crate::respond::policy::{Policy, PolicyError};

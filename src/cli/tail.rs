@@ -2,7 +2,8 @@
 
 use clap::{Args, ValueEnum};
 
-use super::{listen_address, NatsArgs};
+use super::nats::NatsArgs;
+use super::shared::listen_address;
 use crate::priority::Priority;
 use crate::respond::DEFAULT_RESULT_SUBJECT;
 use crate::tail::{ColorChoice, TailOptions};

@@ -4,7 +4,8 @@ use std::time::Duration;
 
 use clap::Args;
 
-use super::{listen_address, HttpTokenArgs, NatsArgs, TokenError};
+use super::nats::NatsArgs;
+use super::shared::{listen_address, HttpTokenArgs, TokenError};
 use crate::respond::DEFAULT_RESULT_SUBJECT;
 use crate::ui::UiOptions;
 

@@ -12,10 +12,36 @@ use tokio_util::sync::CancellationToken;
 
 use super::outcome::Settle;
 use super::responder::{Delivery, Responder};
-use super::{RespondError, Subscription};
 use crate::backoff::Backoff;
 use crate::nats::subject::is_under;
 use crate::telemetry::health::ReadyFlag;
+
+/// Where alerts come from.
+#[derive(Debug, Clone)]
+pub enum Subscription {
+    /// Core NATS, shared among replicas by a queue group.
+    Core { subject: String, queue: String },
+    /// A durable JetStream pull consumer.
+    JetStream {
+        stream: String,
+        durable: String,
+        subject: String,
+        ack_wait: Duration,
+        /// Deliveries of one alert at most; the last failure is final.
+        max_deliver: u32,
+    },
+}
+
+/// Why the responder cannot take alerts.
+#[derive(Debug, thiserror::Error)]
+pub enum ConsumeError {
+    #[error("cannot subscribe to {subject:?}")]
+    Subscribe {
+        subject: String,
+        #[source]
+        source: async_nats::SubscribeError,
+    },
+}
 
 /// How far back a durable the responder makes starts.
 const DURABLE_LOOKBACK: Duration = Duration::from_secs(600);
@@ -132,7 +158,7 @@ pub(super) struct Consume<'a> {
 }
 
 impl Consume<'_> {
-    pub async fn run(&self, subscription: Subscription) -> Result<(), RespondError> {
+    pub async fn run(&self, subscription: Subscription) -> Result<(), ConsumeError> {
         match subscription {
             Subscription::Core { subject, queue } => self.core(subject, queue).await,
             Subscription::JetStream {
@@ -154,12 +180,12 @@ impl Consume<'_> {
         }
     }
 
-    async fn core(&self, subject: String, queue: String) -> Result<(), RespondError> {
+    async fn core(&self, subject: String, queue: String) -> Result<(), ConsumeError> {
         let mut sub = self
             .client
             .queue_subscribe(subject.clone(), queue.clone())
             .await
-            .map_err(|source| RespondError::Subscribe {
+            .map_err(|source| ConsumeError::Subscribe {
                 subject: subject.clone(),
                 source,
             })?;
@@ -198,7 +224,7 @@ impl Consume<'_> {
         Ok(())
     }
 
-    async fn jetstream(&self, params: &DurableParams) -> Result<(), RespondError> {
+    async fn jetstream(&self, params: &DurableParams) -> Result<(), ConsumeError> {
         let mut inflight = FuturesUnordered::new();
         'consumer: loop {
             let Some(consumer) = self.durable_consumer(params).await else {

@@ -15,8 +15,9 @@
 //! Passing gives a [`Permit`]; a link that refuses gives the [`Verdict`].
 //! The permit holds what was taken on the way (the claims, the
 //! reservation) and gives it back when dropped, unless settled with a
-//! verdict that keeps it: an action taken keeps its claim, a deletion
-//! made keeps its reservation.
+//! verdict that keeps it (an action taken keeps its claim, a deletion made
+//! keeps its reservation) or dropped while the API call is under way (it
+//! may have reached the API server: what it holds lapses instead).
 
 use std::sync::Arc;
 
@@ -70,8 +71,20 @@ pub struct Permit<'a> {
     key: DedupKey,
     claim: Option<Claim>,
     reservation: Option<Reservation>,
-    /// Whether the rails' claim is kept (settled with an action taken).
-    kept: bool,
+    stage: Stage,
+}
+
+/// How far a permit got, which decides what a drop gives back.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Stage {
+    /// Through the guards, nothing done yet: a drop gives everything back.
+    Open,
+    /// The API call is under way: a drop keeps everything, and it lapses
+    /// (the claim with its lease, the reservation after
+    /// [`workload::RECENT`], the rails' claim with the dedup window).
+    Acting,
+    /// Settled: nothing is left to give back.
+    Settled,
 }
 
 impl Chain<'_> {
@@ -100,7 +113,7 @@ impl Chain<'_> {
             key,
             claim: None,
             reservation: None,
-            kept: false,
+            stage: Stage::Open,
         };
         if ask.dry_run {
             return Ok(permit);
@@ -120,7 +133,12 @@ impl Chain<'_> {
                 permit.claim = Some(claim);
                 Ok(permit)
             }
-            Ok(ClaimResult::Duplicate) => Err(Skip::Duplicate.into()),
+            Ok(ClaimResult::Duplicate) => {
+                // Done by a replica: the rails' claim is kept, so the next
+                // duplicate is known here without asking.
+                permit.stage = Stage::Settled;
+                Err(Skip::Duplicate.into())
+            }
             Ok(ClaimResult::InProgress) => Err(Verdict::failed(
                 "another responder is taking this action on this pod now",
                 true,
@@ -222,34 +240,49 @@ impl Chain<'_> {
 }
 
 impl Permit<'_> {
+    /// The API call starts: from now on a drop gives nothing back.
+    pub fn acting(&mut self) {
+        self.stage = Stage::Acting;
+    }
+
     /// Settles what the permit holds by what became of the action: an
     /// action taken (or a pod found gone) keeps its claims, a deletion
-    /// made keeps its reservation; the rest is given back.
+    /// made keeps its reservation; the rest is given back. Everything is
+    /// decided before the first wait, so a settle cut short gives back
+    /// nothing it should keep.
     pub async fn settle(mut self, verdict: &Verdict) {
-        self.kept = verdict.is_taken();
-        if let Some(claim) = self.claim.take() {
-            if self.kept {
+        let taken = verdict.is_taken();
+        let claim = self.claim.take();
+        let reservation = self
+            .reservation
+            .take()
+            .filter(|_| !matches!(verdict, Verdict::Applied(Applied::Done)));
+        self.stage = Stage::Settled;
+        if !taken {
+            self.rails.release(&self.key);
+        }
+        if let Some(claim) = claim {
+            if taken {
                 self.control.complete_claim(&claim).await;
             } else {
                 self.control.release_claim(&claim).await;
             }
         }
-        if let Some(reservation) = self.reservation.take() {
-            if !matches!(verdict, Verdict::Applied(Applied::Done)) {
-                self.control.release_replica(&reservation).await;
-            }
+        if let Some(reservation) = reservation {
+            self.control.release_replica(&reservation).await;
         }
     }
 }
 
 impl Drop for Permit<'_> {
-    /// Gives back whatever was not settled: a permit dropped unsettled (the
-    /// alert's handling cancelled at the drain deadline) held an action
-    /// that was not taken.
+    /// Gives back what an open permit held: dropped before its API call
+    /// (the alert's handling cancelled at the drain deadline), the action
+    /// was not taken.
     fn drop(&mut self) {
-        if !self.kept {
-            self.rails.release(&self.key);
+        if self.stage != Stage::Open {
+            return;
         }
+        self.rails.release(&self.key);
         let claim = self.claim.take();
         let reservation = self.reservation.take();
         if claim.is_none() && reservation.is_none() {
@@ -280,11 +313,8 @@ mod tests {
     use super::*;
     use crate::decision::Action;
     use crate::respond::rails::RailsConfig;
+    use crate::respond::workload::Workload;
     use std::time::Duration;
-
-    fn rails() -> Rails {
-        Rails::new(RailsConfig::default())
-    }
 
     fn key() -> DedupKey {
         DedupKey {
@@ -296,22 +326,23 @@ mod tests {
         }
     }
 
-    /// A permit as the chain's first links leave it: the rails' claim and
-    /// the shared one taken.
-    async fn permit<'a>(rails: &'a Rails, control: &'a Arc<Control>) -> Permit<'a> {
-        assert!(rails.claim(key()), "the rails' claim is free");
-        let claimed = shared_claim(control).await;
-        let ClaimResult::Claimed(claim) = claimed else {
-            panic!("the shared claim is free, found {claimed:?}")
-        };
-        Permit {
-            rails,
-            control,
-            key: key(),
-            claim: Some(claim),
-            reservation: None,
-            kept: false,
+    /// Two healthy replicas of which one must stay: one deletion at a time.
+    fn web() -> Workload {
+        Workload {
+            kind: "Deployment",
+            namespace: "shop".into(),
+            name: "web".into(),
+            desired: 2,
+            available: 2,
         }
+    }
+
+    async fn reserve(control: &Control) -> Option<Reservation> {
+        control
+            .reserve_replica(&web(), true, MinHealthy::Count(1))
+            .await
+            .expect("local records never fail")
+            .ok()
     }
 
     async fn shared_claim(control: &Control) -> ClaimResult {
@@ -326,48 +357,100 @@ mod tests {
             .expect("local records never fail")
     }
 
-    #[tokio::test]
-    async fn a_permit_dropped_or_settled_untaken_gives_everything_back() {
-        let rails = rails();
-        let control = Arc::new(Control::local());
-        // Dropped (the handling cancelled): both claims come back.
-        drop(permit(&rails, &control).await);
-        tokio::task::yield_now().await;
-        assert!(rails.claim(key()), "the rails' claim came back");
-        rails.release(&key());
-        assert!(matches!(
-            shared_claim(&control).await,
-            ClaimResult::Claimed(_)
-        ));
-        // The claim just taken is released by a permit settled as skipped.
-        let control = Arc::new(Control::local());
-        let p = permit(&rails, &control).await;
-        p.settle(&Skip::Paused.into()).await;
-        assert!(rails.claim(key()), "a skip gives the rails' claim back");
-        rails.release(&key());
-        assert!(matches!(
-            shared_claim(&control).await,
-            ClaimResult::Claimed(_)
-        ));
+    /// The rails, the shared records, and a permit as the whole chain
+    /// leaves it: both claims and a reservation taken.
+    struct Scene {
+        rails: Rails,
+        control: Arc<Control>,
+    }
+
+    impl Scene {
+        fn new() -> Self {
+            Scene {
+                rails: Rails::new(RailsConfig::default()),
+                control: Arc::new(Control::local()),
+            }
+        }
+
+        async fn permit(&self) -> Permit<'_> {
+            assert!(self.rails.claim(key()), "the rails' claim is free");
+            let claimed = shared_claim(&self.control).await;
+            let ClaimResult::Claimed(claim) = claimed else {
+                panic!("the shared claim is free, found {claimed:?}")
+            };
+            let reservation = reserve(&self.control).await;
+            assert!(reservation.is_some(), "one deletion is allowed");
+            Permit {
+                rails: &self.rails,
+                control: &self.control,
+                key: key(),
+                claim: Some(claim),
+                reservation,
+                stage: Stage::Open,
+            }
+        }
+
+        /// What is held now: the rails' claim, the shared claim, the
+        /// reservation. Each look takes what it finds free.
+        async fn held(&self) -> (bool, bool, bool) {
+            tokio::task::yield_now().await;
+            let rails = !self.rails.claim(key());
+            let shared = !matches!(shared_claim(&self.control).await, ClaimResult::Claimed(_));
+            let reserved = reserve(&self.control).await.is_none();
+            (rails, shared, reserved)
+        }
     }
 
     #[tokio::test]
-    async fn a_permit_settled_as_taken_keeps_its_claims() {
+    async fn a_permit_dropped_before_its_call_or_settled_untaken_gives_everything_back() {
+        let scene = Scene::new();
+        drop(scene.permit().await);
+        assert_eq!(scene.held().await, (false, false, false), "dropped open");
         for verdict in [
-            Verdict::Applied(Applied::Done),
-            Verdict::Applied(Applied::Gone),
-            Verdict::DryRun,
+            Skip::Paused.into(),
+            Verdict::failed("503", true),
+            Verdict::Applied(Applied::Replaced),
         ] {
-            let rails = rails();
-            let control = Arc::new(Control::local());
-            permit(&rails, &control).await.settle(&verdict).await;
-            tokio::task::yield_now().await;
-            assert!(!rails.claim(key()), "{verdict:?}: the rails' claim is kept");
-            assert_eq!(
-                shared_claim(&control).await,
-                ClaimResult::Duplicate,
-                "{verdict:?}: the shared claim is done"
-            );
+            let scene = Scene::new();
+            scene.permit().await.settle(&verdict).await;
+            assert_eq!(scene.held().await, (false, false, false), "{verdict:?}");
         }
+    }
+
+    #[tokio::test]
+    async fn a_permit_settled_as_taken_keeps_its_claims_and_a_deletion_its_reservation() {
+        for (verdict, reserved) in [
+            (Verdict::Applied(Applied::Done), true),
+            (Verdict::Applied(Applied::Gone), false),
+        ] {
+            let scene = Scene::new();
+            scene.permit().await.settle(&verdict).await;
+            assert_eq!(scene.held().await, (true, true, reserved), "{verdict:?}");
+        }
+        // A dry run holds no shared claim and no reservation; its rails'
+        // claim is kept.
+        let scene = Scene::new();
+        assert!(scene.rails.claim(key()));
+        let dry = Permit {
+            rails: &scene.rails,
+            control: &scene.control,
+            key: key(),
+            claim: None,
+            reservation: None,
+            stage: Stage::Open,
+        };
+        dry.settle(&Verdict::DryRun).await;
+        assert_eq!(scene.held().await, (true, false, false));
+    }
+
+    /// Dropped while its API call is under way (the drain deadline), a
+    /// permit gives nothing back: the call may have reached the API server.
+    #[tokio::test]
+    async fn a_permit_dropped_while_acting_keeps_everything() {
+        let scene = Scene::new();
+        let mut permit = scene.permit().await;
+        permit.acting();
+        drop(permit);
+        assert_eq!(scene.held().await, (true, true, true));
     }
 }

@@ -42,6 +42,7 @@ use crate::telemetry::metrics::RespondMetrics;
 use audit::Audit;
 use cluster::{Cluster, ClusterError};
 use consume::Consume;
+pub use consume::{ConsumeError, Subscription};
 use control::{Control, ControlOptions, Guards, JetStreamCheck, PauseState};
 use guards::Limits;
 use policy::Policy;
@@ -53,22 +54,6 @@ pub const DEFAULT_LISTEN: &str = "0.0.0.0:2811";
 
 /// The default prefix of result subjects: `falco.response.<action>`.
 pub const DEFAULT_RESULT_SUBJECT: &str = "falco.response";
-
-/// Where alerts come from.
-#[derive(Debug, Clone)]
-pub enum Subscription {
-    /// Core NATS, shared among replicas by a queue group.
-    Core { subject: String, queue: String },
-    /// A durable JetStream pull consumer.
-    JetStream {
-        stream: String,
-        durable: String,
-        subject: String,
-        ack_wait: Duration,
-        /// Deliveries of one alert at most; the last failure is final.
-        max_deliver: u32,
-    },
-}
 
 /// Everything the responder needs.
 pub struct RespondOptions {
@@ -111,12 +96,8 @@ pub enum RespondError {
     Cluster(#[from] ClusterError),
     #[error(transparent)]
     Control(#[from] control::ControlError),
-    #[error("cannot subscribe to {subject:?}")]
-    Subscribe {
-        subject: String,
-        #[source]
-        source: async_nats::SubscribeError,
-    },
+    #[error(transparent)]
+    Consume(#[from] ConsumeError),
 }
 
 /// Runs the responder until `shutdown`, serving probes on `listener`.
@@ -283,7 +264,7 @@ pub async fn run(
     watcher.abort();
     permission_watcher.abort();
     server.stop().await;
-    result
+    Ok(result?)
 }
 
 /// How often the responder asks again what it may do.

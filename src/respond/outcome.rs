@@ -27,16 +27,17 @@ pub enum Skip {
     NoPolicyMatch,
     /// The action needs a pod and the alert names none.
     NoPod,
-    // The rails, without I/O.
+    // The rails (the duplicate rule also shared by the replicas), and
+    // the pod's owner once it is read.
     ProtectedNamespace,
     NamespaceNotAllowed,
-    DaemonSetPod,
+    /// The same action on the same pod for the same rule, within the window.
+    Duplicate,
     StaticPod,
+    DaemonSetPod,
     StatefulSetPod,
     /// A pod without a controller (`--skip-standalone-pods`).
     StandalonePod,
-    /// The same action on the same pod for the same rule, within the window.
-    Duplicate,
     // The guards, on the state the replicas share.
     /// Deleting the pod would leave its workload fewer healthy replicas
     /// than asked, or they cannot be told.
@@ -62,11 +63,11 @@ impl Skip {
         Skip::NoPod,
         Skip::ProtectedNamespace,
         Skip::NamespaceNotAllowed,
-        Skip::DaemonSetPod,
+        Skip::Duplicate,
         Skip::StaticPod,
+        Skip::DaemonSetPod,
         Skip::StatefulSetPod,
         Skip::StandalonePod,
-        Skip::Duplicate,
         Skip::MinHealthyReplicas,
         Skip::Paused,
         Skip::PauseUnknown,

@@ -229,13 +229,14 @@ impl Responder {
             cluster: &self.cluster,
             limits: self.limits,
         };
-        let permit = match chain.pass(pod, ask).await {
+        let mut permit = match chain.pass(pod, ask).await {
             Ok(permit) => permit,
             Err(verdict) => return verdict,
         };
         let verdict = if ask.dry_run {
             Verdict::DryRun
         } else {
+            permit.acting();
             self.apply(pod, ask.action).await
         };
         permit.settle(&verdict).await;
@@ -250,6 +251,7 @@ impl Responder {
             } => self.cluster.delete_pod(pod, *grace_period_seconds).await,
             ActionSpec::LabelPod { labels } => self.cluster.label_pod(pod, labels).await,
             ActionSpec::IsolatePod { labels } => self.cluster.isolate_pod(pod, labels).await,
+            // Needs no pod, and so never comes here: nothing to call.
             ActionSpec::Log => return Verdict::Logged,
         };
         match result {

@@ -13,7 +13,12 @@ use hyper_util::rt::TokioIo;
 use tokio_util::sync::CancellationToken;
 
 use super::alerts::AlertFactory;
-use super::{Pacer, SimulateError};
+use super::pacer::Pacer;
+
+/// A URL the simulator cannot post to.
+#[derive(Debug, thiserror::Error)]
+#[error("cannot post to {0:?}: the simulator posts to http://HOST:PORT/PATH")]
+pub struct NotHttpUrl(pub String);
 
 /// Posts alerts to `url` (plain `http://host:port/path`) until the pacer
 /// is done or `shutdown`.
@@ -22,14 +27,10 @@ pub(super) async fn post_alerts(
     factory: &mut AlertFactory,
     mut pacer: Pacer,
     shutdown: &CancellationToken,
-) -> Result<(), SimulateError> {
+) -> Result<(), NotHttpUrl> {
     let (host, port) = match (url.scheme_str(), url.host()) {
         (Some("http"), Some(host)) => (host.to_owned(), url.port_u16().unwrap_or(80)),
-        _ => {
-            return Err(SimulateError::Url {
-                url: url.to_string(),
-            })
-        }
+        _ => return Err(NotHttpUrl(url.to_string())),
     };
     let mut sender: Option<SendRequest<Full<Bytes>>> = None;
     let mut refusals = 0u64;

@@ -10,9 +10,10 @@ pub mod alerts;
 pub mod falco_grpc;
 mod http_post;
 pub mod kube_api;
+mod pacer;
 
 use std::path::PathBuf;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use tokio::io::AsyncWriteExt;
 use tokio::net::unix::pipe;
@@ -20,6 +21,7 @@ use tokio_util::sync::CancellationToken;
 
 use alerts::AlertFactory;
 use falco_grpc::MockFalco;
+use pacer::Pacer;
 
 /// Where the simulated Falco sends its alerts.
 #[derive(Debug, Clone)]
@@ -66,53 +68,8 @@ pub enum SimulateError {
     },
     #[error(transparent)]
     CreateFifo(#[from] crate::input::InputError),
-    #[error("cannot post to {url:?}: the simulator posts to http://HOST:PORT/PATH")]
-    Url { url: String },
-}
-
-/// Paces alerts: `count` of them (0: no end) at `rate` per second (0: as
-/// fast as possible), in bursts per millisecond at high rates.
-struct Pacer {
-    start: Instant,
-    rate: f64,
-    count: u64,
-    sent: u64,
-}
-
-impl Pacer {
-    fn new(rate: f64, count: u64) -> Self {
-        Pacer {
-            start: Instant::now(),
-            rate,
-            count,
-            sent: 0,
-        }
-    }
-
-    /// Waits until the next alert is due; `false` when all were sent or on shutdown.
-    async fn next(&mut self, shutdown: &CancellationToken) -> bool {
-        loop {
-            if shutdown.is_cancelled() || (self.count != 0 && self.sent >= self.count) {
-                return false;
-            }
-            let due = if self.rate > 0.0 {
-                (self.start.elapsed().as_secs_f64() * self.rate) as u64 + 1
-            } else {
-                u64::MAX
-            };
-            if self.sent < due {
-                self.sent += 1;
-                if self.rate <= 0.0 && self.sent.is_multiple_of(1024) {
-                    tokio::task::yield_now().await;
-                }
-                return true;
-            }
-            tokio::select! {
-                _ = tokio::time::sleep(Duration::from_millis(1)) => {}
-                _ = shutdown.cancelled() => return false,
-            }
-        }
-    }
+    #[error(transparent)]
+    Url(#[from] http_post::NotHttpUrl),
 }
 
 /// Runs the simulated Falco until `shutdown`.

@@ -40,13 +40,14 @@ fn colour(terminal: bool, no_color: bool) -> bool {
 }
 
 /// An error with its chain of causes, `a: b: c`, for a log field; a cause
-/// its error already ends with (some print their source) is not repeated.
+/// its error already says (some print their source, kube's API errors
+/// with its details after it) is not repeated.
 pub fn chain(e: &dyn std::error::Error) -> String {
     let mut out = e.to_string();
     let mut cause = e.source();
     while let Some(c) = cause {
         let text = c.to_string();
-        if !out.ends_with(&text) {
+        if !out.contains(&text) {
             out.push_str(": ");
             out.push_str(&text);
         }
@@ -65,5 +66,36 @@ mod tests {
         assert!(!colour(false, false));
         assert!(!colour(true, true));
         assert!(!colour(false, true));
+    }
+
+    #[derive(Debug, thiserror::Error)]
+    #[error("{text}")]
+    struct Said {
+        text: &'static str,
+        #[source]
+        source: Option<Box<Said>>,
+    }
+
+    #[test]
+    fn a_chain_says_each_cause_once() {
+        let said = |text, source: Option<Said>| Said {
+            text,
+            source: source.map(Box::new),
+        };
+        let root = said("refused", None);
+        assert_eq!(
+            chain(&said("cannot read key", Some(root))),
+            "cannot read key: refused"
+        );
+        // A message that quotes its cause, at its end or before details.
+        let root = said("refused", None);
+        let quoting = said("ApiError: refused (Status { code: 403 })", Some(root));
+        assert_eq!(chain(&quoting), "ApiError: refused (Status { code: 403 })");
+        let inner = said("no answer", None);
+        let middle = said("cannot write: no answer", Some(inner));
+        assert_eq!(
+            chain(&said("the bucket", Some(middle))),
+            "the bucket: cannot write: no answer"
+        );
     }
 }

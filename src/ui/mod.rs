@@ -181,6 +181,13 @@ impl Hub {
             });
     }
 
+    /// The last event a page saw, from its `Last-Event-ID`: only an id this
+    /// instance gave counts (after a restart the numbers begin again).
+    fn last_seen(&self, id: &str) -> Option<u64> {
+        let (instance, seq) = id.split_once('.')?;
+        (instance == self.instance).then(|| seq.parse().ok())?
+    }
+
     /// The ring after `after` (a page's `Last-Event-ID`; whether it could
     /// resume), and the page's queue of live events from then on. An id
     /// this hub never gave (another instance's, or made up) resumes nothing.
@@ -533,7 +540,7 @@ async fn events(
     let after = headers
         .get("last-event-id")
         .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<u64>().ok());
+        .and_then(|v| state.hub.last_seen(v));
     let (snapshot, resumed, live) = state.hub.join(after);
     // A page too far behind to resume keeps what it holds and is told how
     // many it missed between that and the ring.
@@ -556,18 +563,23 @@ async fn events(
             .to_string(),
         );
     let first = stream::once(async move { Ok(hello) });
-    let replay = stream::iter(snapshot).map(|e| Ok(sse(&e)));
+    let instance: Arc<str> = Arc::from(state.hub.instance.as_str());
+    let replay = {
+        let instance = Arc::clone(&instance);
+        stream::iter(snapshot).map(move |e| Ok(sse(&instance, &e)))
+    };
     let gone = ClientGone(state.metrics.clients.clone());
     let shutdown = state.shutdown.clone();
     let live = stream::unfold((live, false, gone), move |(mut rx, done, gone)| {
         let shutdown = shutdown.clone();
+        let instance = Arc::clone(&instance);
         async move {
             if done {
                 return None;
             }
             tokio::select! {
                 received = rx.recv() => match received {
-                    Some(e) => Some((Ok(sse(&e)), (rx, false, gone))),
+                    Some(e) => Some((Ok(sse(&instance, &e)), (rx, false, gone))),
                     // Dropped for falling behind: say so, and end.
                     None => {
                         let note = Event::default().event("dropped").data("behind");
@@ -590,10 +602,12 @@ impl Drop for ClientGone {
     }
 }
 
-fn sse(e: &UiEvent) -> Event {
+/// An event as the page gets it; its id (`<instance>.<seq>`, the page's
+/// `Last-Event-ID` when it reconnects) says which ui numbered it.
+fn sse(instance: &str, e: &UiEvent) -> Event {
     Event::default()
         .event(if e.decision { "decision" } else { "alert" })
-        .id(e.seq.to_string())
+        .id(format!("{instance}.{}", e.seq))
         .data(&e.data)
 }
 
@@ -807,6 +821,12 @@ mod tests {
         let (all, resumed, _) = hub.join(Some(u64::MAX));
         assert!(!resumed);
         assert_eq!(all.len(), 3);
+        // Only this instance's ids are believed.
+        let own = format!("{}.4", hub.instance);
+        assert_eq!(hub.last_seen(&own), Some(4));
+        assert_eq!(hub.last_seen("0123456789abcdef.4"), None, "another ui's");
+        assert_eq!(hub.last_seen("4"), None);
+        assert_eq!(hub.last_seen(&format!("{}.x", hub.instance)), None);
     }
 
     #[test]

@@ -94,20 +94,22 @@ fn expand(tree: &str) -> Vec<String> {
 }
 
 /// The module paths `code` names from `crate`, `super` or `self`: its
-/// `use` statements and the paths written inline. (A parent's own
-/// children, named bare in its `mod.rs`, are its layout, not a
-/// dependency.)
-fn named_paths(code: &str) -> Vec<String> {
+/// `use` statements and the paths written inline; and in a `mod.rs`, its
+/// `children` named bare (`consume::Consume`), as `self::` paths.
+fn named_paths(code: &str, children: &[&str]) -> Vec<String> {
     let mut paths = Vec::new();
     let starts = |s: &str| {
         ["crate::", "super::", "self::"]
             .iter()
             .any(|p| s.starts_with(p))
     };
+    let child = |s: &str| children.iter().any(|c| s.starts_with(&format!("{c}::")));
     for piece in code.split("use ").skip(1) {
-        let statement = piece.split(';').next().unwrap_or_default();
-        if starts(statement.trim_start()) {
+        let statement = piece.split(';').next().unwrap_or_default().trim_start();
+        if starts(statement) {
             paths.extend(expand(statement));
+        } else if child(statement) {
+            paths.extend(expand(statement).into_iter().map(|p| format!("self::{p}")));
         }
     }
     let path_char = |c: char| c.is_ascii_alphanumeric() || c == '_' || c == ':';
@@ -119,10 +121,15 @@ fn named_paths(code: &str) -> Vec<String> {
             .find(|c: char| !path_char(c))
             .map_or(code.len(), |e| i + e);
         let path = &code[begin..end];
-        if starts(path) && !paths.iter().any(|p| p == path) {
-            paths.push(path.trim_end_matches(':').to_owned());
+        let path = path.trim_end_matches(':');
+        if starts(path) {
+            paths.push(path.to_owned());
+        } else if child(path) {
+            paths.push(format!("self::{path}"));
         }
     }
+    paths.sort();
+    paths.dedup();
     paths
 }
 
@@ -170,8 +177,17 @@ fn graph(top: bool) -> BTreeMap<String, BTreeSet<String>> {
     let mut graph: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
     for (me, file) in &known {
         let node = level(me);
+        let children: Vec<&str> = if file.ends_with("mod.rs") {
+            known
+                .keys()
+                .filter_map(|k| k.strip_prefix(&format!("{me}::")))
+                .filter(|rest| !rest.contains("::"))
+                .collect()
+        } else {
+            Vec::new()
+        };
         let uses = graph.entry(node.clone()).or_default();
-        for path in named_paths(&code(file)) {
+        for path in named_paths(&code(file), &children) {
             if let Some(target) = resolve(me, &path, &known).map(|t| level(&t)) {
                 if target != node {
                     uses.insert(target);
@@ -222,6 +238,10 @@ fn dependencies_run_one_way() {
     assert!(files["nats::fast_batch"].contains("nats::headers"));
     assert!(!files["nats::fast_batch"].contains("nats::publisher"));
     assert!(files["nats::headers"].contains("signing"));
+    assert!(
+        files["respond"].contains("respond::consume"),
+        "a parent uses its children"
+    );
     assert_eq!(circle(&files), None, "an import circle between files");
     let top = graph(true);
     assert!(top["respond"].contains("nats"));
