@@ -45,3 +45,6 @@ leaf=$(password)
 # The leaf layout (deploy/components/leaf): leaf nats-servers beside Falco.
 secret nats-user-leaf falco-nats "$leaf"
 secret nats-user-leaf falco "$leaf"
+# falco-nats sources, which keeps the hub stream FALCO_ALL's sources equal
+# to the nodes.
+secret nats-user-sources falco-nats "$(password)"

@@ -54,6 +54,7 @@ pub mod format;
 #[doc(hidden)]
 pub mod fuzzing;
 pub mod input;
+pub mod kubernetes;
 pub mod nats;
 pub mod priority;
 pub mod proto;
@@ -62,6 +63,7 @@ pub mod scan;
 pub mod server;
 pub mod signing;
 pub mod simulate;
+pub mod sources;
 pub mod tail;
 pub mod telemetry;
 pub mod ui;

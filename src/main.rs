@@ -93,6 +93,10 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Pause(args) => return kill_switch(args, true).await,
         Command::Resume(args) => return kill_switch(args, false).await,
+        Command::Sources(args) => {
+            let listener = bind(args.listen_address()).await?;
+            falco_nats::sources::run((*args).into(), listener, shutdown).await?;
+        }
         Command::Simulate(args) => {
             falco_nats::simulate::run(args.into_options()?, shutdown).await?;
         }

@@ -12,6 +12,7 @@ mod nats;
 mod respond;
 mod shared;
 mod simulate;
+mod sources;
 mod tail;
 mod ui;
 
@@ -25,6 +26,7 @@ pub use nats::NatsArgs;
 pub use respond::{RespondArgs, RespondArgsError};
 pub use shared::{HttpTokenArgs, TokenError};
 pub use simulate::{SimulateArgs, SimulateKind};
+pub use sources::SourcesArgs;
 pub use tail::TailArgs;
 pub use ui::UiArgs;
 
@@ -67,6 +69,8 @@ pub enum Command {
     Pause(PauseArgs),
     /// Release the responders' kill switch
     Resume(PauseArgs),
+    /// Keep the hub stream's sources equal to the nodes (the leaf layout)
+    Sources(Box<SourcesArgs>),
 }
 
 /// How log lines are written to stderr.

@@ -15,14 +15,14 @@ use k8s_openapi::api::core::v1::{Event, EventSource, ObjectReference, Pod};
 use k8s_openapi::api::networking::v1::{NetworkPolicy, NetworkPolicySpec};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta, Time};
 use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams, Preconditions};
-use kube::config::{KubeConfigOptions, Kubeconfig};
-use kube::{Client, Config};
+use kube::Client;
 use serde_json::json;
 
 use super::outcome::Applied;
 use super::policy::ActionSpec;
 use super::workload::{replicated_owner, Workload};
 use crate::alert::PodRef;
+pub use crate::kubernetes::ClusterError;
 use crate::telemetry::health::ReadyFlag;
 
 /// Why a Kubernetes call failed.
@@ -71,27 +71,6 @@ impl OwnerError {
     pub fn is_transient(&self) -> bool {
         matches!(self, OwnerError::Call { source, .. } if source.is_transient())
     }
-}
-
-/// Why the Kubernetes client could not be set up.
-#[derive(Debug, thiserror::Error)]
-pub enum ClusterError {
-    #[error("cannot read kubeconfig {path:?}")]
-    ReadKubeconfig {
-        path: String,
-        #[source]
-        source: kube::config::KubeconfigError,
-    },
-    #[error("cannot configure the Kubernetes client from {path:?}")]
-    Kubeconfig {
-        path: String,
-        #[source]
-        source: kube::config::KubeconfigError,
-    },
-    #[error("cannot find a Kubernetes configuration (KUBECONFIG, ~/.kube/config, or in-cluster)")]
-    Infer(#[source] kube::config::InferConfigError),
-    #[error("cannot create the Kubernetes client")]
-    Client(#[from] kube::Error),
 }
 
 /// The responder's view of the cluster.
@@ -154,29 +133,7 @@ impl Cluster {
         timeout: Duration,
         ready: ReadyFlag,
     ) -> Result<Self, ClusterError> {
-        let mut config = match kubeconfig {
-            Some(path) => {
-                let kc =
-                    Kubeconfig::read_from(path).map_err(|source| ClusterError::ReadKubeconfig {
-                        path: path.display().to_string(),
-                        source,
-                    })?;
-                Config::from_custom_kubeconfig(kc, &KubeConfigOptions::default())
-                    .await
-                    .map_err(|source| ClusterError::Kubeconfig {
-                        path: path.display().to_string(),
-                        source,
-                    })?
-            }
-            None => Config::infer().await.map_err(ClusterError::Infer)?,
-        };
-        // The client's own limits, a little later than the one each call
-        // has (`call`), which is then the one that says what happened.
-        let transport = timeout + Duration::from_secs(1);
-        config.connect_timeout = Some(transport);
-        config.read_timeout = Some(transport);
-        config.write_timeout = Some(transport);
-        let client = Client::try_from(config)?;
+        let client = crate::kubernetes::client(kubeconfig, timeout).await?;
         ready.set(true);
         Ok(Cluster {
             client,

@@ -255,8 +255,8 @@ fn container_args_and_env_are_accepted_by_the_cli() {
     let containers = falco_nats_containers();
     assert_eq!(
         containers.len(),
-        5,
-        "three bridges, the responder and the ui: {containers:?}"
+        6,
+        "three bridges, the responder, the ui and sources: {containers:?}"
     );
     for (file, args, env) in containers {
         let argv = std::iter::once("falco-nats".to_owned()).chain(args.iter().cloned());

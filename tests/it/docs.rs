@@ -162,9 +162,16 @@ fn the_flag_tables_are_what_each_subcommand_takes() {
         .map(|f| (f.to_string(), bridge[*f].clone()))
         .collect();
     let mut problems = Vec::new();
-    for subcommand in [
-        "bridge", "respond", "tail", "ui", "simulate", "pause", "resume", "keygen",
-    ] {
+    // Every subcommand the binary has, so a new one cannot go undocumented.
+    let subcommands: Vec<String> = {
+        use clap::CommandFactory;
+        falco_nats::cli::Cli::command()
+            .get_subcommands()
+            .map(|c| c.get_name().to_owned())
+            .collect()
+    };
+    assert!(subcommands.len() >= 9, "{subcommands:?}");
+    for subcommand in subcommands.iter().map(String::as_str) {
         let section = documented
             .iter()
             .find(|(h, _)| h.starts_with(&format!("`falco-nats {subcommand}`")))

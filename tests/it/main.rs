@@ -31,4 +31,5 @@ mod leaf;
 mod respond;
 mod respond_kube;
 mod security;
+mod sources;
 mod ui;

@@ -126,7 +126,7 @@ impl Hub {
         let seen = reader.subscribe("falco.>").await.unwrap();
         reader.flush().await.unwrap();
         let mut inboxes = Vec::new();
-        for name in ["bridge", "respond", "reader", "admin"] {
+        for name in ["bridge", "respond", "reader", "admin", "sources"] {
             let client = client_as(url, name, &pw[&format!("nats-user-{name}")]).await;
             let sub = client
                 .subscribe(format!("_INBOX_{name}.probe.>"))
@@ -292,7 +292,7 @@ async fn probe(hub: &mut Hub, row: &Row, bridge: &Client) -> BTreeMap<String, bo
     )
     .await;
     publish(ack_subject, HeaderMap::new(), "+ACK".into()).await;
-    for user in ["bridge", "respond", "reader", "admin"] {
+    for user in ["bridge", "respond", "reader", "admin", "sources"] {
         if Some(user) != row.own_inbox {
             publish(
                 format!("_INBOX_{user}.probe.{i}"),
@@ -422,7 +422,10 @@ async fn every_nats_identity_can_do_what_the_readme_says_and_nothing_more() {
     );
 
     let mut rows = Vec::new();
-    for (index, name) in ["bridge", "respond", "reader", "admin"].iter().enumerate() {
+    for (index, name) in ["bridge", "respond", "reader", "admin", "sources"]
+        .iter()
+        .enumerate()
+    {
         rows.push(Row {
             name: format!("`{name}`"),
             index,

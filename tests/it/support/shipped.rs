@@ -61,6 +61,7 @@ pub fn hub_env(pw: &BTreeMap<String, String>) -> Vec<(&'static str, String)> {
         ("NATS_READER_PASSWORD", "nats-user-reader"),
         ("NATS_ADMIN_PASSWORD", "nats-user-admin"),
         ("NATS_LEAF_PASSWORD", "nats-user-leaf"),
+        ("NATS_SOURCES_PASSWORD", "nats-user-sources"),
     ]
     .into_iter()
     .map(|(var, secret)| (var, pw[secret].clone()))
