@@ -23,6 +23,7 @@ mod deploy_real;
 mod docs;
 mod falco_releases;
 mod faults;
+mod fleet;
 mod fuzz_smoke;
 mod guards;
 mod image;

@@ -4,6 +4,7 @@
 #[allow(unused_imports)]
 pub use falco_nats::simulate::kube_api as fake_kube;
 
+pub mod fleet;
 pub mod manifests;
 pub mod real_kube;
 pub mod responder;
@@ -172,6 +173,12 @@ impl NatsServer {
 
     pub fn url(&self) -> String {
         format!("nats://127.0.0.1:{}", self.port)
+    }
+
+    /// The server's process id, while it runs (the fleet benchmark's).
+    #[allow(dead_code)]
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
     }
 
     /// Kills the server (SIGKILL: nothing is flushed to clients).
