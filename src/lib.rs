@@ -11,11 +11,15 @@
 //! | [`bridge`] | `bridge`: one input, a bounded queue, one publisher, the drain on shutdown |
 //! | [`input`] | the inputs (`grpc`, `fifo`, `http`, `stdin`) and the [`input::AlertSink`] they fill |
 //! | [`proto`], [`convert`] | Falco's gRPC API, and its responses turned into Falco's JSON |
+//! | [`mod@format`] | `--format`: the alert as Falco wrote it, or as falcosidekick publishes it |
 //! | [`event`], [`scan`] | [`event::FalcoEvent`]: an alert on the bridge's side, its JSON kept as it came; the one-pass check that reads its four fields |
 //! | [`nats`] | the one connection ([`nats::NatsOptions`]), subjects, the headers, the publisher: core NATS, or JetStream (the stream, one ack each, fast batches) |
 //! | [`alert`], [`decision`] | the read side: an alert and a responder's decision as typed values |
 //! | [`respond`] | `respond`: the options and `run`; the [`respond::responder::Responder`] (one alert, a decision per action); the consumers that settle messages; one vocabulary of outcomes ([`respond::outcome`]); policy, rails and the guard chain; the Kubernetes calls; the audit of every decision; the shared guards' records ([`respond::control`]) and the `pause`/`resume` commands ([`respond::kill_switch`]) |
+//! | [`signing`] | signed alerts (`--sign-key`, `--verify-key`) and the clock they are dated in |
 //! | [`tail`] | `tail`: alerts and decisions printed readably |
+//! | [`ui`] | `ui`: the live page of alerts and decisions, its event stream and ring |
+//! | [`sources`], [`kubernetes`] | `sources`: the hub stream's sources kept equal to the nodes (the leaf layout); the Kubernetes client the responder and it make |
 //! | [`simulate`] | a Falco stand-in (gRPC, FIFO, `http_output`; 0.44's and 0.45's hostile strings) and a Kubernetes API stand-in |
 //! | [`server`], [`telemetry`], [`drain`] | the `--listen` server (the HTTP input's `POST /` answered before its router), probes, metrics, logs; the shutdown deadline |
 //! | [`priority`], [`backoff`] | Falco's priorities; reconnect back-off |

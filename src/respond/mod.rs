@@ -10,7 +10,7 @@
 //! more are pulled than that, so none waits past the ack wait in a buffer.
 //!
 //! This file: the options and [`run`], which wires the parts. The
-//! [`responder::Responder`] decides on one alert; [`consume`] takes the
+//! [`responder::Responder`] decides on one alert; `consume` takes the
 //! alerts off NATS and settles them; [`outcome`] is what a decision can say.
 
 pub mod audit;

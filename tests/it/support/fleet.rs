@@ -676,6 +676,7 @@ pub async fn load(
     let started = Instant::now();
     let refused = Arc::new(AtomicU64::new(0));
     let mut tasks = Vec::new();
+    let count = nodes.len().max(1);
     for (i, addr) in nodes.iter().copied().enumerate() {
         let refused = Arc::clone(&refused);
         let pods = Arc::clone(&pods);
@@ -684,7 +685,9 @@ pub async fn load(
             let mut client = NodeClient::connect(addr).await;
             let host = format!("node-{i}");
             let every = Duration::from_secs_f64(1.0 / rate.max(0.001));
-            let mut tick = tokio::time::interval(every);
+            // Nodes are not in step: each starts at its own phase.
+            let phase = every.mul_f64(i as f64 / count as f64);
+            let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + phase, every);
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
             for n in 0..per_node {
                 tick.tick().await;
