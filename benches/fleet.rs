@@ -20,7 +20,7 @@
 //! And the hub alone with 0 to 1,000 sources of nodes that are not there.
 //!
 //! `scripts/fleet` runs it and draws the plots. Knobs: `FLEET_NODES`
-//! (comma-separated, default `10,25,50,100`), `FLEET_LAYOUTS` (`leaf,direct`),
+//! (comma-separated, default `10,25,50,100,200`), `FLEET_LAYOUTS` (`leaf,direct`),
 //! `FLEET_OUT` (default `target/fleet/results.json`).
 
 #[path = "../tests/it/support/mod.rs"]
@@ -104,8 +104,10 @@ async fn run(layout: Layout, nodes: usize) -> Value {
     // 1. Idle.
     tokio::time::sleep(Duration::from_secs(3)).await;
     let before = usage_of_all(fleet.hub_pids());
+    let nodes_before = usage_of_all(fleet.leaf_pids().into_iter().chain(fleet.bridge_pids()));
     tokio::time::sleep(Duration::from_secs(10)).await;
     let after = usage_of_all(fleet.hub_pids());
+    let nodes_after = usage_of_all(fleet.leaf_pids().into_iter().chain(fleet.bridge_pids()));
     let idle_cpu_pct = (after.cpu_seconds - before.cpu_seconds) / 10.0 * 100.0;
     let leaves = usage_of_all(fleet.leaf_pids());
     let bridges = usage_of_all(fleet.bridge_pids());
@@ -114,6 +116,9 @@ async fn run(layout: Layout, nodes: usize) -> Value {
         "hub_cpu_pct": idle_cpu_pct,
         "hub_rss_mib": after.rss_bytes as f64 / 1048576.0,
         "hub_cpu_pct_per_node": idle_cpu_pct / nodes as f64,
+        // The nodes' own processes (leaf servers and bridges), all together:
+        // on one machine they share its cores with the hub.
+        "nodes_cpu_pct": (nodes_after.cpu_seconds - nodes_before.cpu_seconds) / 10.0 * 100.0,
         "hub_rss_kib_per_node": after.rss_bytes as f64 / 1024.0 / nodes as f64,
         "leaf_rss_mib_each": if fleet.leaf_pids().is_empty() { 0.0 } else { leaves.rss_bytes as f64 / 1048576.0 / nodes as f64 },
         "bridge_rss_mib_each": bridges.rss_bytes as f64 / 1048576.0 / nodes as f64,
@@ -229,6 +234,12 @@ async fn run(layout: Layout, nodes: usize) -> Value {
     // 4. Deletions at once.
     let left = pods.lock().expect("not poisoned").len();
     let deletes = left.min(200);
+    observer
+        .seen
+        .stored_ms
+        .lock()
+        .expect("not poisoned")
+        .clear();
     let deleted_before = observer.seen.deleted.load(Ordering::Relaxed);
     observer
         .seen
@@ -246,12 +257,30 @@ async fn run(layout: Layout, nodes: usize) -> Value {
     .await;
     let decided_ms = std::mem::take(&mut *observer.seen.decided_ms.lock().expect("not poisoned"));
     let elapsed = first.elapsed().as_secs_f64();
+    // How the responders got there: retries (a transient failure, the
+    // alert delivered again) and what they decided.
+    let mut responders = serde_json::Map::new();
+    for series in [
+        "falco_nats_respond_retries_total",
+        "falco_nats_respond_decisions_total{action=\"delete-pod\",outcome=\"done\"}",
+        "falco_nats_respond_decisions_total{action=\"delete-pod\",outcome=\"failed\"}",
+        "falco_nats_respond_decisions_total{action=\"delete-pod\",outcome=\"skipped\"}",
+    ] {
+        responders.insert(
+            series.to_owned(),
+            json!(fleet.responders_metric(series).await),
+        );
+    }
     let actions = json!({
+        "responders": responders,
         "alerts": named,
         "deleted": observer.seen.deleted.load(Ordering::Relaxed) - deleted_before,
         "all_deleted_ms": ms(all_deleted),
         "actions_per_s": (observer.seen.deleted.load(Ordering::Relaxed) - deleted_before) as f64 / elapsed,
         "post_to_delete": latencies(&decided_ms),
+        "post_to_stored": latencies(&std::mem::take(
+            &mut *observer.seen.stored_ms.lock().expect("not poisoned"),
+        )),
     });
     eprintln!("  deletions: {actions}");
 
@@ -330,7 +359,7 @@ async fn phantom_sources(count: usize) -> Value {
 
 #[tokio::main]
 async fn main() {
-    let nodes: Vec<usize> = env_list("FLEET_NODES", "10,25,50,100")
+    let nodes: Vec<usize> = env_list("FLEET_NODES", "10,25,50,100,200")
         .iter()
         .filter_map(|n| n.parse().ok())
         .collect();

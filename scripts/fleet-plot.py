@@ -101,5 +101,42 @@ def main():
         save(fig, out, "storm-lag.png")
 
 
+def fmt(value, digits=1):
+    if value is None or value != value:
+        return "-"
+    return ("{:,.%df}" % digits).format(value)
+
+
+def tables(results):
+    """The figures as Markdown tables, for docs/SCALING.md."""
+    out = []
+    out.append("| layout | nodes | hub CPU idle (% of a core) | hub RSS (MiB) | hub CPU s / 1,000 alerts, base | "
+               "POST to hub p50 / p99 (ms) | POST to delete p50 / p99 (ms), base | storm: 2,000/s from one node, "
+               "p99 (ms) / CPU s per 1,000 | storm: 20/s from every node, p99 (ms) | 200 deletions at once: "
+               "actions/s, p99 (ms) | a node joins: first alert in the hub (ms) |")
+    out.append("|" + " --- |" * 11)
+    for run in sorted(results["runs"], key=lambda r: (r["layout"], r["nodes"])):
+        base, storms, dele = run["base"], run["storms"], run["deletions"]
+        out.append("| %s | %d | %s | %s | %s | %s / %s | %s / %s | %s / %s | %s | %s, %s | %s |" % (
+            run["layout"], run["nodes"],
+            fmt(run["idle"]["hub_cpu_pct"]), fmt(run["idle"]["hub_rss_mib"], 0),
+            fmt(base["hub_cpu_s_per_1000"], 2),
+            fmt(base["post_to_stored"]["p50_ms"]), fmt(base["post_to_stored"]["p99_ms"]),
+            fmt(base["post_to_delete"]["p50_ms"], 0), fmt(base["post_to_delete"]["p99_ms"], 0),
+            fmt(storms[0]["post_to_stored"]["p99_ms"]), fmt(storms[0]["hub_cpu_s_per_1000"], 2),
+            fmt(storms[1]["post_to_stored"]["p99_ms"]),
+            fmt(dele["actions_per_s"], 0), fmt(dele["post_to_delete"]["p99_ms"], 0),
+            fmt(run["join"]["first_alert_in_hub_ms"], 0),
+        ))
+    out.append("")
+    out.append("| sources (nodes not there) | stream config (bytes) | made in (ms) | hub CPU idle (% of a core) | hub RSS (MiB) |")
+    out.append("| --- | --- | --- | --- | --- |")
+    for p in results["phantom_sources"]:
+        out.append("| %d | %s | %s | %s | %s |" % (p["sources"], fmt(p["config_bytes"], 0), fmt(p["create_ms"]),
+                                                  fmt(p["hub_cpu_pct"]), fmt(p["hub_rss_mib"], 0)))
+    return "\n".join(out)
+
+
 if __name__ == "__main__":
     main()
+    print(tables(json.load(open(sys.argv[1]))))

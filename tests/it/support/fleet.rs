@@ -151,6 +151,8 @@ pub struct Fleet {
     pub nodes: Vec<FleetNode>,
     pub sources: Option<Proc>,
     pub responders: Vec<Proc>,
+    /// Each responder's `--listen` (its `/metrics`).
+    pub responder_listen: Vec<std::net::SocketAddr>,
     /// The namespace of the pods, and the label of the nodes.
     pub run: String,
     pub pods: Vec<String>,
@@ -179,6 +181,7 @@ impl Fleet {
             nodes: Vec::new(),
             sources: None,
             responders: Vec::new(),
+            responder_listen: Vec::new(),
             run,
             pods: Vec::new(),
             pw,
@@ -364,6 +367,7 @@ impl Fleet {
             "rules:\n  - name: delete on critical\n    match:\n      priority: \">=Critical\"\n    actions:\n      - action: delete-pod\n        grace_period_seconds: 0\n",
         )
         .expect("write the policy");
+        let listen: std::net::SocketAddr = ([127, 0, 0, 1], free_port()).into();
         let responder = self.spawn(
             &[
                 "respond",
@@ -373,13 +377,14 @@ impl Fleet {
                 &format!("--policy={}", policy.display()),
                 "--max-actions-per-minute=10000",
                 "--concurrency=16",
-                &format!("--listen=127.0.0.1:{}", free_port()),
+                &format!("--listen={listen}"),
             ],
             "respond",
             &self.hub_urls(),
             &[("KUBECONFIG", self.kubeconfig.display().to_string())],
         );
         self.responders.push(responder);
+        self.responder_listen.push(listen);
     }
 
     async fn make_pods(&mut self, client: &kube::Client) {
@@ -396,6 +401,18 @@ impl Fleet {
                 .expect("create a pod");
             self.pods.push(name);
         }
+    }
+
+    /// A metric summed over the responders (`series` as `/metrics` writes
+    /// it, labels included).
+    pub async fn responders_metric(&self, series: &str) -> f64 {
+        let mut sum = 0.0;
+        for addr in &self.responder_listen {
+            if tokio::net::TcpStream::connect(addr).await.is_ok() {
+                sum += super::metric_value(&super::http_get(*addr, "/metrics").await.1, series);
+            }
+        }
+        sum
     }
 
     /// Pods of the run still there.
