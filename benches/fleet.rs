@@ -301,6 +301,7 @@ async fn run(layout: Layout, nodes: usize) -> Value {
     });
     eprintln!("  join: {join}");
     drop(observer);
+    fleet.stop().await;
     json!({
         "layout": layout.name(),
         "nodes": nodes,

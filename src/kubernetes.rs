@@ -33,7 +33,29 @@ pub enum ClusterError {
 /// transport's limits are a little later than `timeout`, the one each call
 /// has, which is then the one that says what happened.
 pub async fn client(kubeconfig: Option<&Path>, timeout: Duration) -> Result<Client, ClusterError> {
-    let mut config = match kubeconfig {
+    let mut config = config(kubeconfig).await?;
+    let transport = timeout + Duration::from_secs(1);
+    config.connect_timeout = Some(transport);
+    config.read_timeout = Some(transport);
+    config.write_timeout = Some(transport);
+    Ok(Client::try_from(config)?)
+}
+
+/// A client for watches: a watch is quiet for minutes, so no read limit
+/// (the server ends it after the `timeoutSeconds` it is given).
+pub async fn watch_client(
+    kubeconfig: Option<&Path>,
+    timeout: Duration,
+) -> Result<Client, ClusterError> {
+    let mut config = config(kubeconfig).await?;
+    config.connect_timeout = Some(timeout);
+    config.write_timeout = Some(timeout);
+    config.read_timeout = None;
+    Ok(Client::try_from(config)?)
+}
+
+async fn config(kubeconfig: Option<&Path>) -> Result<Config, ClusterError> {
+    Ok(match kubeconfig {
         Some(path) => {
             let kc =
                 Kubeconfig::read_from(path).map_err(|source| ClusterError::ReadKubeconfig {
@@ -48,10 +70,5 @@ pub async fn client(kubeconfig: Option<&Path>, timeout: Duration) -> Result<Clie
                 })?
         }
         None => Config::infer().await.map_err(ClusterError::Infer)?,
-    };
-    let transport = timeout + Duration::from_secs(1);
-    config.connect_timeout = Some(transport);
-    config.read_timeout = Some(transport);
-    config.write_timeout = Some(transport);
-    Ok(Client::try_from(config)?)
+    })
 }

@@ -140,13 +140,21 @@ pub fn plan(
         .filter(|s| managed_domain(s, source_stream).is_none())
         .cloned()
         .collect();
-    sources.extend(desired.iter().map(|domain| stream::Source {
-        name: source_stream.to_owned(),
-        external: Some(stream::External {
-            api_prefix: api_prefix(domain),
-            delivery_prefix: None,
-        }),
-        ..Default::default()
+    // A source that stays is kept as it is (a filter or start an operator
+    // gave it); a new one is plain.
+    sources.extend(desired.iter().map(|domain| {
+        current
+            .iter()
+            .find(|s| managed_domain(s, source_stream) == Some(domain.as_str()))
+            .cloned()
+            .unwrap_or_else(|| stream::Source {
+                name: source_stream.to_owned(),
+                external: Some(stream::External {
+                    api_prefix: api_prefix(domain),
+                    delivery_prefix: None,
+                }),
+                ..Default::default()
+            })
     }));
     Some(sources)
 }
@@ -164,6 +172,13 @@ impl Seen {
     pub fn saw<'a>(&mut self, domains: impl IntoIterator<Item = &'a String>, now: Instant) {
         for domain in domains {
             self.at.insert(domain.clone(), now);
+        }
+    }
+
+    /// `domains` are there, seen now unless seen before.
+    pub fn notice<'a>(&mut self, domains: impl IntoIterator<Item = &'a String>, now: Instant) {
+        for domain in domains {
+            self.at.entry(domain.clone()).or_insert(now);
         }
     }
 
@@ -250,6 +265,8 @@ pub async fn run(
     let detail = readiness.detail("sources");
     let metrics = Metrics::register(&mut registry);
     let kube = crate::kubernetes::client(options.kubeconfig.as_deref(), options.timeout).await?;
+    let watching =
+        crate::kubernetes::watch_client(options.kubeconfig.as_deref(), options.timeout).await?;
     let client = connect(&options.nats, watch).await?.client;
     let http_metrics = crate::telemetry::metrics::HttpServerMetrics::new(&mut registry);
     let server = Listen::probes(
@@ -260,28 +277,34 @@ pub async fn run(
     let nodes: Api<Node> = Api::all(kube);
     let changed = Arc::new(Notify::new());
     let watcher = tokio::spawn(watch_nodes(
-        nodes.clone(),
+        Api::all(watching),
         options.node_selector.clone(),
         Arc::clone(&changed),
         shutdown.clone(),
     ));
+    let mut js = jetstream::new(client);
+    js.set_timeout(options.timeout);
     let mut keeper = Keeper {
-        js: jetstream::new(client),
+        js,
         nodes,
         options,
         seen: Seen::default(),
-        started: false,
         metrics,
     };
     tracing::info!(stream = %keeper.options.stream, source_stream = %keeper.options.source_stream, selector = ?keeper.options.node_selector, "keeping the hub stream's sources equal to the nodes");
     let mut resync = tokio::time::interval(keeper.options.resync);
     resync.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut backoff = crate::backoff::Backoff::new(Duration::from_secs(1), Duration::from_secs(30));
+    // After a failure, no sooner than this.
+    let mut not_before = tokio::time::Instant::now();
     loop {
         // A node gone is removed when its grace runs out, not a resync later.
         let expiry = keeper
             .seen
             .next_expiry(keeper.options.remove_after)
-            .map(|at| tokio::time::Instant::from_std(at + Duration::from_millis(10)));
+            .map(|at| {
+                tokio::time::Instant::from_std(at + Duration::from_millis(10)).max(not_before)
+            });
         let expired = async {
             match expiry {
                 Some(at) => tokio::time::sleep_until(at).await,
@@ -305,6 +328,7 @@ pub async fn run(
             Ok(text) => {
                 reconciled.set(true);
                 detail.set(text);
+                backoff.reset();
             }
             Err(e) => {
                 let stage = match e {
@@ -317,9 +341,15 @@ pub async fn run(
                     .errors
                     .get_or_create(&[("stage", stage)])
                     .inc();
-                tracing::warn!(error = %chain(&e), "cannot reconcile the sources; trying again");
+                let delay = backoff.next_delay();
+                tracing::warn!(error = %chain(&e), ?delay, "cannot reconcile the sources; trying again");
                 reconciled.set(false);
                 detail.set(chain(&e));
+                not_before = tokio::time::Instant::now() + delay;
+                tokio::select! {
+                    _ = tokio::time::sleep(delay) => {}
+                    _ = shutdown.cancelled() => break,
+                }
             }
         }
     }
@@ -327,6 +357,9 @@ pub async fn run(
     server.stop().await;
     Ok(())
 }
+
+/// Nodes listed at a time.
+const LIST_PAGE: u32 = 500;
 
 /// How long to wait after a watch event for the ones that follow it.
 const DEBOUNCE: Duration = Duration::from_millis(500);
@@ -337,9 +370,6 @@ struct Keeper {
     nodes: Api<Node>,
     options: SourcesOptions,
     seen: Seen,
-    /// Whether the stream's sources were taken in as seen (at the first
-    /// reconciliation: a restart gives every node its grace again).
-    started: bool,
     metrics: Metrics,
 }
 
@@ -348,22 +378,32 @@ impl Keeper {
     /// for `/readyz`.
     async fn reconcile(&mut self) -> Result<String, StepError> {
         let options = &self.options;
-        let mut list = ListParams::default();
+        let mut list = ListParams::default().limit(LIST_PAGE);
         if let Some(selector) = &options.node_selector {
             list = list.labels(selector);
         }
-        let listed = self
-            .nodes
-            .list_metadata(&list)
-            .await
-            .map_err(StepError::List)?;
+        let mut names = Vec::new();
+        loop {
+            let page = self
+                .nodes
+                .list_metadata(&list)
+                .await
+                .map_err(StepError::List)?;
+            names.extend(page.items.into_iter().filter_map(|n| n.metadata.name));
+            match page.metadata.continue_ {
+                Some(token) if !token.is_empty() => list = list.continue_token(&token),
+                _ => break,
+            }
+        }
         let now = Instant::now();
         let mut domains = BTreeSet::new();
-        for node in &listed.items {
-            let name = node.metadata.name.as_deref().unwrap_or_default();
+        for name in &names {
             match domain_of(name) {
                 Some(domain) => {
-                    domains.insert(domain);
+                    if !domains.insert(domain.clone()) {
+                        // Their leaves would claim one JetStream domain.
+                        tracing::warn!(node = ?name, %domain, "two nodes' names make one domain; one source serves whichever leaf answers");
+                    }
                 }
                 None => {
                     self.metrics.skipped.inc();
@@ -374,20 +414,31 @@ impl Keeper {
         self.metrics.nodes.set(domains.len() as i64);
         let mut stream = self.stream().await?;
         let config = stream.cached_info().config.clone();
-        if !self.started {
-            let present = config
-                .sources
-                .iter()
-                .flatten()
-                .filter_map(|s| managed_domain(s, &options.source_stream))
-                .map(str::to_owned)
-                .collect::<Vec<_>>();
-            self.seen.saw(&present, now);
-            self.started = true;
+        // A source found in the stream (its own restart, an operator's
+        // hand) that no list named yet has its grace from now.
+        let present: Vec<String> = config
+            .sources
+            .iter()
+            .flatten()
+            .filter_map(|s| managed_domain(s, &options.source_stream))
+            .map(str::to_owned)
+            .collect();
+        self.seen.notice(&present, now);
+        let current = config.sources.clone().unwrap_or_default();
+        let managed = current
+            .iter()
+            .filter(|s| managed_domain(s, &options.source_stream).is_some())
+            .count();
+        if domains.is_empty() && managed > 0 {
+            // Every node gone at once is a selector that matches nothing, or
+            // another cluster: never a reason to unhook them all.
+            tracing::error!(sources = managed, selector = ?options.node_selector, "the list names no node; keeping every source");
+            return Ok(format!(
+                "no node listed; keeping the {managed} sources (does --node-selector match?)"
+            ));
         }
         self.seen.listed(&domains, now);
         let desired = self.seen.desired(now, options.remove_after);
-        let current = config.sources.clone().unwrap_or_default();
         if let Some(sources) = plan(&current, &options.source_stream, &desired) {
             let before: BTreeSet<&str> = current
                 .iter()
@@ -505,14 +556,14 @@ async fn watch_nodes(
                             break;
                         }
                         Some(Err(e)) => {
-                            tracing::debug!(error = %e, "the node watch fails");
+                            tracing::warn!(error = %chain(&e), "the node watch failed; watching again");
                             break;
                         }
                         None => break,
                     }
                 }
             }
-            Err(e) => tracing::debug!(error = %chain(&e), "cannot watch the nodes"),
+            Err(e) => tracing::warn!(error = %chain(&e), "cannot watch the nodes; trying again"),
         }
         tokio::select! {
             _ = tokio::time::sleep(Duration::from_secs(1)) => {}
@@ -589,6 +640,11 @@ mod tests {
             ]
         );
         assert_eq!(plan(&[], "FALCO", &BTreeSet::new()), None);
+        // A source that stays keeps what an operator gave it.
+        let mut filtered = source("FALCO", "$JS.node-b.API");
+        filtered.filter_subject = Some("falco.critical.>".into());
+        let planned = plan(&[filtered.clone()], "FALCO", &desired).unwrap();
+        assert_eq!(planned[0], filtered);
     }
 
     #[test]
@@ -612,5 +668,13 @@ mod tests {
         seen.listed(&both, start + Duration::from_secs(700));
         assert_eq!(seen.desired(start + Duration::from_secs(800), grace), both);
         assert_eq!(seen.next_expiry(grace), None);
+        // Noticed in the stream (a restart, a hand): a grace from then on,
+        // not renewed by noticing it again.
+        let mut seen = Seen::default();
+        let c: BTreeSet<String> = ["c".into()].into();
+        seen.notice(&c, start);
+        seen.notice(&c, start + grace);
+        seen.listed(&BTreeSet::new(), start + grace);
+        assert_eq!(seen.next_expiry(grace), Some(start + grace));
     }
 }

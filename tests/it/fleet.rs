@@ -53,6 +53,7 @@ async fn smoke(layout: Layout) {
     })
     .await;
     fleet.remove_node().await;
+    fleet.stop().await;
 }
 
 #[tokio::test]

@@ -179,7 +179,7 @@ async fn the_hub_stream_follows_the_nodes_as_they_come_and_go() {
         (stop, task, addr)
     };
     // It makes FALCO_ALL, sources both nodes, and their alerts arrive.
-    let (stop, task, addr) = start(Duration::from_secs(3));
+    let (stop, task, addr) = start(Duration::from_secs(5));
     wait_sources(&admin, &[&a_domain, &b], "both nodes as sources").await;
     wait_for("both nodes' alerts on the hub", WAIT, || async {
         messages(&admin).await == 2 * PER_NODE as u64
@@ -233,9 +233,20 @@ async fn the_hub_stream_follows_the_nodes_as_they_come_and_go() {
     })
     .await;
 
-    // A node leaves: its source goes once its grace runs out; what it sent
-    // stays.
+    // A node leaves: its source stays through its grace, then goes; what
+    // it sent stays.
     nodes.delete(&b, &DeleteParams::default()).await.unwrap();
+    wait_for("the deleted node seen gone and kept", WAIT, || async {
+        http_get(addr, "/readyz")
+            .await
+            .1
+            .contains("2 nodes, 3 sources (1 of nodes gone, kept for --remove-after)")
+    })
+    .await;
+    assert!(
+        sources(&admin).await.0.contains(&b),
+        "kept through its grace"
+    );
     wait_sources(
         &admin,
         &[&a_domain, &c],
@@ -270,11 +281,25 @@ async fn the_hub_stream_follows_the_nodes_as_they_come_and_go() {
     )
     .await;
 
+    // Every node gone at once (a selector that matches nothing): no source
+    // is taken away.
+    nodes.delete(&a, &DeleteParams::default()).await.unwrap();
+    wait_for("the empty list seen", WAIT, || async {
+        http_get(addr, "/readyz")
+            .await
+            .1
+            .contains("no node listed; keeping the 1 sources")
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    assert_eq!(sources(&admin).await.0, BTreeSet::from([a_domain.clone()]));
+
     stop.cancel();
     task.await.unwrap().unwrap();
-    for name in [&a, &other] {
-        nodes.delete(name, &DeleteParams::default()).await.unwrap();
-    }
+    nodes
+        .delete(&other, &DeleteParams::default())
+        .await
+        .unwrap();
     drop(leaves);
     drop(hub);
 }
@@ -286,6 +311,19 @@ async fn the_sources_user_may_keep_falco_all_and_nothing_else() {
     let dir = tempfile::tempdir().unwrap();
     let pw = passwords();
     let (hub, _) = shipped::start_hub(dir.path(), &pw);
+    // A stream of the hub's that is not FALCO_ALL, and one that would
+    // take what `sources` publishes on its inbox.
+    let admin = jetstream::new(client_as(&hub.url(), "admin", &pw["nats-user-admin"]).await);
+    for (name, subject) in [("FALCO", "falco.>"), ("CAPTURE", "_INBOX_sources.x.>")] {
+        admin
+            .create_stream(stream::Config {
+                name: name.into(),
+                subjects: vec![subject.into()],
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+    }
     let client = client_as(&hub.url(), "sources", &pw["nats-user-sources"]).await;
     let js = jetstream::new(client.clone());
     let made = js
@@ -316,6 +354,13 @@ async fn the_sources_user_may_keep_falco_all_and_nothing_else() {
         assert!(refused.is_err(), "{refused:?}");
     }
     let mut alerts = client.subscribe("falco.>").await.unwrap();
+    client.flush().await.unwrap();
+    // Nothing of its own to publish on, not even its inbox.
+    client
+        .publish("_INBOX_sources.x.forged", "{}".into())
+        .await
+        .unwrap();
+    client.flush().await.unwrap();
     let bridge = client_as(&hub.url(), "bridge", &pw["nats-user-bridge"]).await;
     bridge
         .publish("falco.warning.x", "{}".into())
@@ -324,4 +369,10 @@ async fn the_sources_user_may_keep_falco_all_and_nothing_else() {
     bridge.flush().await.unwrap();
     let got = tokio::time::timeout(Duration::from_millis(500), alerts.next()).await;
     assert!(!matches!(got, Ok(Some(_))), "an alert reached `sources`");
+    let mut capture = admin.get_stream("CAPTURE").await.unwrap();
+    assert_eq!(
+        capture.info().await.unwrap().state.messages,
+        0,
+        "sources published on its inbox"
+    );
 }

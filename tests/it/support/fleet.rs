@@ -348,6 +348,17 @@ impl Fleet {
         index
     }
 
+    /// Stops everything, and deletes the run's Nodes and namespace from the
+    /// control plane, which later runs share.
+    pub async fn stop(mut self) {
+        while !self.nodes.is_empty() {
+            self.remove_node().await;
+        }
+        let namespaces: Api<k8s_openapi::api::core::v1::Namespace> =
+            Api::all(Cluster::get().admin().await);
+        let _ = namespaces.delete(&self.run, &DeleteParams::default()).await;
+    }
+
     /// Removes the last node (its Node object too): a cluster scaling down.
     pub async fn remove_node(&mut self) {
         if let Some(node) = self.nodes.pop() {
