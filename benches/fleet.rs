@@ -289,7 +289,7 @@ async fn run(layout: Layout, nodes: usize) -> Value {
     let joining = Instant::now();
     let index = fleet.add_node().await;
     let ready = joining.elapsed();
-    let mut client = NodeClient::connect(fleet.nodes[index].http).await;
+    let mut client = NodeClient::new(fleet.nodes[index].http);
     let _ = client.post(alert_json("joined", "Notice", None, 1)).await;
     let reached = until(Duration::from_secs(120), || async {
         stored(&js, hub_stream).await > stored_before

@@ -33,7 +33,7 @@ use falco_nats::simulate::alerts::AlertFactory;
 use falco_nats::simulate::falco_grpc::MockFalco;
 use falco_nats::simulate::kube_api::KubeApi;
 use futures_util::StreamExt;
-use support::{free_port, NatsCluster, NatsServer};
+use support::{cpu_seconds_of, free_port, NatsCluster, NatsServer};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 const BIN: &str = env!("CARGO_BIN_EXE_falco-nats");
@@ -103,19 +103,6 @@ impl Drop for Proc {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
-}
-
-/// Clock ticks per second, asked once.
-fn clock_ticks() -> f64 {
-    static TICKS: std::sync::OnceLock<f64> = std::sync::OnceLock::new();
-    *TICKS.get_or_init(|| {
-        Command::new("getconf")
-            .arg("CLK_TCK")
-            .output()
-            .ok()
-            .and_then(|o| String::from_utf8_lossy(&o.stdout).trim().parse().ok())
-            .unwrap_or(100.0)
-    })
 }
 
 /// Counts messages on `falco.>` and notes when the first and last arrived.
@@ -539,20 +526,6 @@ async fn ceiling(
 /// CPU seconds of this (the benchmark's) process.
 fn process_cpu() -> f64 {
     cpu_seconds_of("/proc/self/stat")
-}
-
-/// User plus system CPU seconds from a `/proc/<pid>/stat` file.
-fn cpu_seconds_of(stat_path: &str) -> f64 {
-    let stat = std::fs::read_to_string(stat_path).unwrap_or_default();
-    // Fields after the command name (which is in parentheses): utime, stime.
-    let rest = stat.rsplit_once(") ").map(|(_, r)| r).unwrap_or("");
-    let field = |i| {
-        rest.split_whitespace()
-            .nth(i)
-            .and_then(|v: &str| v.parse::<f64>().ok())
-            .unwrap_or(0.0)
-    };
-    (field(11) + field(12)) / clock_ticks()
 }
 
 async fn bridge_grpc(

@@ -42,7 +42,7 @@ async fn smoke(layout: Layout) {
     .await;
     // A node joins, and its first alert reaches the hub.
     let index = fleet.add_node().await;
-    let mut client = NodeClient::connect(fleet.nodes[index].http).await;
+    let mut client = NodeClient::new(fleet.nodes[index].http);
     let before = observer.seen.stored.load(Ordering::Relaxed);
     assert_eq!(
         client.post(alert_json("joined", "Notice", None, 1)).await,

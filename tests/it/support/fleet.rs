@@ -99,14 +99,6 @@ pub struct Usage {
 
 /// The user plus system CPU seconds and the RSS of process `pid`.
 pub fn usage_of(pid: u32) -> Usage {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    let rest = stat.rsplit_once(") ").map(|(_, r)| r).unwrap_or("");
-    let field = |i| {
-        rest.split_whitespace()
-            .nth(i)
-            .and_then(|v: &str| v.parse::<f64>().ok())
-            .unwrap_or(0.0)
-    };
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
     let rss_kb: u64 = status
         .lines()
@@ -115,8 +107,7 @@ pub fn usage_of(pid: u32) -> Usage {
         .and_then(|v| v.parse().ok())
         .unwrap_or(0);
     Usage {
-        // Linux's USER_HZ is 100 on every architecture this runs on.
-        cpu_seconds: (field(11) + field(12)) / 100.0,
+        cpu_seconds: super::cpu_seconds_of(&format!("/proc/{pid}/stat")),
         rss_bytes: rss_kb * 1024,
     }
 }
@@ -442,7 +433,7 @@ impl Fleet {
         let stream = self.config.layout.hub_stream();
         let mut clients = Vec::new();
         for node in &self.nodes {
-            clients.push(NodeClient::connect(node.http).await);
+            clients.push(NodeClient::new(node.http));
         }
         let before = stored(&js, stream).await;
         for (i, client) in clients.iter_mut().enumerate() {
@@ -546,7 +537,8 @@ pub struct NodeClient {
 }
 
 impl NodeClient {
-    pub async fn connect(addr: std::net::SocketAddr) -> NodeClient {
+    /// A client of `addr`; it connects at its first post.
+    pub fn new(addr: std::net::SocketAddr) -> NodeClient {
         NodeClient { addr, sender: None }
     }
 
@@ -710,7 +702,7 @@ pub async fn load(
         let pods = Arc::clone(&pods);
         let run = run.to_owned();
         tasks.push(tokio::spawn(async move {
-            let mut client = NodeClient::connect(addr).await;
+            let mut client = NodeClient::new(addr);
             let host = format!("node-{i}");
             let every = Duration::from_secs_f64(1.0 / rate.max(0.001));
             // Nodes are not in step: each starts at its own phase.

@@ -395,6 +395,35 @@ pub fn metric_value(body: &str, series: &str) -> f64 {
         .unwrap_or(0.0)
 }
 
+/// Clock ticks per second, asked once.
+fn clock_ticks() -> f64 {
+    static TICKS: std::sync::OnceLock<f64> = std::sync::OnceLock::new();
+    *TICKS.get_or_init(|| {
+        Command::new("getconf")
+            .arg("CLK_TCK")
+            .output()
+            .ok()
+            .and_then(|o| String::from_utf8_lossy(&o.stdout).trim().parse().ok())
+            .unwrap_or(100.0)
+    })
+}
+
+/// User plus system CPU seconds from a `/proc/<pid>/stat` file (0 when it
+/// cannot be read); for the benchmarks.
+#[allow(dead_code)]
+pub fn cpu_seconds_of(stat_path: &str) -> f64 {
+    let stat = std::fs::read_to_string(stat_path).unwrap_or_default();
+    // Fields after the command name (which is in parentheses): utime, stime.
+    let rest = stat.rsplit_once(") ").map(|(_, r)| r).unwrap_or("");
+    let field = |i| {
+        rest.split_whitespace()
+            .nth(i)
+            .and_then(|v: &str| v.parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
+    (field(11) + field(12)) / clock_ticks()
+}
+
 /// A plain HTTP/1.0 GET: status and body.
 pub async fn http_get(addr: std::net::SocketAddr, path: &str) -> (u16, String) {
     let stream = tokio::net::TcpStream::connect(addr)
